@@ -1,0 +1,2 @@
+//! The central repository server.
+pub mod store;

@@ -1,0 +1,1 @@
+//! Cryptographic primitives: the only module that touches OpenSSL.

@@ -1,0 +1,1 @@
+//! The pre-threaded server pool.

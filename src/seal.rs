@@ -1,0 +1,1 @@
+//! The AEAD envelope used on every link.
