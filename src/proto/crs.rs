@@ -1,0 +1,558 @@
+//! Messages of the links that end at the CRS: client → CRS (clear or
+//! encrypted to the CRS key), MS → CRS (inner messages of the sealed link),
+//! operator → CRS, and the events the CRS pushes to MSs.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::{b64_serde, Fields, ProtoError};
+use crate::crypto;
+use crate::wire::Message;
+
+/// Outer method of every message on a sealed link.
+pub const SEALED: &str = "SEALED";
+
+/// A user's password verifier (SCRAM-SHA-256 style): from it nobody can log in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verifier {
+    /// Random per-user PBKDF2 salt.
+    #[serde(with = "b64_serde")]
+    pub salt: Vec<u8>,
+    /// PBKDF2-HMAC-SHA-256 iteration count.
+    pub iterations: u32,
+    /// SHA-256(ClientKey).
+    #[serde(with = "b64_serde")]
+    pub stored_key: Vec<u8>,
+    /// HMAC(SaltedPassword, "Server Key").
+    #[serde(with = "b64_serde")]
+    pub server_key: Vec<u8>,
+}
+
+impl Verifier {
+    fn write(&self, m: Message) -> Message {
+        m.with_header("Salt", crypto::b64_encode(&self.salt))
+            .with_header("Iterations", self.iterations)
+            .with_header("Stored-Key", crypto::b64_encode(&self.stored_key))
+            .with_header("Server-Key", crypto::b64_encode(&self.server_key))
+    }
+
+    fn read(m: &Message) -> Result<Verifier, ProtoError> {
+        Ok(Verifier {
+            salt: m.req_b64("Salt")?,
+            iterations: m.req_parse("Iterations")?,
+            stored_key: m.req_b64("Stored-Key")?,
+            server_key: m.req_b64("Server-Key")?,
+        })
+    }
+}
+
+/// Profile fields (full name, company, ...), free text.
+pub type Profile = BTreeMap<String, String>;
+
+/// Everything a new account needs; sent inside `REGISTER`, encrypted to
+/// the CRS public key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    /// The name asked for.
+    pub user: String,
+    /// The password verifier.
+    pub verifier: Verifier,
+    /// The user's RSA public key, DER.
+    #[serde(with = "b64_serde")]
+    pub public_key: Vec<u8>,
+    /// The private key wrapped under the password's wrap key.
+    #[serde(with = "b64_serde")]
+    pub wrapped_key: Vec<u8>,
+    /// Initial profile.
+    #[serde(default)]
+    pub profile: Profile,
+}
+
+/// A buddy request as delivered to its target.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuddyRequest {
+    /// Who asks.
+    pub from: String,
+    /// The asker's public key (DER), to check the signature.
+    #[serde(with = "b64_serde")]
+    pub public_key: Vec<u8>,
+    /// The asker's nonce.
+    #[serde(with = "b64_serde")]
+    pub nonce: Vec<u8>,
+    /// RSA-PSS over [`super::add_transcript`].
+    #[serde(with = "b64_serde")]
+    pub signature: Vec<u8>,
+}
+
+/// Where an online user is and how to encrypt to them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    /// The client's listening address.
+    pub address: SocketAddr,
+    /// The user's public key, DER.
+    #[serde(with = "b64_serde")]
+    pub public_key: Vec<u8>,
+}
+
+/// One entry of a contact list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contact {
+    /// The buddy's name.
+    pub user: String,
+    /// Present while the buddy is online.
+    pub online: Option<Presence>,
+}
+
+/// What a client receives when its login completes (PROTOCOL.md §6 steps 6-7).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The user's name as registered.
+    pub user: String,
+    /// The user's public key, DER.
+    #[serde(with = "b64_serde")]
+    pub public_key: Vec<u8>,
+    /// The private key as wrapped by the client at registration.
+    #[serde(with = "b64_serde")]
+    pub wrapped_key: Vec<u8>,
+    /// The contact list.
+    pub contacts: Vec<Contact>,
+    /// Buddy requests that waited for this login.
+    pub requests: Vec<BuddyRequest>,
+    /// Profile fields.
+    #[serde(default)]
+    pub profile: Profile,
+}
+
+/// One directory search result.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hit {
+    /// The user's name.
+    pub user: String,
+    /// Their profile.
+    pub profile: Profile,
+    /// Whether they are online now.
+    pub online: bool,
+}
+
+/// An enrolled MS as the operator sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsInfo {
+    /// The id the CRS gave it.
+    pub id: u64,
+    /// Where clients reach it.
+    pub address: String,
+    /// Most users it takes.
+    pub capacity: u32,
+    /// Users logged in there now.
+    pub load: u32,
+    /// Seconds since its last heartbeat.
+    pub last_heartbeat_secs: u64,
+}
+
+/// What happened, for the MSs serving the users who must hear of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum EventKind {
+    /// `user` logged in.
+    Online {
+        /// Who.
+        user: String,
+        /// Where and with which key.
+        presence: Presence,
+    },
+    /// `user` logged out or was lost.
+    Offline {
+        /// Who.
+        user: String,
+    },
+    /// A buddy request for the recipient.
+    Request(BuddyRequest),
+    /// `buddy` is now the recipient's buddy.
+    BuddyAdded {
+        /// The new buddy.
+        buddy: String,
+        /// Set while the buddy is online.
+        online: Option<Presence>,
+    },
+    /// `buddy` is no longer the recipient's buddy.
+    BuddyRemoved {
+        /// The former buddy.
+        buddy: String,
+    },
+    /// `by` denied the recipient's buddy request.
+    Denied {
+        /// Who said no.
+        by: String,
+    },
+}
+
+/// An event and the users, served by the receiving MS, who must hear it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Users on that MS to tell.
+    pub recipients: Vec<String>,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// A numbered batch answering `EVENTS`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventBatch {
+    /// Number of the first event in `events`; the next poll acks
+    /// `first + events.len() - 1`.
+    pub first: u64,
+    /// The events, in order.
+    pub events: Vec<Event>,
+}
+
+/// A request a client sends the CRS in the clear.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientRequest {
+    /// Which MS should I log in at?
+    Locate,
+    /// The CRS's public key.
+    CrsKey,
+    /// A new account, encrypted to the CRS public key.
+    Register {
+        /// RSA-OAEP of the one-time AES key.
+        key: Vec<u8>,
+        /// AES-256-GCM of the JSON [`Registration`].
+        sealed: Vec<u8>,
+    },
+}
+
+impl ClientRequest {
+    /// Encodes into a wire message.
+    pub fn to_message(&self) -> Message {
+        match self {
+            ClientRequest::Locate => Message::request("LOCATE"),
+            ClientRequest::CrsKey => Message::request("CRS-KEY"),
+            ClientRequest::Register { key, sealed } => Message::request("REGISTER")
+                .with_header("Key", crypto::b64_encode(key))
+                .with_body(sealed.clone()),
+        }
+    }
+
+    /// Decodes a wire message; `Ok(None)` for a method of another link.
+    pub fn from_message(m: &Message) -> Result<Option<ClientRequest>, ProtoError> {
+        Ok(Some(match m.method() {
+            Some("LOCATE") => ClientRequest::Locate,
+            Some("CRS-KEY") => ClientRequest::CrsKey,
+            Some("REGISTER") => ClientRequest::Register {
+                key: m.req_b64("Key")?,
+                sealed: m.body.clone(),
+            },
+            _ => return Ok(None),
+        }))
+    }
+}
+
+/// Associated data of the registration envelope.
+pub const REGISTER_AAD: &[u8] = b"ims register v1";
+
+/// A request an enrolled MS (or the operator) sends on its sealed link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CrsRequest {
+    /// Still alive; `load` users logged in here.
+    Heartbeat {
+        /// Users online at this MS.
+        load: u32,
+    },
+    /// The verifier of `user`, for a login.
+    GetVerifier {
+        /// Who logs in.
+        user: String,
+    },
+    /// Take the login lease of `user`.
+    Lock {
+        /// Who logs in.
+        user: String,
+    },
+    /// Give the lease back (wrong password).
+    Unlock {
+        /// Who failed to log in.
+        user: String,
+    },
+    /// `user`'s login succeeded; their client listens at `address`.
+    Online {
+        /// Who.
+        user: String,
+        /// The client's address.
+        address: SocketAddr,
+    },
+    /// `user` logged out or was lost.
+    Offline {
+        /// Who.
+        user: String,
+    },
+    /// New password.
+    SetCredentials {
+        /// Whose.
+        user: String,
+        /// The new verifier.
+        verifier: Verifier,
+        /// The private key re-wrapped under the new password.
+        wrapped_key: Vec<u8>,
+    },
+    /// New profile.
+    SetProfile {
+        /// Whose.
+        user: String,
+        /// The fields.
+        profile: Profile,
+    },
+    /// Directory search.
+    Search {
+        /// Name prefix or profile text.
+        text: String,
+        /// Most results.
+        limit: u32,
+    },
+    /// A signed buddy request.
+    Add {
+        /// Who asks.
+        from: String,
+        /// Whom.
+        to: String,
+        /// Fresh nonce.
+        nonce: Vec<u8>,
+        /// RSA-PSS over [`super::add_transcript`].
+        signature: Vec<u8>,
+    },
+    /// `user` accepts `from`'s request.
+    Accept {
+        /// Who accepts.
+        user: String,
+        /// Whose request.
+        from: String,
+    },
+    /// `user` denies `from`'s request.
+    Deny {
+        /// Who denies.
+        user: String,
+        /// Whose request.
+        from: String,
+    },
+    /// `user` drops `buddy` (both directions).
+    Remove {
+        /// Who.
+        user: String,
+        /// The buddy.
+        buddy: String,
+    },
+    /// Long poll for events; acknowledges every event up to `ack`.
+    Events {
+        /// Last event number processed (0: none yet).
+        ack: u64,
+    },
+    /// Operator: registered names after `after`.
+    ListUsers {
+        /// Start after this name.
+        after: Option<String>,
+        /// Most names.
+        limit: u32,
+    },
+    /// Operator: one user's record.
+    ShowUser {
+        /// Who.
+        user: String,
+    },
+    /// Operator: delete a user.
+    DeleteUser {
+        /// Who.
+        user: String,
+    },
+    /// Operator: enrolled MSs.
+    ListMs,
+}
+
+impl CrsRequest {
+    /// Encodes into an inner wire message.
+    pub fn to_message(&self) -> Message {
+        use CrsRequest::*;
+        match self {
+            Heartbeat { load } => Message::request("HEARTBEAT").with_header("Load", load),
+            GetVerifier { user } => Message::request("VERIFIER").with_header("User", user),
+            Lock { user } => Message::request("LOCK").with_header("User", user),
+            Unlock { user } => Message::request("UNLOCK").with_header("User", user),
+            Online { user, address } => Message::request("ONLINE")
+                .with_header("User", user)
+                .with_header("Address", address),
+            Offline { user } => Message::request("OFFLINE").with_header("User", user),
+            SetCredentials { user, verifier, wrapped_key } => verifier
+                .write(Message::request("SET-CREDENTIALS").with_header("User", user))
+                .with_header("Wrapped-Key", crypto::b64_encode(wrapped_key)),
+            SetProfile { user, profile } => Message::request("SET-PROFILE")
+                .with_header("User", user)
+                .with_body(json(profile)),
+            Search { text, limit } => Message::request("SEARCH")
+                .with_header("Limit", limit)
+                .with_body(text.as_bytes().to_vec()),
+            Add { from, to, nonce, signature } => Message::request("ADD")
+                .with_header("From", from)
+                .with_header("To", to)
+                .with_header("Nonce", crypto::b64_encode(nonce))
+                .with_header("Signature", crypto::b64_encode(signature)),
+            Accept { user, from } => Message::request("ACCEPT")
+                .with_header("User", user)
+                .with_header("From", from),
+            Deny { user, from } => Message::request("DENY")
+                .with_header("User", user)
+                .with_header("From", from),
+            Remove { user, buddy } => Message::request("REMOVE")
+                .with_header("User", user)
+                .with_header("Buddy", buddy),
+            Events { ack } => Message::request("EVENTS").with_header("Ack", ack),
+            ListUsers { after, limit } => {
+                let m = Message::request("LIST-USERS").with_header("Limit", limit);
+                match after {
+                    Some(a) => m.with_header("After", a),
+                    None => m,
+                }
+            }
+            ShowUser { user } => Message::request("SHOW-USER").with_header("User", user),
+            DeleteUser { user } => Message::request("DELETE-USER").with_header("User", user),
+            ListMs => Message::request("LIST-MS"),
+        }
+    }
+
+    /// Decodes an inner wire message.
+    pub fn from_message(m: &Message) -> Result<CrsRequest, ProtoError> {
+        use CrsRequest::*;
+        let user = || m.req("User").map(str::to_owned);
+        Ok(match m.method().ok_or(ProtoError::UnknownMethod(String::new()))? {
+            "HEARTBEAT" => Heartbeat { load: m.req_parse("Load")? },
+            "VERIFIER" => GetVerifier { user: user()? },
+            "LOCK" => Lock { user: user()? },
+            "UNLOCK" => Unlock { user: user()? },
+            "ONLINE" => Online {
+                user: user()?,
+                address: m.req_parse("Address")?,
+            },
+            "OFFLINE" => Offline { user: user()? },
+            "SET-CREDENTIALS" => SetCredentials {
+                user: user()?,
+                verifier: Verifier::read(m)?,
+                wrapped_key: m.req_b64("Wrapped-Key")?,
+            },
+            "SET-PROFILE" => SetProfile {
+                user: user()?,
+                profile: m.json()?,
+            },
+            "SEARCH" => Search {
+                text: String::from_utf8(m.body.clone()).map_err(|_| ProtoError::Invalid("body"))?,
+                limit: m.req_parse("Limit")?,
+            },
+            "ADD" => Add {
+                from: m.req("From")?.to_owned(),
+                to: m.req("To")?.to_owned(),
+                nonce: m.req_b64("Nonce")?,
+                signature: m.req_b64("Signature")?,
+            },
+            "ACCEPT" => Accept {
+                user: user()?,
+                from: m.req("From")?.to_owned(),
+            },
+            "DENY" => Deny {
+                user: user()?,
+                from: m.req("From")?.to_owned(),
+            },
+            "REMOVE" => Remove {
+                user: user()?,
+                buddy: m.req("Buddy")?.to_owned(),
+            },
+            "EVENTS" => Events { ack: m.req_parse("Ack")? },
+            "LIST-USERS" => ListUsers {
+                after: m.header("After").map(str::to_owned),
+                limit: m.req_parse("Limit")?,
+            },
+            "SHOW-USER" => ShowUser { user: user()? },
+            "DELETE-USER" => DeleteUser { user: user()? },
+            "LIST-MS" => ListMs,
+            other => return Err(ProtoError::UnknownMethod(other.to_owned())),
+        })
+    }
+}
+
+/// The verifier reply to `VERIFIER`.
+pub fn verifier_reply(v: &Verifier) -> Message {
+    v.write(Message::ok())
+}
+
+/// Reads a `VERIFIER` reply.
+pub fn read_verifier(m: &Message) -> Result<Verifier, ProtoError> {
+    Verifier::read(m)
+}
+
+/// A `200` reply with a JSON body.
+pub fn json_reply<T: Serialize>(value: &T) -> Message {
+    Message::ok()
+        .with_header("Content-Type", "application/json")
+        .with_body(json(value))
+}
+
+/// JSON encoding of our own types cannot fail (no maps with non-string keys).
+pub(crate) fn json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(r: CrsRequest) {
+        let m = r.to_message();
+        let bytes = m.encode();
+        let parsed = match crate::wire::parse(&bytes, &crate::wire::Limits::DEFAULT) {
+            Ok(crate::wire::Status::Complete { message, .. }) => message,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(CrsRequest::from_message(&parsed).unwrap(), r);
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let v = Verifier {
+            salt: vec![1; 16],
+            iterations: 600_000,
+            stored_key: vec![2; 32],
+            server_key: vec![3; 32],
+        };
+        round(CrsRequest::Heartbeat { load: 7 });
+        round(CrsRequest::GetVerifier { user: "joe".into() });
+        round(CrsRequest::Online {
+            user: "joe".into(),
+            address: "127.0.0.1:7300".parse().unwrap(),
+        });
+        round(CrsRequest::SetCredentials {
+            user: "joe".into(),
+            verifier: v,
+            wrapped_key: vec![9; 40],
+        });
+        let mut p = Profile::new();
+        p.insert("name".into(), "Jöe Q".into());
+        round(CrsRequest::SetProfile { user: "joe".into(), profile: p });
+        round(CrsRequest::Search { text: "al ice".into(), limit: 20 });
+        round(CrsRequest::Add {
+            from: "joe".into(),
+            to: "alice".into(),
+            nonce: vec![1, 2],
+            signature: vec![3, 4],
+        });
+        round(CrsRequest::ListUsers { after: None, limit: 5 });
+        round(CrsRequest::ListUsers { after: Some("b".into()), limit: 5 });
+        round(CrsRequest::Events { ack: 12 });
+    }
+
+    #[test]
+    fn missing_and_unknown() {
+        let m = Message::request("LOCK");
+        assert_eq!(CrsRequest::from_message(&m), Err(ProtoError::Missing("User")));
+        let m = Message::request("FROB");
+        assert!(matches!(CrsRequest::from_message(&m), Err(ProtoError::UnknownMethod(_))));
+        let m = Message::request("HEARTBEAT").with_header("Load", "x");
+        assert_eq!(CrsRequest::from_message(&m), Err(ProtoError::Invalid("Load")));
+    }
+}
