@@ -1,1 +1,262 @@
-//! Durable storage of the CRS.
+//! Durable storage of the CRS: registered users, their credentials, profiles,
+//! key material, buddy lists and pending buddy requests.
+//!
+//! Everything the central repository server must remember across a restart
+//! lives behind the [`Store`] trait. Volatile state (enrolled messaging
+//! servers, presence, login locks) is deliberately not here.
+//!
+//! Two implementations:
+//! - [`SledStore`]: the production store on sled; every mutating call returns
+//!   only after the change has been flushed to disk;
+//! - [`MemStore`]: a `BTreeMap` under a mutex, the reference model in tests
+//!   and a cheap store for handler unit tests.
+//!
+//! Names: users are keyed by their canonical (lowercase) name, so uniqueness
+//! ignoring case falls out of the key space and no separate index is needed.
+//! Every method that takes a user name canonicalizes it and rejects invalid
+//! ones with [`StoreError::InvalidName`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+mod memory;
+mod sled_store;
+
+pub use memory::MemStore;
+pub use sled_store::SledStore;
+
+/// Longest user name, in bytes (names are ASCII).
+pub const MAX_NAME_LEN: usize = 32;
+
+/// Whether `name` is an acceptable user name: 1 to 32 characters from
+/// `a-z A-Z 0-9 _ . -`. Upper case is accepted here because names are
+/// unique ignoring case; [`canonical`] folds it.
+pub fn valid_username(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// The canonical (lowercase) form of a name: the key users are stored under.
+pub fn canonical(name: &str) -> String {
+    name.to_ascii_lowercase()
+}
+
+/// Validates and canonicalizes a name taken from a caller.
+pub(crate) fn checked(name: &str) -> Result<String, StoreError> {
+    if valid_username(name) {
+        Ok(canonical(name))
+    } else {
+        Err(StoreError::InvalidName)
+    }
+}
+
+/// SCRAM-SHA-256 style password verifier. Opaque to the store.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verifier {
+    /// Per-user random salt.
+    pub salt: Vec<u8>,
+    /// PBKDF2 iteration count.
+    pub iterations: u32,
+    /// `H(ClientKey)`.
+    pub stored_key: Vec<u8>,
+    /// `HMAC(SaltedPassword, "Server Key")`.
+    pub server_key: Vec<u8>,
+}
+
+/// A buddy request waiting for its recipient.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuddyRequest {
+    /// Canonical name of the sender.
+    pub from: String,
+    /// Sender's signature over the request (opaque to the store).
+    pub signature: Vec<u8>,
+    /// Nonce the signature covers (opaque to the store).
+    pub nonce: Vec<u8>,
+    /// When the request was made, seconds since the Unix epoch.
+    pub created_unix: u64,
+}
+
+/// One registered user, as stored (JSON-encoded in sled).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// Canonical (lowercase) name; the record's key.
+    pub name: String,
+    /// Password verifier.
+    pub verifier: Verifier,
+    /// Free-form profile fields (full name, email, company, ...).
+    pub profile: BTreeMap<String, String>,
+    /// Public key, DER.
+    pub public_key: Vec<u8>,
+    /// Private key wrapped by the client under its password (opaque).
+    pub wrapped_private_key: Vec<u8>,
+    /// Canonical names of buddies. Mutual: `b` is in `a`'s set iff `a` is in
+    /// `b`'s.
+    pub contacts: BTreeSet<String>,
+    /// Buddy requests waiting for this user, oldest first, at most one per
+    /// sender.
+    pub requests: Vec<BuddyRequest>,
+    /// Registration time, seconds since the Unix epoch.
+    pub created_unix: u64,
+}
+
+/// One result of [`Store::search`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SearchHit {
+    /// Canonical user name.
+    pub name: String,
+    /// The user's profile.
+    pub profile: BTreeMap<String, String>,
+}
+
+/// Everything that can go wrong in a [`Store`] call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreError {
+    /// A named user does not exist.
+    NoSuchUser,
+    /// `create_user`: the name (ignoring case) is already registered.
+    NameTaken,
+    /// `add_request`: the two users are already buddies.
+    AlreadyBuddies,
+    /// A two-user operation was given the same user twice.
+    SameUser,
+    /// A name is not a valid user name (see [`valid_username`]).
+    InvalidName,
+    /// A record read from disk could not be decoded; names the record.
+    Corrupt(String),
+    /// The storage backend (sled or the file system) failed.
+    Backend(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::NoSuchUser => f.write_str("no such user"),
+            StoreError::NameTaken => f.write_str("name already taken"),
+            StoreError::AlreadyBuddies => f.write_str("already buddies"),
+            StoreError::SameUser => f.write_str("both names are the same user"),
+            StoreError::InvalidName => f.write_str("invalid user name"),
+            StoreError::Corrupt(what) => write!(f, "corrupt record: {what}"),
+            StoreError::Backend(what) => write!(f, "storage backend error: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// Durable user data of the CRS. Object-safe; implementations are
+/// thread-safe and every mutating method is atomic and, for durable
+/// implementations, on disk when it returns.
+///
+/// All `name`-like parameters are validated ([`StoreError::InvalidName`]) and
+/// compared in canonical form.
+pub trait Store: Send + Sync {
+    /// Registers `user` under `canonical(user.name)`. The stored record starts
+    /// with no contacts and no requests whatever `user` carries (buddies are
+    /// made only through [`Store::make_buddies`]). `NameTaken` if the name
+    /// exists ignoring case.
+    fn create_user(&self, user: User) -> Result<(), StoreError>;
+
+    /// The user's record, or `None` if not registered.
+    fn get_user(&self, name: &str) -> Result<Option<User>, StoreError>;
+
+    /// Deletes a user, removing the name from every buddy's contacts and every
+    /// request the user sent that is still pending. `false` if absent.
+    fn delete_user(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// Up to `limit` canonical names in ascending order, starting strictly
+    /// after `after` (compared in canonical form) when given.
+    fn list_users(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError>;
+
+    /// Number of registered users.
+    fn user_count(&self) -> Result<u64, StoreError>;
+
+    /// Replaces verifier and wrapped private key (password change).
+    fn set_credentials(
+        &self,
+        name: &str,
+        verifier: Verifier,
+        wrapped_private_key: Vec<u8>,
+    ) -> Result<(), StoreError>;
+
+    /// Replaces the whole profile.
+    fn set_profile(&self, name: &str, profile: BTreeMap<String, String>) -> Result<(), StoreError>;
+
+    /// Users whose canonical name starts with `text` (ignoring case) or any
+    /// of whose profile values contains `text` ignoring case; at most `limit`
+    /// hits, ordered by name.
+    fn search(&self, text: &str, limit: usize) -> Result<Vec<SearchHit>, StoreError>;
+
+    /// Files a buddy request for `to`, replacing (and moving to the end) an
+    /// earlier one from the same sender. `req.from` is canonicalized.
+    /// `NoSuchUser` if either user is missing, `SameUser` if `to` is the
+    /// sender, `AlreadyBuddies` if they are contacts already.
+    fn add_request(&self, to: &str, req: BuddyRequest) -> Result<(), StoreError>;
+
+    /// Returns and clears the requests waiting for `name` (used at login).
+    fn take_requests(&self, name: &str) -> Result<Vec<BuddyRequest>, StoreError>;
+
+    /// Drops the request from `from` waiting for `to`; `false` if there was
+    /// none. `NoSuchUser` if `to` is missing.
+    fn remove_request(&self, to: &str, from: &str) -> Result<bool, StoreError>;
+
+    /// Makes `a` and `b` buddies of each other (idempotent) and drops any
+    /// pending request between them in either direction, all at once.
+    fn make_buddies(&self, a: &str, b: &str) -> Result<(), StoreError>;
+
+    /// Removes `a` and `b` from each other's contacts at once; `false` if
+    /// they were not buddies. `NoSuchUser` if either is missing.
+    fn remove_buddies(&self, a: &str, b: &str) -> Result<bool, StoreError>;
+
+    /// The user's buddies.
+    fn contacts(&self, name: &str) -> Result<BTreeSet<String>, StoreError>;
+}
+
+/// The search predicate shared by both implementations. `needle` must
+/// already be lowercase.
+pub(crate) fn search_matches(needle: &str, user: &User) -> bool {
+    user.name.starts_with(needle)
+        || user
+            .profile
+            .values()
+            .any(|v| v.to_lowercase().contains(needle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_rules() {
+        assert!(valid_username("a"));
+        assert!(valid_username("Alice_01.x-y"));
+        assert!(valid_username(&"z".repeat(32)));
+        assert!(!valid_username(""));
+        assert!(!valid_username(&"z".repeat(33)));
+        assert!(!valid_username("a b"));
+        assert!(!valid_username("é"));
+        assert!(!valid_username("a/b"));
+        assert_eq!(canonical("AlIcE"), "alice");
+        assert_eq!(checked("Bob"), Ok("bob".to_string()));
+        assert_eq!(checked("b@b"), Err(StoreError::InvalidName));
+    }
+
+    #[test]
+    fn error_display() {
+        for e in [
+            StoreError::NoSuchUser,
+            StoreError::NameTaken,
+            StoreError::AlreadyBuddies,
+            StoreError::SameUser,
+            StoreError::InvalidName,
+            StoreError::Corrupt("x".into()),
+            StoreError::Backend("y".into()),
+        ] {
+            assert!(!e.to_string().is_empty());
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! `SledStore`: the durable [`Store`] on sled 0.34.
+//!
+//! Layout, two trees:
+//! - `users`: canonical name -> JSON-encoded [`User`]. Keys are canonical, so
+//!   case-insensitive uniqueness needs no extra index;
+//! - `outbox`: sender name -> JSON set of the users holding a pending request
+//!   from that sender. It is the reverse index of `User::requests`, kept so
+//!   `delete_user` can withdraw a user's outstanding requests inside one
+//!   transaction (sled transactions cannot scan). Invariant: `r` is in
+//!   `outbox[s]` iff `users[r].requests` holds a request from `s`; empty sets
+//!   are not stored.
+//!
+//! Every mutation is a single multi-tree sled transaction over both trees, so
+//! a two-user change (buddies, requests, deletion) lands entirely or not at
+//! all, and concurrent callers cannot lose updates (in sled 0.34 transactions
+//! are serialized by a global lock and retried on conflict). After the
+//! transaction commits, `Db::flush` is called before returning, so an
+//! acknowledged write survives kill -9.
+//!
+//! Reads never panic on bad bytes: an undecodable record is
+//! [`StoreError::Corrupt`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
+use std::path::Path;
+
+use sled::transaction::{
+    ConflictableTransactionError, ConflictableTransactionResult, TransactionError,
+    TransactionalTree,
+};
+use sled::Transactional;
+
+use super::{checked, search_matches, BuddyRequest, SearchHit, Store, StoreError, User, Verifier};
+
+/// Durable store on sled; see the module documentation.
+#[derive(Debug)]
+pub struct SledStore {
+    db: sled::Db,
+    users: sled::Tree,
+    outbox: sled::Tree,
+}
+
+/// Result type inside a transaction closure.
+type TxResult<T> = ConflictableTransactionResult<T, StoreError>;
+
+fn backend(e: sled::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn abort<T>(e: StoreError) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+/// Decodes a `users` record, checking it belongs under `key`.
+fn decode_user(key: &[u8], bytes: &[u8]) -> Result<User, StoreError> {
+    let shown = String::from_utf8_lossy(key);
+    let user: User = serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::Corrupt(format!("user {shown:?}: {e}")))?;
+    if user.name.as_bytes() != key {
+        return Err(StoreError::Corrupt(format!(
+            "user {shown:?}: record names {:?}",
+            user.name
+        )));
+    }
+    Ok(user)
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    // Cannot fail for these plain types; mapped rather than unwrapped anyway.
+    serde_json::to_vec(value).map_err(|e| StoreError::Backend(format!("encode: {e}")))
+}
+
+fn tx_get_user(users: &TransactionalTree, name: &str) -> TxResult<Option<User>> {
+    match users.get(name.as_bytes())? {
+        None => Ok(None),
+        Some(v) => match decode_user(name.as_bytes(), &v) {
+            Ok(u) => Ok(Some(u)),
+            Err(e) => abort(e),
+        },
+    }
+}
+
+fn tx_need_user(users: &TransactionalTree, name: &str) -> TxResult<User> {
+    match tx_get_user(users, name)? {
+        Some(u) => Ok(u),
+        None => abort(StoreError::NoSuchUser),
+    }
+}
+
+fn tx_put_user(users: &TransactionalTree, user: &User) -> TxResult<()> {
+    let bytes = match encode(user) {
+        Ok(b) => b,
+        Err(e) => return abort(e),
+    };
+    users.insert(user.name.as_bytes(), bytes)?;
+    Ok(())
+}
+
+/// Applies `edit` to `outbox[from]`, dropping the entry when it empties.
+fn tx_edit_outbox(
+    outbox: &TransactionalTree,
+    from: &str,
+    edit: impl FnOnce(&mut BTreeSet<String>),
+) -> TxResult<()> {
+    let mut set: BTreeSet<String> = match outbox.get(from.as_bytes())? {
+        None => BTreeSet::new(),
+        Some(v) => match serde_json::from_slice(&v) {
+            Ok(s) => s,
+            Err(e) => return abort(StoreError::Corrupt(format!("outbox {from:?}: {e}"))),
+        },
+    };
+    edit(&mut set);
+    if set.is_empty() {
+        outbox.remove(from.as_bytes())?;
+    } else {
+        let bytes = match encode(&set) {
+            Ok(b) => b,
+            Err(e) => return abort(e),
+        };
+        outbox.insert(from.as_bytes(), bytes)?;
+    }
+    Ok(())
+}
+
+/// Removes the request from `from` out of `user`; whether there was one.
+fn drop_request(user: &mut User, from: &str) -> bool {
+    let before = user.requests.len();
+    user.requests.retain(|r| r.from != from);
+    user.requests.len() != before
+}
+
+impl SledStore {
+    /// Opens (creating if needed) the store in directory `dir`. Fails with
+    /// `Backend` if the directory is unusable or already open (sled holds a
+    /// file lock).
+    pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
+        // Default (LowSpace) mode: the CRS write rate is low, and durability
+        // comes from the explicit flush after each mutation either way.
+        let db = sled::Config::new().path(dir).open().map_err(backend)?;
+        let users = db.open_tree("users").map_err(backend)?;
+        let outbox = db.open_tree("outbox").map_err(backend)?;
+        Ok(SledStore { db, users, outbox })
+    }
+
+    /// Runs `f` as one transaction over both trees, then flushes to disk.
+    fn write<T>(
+        &self,
+        f: impl Fn(&TransactionalTree, &TransactionalTree) -> TxResult<T>,
+    ) -> Result<T, StoreError> {
+        let value = (&self.users, &self.outbox)
+            .transaction(|(users, outbox)| f(users, outbox))
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => backend(e),
+            })?;
+        self.db.flush().map_err(backend)?;
+        Ok(value)
+    }
+
+    /// Full consistency check (an fsck; reads the whole store, not for hot
+    /// paths): every record decodes under its key, contacts are mutual and
+    /// name existing users, requests come from existing non-buddies, at most
+    /// one per sender, and the `outbox` index matches the requests exactly.
+    /// The first violation found is reported as `Corrupt`. Not atomic with
+    /// respect to concurrent writers: run it on a quiet store.
+    pub fn check_integrity(&self) -> Result<(), StoreError> {
+        let mut users = BTreeMap::new();
+        for kv in self.users.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            let user = decode_user(&k, &v)?;
+            users.insert(user.name.clone(), user);
+        }
+        let bad = |what: String| Err(StoreError::Corrupt(what));
+        let mut derived: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (name, user) in &users {
+            for c in &user.contacts {
+                if !users.get(c).is_some_and(|o| o.contacts.contains(name)) {
+                    return bad(format!("contact {name:?} -> {c:?} is not mutual"));
+                }
+            }
+            for r in &user.requests {
+                if !users.contains_key(&r.from) || user.contacts.contains(&r.from) {
+                    return bad(format!("request {:?} -> {name:?} is stale", r.from));
+                }
+                if !derived
+                    .entry(r.from.clone())
+                    .or_default()
+                    .insert(name.clone())
+                {
+                    return bad(format!("two requests {:?} -> {name:?}", r.from));
+                }
+            }
+        }
+        let mut stored = BTreeMap::new();
+        for kv in self.outbox.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            let from = String::from_utf8_lossy(&k).into_owned();
+            let set: BTreeSet<String> = serde_json::from_slice(&v)
+                .map_err(|e| StoreError::Corrupt(format!("outbox {from:?}: {e}")))?;
+            stored.insert(from, set);
+        }
+        if stored != derived {
+            return bad(format!(
+                "request index {stored:?} does not match requests {derived:?}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads one user outside a transaction.
+    fn read_user(&self, name: &str) -> Result<Option<User>, StoreError> {
+        match self.users.get(name.as_bytes()).map_err(backend)? {
+            None => Ok(None),
+            Some(v) => decode_user(name.as_bytes(), &v).map(Some),
+        }
+    }
+}
+
+impl Store for SledStore {
+    fn create_user(&self, mut user: User) -> Result<(), StoreError> {
+        let name = checked(&user.name)?;
+        user.name = name.clone();
+        user.contacts.clear();
+        user.requests.clear();
+        self.write(|users, outbox| {
+            if users.get(name.as_bytes())?.is_some() {
+                return abort(StoreError::NameTaken);
+            }
+            tx_put_user(users, &user)?;
+            // By the invariant there is no outbox entry for an absent user;
+            // clear one anyway so a new owner of the name never inherits it.
+            outbox.remove(name.as_bytes())?;
+            Ok(())
+        })
+    }
+
+    fn get_user(&self, name: &str) -> Result<Option<User>, StoreError> {
+        self.read_user(&checked(name)?)
+    }
+
+    fn delete_user(&self, name: &str) -> Result<bool, StoreError> {
+        let name = checked(name)?;
+        self.write(|users, outbox| {
+            let Some(user) = tx_get_user(users, &name)? else {
+                return Ok(false);
+            };
+            for c in &user.contacts {
+                if let Some(mut buddy) = tx_get_user(users, c)? {
+                    buddy.contacts.remove(&name);
+                    tx_put_user(users, &buddy)?;
+                }
+            }
+            // Withdraw the requests this user sent.
+            let mut sent = BTreeSet::new();
+            tx_edit_outbox(outbox, &name, |set| sent = std::mem::take(set))?;
+            for r in &sent {
+                if let Some(mut recipient) = tx_get_user(users, r)? {
+                    drop_request(&mut recipient, &name);
+                    tx_put_user(users, &recipient)?;
+                }
+            }
+            // And forget the requests it received.
+            for req in &user.requests {
+                tx_edit_outbox(outbox, &req.from, |set| {
+                    set.remove(&name);
+                })?;
+            }
+            users.remove(name.as_bytes())?;
+            Ok(true)
+        })
+    }
+
+    fn list_users(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        let start = match after {
+            Some(a) => Bound::Excluded(super::canonical(a).into_bytes()),
+            None => Bound::Unbounded,
+        };
+        let mut names = Vec::new();
+        for kv in self.users.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
+            if names.len() >= limit {
+                break;
+            }
+            let (k, _) = kv.map_err(backend)?;
+            let name = String::from_utf8(k.to_vec())
+                .map_err(|_| StoreError::Corrupt(format!("user key {:?}", k.as_ref())))?;
+            names.push(name);
+        }
+        Ok(names)
+    }
+
+    fn user_count(&self) -> Result<u64, StoreError> {
+        // sled's len() walks the tree; fine at CRS scale.
+        Ok(self.users.len() as u64)
+    }
+
+    fn set_credentials(
+        &self,
+        name: &str,
+        verifier: Verifier,
+        wrapped_private_key: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let name = checked(name)?;
+        self.write(|users, _| {
+            let mut user = tx_need_user(users, &name)?;
+            user.verifier = verifier.clone();
+            user.wrapped_private_key = wrapped_private_key.clone();
+            tx_put_user(users, &user)
+        })
+    }
+
+    fn set_profile(&self, name: &str, profile: BTreeMap<String, String>) -> Result<(), StoreError> {
+        let name = checked(name)?;
+        self.write(|users, _| {
+            let mut user = tx_need_user(users, &name)?;
+            user.profile = profile.clone();
+            tx_put_user(users, &user)
+        })
+    }
+
+    fn search(&self, text: &str, limit: usize) -> Result<Vec<SearchHit>, StoreError> {
+        // A full scan in key (name) order, stopping at `limit` hits. Good
+        // enough for the expected user counts; an index over profile words
+        // would be the next step if searches get slow.
+        let needle = text.to_lowercase();
+        let mut hits = Vec::new();
+        for kv in self.users.iter() {
+            if hits.len() >= limit {
+                break;
+            }
+            let (k, v) = kv.map_err(backend)?;
+            let user = decode_user(&k, &v)?;
+            if search_matches(&needle, &user) {
+                hits.push(SearchHit {
+                    name: user.name,
+                    profile: user.profile,
+                });
+            }
+        }
+        Ok(hits)
+    }
+
+    fn add_request(&self, to: &str, req: BuddyRequest) -> Result<(), StoreError> {
+        let to = checked(to)?;
+        let from = checked(&req.from)?;
+        if to == from {
+            return Err(StoreError::SameUser);
+        }
+        let req = BuddyRequest {
+            from: from.clone(),
+            ..req
+        };
+        self.write(|users, outbox| {
+            let mut recipient = tx_need_user(users, &to)?;
+            if users.get(from.as_bytes())?.is_none() {
+                return abort(StoreError::NoSuchUser);
+            }
+            if recipient.contacts.contains(&from) {
+                return abort(StoreError::AlreadyBuddies);
+            }
+            drop_request(&mut recipient, &from);
+            recipient.requests.push(req.clone());
+            tx_put_user(users, &recipient)?;
+            tx_edit_outbox(outbox, &from, |set| {
+                set.insert(to.clone());
+            })
+        })
+    }
+
+    fn take_requests(&self, name: &str) -> Result<Vec<BuddyRequest>, StoreError> {
+        let name = checked(name)?;
+        self.write(|users, outbox| {
+            let mut user = tx_need_user(users, &name)?;
+            let taken = std::mem::take(&mut user.requests);
+            if taken.is_empty() {
+                return Ok(taken);
+            }
+            tx_put_user(users, &user)?;
+            for req in &taken {
+                tx_edit_outbox(outbox, &req.from, |set| {
+                    set.remove(&name);
+                })?;
+            }
+            Ok(taken)
+        })
+    }
+
+    fn remove_request(&self, to: &str, from: &str) -> Result<bool, StoreError> {
+        let to = checked(to)?;
+        let from = checked(from)?;
+        self.write(|users, outbox| {
+            let mut user = tx_need_user(users, &to)?;
+            if !drop_request(&mut user, &from) {
+                return Ok(false);
+            }
+            tx_put_user(users, &user)?;
+            tx_edit_outbox(outbox, &from, |set| {
+                set.remove(&to);
+            })?;
+            Ok(true)
+        })
+    }
+
+    fn make_buddies(&self, a: &str, b: &str) -> Result<(), StoreError> {
+        let a = checked(a)?;
+        let b = checked(b)?;
+        if a == b {
+            return Err(StoreError::SameUser);
+        }
+        self.write(|users, outbox| {
+            let mut ua = tx_need_user(users, &a)?;
+            let mut ub = tx_need_user(users, &b)?;
+            for (me, user, other) in [(&a, &mut ua, &b), (&b, &mut ub, &a)] {
+                user.contacts.insert(other.clone());
+                if drop_request(user, other) {
+                    tx_edit_outbox(outbox, other, |set| {
+                        set.remove(me);
+                    })?;
+                }
+                tx_put_user(users, user)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn remove_buddies(&self, a: &str, b: &str) -> Result<bool, StoreError> {
+        let a = checked(a)?;
+        let b = checked(b)?;
+        if a == b {
+            return Err(StoreError::SameUser);
+        }
+        self.write(|users, _| {
+            let mut ua = tx_need_user(users, &a)?;
+            let mut ub = tx_need_user(users, &b)?;
+            let mut removed = false;
+            for (user, other) in [(&mut ua, &b), (&mut ub, &a)] {
+                if user.contacts.remove(other) {
+                    removed = true;
+                    tx_put_user(users, user)?;
+                }
+            }
+            Ok(removed)
+        })
+    }
+
+    fn contacts(&self, name: &str) -> Result<BTreeSet<String>, StoreError> {
+        let name = checked(name)?;
+        self.read_user(&name)?
+            .map(|u| u.contacts)
+            .ok_or(StoreError::NoSuchUser)
+    }
+}

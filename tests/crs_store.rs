@@ -1,0 +1,725 @@
+//! Tests of the CRS store (`ims::crs::store`): the sled store against the
+//! in-memory model, persistence across reopen and kill -9, atomicity under
+//! concurrency, name rules and every error variant.
+//!
+//! The crash test re-executes this test binary as the writer child: with
+//! `IMS_STORE_CRASH_DIR` set, the otherwise empty test `crash_writer_child`
+//! runs the writer loop.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::thread;
+
+use ims::crs::store::{
+    canonical, valid_username, BuddyRequest, MemStore, SearchHit, SledStore, Store, StoreError,
+    User, Verifier,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const NAMES: &[&str] = &[
+    "alice", "bob", "carol", "dave", "eve", "frank", "grace", "heidi", "ivan", "judy", "a.b", "x-1",
+];
+const VALUES: &[&str] = &[
+    "Alice Smith",
+    "ACME Corp",
+    "bob@example.com",
+    "Grace Hopper",
+    "Zoë Ünïcode",
+    "",
+    "eve.online",
+];
+const NEEDLES: &[&str] = &[
+    "a", "al", "acme", "SMITH", "", "zz", "ÜNÏ", "bob", "e", "x-", "corp",
+];
+
+fn verifier(seed: u8) -> Verifier {
+    Verifier {
+        salt: vec![seed; 16],
+        iterations: 4096 + u32::from(seed),
+        stored_key: vec![seed ^ 0x55; 32],
+        server_key: vec![seed ^ 0xaa; 32],
+    }
+}
+
+fn user(name: &str, seed: u8) -> User {
+    let mut profile = BTreeMap::new();
+    profile.insert("full_name".to_string(), format!("User {name}"));
+    profile.insert("company".to_string(), "ACME Corp".to_string());
+    User {
+        name: name.to_string(),
+        verifier: verifier(seed),
+        profile,
+        public_key: vec![0x30, seed, 1, 2, 3],
+        wrapped_private_key: vec![seed; 48],
+        contacts: BTreeSet::new(),
+        requests: Vec::new(),
+        created_unix: 1_700_000_000 + u64::from(seed),
+    }
+}
+
+fn request(from: &str, seed: u8) -> BuddyRequest {
+    BuddyRequest {
+        from: from.to_string(),
+        signature: vec![seed; 64],
+        nonce: vec![seed ^ 1; 12],
+        created_unix: 1_700_000_000 + u64::from(seed),
+    }
+}
+
+/// Every user record, in name order.
+fn snapshot(s: &dyn Store) -> Vec<User> {
+    let names = s.list_users(None, usize::MAX).expect("list");
+    names
+        .iter()
+        .map(|n| s.get_user(n).expect("get").expect("listed user exists"))
+        .collect()
+}
+
+/// Checks contacts are mutual and name existing users, and requests come
+/// from existing users.
+fn check_consistent(s: &dyn Store) {
+    let users = snapshot(s);
+    let by_name: BTreeMap<&str, &User> = users.iter().map(|u| (u.name.as_str(), u)).collect();
+    for u in &users {
+        for c in &u.contacts {
+            let other = by_name
+                .get(c.as_str())
+                .unwrap_or_else(|| panic!("{} has missing contact {c}", u.name));
+            assert!(
+                other.contacts.contains(&u.name),
+                "asymmetric contact {} -> {c}",
+                u.name
+            );
+        }
+        let mut froms = BTreeSet::new();
+        for r in &u.requests {
+            assert!(by_name.contains_key(r.from.as_str()), "request from ghost");
+            assert!(froms.insert(&r.from), "two requests from {}", r.from);
+            assert!(!u.contacts.contains(&r.from), "request from a buddy");
+        }
+    }
+}
+
+/// A name from the pool in random case, or occasionally an invalid one.
+fn pick_name(rng: &mut StdRng) -> String {
+    if rng.gen_ratio(1, 40) {
+        return ["", "bad name", "ünï", &"x".repeat(33)][rng.gen_range(0..4)].to_string();
+    }
+    let n = NAMES[rng.gen_range(0..NAMES.len())];
+    if rng.gen_ratio(1, 4) {
+        n.to_uppercase()
+    } else {
+        n.to_string()
+    }
+}
+
+fn pick_profile(rng: &mut StdRng) -> BTreeMap<String, String> {
+    let mut p = BTreeMap::new();
+    for key in ["full_name", "email", "company"] {
+        if rng.gen_bool(0.6) {
+            p.insert(
+                key.to_string(),
+                VALUES[rng.gen_range(0..VALUES.len())].to_string(),
+            );
+        }
+    }
+    p
+}
+
+/// Applies one random operation to `s`, returning its result rendered as
+/// text (every result type is `Debug`), so two stores can be compared.
+fn apply(s: &dyn Store, op: u32, rng: &mut StdRng) -> String {
+    let seed: u8 = rng.gen();
+    match op {
+        0..=14 => {
+            let mut u = user(&pick_name(rng), seed);
+            u.profile = pick_profile(rng);
+            // Junk a new record must not keep.
+            if rng.gen_ratio(1, 5) {
+                u.contacts.insert("bob".into());
+                u.requests.push(request("carol", seed));
+            }
+            format!("{:?}", s.create_user(u))
+        }
+        15..=19 => format!("{:?}", s.get_user(&pick_name(rng))),
+        20..=24 => format!("{:?}", s.delete_user(&pick_name(rng))),
+        25..=27 => {
+            let after = if rng.gen_bool(0.5) {
+                Some(pick_name(rng))
+            } else {
+                None
+            };
+            let limit = rng.gen_range(0..6);
+            format!("{:?}", s.list_users(after.as_deref(), limit))
+        }
+        28..=29 => format!("{:?}", s.user_count()),
+        30..=33 => format!(
+            "{:?}",
+            s.set_credentials(&pick_name(rng), verifier(seed), vec![seed; 8])
+        ),
+        34..=38 => format!("{:?}", s.set_profile(&pick_name(rng), pick_profile(rng))),
+        39..=43 => {
+            let needle = NEEDLES[rng.gen_range(0..NEEDLES.len())];
+            let limit = rng.gen_range(0..8);
+            format!("{:?}", s.search(needle, limit))
+        }
+        44..=58 => {
+            let to = pick_name(rng);
+            format!("{:?}", s.add_request(&to, request(&pick_name(rng), seed)))
+        }
+        59..=62 => format!("{:?}", s.take_requests(&pick_name(rng))),
+        63..=67 => {
+            let to = pick_name(rng);
+            format!("{:?}", s.remove_request(&to, &pick_name(rng)))
+        }
+        68..=77 => {
+            let a = pick_name(rng);
+            format!("{:?}", s.make_buddies(&a, &pick_name(rng)))
+        }
+        78..=84 => {
+            let a = pick_name(rng);
+            format!("{:?}", s.remove_buddies(&a, &pick_name(rng)))
+        }
+        _ => format!("{:?}", s.contacts(&pick_name(rng))),
+    }
+}
+
+/// The sled store gives exactly the model's answers on a seeded random
+/// sequence of operations, and ends in exactly the model's state.
+#[test]
+fn model_sled_matches_memory() {
+    const OPS: usize = 4000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sled = SledStore::open(dir.path()).expect("open");
+    let mem = MemStore::new();
+    let mut ops = StdRng::seed_from_u64(0x1_5eed);
+    for i in 0..OPS {
+        let op = ops.gen_range(0..90);
+        // Both stores see the same argument stream.
+        let arg_seed: u64 = ops.gen();
+        let want = apply(&mem, op, &mut StdRng::seed_from_u64(arg_seed));
+        let got = apply(&sled, op, &mut StdRng::seed_from_u64(arg_seed));
+        assert_eq!(got, want, "op #{i} (kind {op}) diverged");
+        if i % 500 == 499 {
+            assert_eq!(snapshot(&sled), snapshot(&mem), "state after op #{i}");
+            check_consistent(&mem);
+            sled.check_integrity().expect("integrity");
+        }
+    }
+    let end = snapshot(&mem);
+    assert_eq!(snapshot(&sled), end);
+    check_consistent(&sled);
+    sled.check_integrity().expect("integrity");
+    // The sequence must actually have exercised the interesting states.
+    assert!(end.iter().any(|u| !u.contacts.is_empty()), "no buddies");
+    assert!(end.iter().any(|u| !u.requests.is_empty()), "no requests");
+}
+
+/// Semantics the model test cannot show (it only compares the two stores).
+fn check_semantics(s: &dyn Store) {
+    for n in ["Alice", "bob", "carol", "dave"] {
+        s.create_user(user(n, 1)).expect("create");
+    }
+    let alice = s.get_user("ALICE").expect("get").expect("alice");
+    assert_eq!(alice.name, "alice");
+    assert_eq!(alice.verifier, verifier(1));
+
+    // A second request from the same sender replaces the first, at the end.
+    s.add_request("alice", request("bob", 1)).expect("req");
+    s.add_request("alice", request("Carol", 2)).expect("req");
+    s.add_request("alice", request("bob", 3)).expect("req");
+    let reqs = s.get_user("alice").expect("get").expect("alice").requests;
+    assert_eq!(reqs, vec![request("carol", 2), request("bob", 3)]);
+
+    // make_buddies clears requests in both directions.
+    s.add_request("bob", request("alice", 4)).expect("req");
+    s.make_buddies("bob", "alice").expect("buddies");
+    s.make_buddies("alice", "bob").expect("idempotent");
+    assert_eq!(
+        s.get_user("alice").expect("get").expect("a").requests,
+        vec![request("carol", 2)]
+    );
+    assert!(s
+        .get_user("bob")
+        .expect("get")
+        .expect("b")
+        .requests
+        .is_empty());
+    assert_eq!(
+        s.contacts("alice").expect("c"),
+        BTreeSet::from(["bob".to_string()])
+    );
+    assert_eq!(
+        s.add_request("alice", request("bob", 5)),
+        Err(StoreError::AlreadyBuddies)
+    );
+
+    // remove_request / take_requests.
+    s.add_request("dave", request("alice", 6)).expect("req");
+    s.add_request("dave", request("carol", 7)).expect("req");
+    assert_eq!(s.remove_request("dave", "ALICE"), Ok(true));
+    assert_eq!(s.remove_request("dave", "alice"), Ok(false));
+    assert_eq!(s.take_requests("dave"), Ok(vec![request("carol", 7)]));
+    assert_eq!(s.take_requests("dave"), Ok(vec![]));
+
+    // Deleting carol withdraws her request to alice; deleting bob removes him
+    // from alice's contacts.
+    s.make_buddies("carol", "dave").expect("buddies");
+    s.add_request("bob", request("carol", 8)).expect("req");
+    assert_eq!(s.delete_user("Carol"), Ok(true));
+    assert_eq!(s.delete_user("carol"), Ok(false));
+    assert!(s
+        .get_user("alice")
+        .expect("get")
+        .expect("a")
+        .requests
+        .is_empty());
+    assert!(s
+        .get_user("bob")
+        .expect("get")
+        .expect("b")
+        .requests
+        .is_empty());
+    assert!(s.contacts("dave").expect("c").is_empty());
+    assert_eq!(s.delete_user("bob"), Ok(true));
+    assert!(s.contacts("alice").expect("c").is_empty());
+    // A re-registered name inherits nothing.
+    s.create_user(user("carol", 9)).expect("recreate");
+    assert_eq!(s.get_user("carol").expect("get"), Some(user("carol", 9)));
+    assert_eq!(s.remove_request("alice", "carol"), Ok(false));
+
+    assert_eq!(s.remove_buddies("alice", "dave"), Ok(false));
+    s.make_buddies("alice", "dave").expect("buddies");
+    assert_eq!(s.remove_buddies("dave", "alice"), Ok(true));
+    assert!(s.contacts("alice").expect("c").is_empty());
+    assert!(s.contacts("dave").expect("c").is_empty());
+
+    // Credentials and profile.
+    s.set_credentials("alice", verifier(42), vec![42; 3])
+        .expect("cred");
+    let a = s.get_user("alice").expect("get").expect("a");
+    assert_eq!(
+        (a.verifier, a.wrapped_private_key),
+        (verifier(42), vec![42; 3])
+    );
+    let profile = BTreeMap::from([("email".to_string(), "Alice@Example.com".to_string())]);
+    s.set_profile("alice", profile.clone()).expect("profile");
+
+    // Listing, paging and search.
+    assert_eq!(s.user_count(), Ok(3));
+    assert_eq!(
+        s.list_users(None, 2),
+        Ok(vec!["alice".into(), "carol".into()])
+    );
+    assert_eq!(s.list_users(Some("CAROL"), 5), Ok(vec!["dave".into()]));
+    assert_eq!(s.list_users(Some("dave"), 5), Ok(vec![]));
+    assert_eq!(
+        s.search("example.COM", 10),
+        Ok(vec![SearchHit {
+            name: "alice".into(),
+            profile: profile.clone()
+        }])
+    );
+    let names = |hits: Vec<SearchHit>| hits.into_iter().map(|h| h.name).collect::<Vec<_>>();
+    assert_eq!(names(s.search("Da", 10).expect("s")), vec!["dave"]);
+    // "acme" is in carol's and dave's company; alice's profile was replaced.
+    assert_eq!(
+        names(s.search("acme", 10).expect("s")),
+        vec!["carol", "dave"]
+    );
+    assert_eq!(names(s.search("acme", 1).expect("s")), vec!["carol"]);
+    assert_eq!(names(s.search("", 2).expect("s")), vec!["alice", "carol"]);
+    assert!(s.search("nothing-matches", 10).expect("s").is_empty());
+}
+
+#[test]
+fn semantics_memory() {
+    check_semantics(&MemStore::new());
+}
+
+#[test]
+fn semantics_sled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = SledStore::open(dir.path()).expect("open");
+    check_semantics(&s);
+    s.check_integrity().expect("integrity");
+}
+
+/// Everything written is there, unchanged, after drop and reopen.
+#[test]
+fn reopen_keeps_everything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let before = {
+        let s = SledStore::open(dir.path()).expect("open");
+        for (i, n) in NAMES.iter().enumerate() {
+            s.create_user(user(n, i as u8)).expect("create");
+        }
+        s.make_buddies("alice", "bob").expect("buddies");
+        s.make_buddies("alice", "carol").expect("buddies");
+        s.add_request("dave", request("eve", 1)).expect("req");
+        s.add_request("dave", request("frank", 2)).expect("req");
+        s.set_profile("judy", BTreeMap::from([("x".into(), "y".into())]))
+            .expect("profile");
+        s.delete_user("ivan").expect("delete");
+        snapshot(&s)
+    };
+    let s = SledStore::open(dir.path()).expect("reopen");
+    assert_eq!(snapshot(&s), before);
+    assert_eq!(s.user_count(), Ok(NAMES.len() as u64 - 1));
+    // The request index survived too: deleting a sender withdraws its request.
+    s.delete_user("eve").expect("delete");
+    assert_eq!(
+        s.get_user("dave").expect("get").expect("dave").requests,
+        vec![request("frank", 2)]
+    );
+    check_consistent(&s);
+    s.check_integrity().expect("integrity");
+}
+
+const CRASH_DIR_ENV: &str = "IMS_STORE_CRASH_DIR";
+const CRASH_CYCLE_ENV: &str = "IMS_STORE_CRASH_CYCLE";
+
+/// Not a test on its own: the writer child of `kill_and_reopen`, active only
+/// when the parent sets `IMS_STORE_CRASH_DIR`. Creates users one by one and
+/// befriends each with the previous one, printing an ACK line after each
+/// call returns.
+#[test]
+fn crash_writer_child() {
+    let Some(dir) = std::env::var_os(CRASH_DIR_ENV) else {
+        return;
+    };
+    let cycle: u32 = std::env::var(CRASH_CYCLE_ENV)
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let s = SledStore::open(Path::new(&dir)).expect("child open");
+    let mut out = std::io::stdout();
+    let mut prev: Option<String> = None;
+    // Bounded so an orphaned child cannot run forever.
+    for i in 0..2000u32 {
+        let name = format!("c{cycle}_{i}");
+        s.create_user(user(&name, i as u8)).expect("child create");
+        writeln!(out, "ACK user {name}").expect("stdout");
+        out.flush().expect("flush");
+        if let Some(p) = &prev {
+            s.make_buddies(p, &name).expect("child buddies");
+            writeln!(out, "ACK buddies {p} {name}").expect("stdout");
+            out.flush().expect("flush");
+        }
+        prev = Some(name);
+    }
+}
+
+/// kill -9 the writer after a random number of acknowledged writes, reopen,
+/// and find every acknowledged write; several cycles on one directory.
+#[test]
+fn kill_and_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut rng = StdRng::seed_from_u64(0xdead);
+    let mut acked_users: Vec<String> = Vec::new();
+    let mut acked_pairs: Vec<(String, String)> = Vec::new();
+    for cycle in 0..5u32 {
+        let kill_after = rng.gen_range(1..40);
+        let mut child = Command::new(&exe)
+            .args([
+                "--exact",
+                "crash_writer_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CRASH_DIR_ENV, dir.path())
+            .env(CRASH_CYCLE_ENV, cycle.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn child");
+        let stdout = child.stdout.take().expect("child stdout");
+        let mut acks = 0;
+        for line in BufReader::new(stdout).lines() {
+            let line = line.expect("read child");
+            // libtest prints "test crash_writer_child ... " without a
+            // newline before the test body runs, so look inside the line.
+            let Some(at) = line.find("ACK ") else {
+                continue;
+            };
+            let words: Vec<&str> = line[at..].split_whitespace().collect();
+            match words.as_slice() {
+                ["ACK", "user", n] => acked_users.push(n.to_string()),
+                ["ACK", "buddies", a, b] => acked_pairs.push((a.to_string(), b.to_string())),
+                _ => continue,
+            }
+            acks += 1;
+            if acks == kill_after {
+                break;
+            }
+        }
+        child.kill().expect("kill child");
+        child.wait().expect("reap child");
+        assert_eq!(acks, kill_after, "child stopped early in cycle {cycle}");
+
+        let s = SledStore::open(dir.path()).expect("reopen after kill");
+        for n in &acked_users {
+            let u = s
+                .get_user(n)
+                .expect("decodes")
+                .unwrap_or_else(|| panic!("acknowledged user {n} lost in cycle {cycle}"));
+            let i: u32 = n
+                .rsplit('_')
+                .next()
+                .and_then(|i| i.parse().ok())
+                .expect("index");
+            assert_eq!(u.verifier, verifier(i as u8));
+        }
+        for (a, b) in &acked_pairs {
+            assert!(s.contacts(a).expect("contacts").contains(b), "lost {a}-{b}");
+        }
+        check_consistent(&s);
+        s.check_integrity().expect("integrity after kill");
+    }
+}
+
+/// Racing registrations of one name: exactly one wins, on both stores.
+fn check_create_race(s: Arc<dyn Store>) {
+    const THREADS: usize = 8;
+    for round in 0..5 {
+        let name = format!("racer{round}");
+        let barrier = Arc::new(Barrier::new(THREADS));
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (s, barrier) = (s.clone(), barrier.clone());
+                // Different spellings of the same canonical name.
+                let spelled = if t % 2 == 0 {
+                    name.clone()
+                } else {
+                    name.to_uppercase()
+                };
+                thread::spawn(move || {
+                    barrier.wait();
+                    s.create_user(user(&spelled, t as u8))
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect();
+        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+        assert!(results
+            .iter()
+            .all(|r| matches!(r, Ok(()) | Err(StoreError::NameTaken))));
+    }
+    assert_eq!(s.user_count(), Ok(5));
+}
+
+/// Concurrent befriending, unfriending, requests and deletion on overlapping
+/// pairs never leave a one-sided contact.
+fn check_buddy_race(s: Arc<dyn Store>, ops_per_thread: usize) {
+    const USERS: &[&str] = &["u0", "u1", "u2", "u3", "u4"];
+    for n in USERS {
+        s.create_user(user(n, 0)).expect("create");
+    }
+    let handles: Vec<_> = (0..4u64)
+        .map(|t| {
+            let s = s.clone();
+            thread::spawn(move || {
+                let mut rng = StdRng::seed_from_u64(t);
+                for _ in 0..ops_per_thread {
+                    let a = USERS[rng.gen_range(0..USERS.len())];
+                    let b = USERS[rng.gen_range(0..USERS.len())];
+                    // Errors (SameUser, NoSuchUser after a delete, ...) are
+                    // expected; only the final state matters.
+                    let _ = match rng.gen_range(0..10) {
+                        0..=3 => s.make_buddies(a, b).map(|_| true),
+                        4..=6 => s.remove_buddies(a, b),
+                        7 => s.add_request(a, request(b, 0)).map(|_| true),
+                        8 if t == 0 => s.delete_user(a),
+                        _ => s.create_user(user(a, 0)).map(|_| true),
+                    };
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("thread");
+    }
+    check_consistent(&*s);
+}
+
+#[test]
+fn concurrent_create_memory() {
+    check_create_race(Arc::new(MemStore::new()));
+}
+
+#[test]
+fn concurrent_create_sled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    check_create_race(Arc::new(SledStore::open(dir.path()).expect("open")));
+}
+
+#[test]
+fn concurrent_buddies_memory() {
+    check_buddy_race(Arc::new(MemStore::new()), 2000);
+}
+
+#[test]
+fn concurrent_buddies_sled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Arc::new(SledStore::open(dir.path()).expect("open"));
+    check_buddy_race(s.clone(), 200);
+    s.check_integrity().expect("integrity");
+}
+
+#[test]
+fn name_rules() {
+    for ok in ["a", "Z", "alice", "Bob_2", "x.y-z", "0", &"n".repeat(32)] {
+        assert!(valid_username(ok), "{ok:?} should be valid");
+    }
+    for bad in ["", " ", "a b", "a/b", "a@b", "é", "tab\t", &"n".repeat(33)] {
+        assert!(!valid_username(bad), "{bad:?} should be invalid");
+    }
+    assert_eq!(canonical("MiXeD.Case-1"), "mixed.case-1");
+}
+
+/// Every error variant a caller can provoke, on both stores.
+fn check_errors(s: &dyn Store) {
+    use StoreError::*;
+    s.create_user(user("alice", 1)).expect("create");
+    s.create_user(user("bob", 2)).expect("create");
+
+    assert_eq!(s.create_user(user("bad name", 0)), Err(InvalidName));
+    assert_eq!(s.create_user(user("", 0)), Err(InvalidName));
+    assert_eq!(s.get_user("a b"), Err(InvalidName));
+    assert_eq!(s.delete_user("#"), Err(InvalidName));
+    assert_eq!(
+        s.add_request("alice", request("no way", 0)),
+        Err(InvalidName)
+    );
+    assert_eq!(s.make_buddies("alice", "é"), Err(InvalidName));
+
+    assert_eq!(s.create_user(user("ALICE", 3)), Err(NameTaken));
+    assert_eq!(s.get_user("alice").expect("get"), Some(user("alice", 1)));
+
+    assert_eq!(s.get_user("nobody"), Ok(None));
+    assert_eq!(s.delete_user("nobody"), Ok(false));
+    assert_eq!(
+        s.set_credentials("nobody", verifier(0), vec![]),
+        Err(NoSuchUser)
+    );
+    assert_eq!(s.set_profile("nobody", BTreeMap::new()), Err(NoSuchUser));
+    assert_eq!(
+        s.add_request("nobody", request("alice", 0)),
+        Err(NoSuchUser)
+    );
+    assert_eq!(
+        s.add_request("alice", request("nobody", 0)),
+        Err(NoSuchUser)
+    );
+    assert_eq!(s.take_requests("nobody"), Err(NoSuchUser));
+    assert_eq!(s.remove_request("nobody", "alice"), Err(NoSuchUser));
+    assert_eq!(s.make_buddies("alice", "nobody"), Err(NoSuchUser));
+    assert_eq!(s.make_buddies("nobody", "alice"), Err(NoSuchUser));
+    assert_eq!(s.remove_buddies("alice", "nobody"), Err(NoSuchUser));
+    assert_eq!(s.contacts("nobody"), Err(NoSuchUser));
+
+    assert_eq!(s.make_buddies("alice", "ALICE"), Err(SameUser));
+    assert_eq!(s.remove_buddies("bob", "bob"), Err(SameUser));
+    assert_eq!(s.add_request("alice", request("Alice", 0)), Err(SameUser));
+
+    s.make_buddies("alice", "bob").expect("buddies");
+    assert_eq!(
+        s.add_request("bob", request("alice", 0)),
+        Err(AlreadyBuddies)
+    );
+    assert_eq!(
+        s.add_request("alice", request("bob", 0)),
+        Err(AlreadyBuddies)
+    );
+
+    // Failed calls changed nothing.
+    assert_eq!(s.user_count(), Ok(2));
+    check_consistent(s);
+}
+
+#[test]
+fn errors_memory() {
+    check_errors(&MemStore::new());
+}
+
+#[test]
+fn errors_sled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    check_errors(&SledStore::open(dir.path()).expect("open"));
+}
+
+/// Bad bytes on disk are `Corrupt`, never a panic; unusable paths and a
+/// second open of a locked store are `Backend`.
+#[test]
+fn corrupt_and_backend_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let s = SledStore::open(dir.path()).expect("open");
+        s.create_user(user("alice", 1)).expect("create");
+        s.create_user(user("bob", 2)).expect("create");
+        assert!(matches!(
+            SledStore::open(dir.path()),
+            Err(StoreError::Backend(_))
+        ));
+    }
+    {
+        // Vandalize the records behind the store's back.
+        let db = sled::open(dir.path()).expect("raw open");
+        let users = db.open_tree("users").expect("tree");
+        users.insert("bob", &b"{not json"[..]).expect("insert");
+        let mut carol = serde_json::to_vec(&user("carol", 3)).expect("json");
+        carol.truncate(carol.len() / 2);
+        users.insert("carol", carol).expect("insert");
+        // A valid record under the wrong key.
+        users
+            .insert("dave", serde_json::to_vec(&user("eve", 4)).expect("json"))
+            .expect("insert");
+        db.flush().expect("flush");
+    }
+    let s = SledStore::open(dir.path()).expect("reopen");
+    assert_eq!(
+        s.get_user("alice").expect("alice ok"),
+        Some(user("alice", 1))
+    );
+    for n in ["bob", "carol", "dave"] {
+        let e = s.get_user(n).expect_err("corrupt");
+        assert!(matches!(e, StoreError::Corrupt(_)), "{n}: {e:?}");
+        assert!(e.to_string().contains(n), "error names the record: {e}");
+    }
+    assert!(matches!(s.contacts("bob"), Err(StoreError::Corrupt(_))));
+    assert!(matches!(
+        s.make_buddies("alice", "bob"),
+        Err(StoreError::Corrupt(_))
+    ));
+    assert!(matches!(s.search("", 10), Err(StoreError::Corrupt(_))));
+    assert!(matches!(s.check_integrity(), Err(StoreError::Corrupt(_))));
+    assert!(matches!(
+        s.delete_user("carol"),
+        Err(StoreError::Corrupt(_))
+    ));
+    // The failed transaction left alice untouched.
+    assert_eq!(
+        s.get_user("alice").expect("alice ok"),
+        Some(user("alice", 1))
+    );
+    // Listing needs only keys, so it still works.
+    assert_eq!(s.user_count(), Ok(4));
+
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"x").expect("write");
+    assert!(matches!(
+        SledStore::open(&file),
+        Err(StoreError::Backend(_))
+    ));
+
+    let std_err: &dyn std::error::Error = &StoreError::Corrupt("x".into());
+    assert!(std_err.to_string().contains("corrupt"));
+}
