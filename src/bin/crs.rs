@@ -1,1 +1,166 @@
-fn main() {}
+//! `ims-crs`: the central repository server, and its operator commands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use getopts::Options;
+use ims::cli::{self, Parsed};
+use ims::config::{self, CrsFile};
+use ims::crs::{self, CrsConfig};
+use ims::link::{CrsLink, Identity};
+use ims::proto::crs::{CrsRequest, MsInfo};
+use ims::proto::Fields;
+
+const USAGE: &str = "Usage:
+  ims-crs genkey FILE                       write a new random MSkey to FILE (mode 0600)
+  ims-crs [options]                         run the CRS
+  ims-crs user list | user show NAME | user delete NAME   (operator; talks to the running CRS)
+  ims-crs ms list                           enrolled MSs, load, last heartbeat";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut opts = Options::new();
+    opts.optopt("c", "config", "configuration file (TOML)", "FILE");
+    opts.optopt("", "listen", "address to listen on (default 127.0.0.1:7100)", "ADDR");
+    opts.optopt("", "data", "data directory (default ./ims-crs-data)", "DIR");
+    opts.optopt("", "ms-key", "MSkey file (default ./mskey)", "FILE");
+    opts.optopt("", "crs", "for operator commands: the running CRS (default: the listen address)", "ADDR");
+    opts.optopt("", "workers", "worker threads", "N");
+    opts.optopt("", "min-iterations", "fewest PBKDF2 iterations a registration may use", "N");
+    opts.optflag("", "close-registration", "refuse self-registration");
+    let m = match cli::parse("ims-crs", USAGE, opts, &args) {
+        Parsed::Run(m) => m,
+        Parsed::Done => return ExitCode::SUCCESS,
+        Parsed::Usage => return ExitCode::from(2),
+    };
+    cli::init_logging();
+    let config = match build_config(&m) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ims-crs: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let free: Vec<&str> = m.free.iter().map(String::as_str).collect();
+    let result = match free.as_slice() {
+        [] => serve(config),
+        ["genkey", file] => ims::keyfile::generate_ms_key(&PathBuf::from(file)).map_err(|e| e.to_string()),
+        ["user", rest @ ..] | ["ms", rest @ ..] => operator(&m, &config, free[0], rest),
+        _ => {
+            eprintln!("ims-crs: unknown command '{}'; see ims-crs --help", free.join(" "));
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ims-crs: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn build_config(m: &getopts::Matches) -> Result<CrsConfig, String> {
+    let mut c = CrsConfig::default();
+    if let Some(path) = m.opt_str("config") {
+        let f: CrsFile = config::load(&PathBuf::from(path)).map_err(|e| e.to_string())?;
+        if let Some(v) = f.listen {
+            c.listen = v;
+        }
+        if let Some(v) = f.data_dir {
+            c.data_dir = v;
+        }
+        if let Some(v) = f.ms_key {
+            c.ms_key_file = v;
+        }
+        if let Some(v) = f.registration_open {
+            c.registration_open = v;
+        }
+        if let Some(v) = f.heartbeat_timeout_secs {
+            c.heartbeat_timeout = config::secs(v);
+        }
+        if let Some(v) = f.lock_lease_secs {
+            c.lock_lease = config::secs(v);
+        }
+        if let Some(v) = f.min_iterations {
+            c.min_iterations = v;
+        }
+        if let Some(v) = f.max_search_results {
+            c.max_search_results = v;
+        }
+        f.pool.apply(&mut c.pool);
+    }
+    if let Some(v) = m.opt_str("listen") {
+        c.listen = v;
+    }
+    if let Some(v) = m.opt_str("data") {
+        c.data_dir = v.into();
+    }
+    if let Some(v) = m.opt_str("ms-key") {
+        c.ms_key_file = v.into();
+    }
+    if let Some(v) = cli::num(m, "workers")? {
+        c.pool.workers = v;
+    }
+    if let Some(v) = cli::num(m, "min-iterations")? {
+        c.min_iterations = v;
+    }
+    if m.opt_present("close-registration") {
+        c.registration_open = false;
+    }
+    Ok(c)
+}
+
+fn serve(config: CrsConfig) -> Result<(), String> {
+    let running = crs::start(config).map_err(|e| e.to_string())?;
+    ims::prethread::stop_on_signals(running.stopper()).map_err(|e| format!("signals: {e}"))?;
+    cli::announce(running.local_addr());
+    running.join();
+    log::info!("CRS stopped");
+    Ok(())
+}
+
+fn operator(m: &getopts::Matches, config: &CrsConfig, what: &str, rest: &[&str]) -> Result<(), String> {
+    let key = ims::keyfile::read_ms_key(&config.ms_key_file).map_err(|e| e.to_string())?;
+    let crs = m.opt_str("crs").unwrap_or_else(|| config.listen.clone());
+    let me = Identity {
+        listen: "operator".into(),
+        capacity: 0,
+        role: "admin",
+    };
+    let mut link = CrsLink::connect(&crs, &key, &me, Duration::from_secs(10))
+        .map_err(|e| format!("{e} (is the CRS running at {crs}?)"))?;
+    let req = match (what, rest) {
+        ("user", ["list"]) => CrsRequest::ListUsers { after: None, limit: 10_000 },
+        ("user", ["show", name]) => CrsRequest::ShowUser { user: name.to_string() },
+        ("user", ["delete", name]) => CrsRequest::DeleteUser { user: name.to_string() },
+        ("ms", ["list"]) => CrsRequest::ListMs,
+        _ => return Err(format!("unknown command '{what} {}'; see ims-crs --help", rest.join(" "))),
+    };
+    let reply = link.call(&req).map_err(|e| e.to_string())?;
+    if !reply.is_success() {
+        return Err(reply.reason().unwrap_or("refused").to_owned());
+    }
+    match req {
+        CrsRequest::ListUsers { .. } => {
+            let names: Vec<String> = reply.json().map_err(|e| e.to_string())?;
+            for n in names {
+                println!("{n}");
+            }
+        }
+        CrsRequest::ListMs => {
+            let list: Vec<MsInfo> = reply.json().map_err(|e| e.to_string())?;
+            println!("{:<4} {:<24} {:>8} {:>8} {:>10}", "id", "address", "load", "capacity", "heartbeat");
+            for ms in list {
+                println!(
+                    "{:<4} {:<24} {:>8} {:>8} {:>9}s",
+                    ms.id, ms.address, ms.load, ms.capacity, ms.last_heartbeat_secs
+                );
+            }
+        }
+        CrsRequest::ShowUser { .. } => println!("{}", String::from_utf8_lossy(&reply.body)),
+        _ => println!("ok"),
+    }
+    Ok(())
+}

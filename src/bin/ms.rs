@@ -1,1 +1,107 @@
-fn main() {}
+//! `ims-ms`: a messaging server.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use getopts::Options;
+use ims::cli::{self, Parsed};
+use ims::config::{self, MsFile};
+use ims::ms::{self, MsConfig};
+
+const USAGE: &str = "Usage: ims-ms [options]";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut opts = Options::new();
+    opts.optopt("c", "config", "configuration file (TOML)", "FILE");
+    opts.optopt("", "listen", "address to listen on for clients (default 127.0.0.1:7101)", "ADDR");
+    opts.optopt("", "advertise", "address given to clients (default: the bound address)", "ADDR");
+    opts.optopt("", "crs", "the CRS (default 127.0.0.1:7100)", "ADDR");
+    opts.optopt("", "ms-key", "MSkey file (default ./mskey)", "FILE");
+    opts.optopt("", "capacity", "most users logged in here", "N");
+    opts.optopt("", "workers", "worker threads", "N");
+    opts.optopt("", "fake-iterations", "PBKDF2 iterations shown for unknown names", "N");
+    let m = match cli::parse("ims-ms", USAGE, opts, &args) {
+        Parsed::Run(m) => m,
+        Parsed::Done => return ExitCode::SUCCESS,
+        Parsed::Usage => return ExitCode::from(2),
+    };
+    cli::init_logging();
+    let config = match build_config(&m) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ims-ms: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !m.free.is_empty() {
+        eprintln!("ims-ms: unexpected argument '{}'; see ims-ms --help", m.free.join(" "));
+        return ExitCode::from(2);
+    }
+    let running = match ms::start(config) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ims-ms: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Err(e) = ims::prethread::stop_on_signals(running.stopper()) {
+        eprintln!("ims-ms: signals: {e}");
+        return ExitCode::from(1);
+    }
+    cli::announce(running.local_addr());
+    running.join();
+    log::info!("MS stopped");
+    ExitCode::SUCCESS
+}
+
+fn build_config(m: &getopts::Matches) -> Result<MsConfig, String> {
+    let mut c = MsConfig::default();
+    if let Some(path) = m.opt_str("config") {
+        let f: MsFile = config::load(&PathBuf::from(path)).map_err(|e| e.to_string())?;
+        if let Some(v) = f.listen {
+            c.listen = v;
+        }
+        if f.advertise.is_some() {
+            c.advertise = f.advertise;
+        }
+        if let Some(v) = f.crs {
+            c.crs = v;
+        }
+        if let Some(v) = f.ms_key {
+            c.ms_key_file = v;
+        }
+        if let Some(v) = f.capacity {
+            c.capacity = v;
+        }
+        if let Some(v) = f.heartbeat_interval_secs {
+            c.heartbeat_interval = config::secs(v);
+        }
+        if let Some(v) = f.push_threads {
+            c.push_threads = v;
+        }
+        f.pool.apply(&mut c.pool);
+    }
+    if let Some(v) = m.opt_str("listen") {
+        c.listen = v;
+    }
+    if let Some(v) = m.opt_str("advertise") {
+        c.advertise = Some(v);
+    }
+    if let Some(v) = m.opt_str("crs") {
+        c.crs = v;
+    }
+    if let Some(v) = m.opt_str("ms-key") {
+        c.ms_key_file = v.into();
+    }
+    if let Some(v) = cli::num(m, "capacity")? {
+        c.capacity = v;
+    }
+    if let Some(v) = cli::num(m, "workers")? {
+        c.pool.workers = v;
+    }
+    if let Some(v) = cli::num(m, "fake-iterations")? {
+        c.fake_iterations = v;
+    }
+    Ok(c)
+}

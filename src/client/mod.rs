@@ -1,0 +1,468 @@
+//! The client: registration, login, buddies and presence, and the
+//! pre-threaded listener that takes its MS's pushes (and, later, peers).
+//! [`ui`] puts a line-based terminal or JSON interface on top.
+
+pub mod account;
+pub mod events;
+pub mod session;
+pub mod ui;
+
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use log::{info, warn};
+use parking_lot::Mutex;
+
+use crate::crypto::{self, KdfPolicy};
+use crate::prethread::{self, Outcome, Peer, Server, Service};
+use crate::proto::crs::{EventKind, Hit, Profile};
+use crate::proto::ms::{read_event, MsRequest, PUSH};
+use crate::proto::Fields;
+use crate::wire::io::{write_message, IoError, MessageReader};
+use crate::wire::{code, Limits, Message};
+use account::{refused, AccountError, NewAccount};
+use events::{BuddyView, Event};
+use session::{request_is_genuine, Credentials, Session};
+
+/// The well-known port of the client's listener (one client per host, as
+/// the design has it); tests and several clients on one host use port 0.
+pub const DEFAULT_CLIENT_PORT: u16 = 7300;
+
+/// Everything the client needs.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// The CRS's address.
+    pub crs: String,
+    /// Where our listener binds.
+    pub listen: String,
+    /// PBKDF2 iterations for new passwords.
+    pub kdf_iterations: u32,
+    /// Allow fewer iterations than the production minimum (tests, benchmarks).
+    pub insecure_kdf: bool,
+    /// RSA key size for new accounts.
+    pub rsa_bits: u32,
+    /// Expected fingerprint of the CRS's key (refuse to register elsewhere).
+    pub crs_fingerprint: Option<String>,
+    /// Bound on each exchange with a server.
+    pub timeout: Duration,
+    /// The listener's worker pool.
+    pub pool: prethread::Config,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            crs: "127.0.0.1:7100".into(),
+            listen: format!("0.0.0.0:{DEFAULT_CLIENT_PORT}"),
+            kdf_iterations: crypto::PBKDF2_MIN_ITERATIONS,
+            insecure_kdf: false,
+            rsa_bits: crypto::DEFAULT_RSA_BITS,
+            crs_fingerprint: None,
+            timeout: Duration::from_secs(10),
+            pool: prethread::Config {
+                name: "client".into(),
+                workers: 4,
+                queue: 16,
+                ..prethread::Config::default()
+            },
+        }
+    }
+}
+
+impl ClientConfig {
+    fn policy(&self) -> KdfPolicy {
+        if self.insecure_kdf {
+            KdfPolicy::Insecure
+        } else {
+            KdfPolicy::Production
+        }
+    }
+}
+
+/// Connects to `addr` within `timeout`.
+pub fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, IoError> {
+    let mut last = None;
+    for a in addr.to_socket_addrs().map_err(IoError::Io)? {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => {
+                // Small request/reply exchanges: do not wait for Nagle.
+                if let Err(e) = s.set_nodelay(true) {
+                    warn!("TCP_NODELAY: {e}");
+                }
+                return Ok(s);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(IoError::Io(last.unwrap_or_else(|| std::io::ErrorKind::NotFound.into())))
+}
+
+/// A kept connection for a sequence of request/reply exchanges.
+pub struct Conn {
+    reader: MessageReader<TcpStream>,
+    timeout: Duration,
+}
+
+impl Conn {
+    /// Wraps a connected stream.
+    pub fn new(stream: TcpStream, timeout: Duration) -> Conn {
+        Conn {
+            reader: MessageReader::new(stream),
+            timeout,
+        }
+    }
+
+    /// Sends `m` and reads the reply.
+    pub fn call(&mut self, m: &Message) -> Result<Message, IoError> {
+        write_message(self.reader.get_mut(), m, Instant::now() + self.timeout)?;
+        self.reader
+            .read_message(&Limits::DEFAULT, Instant::now() + self.timeout)?
+            .ok_or(IoError::Wire(crate::wire::Error::EofInHeaders))
+    }
+}
+
+/// A running client.
+pub struct Client {
+    config: ClientConfig,
+    listen_port: u16,
+    session: Mutex<Option<Session>>,
+    /// Serializes requests to the MS so their sequence numbers stay in order.
+    calls: Mutex<()>,
+    events: Sender<Event>,
+}
+
+/// The client and its listener.
+pub struct Running {
+    /// The client.
+    pub client: Arc<Client>,
+    server: Server,
+}
+
+impl Running {
+    /// Where the listener listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// Logs out (if logged in) and stops the listener.
+    pub fn shutdown(self) {
+        if self.client.is_logged_in() {
+            self.client.logout();
+        }
+        self.server.stop_and_join();
+    }
+}
+
+/// Starts the listener; events go to `events`.
+pub fn start(config: ClientConfig, events: Sender<Event>) -> std::io::Result<Running> {
+    let listener = std::net::TcpListener::bind(config.listen.as_str())?;
+    let listen_port = listener.local_addr()?.port();
+    let client = Arc::new(Client {
+        config: config.clone(),
+        listen_port,
+        session: Mutex::new(None),
+        calls: Mutex::new(()),
+        events,
+    });
+    let server = Server::from_listener(listener, config.pool.clone(), Arc::new(Listener(client.clone())))?;
+    info!("client listening on {}", server.local_addr());
+    Ok(Running { client, server })
+}
+
+impl Client {
+    fn emit(&self, e: Event) {
+        // The receiver goes away only when the UI is exiting.
+        let _ = self.events.send(e);
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// Whether a login is active.
+    pub fn is_logged_in(&self) -> bool {
+        self.session.lock().is_some()
+    }
+
+    /// Our name, if logged in.
+    pub fn user(&self) -> Option<String> {
+        self.session.lock().as_ref().map(|s| s.user.clone())
+    }
+
+    /// Creates an account.
+    pub fn register(&self, user: &str, password: &str, profile: Profile) -> Result<String, AccountError> {
+        account::register(&NewAccount {
+            crs: &self.config.crs,
+            user,
+            password,
+            iterations: self.config.kdf_iterations,
+            policy: self.config.policy(),
+            rsa_bits: self.config.rsa_bits,
+            crs_fingerprint: self.config.crs_fingerprint.as_deref(),
+            profile,
+            timeout: self.config.timeout,
+        })
+    }
+
+    /// Logs in; the login, the buddy list and waiting requests are emitted.
+    pub fn login(&self, user: &str, password: &str) -> Result<(), AccountError> {
+        if let Some(me) = self.user() {
+            return Err(AccountError::Refused(code::CONFLICT, format!("already logged in as {me}; /logout first")));
+        }
+        let session = Session::login(&Credentials {
+            crs: &self.config.crs,
+            user,
+            password,
+            policy: self.config.policy(),
+            listen_port: self.listen_port,
+            timeout: self.config.timeout,
+        })?;
+        let user = session.user.clone();
+        let requests: Vec<String> = session.requests.keys().cloned().collect();
+        *self.session.lock() = Some(session);
+        self.emit(Event::LoggedIn { user });
+        self.emit(Event::Buddies { buddies: self.buddies() });
+        for from in requests {
+            self.emit(Event::Request { from });
+        }
+        Ok(())
+    }
+
+    /// The buddy list with presence.
+    pub fn buddies(&self) -> Vec<BuddyView> {
+        self.session
+            .lock()
+            .as_ref()
+            .map(|s| {
+                s.buddies
+                    .iter()
+                    .map(|(u, p)| BuddyView {
+                        user: u.clone(),
+                        online: p.is_some(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Names with a buddy request waiting for our answer.
+    pub fn pending_requests(&self) -> Vec<String> {
+        self.session
+            .lock()
+            .as_ref()
+            .map(|s| s.requests.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Our profile as of login (and our own changes since).
+    pub fn profile(&self) -> Option<Profile> {
+        self.session.lock().as_ref().map(|s| s.profile.clone())
+    }
+
+    /// One sealed request to our MS; the opened reply (any code).
+    fn ms_call(&self, req: &MsRequest) -> Result<Message, AccountError> {
+        let _serial = self.calls.lock();
+        let (sealed, ms) = {
+            let mut guard = self.session.lock();
+            let s = guard
+                .as_mut()
+                .ok_or_else(|| AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into()))?;
+            (s.seal_request(req)?, s.ms.clone())
+        };
+        let reply = account::exchange(&ms, &sealed, self.config.timeout)?;
+        let mut guard = self.session.lock();
+        let s = guard
+            .as_mut()
+            .ok_or_else(|| AccountError::Refused(code::FORBIDDEN, "logged out meanwhile".into()))?;
+        s.open_reply(reply)
+    }
+
+    /// An `ms_call` that must succeed; the reply's reason otherwise.
+    fn ms_ok(&self, req: &MsRequest) -> Result<Message, AccountError> {
+        let reply = self.ms_call(req)?;
+        if reply.is_success() {
+            Ok(reply)
+        } else {
+            Err(refused(&reply))
+        }
+    }
+
+    /// Logs out; buddies are told by the servers.
+    pub fn logout(&self) {
+        let result = self.ms_call(&MsRequest::Logout);
+        if let Some(s) = self.session.lock().take() {
+            if let Err(e) = result {
+                warn!("logout: {e}");
+            }
+            self.emit(Event::LoggedOut { user: s.user });
+        }
+    }
+
+    /// Directory search.
+    pub fn search(&self, text: &str) -> Result<Vec<Hit>, AccountError> {
+        let reply = self.ms_ok(&MsRequest::Search(text.to_owned()))?;
+        reply.json().map_err(|e| AccountError::Refused(0, e.to_string()))
+    }
+
+    /// Sends a signed buddy request; `true` if delivered now, `false` if
+    /// stored until they log in.
+    pub fn add(&self, name: &str) -> Result<bool, AccountError> {
+        let name = account::normalize_name(name)?;
+        let req = {
+            let guard = self.session.lock();
+            let s = guard
+                .as_ref()
+                .ok_or_else(|| AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into()))?;
+            if name == s.user {
+                return Err(AccountError::Refused(code::BAD_REQUEST, "you cannot add yourself".into()));
+            }
+            if s.buddies.contains_key(&name) {
+                return Err(AccountError::Refused(code::CONFLICT, format!("{name} is already your buddy")));
+            }
+            s.add_request(&name)?
+        };
+        let reply = self.ms_ok(&req)?;
+        Ok(reply.code() == Some(code::OK))
+    }
+
+    /// Accepts `name`'s buddy request.
+    pub fn accept(&self, name: &str) -> Result<(), AccountError> {
+        let name = account::normalize_name(name)?;
+        self.ms_ok(&MsRequest::Accept(name.clone()))?;
+        if let Some(s) = self.session.lock().as_mut() {
+            s.requests.remove(&name);
+        }
+        Ok(())
+    }
+
+    /// Denies `name`'s buddy request.
+    pub fn deny(&self, name: &str) -> Result<(), AccountError> {
+        let name = account::normalize_name(name)?;
+        self.ms_ok(&MsRequest::Deny(name.clone()))?;
+        if let Some(s) = self.session.lock().as_mut() {
+            s.requests.remove(&name);
+        }
+        Ok(())
+    }
+
+    /// Removes `name` from both buddy lists.
+    pub fn remove(&self, name: &str) -> Result<(), AccountError> {
+        let name = account::normalize_name(name)?;
+        self.ms_ok(&MsRequest::Remove(name))?;
+        Ok(())
+    }
+
+    /// Sets (or with an empty value, clears) one profile field.
+    pub fn set_profile_field(&self, field: &str, value: &str) -> Result<Profile, AccountError> {
+        let mut profile = self
+            .profile()
+            .ok_or_else(|| AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into()))?;
+        if value.is_empty() {
+            profile.remove(field);
+        } else {
+            profile.insert(field.to_owned(), value.to_owned());
+        }
+        self.ms_ok(&MsRequest::SetProfile(profile.clone()))?;
+        if let Some(s) = self.session.lock().as_mut() {
+            s.profile = profile.clone();
+        }
+        Ok(profile)
+    }
+
+    /// Changes the password: a new verifier, our key re-wrapped.
+    pub fn passwd(&self, new_password: &str) -> Result<(), AccountError> {
+        let req = {
+            let guard = self.session.lock();
+            let s = guard
+                .as_ref()
+                .ok_or_else(|| AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into()))?;
+            s.rewrap(new_password, self.config.kdf_iterations, self.config.policy())?
+        };
+        self.ms_ok(&req)?;
+        Ok(())
+    }
+
+    /// Applies a push from our MS.
+    fn on_push(&self, m: &Message) -> Message {
+        let mut guard = self.session.lock();
+        let Some(s) = guard.as_mut() else {
+            return Message::reply(code::FORBIDDEN, "not logged in");
+        };
+        if m.header("User") != Some(s.user.as_str()) {
+            return Message::reply(code::NOT_FOUND, "not this user");
+        }
+        let inner = match s.push.open(m) {
+            Ok(i) => i,
+            Err(e) => {
+                warn!("refused a push: {e}");
+                return Message::reply(code::AUTH_FAILED, "unreadable push");
+            }
+        };
+        let kind = match read_event(&inner) {
+            Ok(k) => k,
+            Err(e) => return e.reply(),
+        };
+        let event = match kind {
+            EventKind::Online { user, presence } => {
+                if !s.buddies.contains_key(&user) {
+                    return Message::ok();
+                }
+                s.buddies.insert(user.clone(), Some(presence));
+                Event::Online { user }
+            }
+            EventKind::Offline { user } => {
+                if !s.buddies.contains_key(&user) {
+                    return Message::ok();
+                }
+                s.buddies.insert(user.clone(), None);
+                Event::Offline { user }
+            }
+            EventKind::Request(r) => {
+                if !request_is_genuine(&r, &s.user) {
+                    warn!("dropped a buddy request claiming to be from {} with a bad signature", r.from);
+                    return Message::ok();
+                }
+                let from = r.from.clone();
+                s.requests.insert(from.clone(), r);
+                Event::Request { from }
+            }
+            EventKind::BuddyAdded { buddy, online } => {
+                let is_online = online.is_some();
+                s.requests.remove(&buddy);
+                s.buddies.insert(buddy.clone(), online);
+                Event::BuddyAdded {
+                    user: buddy,
+                    online: is_online,
+                }
+            }
+            EventKind::BuddyRemoved { buddy } => {
+                s.buddies.remove(&buddy);
+                Event::BuddyRemoved { user: buddy }
+            }
+            EventKind::Denied { by } => Event::Denied { by },
+        };
+        drop(guard);
+        self.emit(event);
+        Message::ok()
+    }
+}
+
+/// The client's listener service: pushes from its MS (peers come next).
+struct Listener(Arc<Client>);
+
+impl Service for Listener {
+    type Session = ();
+
+    fn open(&self, _peer: &Peer) {}
+
+    fn handle(&self, _: &mut (), request: Message) -> Outcome {
+        match request.method() {
+            Some(PUSH) => Outcome::Reply(self.0.on_push(&request)),
+            Some(m) => Outcome::ReplyAndClose(Message::reply(code::UNKNOWN_METHOD, &format!("unknown method {m}"))),
+            None => Outcome::Close,
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! The line-based interface: commands in, events out. On a terminal events
+//! print as text; with `--json` each event is one JSON object per line.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crossbeam_channel::{unbounded, Receiver};
+
+use super::account::AccountError;
+use super::events::Event;
+use super::{start, Client, ClientConfig};
+use crate::proto::crs::Profile;
+
+/// Where passwords come from when not typed at a prompt.
+#[derive(Clone, Debug, Default)]
+pub struct Passwords {
+    /// First line of this file.
+    pub file: Option<PathBuf>,
+}
+
+impl Passwords {
+    /// The password: `--password-file`, then `IMS_PASSWORD`, then a no-echo
+    /// prompt on a terminal (twice with `confirm`).
+    pub fn get(&self, prompt: &str, confirm: bool) -> Result<String, String> {
+        if let Some(path) = &self.file {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            return Ok(text.lines().next().unwrap_or("").to_owned());
+        }
+        if let Ok(p) = std::env::var("IMS_PASSWORD") {
+            return Ok(p);
+        }
+        if !std::io::stdin().is_terminal() {
+            return Err("no password: use --password-file FILE or IMS_PASSWORD".into());
+        }
+        let first = rpassword::prompt_password(prompt).map_err(|e| e.to_string())?;
+        if confirm {
+            let again = rpassword::prompt_password("again: ").map_err(|e| e.to_string())?;
+            if again != first {
+                return Err("the passwords differ".into());
+            }
+        }
+        Ok(first)
+    }
+}
+
+/// One line of help per command.
+pub const HELP: &[(&str, &str)] = &[
+    ("/login NAME", "log in (asks for the password)"),
+    ("/logout", "log out; buddies see you go offline"),
+    ("/buddies", "list your buddies and who is online"),
+    ("/search TEXT", "find people by name prefix or profile text"),
+    ("/add NAME", "ask NAME to be your buddy"),
+    ("/accept NAME", "accept NAME's buddy request"),
+    ("/deny NAME", "deny NAME's buddy request"),
+    ("/remove NAME", "remove NAME from your buddies (both ways)"),
+    ("/profile [FIELD VALUE]", "show your profile, or set FIELD (empty VALUE clears it)"),
+    ("/passwd", "change your password"),
+    ("/help", "this list"),
+    ("/quit", "log out and exit"),
+];
+
+fn help_text() -> String {
+    let mut s = String::from("commands:");
+    for (c, what) in HELP {
+        s.push_str(&format!("\n  {c:<24} {what}"));
+    }
+    s
+}
+
+/// Runs the interface until `/quit` or end of input; the exit code.
+pub fn run(config: ClientConfig, json: bool, login: Option<String>, passwords: Passwords) -> i32 {
+    let (tx, rx) = unbounded();
+    let running = match start(config, tx.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ims-client: cannot listen: {e}");
+            return 1;
+        }
+    };
+    let printer = std::thread::spawn(move || print_events(rx, json));
+    let client = running.client.clone();
+    let ui = Ui {
+        client: client.clone(),
+        tx,
+        passwords,
+        interactive: std::io::stdin().is_terminal() && !json,
+    };
+    if let Some(user) = login {
+        ui.command(&format!("/login {user}"));
+    } else if ui.interactive {
+        ui.tx.send(Event::Notice { text: "type /help for commands".into() }).ok();
+    }
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    while let Some(Ok(line)) = lines.next() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line == "/quit" {
+            break;
+        }
+        if line == "/passwd" && !ui.interactive {
+            // Scripts give the new password on the next line.
+            let new = lines.next().and_then(Result::ok).unwrap_or_default();
+            ui.outcome("passwd", client.passwd(&new).map(|()| None));
+            continue;
+        }
+        ui.command(line);
+    }
+    drop(ui);
+    running.shutdown();
+    printer.join().ok();
+    0
+}
+
+struct Ui {
+    client: Arc<Client>,
+    tx: crossbeam_channel::Sender<Event>,
+    passwords: Passwords,
+    interactive: bool,
+}
+
+impl Ui {
+    fn emit(&self, e: Event) {
+        self.tx.send(e).ok();
+    }
+
+    fn outcome(&self, command: &str, r: Result<Option<String>, AccountError>) {
+        match r {
+            Ok(detail) => self.emit(Event::Ok {
+                command: command.into(),
+                detail,
+            }),
+            Err(e) => self.emit(Event::Error {
+                command: command.into(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    fn usage(&self, command: &str, usage: &str) {
+        self.emit(Event::Error {
+            command: command.into(),
+            reason: format!("usage: {usage}"),
+        });
+    }
+
+    fn command(&self, line: &str) {
+        let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
+        let rest = rest.trim();
+        let arg = |usage: &str| -> Option<String> {
+            if rest.is_empty() || rest.contains(' ') {
+                self.usage(&cmd[1..], usage);
+                None
+            } else {
+                Some(rest.to_owned())
+            }
+        };
+        let c = &self.client;
+        match cmd {
+            "/help" => self.emit(Event::Notice { text: help_text() }),
+            "/login" => {
+                let Some(user) = arg("/login NAME") else { return };
+                match self.passwords.get(&format!("password for {user}: "), false) {
+                    Ok(p) => {
+                        if let Err(e) = c.login(&user, &p) {
+                            self.emit(Event::Error {
+                                command: "login".into(),
+                                reason: e.to_string(),
+                            });
+                        }
+                    }
+                    Err(e) => self.emit(Event::Error {
+                        command: "login".into(),
+                        reason: e,
+                    }),
+                }
+            }
+            "/logout" => {
+                if c.is_logged_in() {
+                    c.logout();
+                } else {
+                    self.emit(Event::Error {
+                        command: "logout".into(),
+                        reason: "not logged in".into(),
+                    });
+                }
+            }
+            "/buddies" => {
+                if c.is_logged_in() {
+                    self.emit(Event::Buddies { buddies: c.buddies() });
+                    for from in c.pending_requests() {
+                        self.emit(Event::Request { from });
+                    }
+                } else {
+                    self.emit(Event::Error {
+                        command: "buddies".into(),
+                        reason: "not logged in; /login NAME first".into(),
+                    });
+                }
+            }
+            "/search" => {
+                if rest.is_empty() {
+                    return self.usage("search", "/search TEXT");
+                }
+                match c.search(rest) {
+                    Ok(results) => self.emit(Event::SearchResults { results }),
+                    Err(e) => self.outcome("search", Err(e)),
+                }
+            }
+            "/add" => {
+                let Some(name) = arg("/add NAME") else { return };
+                let r = c.add(&name).map(|now| {
+                    Some(if now {
+                        format!("request sent to {name}")
+                    } else {
+                        format!("{name} is offline; they will see your request when they log in")
+                    })
+                });
+                self.outcome("add", r);
+            }
+            "/accept" => {
+                let Some(name) = arg("/accept NAME") else { return };
+                self.outcome("accept", c.accept(&name).map(|()| None));
+            }
+            "/deny" => {
+                let Some(name) = arg("/deny NAME") else { return };
+                self.outcome("deny", c.deny(&name).map(|()| None));
+            }
+            "/remove" => {
+                let Some(name) = arg("/remove NAME") else { return };
+                self.outcome("remove", c.remove(&name).map(|()| None));
+            }
+            "/profile" => {
+                if rest.is_empty() {
+                    match c.profile() {
+                        Some(profile) => self.emit(Event::Profile { profile }),
+                        None => self.emit(Event::Error {
+                            command: "profile".into(),
+                            reason: "not logged in; /login NAME first".into(),
+                        }),
+                    }
+                    return;
+                }
+                let (field, value) = rest.split_once(' ').unwrap_or((rest, ""));
+                match c.set_profile_field(field, value.trim()) {
+                    Ok(profile) => self.emit(Event::Profile { profile }),
+                    Err(e) => self.outcome("profile", Err(e)),
+                }
+            }
+            "/passwd" => match self.passwords.get("new password: ", true) {
+                Ok(p) => self.outcome("passwd", c.passwd(&p).map(|()| None)),
+                Err(e) => self.emit(Event::Error {
+                    command: "passwd".into(),
+                    reason: e,
+                }),
+            },
+            other if other.starts_with('/') => self.emit(Event::Error {
+                command: other[1..].to_owned(),
+                reason: "unknown command; /help lists them".into(),
+            }),
+            _ => self.emit(Event::Error {
+                command: "say".into(),
+                reason: "chat is not available yet; commands start with /".into(),
+            }),
+        }
+    }
+}
+
+fn print_events(rx: Receiver<Event>, json: bool) {
+    let stdout = std::io::stdout();
+    for e in rx {
+        let mut out = stdout.lock();
+        let line = if json { e.to_json() } else { e.to_text() };
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            return;
+        }
+    }
+}
+
+/// `ims-client register NAME`: the exit code.
+pub fn register(config: ClientConfig, user: &str, passwords: &Passwords, profile: Profile, json: bool) -> i32 {
+    let password = match passwords.get(&format!("new password for {user}: "), true) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("ims-client: {e}");
+            return 2;
+        }
+    };
+    let (tx, _rx) = unbounded();
+    let client = Client {
+        config,
+        listen_port: 0,
+        session: parking_lot::Mutex::new(None),
+        calls: parking_lot::Mutex::new(()),
+        events: tx,
+    };
+    match client.register(user, &password, profile) {
+        Ok(user) => {
+            let e = Event::Registered { user };
+            println!("{}", if json { e.to_json() } else { e.to_text() });
+            0
+        }
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    Event::Error {
+                        command: "register".into(),
+                        reason: e.to_string()
+                    }
+                    .to_json()
+                );
+            }
+            eprintln!("ims-client: registration failed: {e}");
+            1
+        }
+    }
+}

@@ -1,0 +1,615 @@
+//! The CRS's request handlers: one [`Service`] for its single port, which
+//! clients (in the clear), MSs and the operator (sealed) all use.
+//!
+//! A connection starts [`Conn::Fresh`]; only a proven MSkey turns it into
+//! [`Conn::Enrolled`], the only state whose requests touch accounts.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use log::{debug, info, warn};
+
+use super::live::LockError;
+use super::store::{self, StoreError};
+use super::Crs;
+use crate::crypto::{self, RsaPublicKey};
+use crate::prethread::{Outcome, Peer, Service};
+use crate::proto::crs::{
+    self as pc, BuddyRequest, ClientRequest, Contact, CrsRequest, EventKind, Hit, Presence, Registration, Verifier,
+    Welcome, SEALED,
+};
+use crate::proto::{self, Fields, ProtoError};
+use crate::seal::{Opener, Role, Sealer, SessionKeys};
+use crate::wire::{code, Message};
+
+/// Who is at the other end of an enrolled link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer2 {
+    /// A messaging server with this id.
+    Ms(u64),
+    /// The operator's command-line tool.
+    Admin,
+}
+
+/// A link whose MSkey proof checked out: the only way to get one.
+pub struct Enrolled {
+    who: Peer2,
+    send: Sealer,
+    recv: Opener,
+}
+
+/// The state of one connection to the CRS.
+pub enum Conn {
+    /// Nothing proven yet: client requests and the start of enrollment.
+    Fresh,
+    /// `ENROLL-HELLO` answered; waiting for the proof.
+    Challenged {
+        /// The MS's nonce.
+        ms_nonce: Vec<u8>,
+        /// Ours.
+        crs_nonce: [u8; 32],
+    },
+    /// MSkey proven; everything is sealed.
+    Enrolled(Box<Enrolled>),
+    /// The link failed; the connection is closing.
+    Dead,
+}
+
+/// The CRS as a [`Service`].
+pub struct CrsService(pub Arc<Crs>);
+
+impl Service for CrsService {
+    type Session = Conn;
+
+    fn open(&self, _peer: &Peer) -> Conn {
+        Conn::Fresh
+    }
+
+    fn handle(&self, conn: &mut Conn, request: Message) -> Outcome {
+        let crs = &self.0;
+        match std::mem::replace(conn, Conn::Dead) {
+            Conn::Fresh => match request.method() {
+                Some("ENROLL-HELLO") => match request.req_b64("Ms-Nonce") {
+                    Ok(ms_nonce) if ms_nonce.len() >= 16 => {
+                        let crs_nonce = crypto::random_array::<32>();
+                        *conn = Conn::Challenged { ms_nonce, crs_nonce };
+                        Outcome::Reply(Message::ok().with_header("Crs-Nonce", crypto::b64_encode(&crs_nonce)))
+                    }
+                    _ => Outcome::ReplyAndClose(ProtoError::Invalid("Ms-Nonce").reply()),
+                },
+                _ => {
+                    *conn = Conn::Fresh;
+                    Outcome::Reply(crs.client_request(&request))
+                }
+            },
+            Conn::Challenged { ms_nonce, crs_nonce } => match crs.enroll(&request, &ms_nonce, &crs_nonce) {
+                Ok((enrolled, reply)) => {
+                    *conn = Conn::Enrolled(Box::new(enrolled));
+                    Outcome::Reply(reply)
+                }
+                Err(reply) => Outcome::ReplyAndClose(reply),
+            },
+            Conn::Enrolled(mut link) => {
+                let inner = match link.recv.open(&request) {
+                    Ok(inner) => inner,
+                    Err(e) => {
+                        warn!("sealed link from {:?}: {e}; closing", link.who);
+                        return Outcome::Close;
+                    }
+                };
+                let reply = crs.sealed_request(link.who, &inner);
+                match link.send.seal(SEALED, &[], &reply) {
+                    Ok(sealed) => {
+                        *conn = Conn::Enrolled(link);
+                        Outcome::Reply(sealed)
+                    }
+                    Err(e) => {
+                        warn!("cannot seal a reply: {e}");
+                        Outcome::Close
+                    }
+                }
+            }
+            Conn::Dead => Outcome::Close,
+        }
+    }
+}
+
+fn err(code: u16, reason: &str) -> Message {
+    Message::reply(code, reason)
+}
+
+fn store_err(e: StoreError) -> Message {
+    match e {
+        StoreError::NoSuchUser => err(code::NOT_FOUND, "no such user"),
+        StoreError::NameTaken => err(code::CONFLICT, "name taken"),
+        StoreError::AlreadyBuddies => err(code::CONFLICT, "already buddies"),
+        StoreError::SameUser => err(code::BAD_REQUEST, "that is yourself"),
+        StoreError::InvalidName => err(code::BAD_REQUEST, "invalid name"),
+        StoreError::Corrupt(_) | StoreError::Backend(_) => {
+            warn!("store: {e}");
+            err(code::INTERNAL, "storage error")
+        }
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl From<store::Verifier> for Verifier {
+    fn from(v: store::Verifier) -> Verifier {
+        Verifier {
+            salt: v.salt,
+            iterations: v.iterations,
+            stored_key: v.stored_key,
+            server_key: v.server_key,
+        }
+    }
+}
+
+impl From<Verifier> for store::Verifier {
+    fn from(v: Verifier) -> store::Verifier {
+        store::Verifier {
+            salt: v.salt,
+            iterations: v.iterations,
+            stored_key: v.stored_key,
+            server_key: v.server_key,
+        }
+    }
+}
+
+impl Crs {
+    /// A request from a client, in the clear.
+    pub fn client_request(&self, m: &Message) -> Message {
+        match ClientRequest::from_message(m) {
+            Ok(Some(ClientRequest::Locate)) => match self.live.lock().locate(self.config.heartbeat_timeout) {
+                Some(addr) => Message::ok().with_header("Ms", addr),
+                None => err(code::BUSY, "no messaging server available"),
+            },
+            Ok(Some(ClientRequest::CrsKey)) => match self.identity_public.to_der() {
+                Ok(der) => Message::ok()
+                    .with_header("Fingerprint", self.identity_public.fingerprint())
+                    .with_body(der),
+                Err(_) => err(code::INTERNAL, "no key"),
+            },
+            Ok(Some(ClientRequest::Register { key, sealed })) => self.register(&key, &sealed),
+            Ok(None) => ProtoError::UnknownMethod(m.method().unwrap_or("").to_owned()).reply(),
+            Err(e) => e.reply(),
+        }
+    }
+
+    fn register(&self, key: &[u8], sealed: &[u8]) -> Message {
+        if !self.config.registration_open {
+            return err(code::FORBIDDEN, "registration closed");
+        }
+        let Ok(k) = self.identity.decrypt_oaep(key) else {
+            return err(code::BAD_REQUEST, "undecryptable registration");
+        };
+        let Ok(k): Result<[u8; 32], _> = k.try_into() else {
+            return err(code::BAD_REQUEST, "bad registration key");
+        };
+        let Ok(plain) = crypto::aes_gcm_open(&k, &[0; 12], pc::REGISTER_AAD, sealed) else {
+            return err(code::BAD_REQUEST, "undecryptable registration");
+        };
+        let Ok(reg) = serde_json::from_slice::<Registration>(&plain) else {
+            return err(code::BAD_REQUEST, "malformed registration");
+        };
+        if !store::valid_username(&reg.user) {
+            return err(code::BAD_REQUEST, "invalid name: use 1-32 of a-z 0-9 _ . -");
+        }
+        if reg.verifier.stored_key.len() != 32 || reg.verifier.server_key.len() != 32 || reg.verifier.salt.len() < 16 {
+            return err(code::BAD_REQUEST, "malformed verifier");
+        }
+        if reg.verifier.iterations < self.config.min_iterations {
+            return err(code::BAD_REQUEST, "too few password iterations");
+        }
+        if RsaPublicKey::from_der(&reg.public_key).is_err() {
+            return err(code::BAD_REQUEST, "invalid public key");
+        }
+        let user = store::User {
+            name: store::canonical(&reg.user),
+            verifier: reg.verifier.into(),
+            profile: reg.profile,
+            public_key: reg.public_key,
+            wrapped_private_key: reg.wrapped_key,
+            created_unix: now_unix(),
+            ..Default::default()
+        };
+        let name = user.name.clone();
+        match self.store.create_user(user) {
+            Ok(()) => {
+                info!("registered {name}");
+                Message::ok()
+            }
+            Err(e) => store_err(e),
+        }
+    }
+
+    /// Checks an `ENROLL` proof; on success the sealed link and the reply.
+    fn enroll(&self, m: &Message, ms_nonce: &[u8], crs_nonce: &[u8; 32]) -> Result<(Enrolled, Message), Message> {
+        if m.method() != Some("ENROLL") {
+            return Err(err(code::BAD_REQUEST, "expected ENROLL"));
+        }
+        let fields = (|| -> Result<_, ProtoError> {
+            Ok((
+                m.req("Listen")?.to_owned(),
+                m.req_parse::<u32>("Capacity")?,
+                m.req_b64("Proof")?,
+                m.header("Role").unwrap_or("ms").to_owned(),
+            ))
+        })();
+        let (listen, capacity, proof, role) = fields.map_err(|e| e.reply())?;
+        let expected = crypto::hmac_sha256(
+            &self.ms_key,
+            &proto::enroll_ms_transcript(ms_nonce, crs_nonce, &listen, capacity),
+        );
+        if !crypto::ct_eq(&expected, &proof) {
+            warn!("enrollment of {listen} refused: bad MSkey proof (is its MSkey the same as ours?)");
+            return Err(err(code::AUTH_FAILED, "bad MSkey proof"));
+        }
+        let who = if role == "admin" {
+            Peer2::Admin
+        } else {
+            let id = self.live.lock().enroll(&listen, capacity);
+            info!("MS {listen} enrolled as #{id} (capacity {capacity})");
+            Peer2::Ms(id)
+        };
+        let mut context = ms_nonce.to_vec();
+        context.extend_from_slice(crs_nonce);
+        let keys = SessionKeys::derive(&self.ms_key, &context, Role::Responder).map_err(|_| err(code::INTERNAL, "key derivation failed"))?;
+        let crs_proof = crypto::hmac_sha256(&self.ms_key, &proto::enroll_crs_transcript(ms_nonce, crs_nonce));
+        let id = match who {
+            Peer2::Ms(id) => id,
+            Peer2::Admin => 0,
+        };
+        let reply = Message::ok()
+            .with_header("Ms-Id", id)
+            .with_header("Proof", crypto::b64_encode(&crs_proof));
+        Ok((
+            Enrolled {
+                who,
+                send: keys.send,
+                recv: keys.recv,
+            },
+            reply,
+        ))
+    }
+
+    /// An inner request of an enrolled link.
+    pub fn sealed_request(&self, who: Peer2, inner: &Message) -> Message {
+        let req = match CrsRequest::from_message(inner) {
+            Ok(r) => r,
+            Err(e) => return e.reply(),
+        };
+        debug!("{who:?}: {}", inner.method().unwrap_or(""));
+        match who {
+            Peer2::Ms(ms) => {
+                if !self.live.lock().touch(ms) {
+                    // Reaped while it was away: it must enroll again.
+                    return err(code::FORBIDDEN, "not enrolled");
+                }
+                self.ms_request(ms, req)
+            }
+            Peer2::Admin => self.admin_request(req),
+        }
+    }
+
+    fn ms_request(&self, ms: u64, req: CrsRequest) -> Message {
+        use CrsRequest::*;
+        match req {
+            Heartbeat { .. } => Message::ok(),
+            GetVerifier { user } => match self.store.get_user(&user) {
+                Ok(Some(u)) => pc::verifier_reply(&u.verifier.into()),
+                Ok(None) | Err(StoreError::InvalidName) => err(code::NOT_FOUND, "no such user"),
+                Err(e) => store_err(e),
+            },
+            Lock { user } => match self.live.lock().lock(&store::canonical(&user), ms, self.config.lock_lease) {
+                Ok(()) => Message::ok(),
+                Err(LockError::LoggingIn) => err(code::CONFLICT, "already logging in"),
+                Err(LockError::LoggedIn) => err(code::CONFLICT, "already logged in"),
+            },
+            Unlock { user } => {
+                self.live.lock().unlock(&store::canonical(&user), ms);
+                Message::ok()
+            }
+            Online { user, address } => self.online(ms, &store::canonical(&user), address),
+            Offline { user } => {
+                self.offline(&store::canonical(&user), Some(ms));
+                Message::ok()
+            }
+            SetCredentials { user, verifier, wrapped_key } => {
+                match self.store.set_credentials(&user, verifier.into(), wrapped_key) {
+                    Ok(()) => Message::ok(),
+                    Err(e) => store_err(e),
+                }
+            }
+            SetProfile { user, profile } => match self.store.set_profile(&user, profile) {
+                Ok(()) => Message::ok(),
+                Err(e) => store_err(e),
+            },
+            Search { text, limit } => self.search(&text, limit),
+            Add { from, to, nonce, signature } => self.add(&from, &to, nonce, signature),
+            Accept { user, from } => self.accept(&store::canonical(&user), &store::canonical(&from)),
+            Deny { user, from } => self.deny(&store::canonical(&user), &store::canonical(&from)),
+            Remove { user, buddy } => self.remove(&store::canonical(&user), &store::canonical(&buddy)),
+            Events { ack } => self.poll_events(ms, ack),
+            ListUsers { .. } | ShowUser { .. } | DeleteUser { .. } | ListMs => {
+                err(code::FORBIDDEN, "operator requests need an operator link")
+            }
+        }
+    }
+
+    fn admin_request(&self, req: CrsRequest) -> Message {
+        use CrsRequest::*;
+        match req {
+            ListUsers { after, limit } => match self.store.list_users(after.as_deref(), limit.min(10_000) as usize) {
+                Ok(names) => pc::json_reply(&names),
+                Err(e) => store_err(e),
+            },
+            ShowUser { user } => match self.store.get_user(&user) {
+                Ok(Some(u)) => {
+                    let online = self.live.lock().address(&u.name);
+                    let view = serde_json::json!({
+                        "user": u.name,
+                        "profile": u.profile,
+                        "contacts": u.contacts,
+                        "requests_from": u.requests.iter().map(|r| r.from.clone()).collect::<Vec<_>>(),
+                        "public_key_fingerprint": RsaPublicKey::from_der(&u.public_key).map(|k| k.fingerprint()).unwrap_or_default(),
+                        "online": online.map(|a| a.to_string()),
+                        "created_unix": u.created_unix,
+                    });
+                    pc::json_reply(&view)
+                }
+                Ok(None) | Err(StoreError::InvalidName) => err(code::NOT_FOUND, "no such user"),
+                Err(e) => store_err(e),
+            },
+            DeleteUser { user } => {
+                let name = store::canonical(&user);
+                let contacts = self.store.contacts(&name).unwrap_or_default();
+                match self.store.delete_user(&name) {
+                    Ok(true) => {
+                        let mut live = self.live.lock();
+                        live.set_offline(&name, None);
+                        live.notify(contacts.iter().map(String::as_str), &EventKind::BuddyRemoved { buddy: name.clone() });
+                        info!("operator deleted {name}");
+                        Message::ok()
+                    }
+                    Ok(false) => err(code::NOT_FOUND, "no such user"),
+                    Err(e) => store_err(e),
+                }
+            }
+            ListMs => pc::json_reply(&self.live.lock().ms_list()),
+            _ => err(code::FORBIDDEN, "not an operator request"),
+        }
+    }
+
+    fn online(&self, ms: u64, user: &str, address: std::net::SocketAddr) -> Message {
+        if !self.live.lock().holds_lock(user, ms) {
+            return err(code::CONFLICT, "login lock not held (expired?)");
+        }
+        let record = match self.store.get_user(user) {
+            Ok(Some(u)) => u,
+            Ok(None) => return err(code::NOT_FOUND, "no such user"),
+            Err(e) => return store_err(e),
+        };
+        let requests = self.pending_requests(&record);
+        let presence = Presence {
+            address,
+            public_key: record.public_key.clone(),
+        };
+        let mut live = self.live.lock();
+        if !live.holds_lock(user, ms) {
+            return err(code::CONFLICT, "login lock not held (expired?)");
+        }
+        let contacts: Vec<Contact> = record
+            .contacts
+            .iter()
+            .map(|c| Contact {
+                user: c.clone(),
+                online: live.online(c).map(|o| o.presence.clone()),
+            })
+            .collect();
+        live.set_online(user, ms, presence.clone());
+        live.notify(
+            record.contacts.iter().map(String::as_str),
+            &EventKind::Online {
+                user: user.to_owned(),
+                presence,
+            },
+        );
+        drop(live);
+        self.events_ready.notify_all();
+        info!("{user} online at {address}");
+        pc::json_reply(&Welcome {
+            user: record.name,
+            public_key: record.public_key,
+            wrapped_key: record.wrapped_private_key,
+            contacts,
+            requests,
+            profile: record.profile,
+        })
+    }
+
+    fn pending_requests(&self, record: &store::User) -> Vec<BuddyRequest> {
+        record
+            .requests
+            .iter()
+            .filter_map(|r| {
+                let from = self.store.get_user(&r.from).ok().flatten()?;
+                Some(BuddyRequest {
+                    from: r.from.clone(),
+                    public_key: from.public_key,
+                    nonce: r.nonce.clone(),
+                    signature: r.signature.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Takes `user` offline (if at `ms`, or anywhere for `None`) and tells
+    /// their online buddies.
+    pub fn offline(&self, user: &str, ms: Option<u64>) {
+        let contacts = self.store.contacts(user).unwrap_or_default();
+        let mut live = self.live.lock();
+        if live.set_offline(user, ms) {
+            live.notify(contacts.iter().map(String::as_str), &EventKind::Offline { user: user.to_owned() });
+            drop(live);
+            self.events_ready.notify_all();
+            info!("{user} offline");
+        }
+    }
+
+    fn search(&self, text: &str, limit: u32) -> Message {
+        let limit = limit.clamp(1, self.config.max_search_results) as usize;
+        match self.store.search(text, limit) {
+            Ok(found) => {
+                let live = self.live.lock();
+                let hits: Vec<Hit> = found
+                    .into_iter()
+                    .map(|h| Hit {
+                        online: live.online(&h.name).is_some(),
+                        user: h.name,
+                        profile: h.profile,
+                    })
+                    .collect();
+                pc::json_reply(&hits)
+            }
+            Err(e) => store_err(e),
+        }
+    }
+
+    fn add(&self, from: &str, to: &str, nonce: Vec<u8>, signature: Vec<u8>) -> Message {
+        let (from, to) = (store::canonical(from), store::canonical(to));
+        if from == to {
+            return err(code::BAD_REQUEST, "you cannot add yourself");
+        }
+        let sender = match self.store.get_user(&from) {
+            Ok(Some(u)) => u,
+            Ok(None) | Err(StoreError::InvalidName) => return err(code::NOT_FOUND, "no such user"),
+            Err(e) => return store_err(e),
+        };
+        if sender.contacts.contains(&to) {
+            return err(code::CONFLICT, "already buddies");
+        }
+        let signed = RsaPublicKey::from_der(&sender.public_key)
+            .and_then(|k| k.verify_pss(&proto::add_transcript(&from, &to, &nonce), &signature));
+        if signed.is_err() {
+            warn!("buddy request {from} -> {to} with a bad signature");
+            return err(code::AUTH_FAILED, "bad signature");
+        }
+        let stored = store::BuddyRequest {
+            from: from.clone(),
+            signature: signature.clone(),
+            nonce: nonce.clone(),
+            created_unix: now_unix(),
+        };
+        if let Err(e) = self.store.add_request(&to, stored) {
+            return match e {
+                StoreError::NoSuchUser | StoreError::InvalidName => err(code::NOT_FOUND, "no such user"),
+                e => store_err(e),
+            };
+        }
+        let mut live = self.live.lock();
+        if live.online(&to).is_some() {
+            live.notify(
+                [to.as_str()],
+                &EventKind::Request(BuddyRequest {
+                    from,
+                    public_key: sender.public_key,
+                    nonce,
+                    signature,
+                }),
+            );
+            drop(live);
+            self.events_ready.notify_all();
+            Message::ok()
+        } else {
+            Message::reply(code::STORED, "stored until they log in")
+        }
+    }
+
+    fn accept(&self, user: &str, from: &str) -> Message {
+        match self.store.get_user(user) {
+            Ok(Some(u)) if u.requests.iter().any(|r| r.from == from) => {}
+            Ok(_) | Err(StoreError::InvalidName) => return err(code::NOT_FOUND, "no such request"),
+            Err(e) => return store_err(e),
+        }
+        if let Err(e) = self.store.make_buddies(user, from) {
+            return store_err(e);
+        }
+        let mut live = self.live.lock();
+        let user_p = live.online(user).map(|o| o.presence.clone());
+        let from_p = live.online(from).map(|o| o.presence.clone());
+        live.notify([user], &EventKind::BuddyAdded { buddy: from.to_owned(), online: from_p });
+        live.notify([from], &EventKind::BuddyAdded { buddy: user.to_owned(), online: user_p });
+        drop(live);
+        self.events_ready.notify_all();
+        Message::ok()
+    }
+
+    fn deny(&self, user: &str, from: &str) -> Message {
+        match self.store.remove_request(user, from) {
+            Ok(true) => {
+                self.live.lock().notify([from], &EventKind::Denied { by: user.to_owned() });
+                self.events_ready.notify_all();
+                Message::ok()
+            }
+            Ok(false) | Err(StoreError::InvalidName) => err(code::NOT_FOUND, "no such request"),
+            Err(e) => store_err(e),
+        }
+    }
+
+    fn remove(&self, user: &str, buddy: &str) -> Message {
+        match self.store.remove_buddies(user, buddy) {
+            Ok(true) => {
+                let mut live = self.live.lock();
+                live.notify([user], &EventKind::BuddyRemoved { buddy: buddy.to_owned() });
+                live.notify([buddy], &EventKind::BuddyRemoved { buddy: user.to_owned() });
+                drop(live);
+                self.events_ready.notify_all();
+                Message::ok()
+            }
+            Ok(false) => err(code::NOT_FOUND, "not a buddy"),
+            Err(e) => store_err(e),
+        }
+    }
+
+    /// The long poll: answers at once if events are queued, else waits for
+    /// some (or the poll timeout, an empty batch doubling as a heartbeat).
+    fn poll_events(&self, ms: u64, ack: u64) -> Message {
+        let deadline = Instant::now() + self.config.poll_timeout;
+        let mut live = self.live.lock();
+        loop {
+            match live.events(ms, ack) {
+                None => return err(code::FORBIDDEN, "not enrolled"),
+                Some(batch) if !batch.events.is_empty() || Instant::now() >= deadline || self.stopping() => {
+                    return pc::json_reply(&batch);
+                }
+                Some(_) => {
+                    // Wake at least every 100 ms so a stopping server answers promptly.
+                    let wait = deadline
+                        .saturating_duration_since(Instant::now())
+                        .min(std::time::Duration::from_millis(100));
+                    self.events_ready.wait_for(&mut live, wait);
+                }
+            }
+        }
+    }
+
+    /// Drops MSs that missed their heartbeats and tells their users'
+    /// buddies that those users are gone.
+    pub fn reap(&self) {
+        let lost = self.live.lock().reap(self.config.heartbeat_timeout);
+        for user in lost {
+            warn!("{user} lost with their MS");
+            let contacts = self.store.contacts(&user).unwrap_or_default();
+            self.live
+                .lock()
+                .notify(contacts.iter().map(String::as_str), &EventKind::Offline { user: user.clone() });
+        }
+        self.events_ready.notify_all();
+    }
+}

@@ -1,0 +1,314 @@
+//! A messaging server: enrolls with the CRS, logs clients in, relays
+//! presence and buddy events to them. It never carries chat traffic.
+
+pub mod login;
+pub mod push;
+pub mod users;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use log::{info, warn};
+
+use crate::crypto;
+use crate::keyfile;
+use crate::link::{Identity, LinkError, LinkPool};
+use crate::prethread::{self, Server};
+use crate::proto::crs::{CrsRequest, EventBatch, EventKind};
+use crate::proto::Fields;
+use push::Pusher;
+use users::Users;
+
+/// Everything an MS needs to run.
+#[derive(Clone, Debug)]
+pub struct MsConfig {
+    /// Where to listen for clients (port 0: any free port).
+    pub listen: String,
+    /// The address given to clients; by default the bound address.
+    pub advertise: Option<String>,
+    /// The CRS's address.
+    pub crs: String,
+    /// The pre-shared MSkey.
+    pub ms_key_file: PathBuf,
+    /// Most users logged in here at once.
+    pub capacity: u32,
+    /// How often to tell the CRS we are alive.
+    pub heartbeat_interval: Duration,
+    /// Bound on each message to the CRS.
+    pub crs_timeout: Duration,
+    /// Threads pushing events to clients.
+    pub push_threads: usize,
+    /// Bound on one push (connect, write, acknowledgement).
+    pub push_timeout: Duration,
+    /// PBKDF2 iterations shown for names that do not exist.
+    pub fake_iterations: u32,
+    /// The worker pool.
+    pub pool: prethread::Config,
+}
+
+impl Default for MsConfig {
+    fn default() -> Self {
+        MsConfig {
+            listen: "127.0.0.1:7101".into(),
+            advertise: None,
+            crs: "127.0.0.1:7100".into(),
+            ms_key_file: PathBuf::from("mskey"),
+            capacity: 10_000,
+            heartbeat_interval: Duration::from_secs(3),
+            crs_timeout: Duration::from_secs(5),
+            push_threads: 4,
+            push_timeout: Duration::from_secs(3),
+            fake_iterations: crypto::PBKDF2_MIN_ITERATIONS,
+            pool: prethread::Config {
+                name: "ms".into(),
+                ..prethread::Config::default()
+            },
+        }
+    }
+}
+
+/// Why the MS could not start.
+#[derive(Debug)]
+pub enum MsError {
+    /// The MSkey file is missing, unreadable, malformed or too open.
+    MsKey(keyfile::KeyFileError),
+    /// The listener could not be bound or a thread not started.
+    Listen(std::io::Error),
+    /// The first enrollment failed.
+    Enroll(LinkError),
+}
+
+impl fmt::Display for MsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MsError::MsKey(e) => write!(f, "MSkey: {e}"),
+            MsError::Listen(e) => write!(f, "cannot listen: {e}"),
+            MsError::Enroll(e) => write!(f, "enrollment failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for MsError {}
+
+/// The running MS's shared state.
+pub struct Ms {
+    config: MsConfig,
+    ms_key: Vec<u8>,
+    crs: LinkPool,
+    users: Users,
+    pusher: Pusher,
+    stopping: AtomicBool,
+}
+
+impl Ms {
+    /// Users online here.
+    pub fn load(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Applies one event from the CRS and pushes it to the local recipients
+    /// who must hear it.
+    fn apply(self: &Arc<Self>, event: crate::proto::crs::Event) {
+        for name in &event.recipients {
+            let Some(user) = self.users.by_name(name) else { continue };
+            let relevant = {
+                let mut contacts = user.contacts.lock();
+                match &event.kind {
+                    EventKind::Online { user: u, .. } | EventKind::Offline { user: u } => contacts.contains(u),
+                    EventKind::BuddyAdded { buddy, .. } => {
+                        contacts.insert(buddy.clone());
+                        true
+                    }
+                    EventKind::BuddyRemoved { buddy } => {
+                        contacts.remove(buddy);
+                        true
+                    }
+                    EventKind::Request(_) | EventKind::Denied { .. } => true,
+                }
+            };
+            if relevant {
+                self.pusher.push(user, event.kind.clone());
+            }
+        }
+    }
+
+    /// Tells the CRS again about every user logged in here (after it
+    /// restarted or dropped us); users it refuses are logged out here.
+    fn reannounce(&self) {
+        for user in self.users.all() {
+            let lock = self.crs.call(&CrsRequest::Lock { user: user.name.clone() });
+            let ok = matches!(&lock, Ok(r) if r.is_success())
+                && matches!(
+                    self.crs.call(&CrsRequest::Online { user: user.name.clone(), address: user.address }),
+                    Ok(r) if r.is_success()
+                );
+            if !ok {
+                warn!("{} could not be restored at the CRS; logged out here", user.name);
+                self.users.remove(&user.name, Some(&user.login));
+            }
+        }
+    }
+
+    /// The `EVENTS` long poll, for ever: re-enrolls (and re-announces our
+    /// users) whenever the link breaks.
+    fn event_loop(self: Arc<Self>) {
+        let mut ack = 0u64;
+        let mut backoff = Duration::from_millis(100);
+        let mut link = None;
+        let mut broken = false;
+        while !self.stopping.load(Ordering::Relaxed) {
+            let mut l = match link.take() {
+                Some(l) => l,
+                None => match self.crs.connect() {
+                    Ok(l) => {
+                        if broken {
+                            info!("re-enrolled with the CRS");
+                            self.crs.clear();
+                            self.reannounce();
+                            broken = false;
+                        }
+                        ack = 0;
+                        backoff = Duration::from_millis(100);
+                        l
+                    }
+                    Err(e) => {
+                        warn!("CRS unreachable: {e}; retrying in {backoff:?}");
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        broken = true;
+                        continue;
+                    }
+                },
+            };
+            let reply = l.call_with(&CrsRequest::Events { ack }, self.config.heartbeat_interval * 4);
+            match reply {
+                Ok(r) if r.is_success() => match r.json::<EventBatch>() {
+                    Ok(batch) => {
+                        let n = batch.events.len() as u64;
+                        // Events below `ack` were resent: skip them.
+                        for (i, e) in batch.events.into_iter().enumerate() {
+                            if batch.first + i as u64 > ack {
+                                self.apply(e);
+                            }
+                        }
+                        if n > 0 {
+                            ack = batch.first + n - 1;
+                        }
+                        link = Some(l);
+                    }
+                    Err(e) => warn!("bad event batch: {e}"),
+                },
+                Ok(r) => {
+                    warn!("CRS refused the event poll: {}", r.reason().unwrap_or(""));
+                    broken = true;
+                }
+                Err(e) => {
+                    warn!("event poll: {e}");
+                    broken = true;
+                }
+            }
+        }
+    }
+
+    fn heartbeat_loop(self: Arc<Self>) {
+        while !self.stopping.load(Ordering::Relaxed) {
+            let load = self.users.len() as u32;
+            if let Err(e) = self.crs.call(&CrsRequest::Heartbeat { load }) {
+                warn!("heartbeat: {e}");
+            }
+            let mut slept = Duration::ZERO;
+            while slept < self.config.heartbeat_interval && !self.stopping.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+                slept += Duration::from_millis(50);
+            }
+        }
+    }
+}
+
+/// A started MS.
+pub struct Running {
+    ms: Arc<Ms>,
+    server: Server,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Where it listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// Stops it from another thread or a signal.
+    pub fn stopper(&self) -> prethread::Stopper {
+        self.server.stopper()
+    }
+
+    /// Waits until stopped: logs its users out at the CRS, joins every thread.
+    pub fn join(self) {
+        self.server.join();
+        self.ms.stopping.store(true, Ordering::Relaxed);
+        for user in self.ms.users.all() {
+            if let Err(e) = self.ms.crs.call(&CrsRequest::Offline { user: user.name.clone() }) {
+                warn!("logging {} out at the CRS: {e}", user.name);
+                break;
+            }
+        }
+        for t in self.threads {
+            if t.join().is_err() {
+                warn!("an MS thread panicked");
+            }
+        }
+        match Arc::try_unwrap(self.ms) {
+            Ok(ms) => ms.pusher.stop(),
+            Err(_) => warn!("MS state still shared at exit"),
+        }
+    }
+}
+
+/// Binds, enrolls with the CRS, and starts serving.
+pub fn start(config: MsConfig) -> Result<Running, MsError> {
+    let ms_key = keyfile::read_ms_key(&config.ms_key_file).map_err(MsError::MsKey)?;
+    let listener = std::net::TcpListener::bind(config.listen.as_str()).map_err(MsError::Listen)?;
+    let bound = listener.local_addr().map_err(MsError::Listen)?;
+    let advertise = config.advertise.clone().unwrap_or_else(|| bound.to_string());
+    let me = Identity {
+        listen: advertise.clone(),
+        capacity: config.capacity,
+        role: "ms",
+    };
+    let crs = LinkPool::new(config.crs.clone(), ms_key.clone(), me, config.crs_timeout, config.pool.workers + 2);
+    // Enroll before taking clients: an MS the CRS refuses must not run.
+    crs.call(&CrsRequest::Heartbeat { load: 0 }).map_err(MsError::Enroll)?;
+    info!("enrolled with the CRS at {} as {advertise}", config.crs);
+    let pusher = Pusher::start(config.push_threads, config.push_timeout).map_err(MsError::Listen)?;
+    let ms = Arc::new(Ms {
+        config: config.clone(),
+        ms_key,
+        crs,
+        users: Users::default(),
+        pusher,
+        stopping: AtomicBool::new(false),
+    });
+    let server = Server::from_listener(listener, config.pool.clone(), Arc::new(login::MsService(ms.clone())))
+        .map_err(MsError::Listen)?;
+    info!("MS listening on {bound}");
+    let mut threads = Vec::new();
+    for (name, f) in [
+        ("ms-events", Ms::event_loop as fn(Arc<Ms>)),
+        ("ms-heartbeat", Ms::heartbeat_loop as fn(Arc<Ms>)),
+    ] {
+        let ms = ms.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || f(ms))
+                .map_err(MsError::Listen)?,
+        );
+    }
+    Ok(Running { ms, server, threads })
+}

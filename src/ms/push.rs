@@ -1,0 +1,96 @@
+//! Pushes to clients: a fixed set of pusher threads, each owning a share
+//! of the users (by a hash of the name) so that one client's pushes leave
+//! in order; a push opens a connection, sends one sealed `PUSH`, reads the
+//! acknowledgement, and closes (the MS keeps no socket per user).
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Sender, TrySendError};
+use log::{debug, warn};
+
+use super::users::OnlineUser;
+use crate::proto::crs::EventKind;
+use crate::proto::ms::{event_message, PUSH};
+use crate::wire::io::{write_message, MessageReader};
+use crate::wire::Limits;
+
+/// Pushes waiting per pusher thread; past this a push is dropped with a
+/// warning rather than letting one slow client grow memory without bound.
+pub const PUSH_QUEUE: usize = 10_000;
+
+type Job = (Arc<OnlineUser>, EventKind);
+
+/// The pusher threads.
+pub struct Pusher {
+    lanes: Vec<Sender<Job>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Pusher {
+    /// Starts `n` pusher threads; `timeout` bounds connect, write and ack.
+    pub fn start(n: usize, timeout: Duration) -> std::io::Result<Pusher> {
+        let mut lanes = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..n.max(1) {
+            let (tx, rx) = bounded::<Job>(PUSH_QUEUE);
+            lanes.push(tx);
+            threads.push(std::thread::Builder::new().name(format!("ms-push{i}")).spawn(move || {
+                for (user, event) in rx {
+                    if let Err(e) = push_one(&user, &event, timeout) {
+                        warn!("push to {} at {} failed: {e}", user.name, user.address);
+                    }
+                }
+            })?);
+        }
+        Ok(Pusher { lanes, threads })
+    }
+
+    /// Queues `event` for `user`'s client.
+    pub fn push(&self, user: Arc<OnlineUser>, event: EventKind) {
+        let mut h = DefaultHasher::new();
+        user.name.hash(&mut h);
+        let lane = &self.lanes[(h.finish() % self.lanes.len() as u64) as usize];
+        match lane.try_send((user, event)) {
+            Ok(()) => {}
+            Err(TrySendError::Full((u, _))) => warn!("push queue full; dropping a push to {}", u.name),
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    /// Lets queued pushes go out, then joins the threads.
+    pub fn stop(self) {
+        drop(self.lanes);
+        for t in self.threads {
+            if t.join().is_err() {
+                warn!("a pusher thread panicked");
+            }
+        }
+    }
+}
+
+fn push_one(user: &OnlineUser, event: &EventKind, timeout: Duration) -> Result<(), String> {
+    let sealed = user
+        .push
+        .lock()
+        .seal(PUSH, &[("User", &user.name)], &event_message(event))
+        .map_err(|e| e.to_string())?;
+    let mut stream = TcpStream::connect_timeout(&user.address, timeout).map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let deadline = Instant::now() + timeout;
+    write_message(&mut stream, &sealed, deadline).map_err(|e| e.to_string())?;
+    let mut reader = MessageReader::new(stream);
+    match reader.read_message(&Limits::DEFAULT, deadline) {
+        Ok(Some(reply)) if reply.is_success() => {
+            debug!("pushed to {}", user.name);
+            Ok(())
+        }
+        Ok(Some(reply)) => Err(format!("client answered {}", reply.reason().unwrap_or(""))),
+        Ok(None) => Err("client closed without answering".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
