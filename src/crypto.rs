@@ -1,1 +1,0 @@
-//! Cryptographic primitives: the only module that touches OpenSSL.

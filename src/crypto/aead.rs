@@ -1,0 +1,190 @@
+//! AES-256-GCM, the one AEAD of the crate.
+//!
+//! The output layout is always `ciphertext || 16-byte tag`. The in-place
+//! variants exist for file chunks (64 KiB to 1 MiB): they encrypt and
+//! decrypt inside the caller's buffer, so a chunk is never copied.
+
+use super::Error;
+use openssl::cipher::Cipher;
+use openssl::cipher_ctx::CipherCtx;
+
+/// Key length of AES-256, in bytes.
+pub const AES_KEY_LEN: usize = 32;
+/// GCM nonce length: the 96-bit size GCM is designed for.
+pub const GCM_NONCE_LEN: usize = 12;
+/// GCM tag length: the full 128 bits, never truncated.
+pub const GCM_TAG_LEN: usize = 16;
+
+/// Encrypts `pt` and returns `ciphertext || tag`.
+///
+/// The caller guarantees that `nonce` is never reused with `key`.
+pub fn aes_gcm_seal(
+    key: &[u8; AES_KEY_LEN],
+    nonce: &[u8; GCM_NONCE_LEN],
+    aad: &[u8],
+    pt: &[u8],
+) -> Result<Vec<u8>, Error> {
+    let mut buf = Vec::with_capacity(pt.len() + GCM_TAG_LEN);
+    buf.extend_from_slice(pt);
+    aes_gcm_seal_in_place(key, nonce, aad, &mut buf)?;
+    Ok(buf)
+}
+
+/// Encrypts the whole of `buf` in place and appends the tag, so that `buf`
+/// becomes `ciphertext || tag`. Reserve [`GCM_TAG_LEN`] spare bytes of
+/// capacity to avoid a reallocation. On error `buf` is left truncated to
+/// its original length but its contents are unspecified.
+pub fn aes_gcm_seal_in_place(
+    key: &[u8; AES_KEY_LEN],
+    nonce: &[u8; GCM_NONCE_LEN],
+    aad: &[u8],
+    buf: &mut Vec<u8>,
+) -> Result<(), Error> {
+    let len = buf.len();
+    let result = (|| {
+        let mut ctx = CipherCtx::new()?;
+        ctx.encrypt_init(Some(Cipher::aes_256_gcm()), Some(key), Some(nonce))?;
+        if !aad.is_empty() {
+            ctx.cipher_update(aad, None)?;
+        }
+        // GCM is a stream mode: output length equals input length, and
+        // final writes nothing, so one in-place update covers everything.
+        let written = ctx.cipher_update_inplace(buf, len)?;
+        debug_assert_eq!(written, len);
+        ctx.cipher_final(&mut [])?;
+        let mut tag = [0u8; GCM_TAG_LEN];
+        ctx.tag(&mut tag)?;
+        Ok::<_, openssl::error::ErrorStack>(tag)
+    })();
+    match result {
+        Ok(tag) => {
+            buf.extend_from_slice(&tag);
+            Ok(())
+        }
+        Err(e) => {
+            buf.truncate(len);
+            Err(e.into())
+        }
+    }
+}
+
+/// Authenticates and decrypts `ciphertext || tag`; [`Error::Decrypt`] if
+/// anything (key, nonce, aad, ciphertext, tag) is not what was sealed.
+pub fn aes_gcm_open(
+    key: &[u8; AES_KEY_LEN],
+    nonce: &[u8; GCM_NONCE_LEN],
+    aad: &[u8],
+    sealed: &[u8],
+) -> Result<Vec<u8>, Error> {
+    let mut buf = sealed.to_vec();
+    aes_gcm_open_in_place(key, nonce, aad, &mut buf)?;
+    Ok(buf)
+}
+
+/// Like [`aes_gcm_open`] but inside `buf`: on success `buf` holds exactly
+/// the plaintext; on any failure `buf` is cleared, so unauthenticated
+/// plaintext can never be used by mistake.
+pub fn aes_gcm_open_in_place(
+    key: &[u8; AES_KEY_LEN],
+    nonce: &[u8; GCM_NONCE_LEN],
+    aad: &[u8],
+    buf: &mut Vec<u8>,
+) -> Result<(), Error> {
+    let Some(ct_len) = buf.len().checked_sub(GCM_TAG_LEN) else {
+        buf.clear();
+        return Err(Error::Decrypt);
+    };
+    let mut tag = [0u8; GCM_TAG_LEN];
+    tag.copy_from_slice(&buf[ct_len..]);
+    buf.truncate(ct_len);
+    let result = (|| {
+        let mut ctx = CipherCtx::new()?;
+        ctx.decrypt_init(Some(Cipher::aes_256_gcm()), Some(key), Some(nonce))?;
+        if !aad.is_empty() {
+            ctx.cipher_update(aad, None)?;
+        }
+        ctx.cipher_update_inplace(buf, ct_len)?;
+        ctx.set_tag(&tag)?;
+        // The tag is checked here; an error means "not authentic".
+        ctx.cipher_final(&mut [])
+    })();
+    if result.is_err() {
+        buf.clear();
+        return Err(Error::Decrypt);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: [u8; 32] = [7; 32];
+    const NONCE: [u8; 12] = [9; 12];
+
+    #[test]
+    fn round_trip_and_layout() {
+        for len in [0usize, 1, 15, 16, 17, 1000] {
+            let pt: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let sealed = aes_gcm_seal(&KEY, &NONCE, b"aad", &pt).unwrap();
+            assert_eq!(sealed.len(), len + GCM_TAG_LEN);
+            assert_eq!(aes_gcm_open(&KEY, &NONCE, b"aad", &sealed).unwrap(), pt);
+        }
+    }
+
+    #[test]
+    fn nist_vector_empty_plaintext() {
+        // AES-256-GCM with all-zero key and nonce, empty plaintext and aad
+        // (McGrew & Viega, test case 13): the tag alone.
+        let sealed = aes_gcm_seal(&[0; 32], &[0; 12], b"", b"").unwrap();
+        assert_eq!(hex(&sealed), "530f8afbc74536b9a963b4f1c4cb738b");
+    }
+
+    #[test]
+    fn tag_failure_on_any_change() {
+        let sealed = aes_gcm_seal(&KEY, &NONCE, b"aad", b"attack at dawn").unwrap();
+        for i in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[i] ^= 1;
+            assert_eq!(
+                aes_gcm_open(&KEY, &NONCE, b"aad", &bad),
+                Err(Error::Decrypt)
+            );
+        }
+        let mut other_key = KEY;
+        other_key[0] ^= 1;
+        assert_eq!(
+            aes_gcm_open(&other_key, &NONCE, b"aad", &sealed),
+            Err(Error::Decrypt)
+        );
+        assert_eq!(
+            aes_gcm_open(&KEY, &[0; 12], b"aad", &sealed),
+            Err(Error::Decrypt)
+        );
+        assert_eq!(
+            aes_gcm_open(&KEY, &NONCE, b"aaD", &sealed),
+            Err(Error::Decrypt)
+        );
+        assert_eq!(
+            aes_gcm_open(&KEY, &NONCE, b"aad", &sealed[..15]),
+            Err(Error::Decrypt)
+        );
+    }
+
+    #[test]
+    fn in_place_failure_clears_buffer() {
+        let mut buf = b"secret plaintext".to_vec();
+        aes_gcm_seal_in_place(&KEY, &NONCE, b"", &mut buf).unwrap();
+        let last = buf.len() - 1;
+        buf[last] ^= 0x80;
+        assert_eq!(
+            aes_gcm_open_in_place(&KEY, &NONCE, b"", &mut buf),
+            Err(Error::Decrypt)
+        );
+        assert!(buf.is_empty());
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+}
