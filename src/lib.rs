@@ -3,14 +3,24 @@
 //! Layers, lowest first; a layer never imports one above it and a role
 //! (crs, ms, client) never imports another role:
 //! - [`wire`]: the HTTP-like text codec and its bounded socket I/O;
-//! - [`crypto`]: the only OpenSSL user;
+//! - [`crypto`]: the only OpenSSL user; [`keyfile`]: secret files on disk;
 //! - [`seal`]: the AEAD envelope every link uses;
 //! - [`prethread`]: the fixed worker pool behind every listener;
-//! - [`crs`]: the central repository server.
+//! - [`proto`]: typed requests, replies and events of every link;
+//! - [`link`]: the sealed MS/operator link to the CRS, client side;
+//! - roles: [`crs`], [`ms`], [`client`];
+//! - [`config`] and [`cli`]: configuration files and what the binaries share.
 #![forbid(unsafe_code)]
 
+pub mod cli;
+pub mod client;
+pub mod config;
 pub mod crs;
 pub mod crypto;
+pub mod keyfile;
+pub mod link;
+pub mod ms;
 pub mod prethread;
+pub mod proto;
 pub mod seal;
 pub mod wire;

@@ -117,8 +117,7 @@ impl CrsLink {
         let ms_id = reply.req_parse("Ms-Id").map_err(|e| LinkError::Refused(e.to_string()))?;
         let mut context = ms_nonce.to_vec();
         context.extend_from_slice(&crs_nonce);
-        let keys = SessionKeys::derive(ms_key, &context, Role::Initiator)
-            .map_err(|e| LinkError::Refused(e.to_string()))?;
+        let keys = SessionKeys::derive(ms_key, &context, Role::Initiator);
         Ok(CrsLink {
             reader,
             send: keys.send,

@@ -114,7 +114,7 @@ fn build_config(m: &getopts::Matches) -> Result<CrsConfig, String> {
 
 fn serve(config: CrsConfig) -> Result<(), String> {
     let running = crs::start(config).map_err(|e| e.to_string())?;
-    ims::prethread::stop_on_signals(running.stopper()).map_err(|e| format!("signals: {e}"))?;
+    let _signals = ims::prethread::stop_on_signals(running.stopper()).map_err(|e| format!("signals: {e}"))?;
     cli::announce(running.local_addr());
     running.join();
     log::info!("CRS stopped");

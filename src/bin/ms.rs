@@ -45,10 +45,13 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if let Err(e) = ims::prethread::stop_on_signals(running.stopper()) {
-        eprintln!("ims-ms: signals: {e}");
-        return ExitCode::from(1);
-    }
+    let _signals = match ims::prethread::stop_on_signals(running.stopper()) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("ims-ms: signals: {e}");
+            return ExitCode::from(1);
+        }
+    };
     cli::announce(running.local_addr());
     running.join();
     log::info!("MS stopped");

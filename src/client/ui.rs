@@ -110,7 +110,9 @@ pub fn run(config: ClientConfig, json: bool, login: Option<String>, passwords: P
         ui.command(line);
     }
     drop(ui);
+    drop(client);
     running.shutdown();
+    // Every sender is gone now, so the printer drains and ends.
     printer.join().ok();
     0
 }

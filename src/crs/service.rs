@@ -259,7 +259,7 @@ impl Crs {
         };
         let mut context = ms_nonce.to_vec();
         context.extend_from_slice(crs_nonce);
-        let keys = SessionKeys::derive(&self.ms_key, &context, Role::Responder).map_err(|_| err(code::INTERNAL, "key derivation failed"))?;
+        let keys = SessionKeys::derive(&self.ms_key, &context, Role::Responder);
         let crs_proof = crypto::hmac_sha256(&self.ms_key, &proto::enroll_crs_transcript(ms_nonce, crs_nonce));
         let id = match who {
             Peer2::Ms(id) => id,

@@ -185,9 +185,6 @@ impl Ms {
         let keys = SessionKeys::derive(&client_key, &context, Role::Responder);
         context.extend_from_slice(b"push");
         let push = SessionKeys::derive(&client_key, &context, Role::Responder);
-        let (Ok(keys), Ok(push)) = (keys, push) else {
-            return err(code::INTERNAL, "key derivation failed");
-        };
         let login = hex(&crypto::random_array::<16>());
         let server_key = <&[u8; 32]>::try_from(verifier.server_key.as_slice()).ok();
         let Some(server_key) = server_key else {
@@ -244,7 +241,8 @@ impl Ms {
             Ok(req) => self.user_request(&user, req),
             Err(e) => e.reply(),
         };
-        match user.link.lock().1.seal(SEALED, &[("Login", &user.login)], &reply) {
+        let sealed = user.link.lock().1.seal(SEALED, &[("Login", &user.login)], &reply);
+        match sealed {
             Ok(m) => Outcome::Reply(m),
             Err(e) => {
                 warn!("cannot seal a reply: {e}");
