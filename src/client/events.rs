@@ -96,6 +96,92 @@ pub enum Event {
         /// Why, and what to do.
         reason: String,
     },
+    /// A message from a buddy.
+    Message {
+        /// Who sent it.
+        from: String,
+        /// The text.
+        text: String,
+        /// The sender's id of the message.
+        id: u64,
+    },
+    /// A message we sent arrived.
+    Delivered {
+        /// To whom.
+        to: String,
+        /// Our id of the message.
+        id: u64,
+    },
+    /// A message we sent did not arrive.
+    SendFailed {
+        /// To whom.
+        to: String,
+        /// Our id of the message (0 if none was given).
+        id: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A buddy offers a file.
+    FileOffer {
+        /// Who.
+        from: String,
+        /// Their transfer id.
+        id: u64,
+        /// The file's name (as they have it; stored under a safe name).
+        name: String,
+        /// Bytes.
+        size: u64,
+        /// MIME type.
+        content_type: String,
+    },
+    /// A transfer moved on.
+    FileProgress {
+        /// The other side.
+        peer: String,
+        /// Transfer id.
+        id: u64,
+        /// `send` or `receive`.
+        direction: String,
+        /// Bytes so far.
+        bytes: u64,
+        /// Bytes in all.
+        size: u64,
+        /// Bytes per second so far.
+        rate: u64,
+    },
+    /// A file arrived, checked, in the download directory.
+    FileReceived {
+        /// Who sent it.
+        from: String,
+        /// The name it was stored under.
+        name: String,
+        /// Bytes.
+        size: u64,
+        /// Where it is.
+        path: String,
+        /// Hex SHA-256 (checked against the sender's).
+        sha256: String,
+    },
+    /// A file we sent arrived and was checked.
+    FileSent {
+        /// To whom.
+        to: String,
+        /// Its name.
+        name: String,
+        /// Bytes.
+        size: u64,
+    },
+    /// A transfer failed or was cancelled; no partial file is left.
+    FileFailed {
+        /// The other side.
+        peer: String,
+        /// Transfer id.
+        id: u64,
+        /// The file's name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
     /// Something worth knowing that is no command's outcome.
     Notice {
         /// What.
@@ -159,8 +245,57 @@ impl Event {
                 None => format!("ok ({command})"),
             },
             Event::Error { command, reason } => format!("error ({command}): {reason}"),
+            Event::Message { from, text, .. } => format!("<{from}> {text}"),
+            Event::Delivered { to, id } => format!("  (delivered to {to}, #{id})"),
+            Event::SendFailed { to, reason, .. } => format!("! not delivered to {to}: {reason}"),
+            Event::FileOffer { from, name, size, .. } => format!(
+                "{from} offers the file '{name}' ({}): /accept {from} or /deny {from}",
+                human_size(*size)
+            ),
+            Event::FileProgress {
+                peer,
+                direction,
+                bytes,
+                size,
+                rate,
+                ..
+            } => {
+                let pct = if *size == 0 { 100 } else { bytes * 100 / size };
+                let filled = (pct / 5) as usize;
+                let left = if *rate == 0 { 0 } else { size.saturating_sub(*bytes) / rate };
+                format!(
+                    "[{}{}] {pct:>3}% {} {peer}: {} of {}, {}/s, {left}s left",
+                    "#".repeat(filled.min(20)),
+                    "-".repeat(20 - filled.min(20)),
+                    if direction == "send" { "to" } else { "from" },
+                    human_size(*bytes),
+                    human_size(*size),
+                    human_size(*rate)
+                )
+            }
+            Event::FileReceived { from, path, size, .. } => {
+                format!("received {} from {from}: {path}", human_size(*size))
+            }
+            Event::FileSent { to, name, size } => format!("sent '{name}' ({}) to {to}", human_size(*size)),
+            Event::FileFailed { peer, name, reason, .. } => format!("! transfer of '{name}' with {peer} failed: {reason}"),
             Event::Notice { text } => text.clone(),
         }
+    }
+}
+
+/// Bytes for people.
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod crs;
 pub mod ms;
+pub mod peer;
 mod fields;
 
 pub use fields::{b64_serde, Fields};
