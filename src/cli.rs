@@ -49,7 +49,10 @@ pub fn parse(prog: &str, usage: &str, mut opts: Options, args: &[String]) -> Par
 /// scripts and tests wait for.
 pub fn announce(addr: std::net::SocketAddr) {
     let mut out = std::io::stdout().lock();
-    if writeln!(out, "listening on {addr}").and_then(|()| out.flush()).is_err() {
+    if writeln!(out, "listening on {addr}")
+        .and_then(|()| out.flush())
+        .is_err()
+    {
         log::warn!("stdout is closed");
     }
 }

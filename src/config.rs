@@ -140,6 +140,8 @@ pub struct ClientFile {
     pub rsa_bits: Option<u32>,
     /// Where received files go.
     pub download_dir: Option<PathBuf>,
+    /// Accept every file a buddy offers.
+    pub auto_accept_files: Option<bool>,
     /// The listener's worker pool.
     #[serde(default)]
     pub pool: PoolFile,

@@ -33,7 +33,11 @@ impl fmt::Display for KeyFileError {
                 p.display()
             ),
             KeyFileError::Malformed(p) => {
-                write!(f, "{}: expected at least 64 hexadecimal digits (make one with `ims-crs genkey`)", p.display())
+                write!(
+                    f,
+                    "{}: expected at least 64 hexadecimal digits (make one with `ims-crs genkey`)",
+                    p.display()
+                )
             }
         }
     }
@@ -104,9 +108,15 @@ mod tests {
         generate_ms_key(&p).unwrap();
         assert_eq!(read_ms_key(&p).unwrap().len(), MS_KEY_LEN);
         fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(read_ms_key(&p), Err(KeyFileError::LoosePermissions(..))));
+        assert!(matches!(
+            read_ms_key(&p),
+            Err(KeyFileError::LoosePermissions(..))
+        ));
         write_private(&p, b"zz").unwrap();
         assert!(matches!(read_ms_key(&p), Err(KeyFileError::Malformed(_))));
-        assert!(matches!(read_ms_key(&dir.path().join("none")), Err(KeyFileError::Io(..))));
+        assert!(matches!(
+            read_ms_key(&dir.path().join("none")),
+            Err(KeyFileError::Io(..))
+        ));
     }
 }

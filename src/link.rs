@@ -76,19 +76,26 @@ pub struct CrsLink {
 
 impl CrsLink {
     /// Connects and enrolls; `timeout` bounds each message of the link.
-    pub fn connect(crs: &str, ms_key: &[u8], me: &Identity, timeout: Duration) -> Result<CrsLink, LinkError> {
+    pub fn connect(
+        crs: &str,
+        ms_key: &[u8],
+        me: &Identity,
+        timeout: Duration,
+    ) -> Result<CrsLink, LinkError> {
         let addr: SocketAddr = crs
             .to_socket_addrs()
             .map_err(|e| LinkError::Io(IoError::Io(e)))?
             .next()
             .ok_or_else(|| LinkError::Refused(format!("cannot resolve {crs}")))?;
-        let stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| LinkError::Io(IoError::Io(e)))?;
+        let stream = TcpStream::connect_timeout(&addr, timeout)
+            .map_err(|e| LinkError::Io(IoError::Io(e)))?;
         let _ = stream.set_nodelay(true);
         let mut reader = MessageReader::new(stream);
         let limits = Limits::DEFAULT;
 
         let ms_nonce = crypto::random_array::<32>();
-        let hello = Message::request("ENROLL-HELLO").with_header("Ms-Nonce", crypto::b64_encode(&ms_nonce));
+        let hello =
+            Message::request("ENROLL-HELLO").with_header("Ms-Nonce", crypto::b64_encode(&ms_nonce));
         let reply = round_trip(&mut reader, &hello, &limits, timeout)?;
         if !reply.is_success() {
             return Err(LinkError::Refused(reply.reason().unwrap_or("").to_owned()));
@@ -109,12 +116,17 @@ impl CrsLink {
         if !reply.is_success() {
             return Err(LinkError::Refused(reply.reason().unwrap_or("").to_owned()));
         }
-        let crs_proof = reply.req_b64("Proof").map_err(|e| LinkError::Refused(e.to_string()))?;
-        let expected = crypto::hmac_sha256(ms_key, &proto::enroll_crs_transcript(&ms_nonce, &crs_nonce));
+        let crs_proof = reply
+            .req_b64("Proof")
+            .map_err(|e| LinkError::Refused(e.to_string()))?;
+        let expected =
+            crypto::hmac_sha256(ms_key, &proto::enroll_crs_transcript(&ms_nonce, &crs_nonce));
         if !crypto::ct_eq(&expected, &crs_proof) {
             return Err(LinkError::BadCrsProof);
         }
-        let ms_id = reply.req_parse("Ms-Id").map_err(|e| LinkError::Refused(e.to_string()))?;
+        let ms_id = reply
+            .req_parse("Ms-Id")
+            .map_err(|e| LinkError::Refused(e.to_string()))?;
         let mut context = ms_nonce.to_vec();
         context.extend_from_slice(&crs_nonce);
         let keys = SessionKeys::derive(ms_key, &context, Role::Initiator);
@@ -136,10 +148,14 @@ impl CrsLink {
         let reply = self
             .reader
             .read_message(&Limits::DEFAULT, Instant::now() + self.timeout + wait)?
-            .ok_or(LinkError::Io(IoError::Wire(crate::wire::Error::EofInHeaders)))?;
+            .ok_or(LinkError::Io(IoError::Wire(
+                crate::wire::Error::EofInHeaders,
+            )))?;
         if reply.method() != Some(SEALED) {
             // The CRS answers in the clear only when it drops the link.
-            return Err(LinkError::Refused(reply.reason().unwrap_or("unsealed reply").to_owned()));
+            return Err(LinkError::Refused(
+                reply.reason().unwrap_or("unsealed reply").to_owned(),
+            ));
         }
         Ok(self.recv.open(&reply)?)
     }
@@ -159,7 +175,9 @@ fn round_trip(
     write_message(reader.get_mut(), m, Instant::now() + timeout)?;
     reader
         .read_message(limits, Instant::now() + timeout)?
-        .ok_or(LinkError::Io(IoError::Wire(crate::wire::Error::EofInHeaders)))
+        .ok_or(LinkError::Io(IoError::Wire(
+            crate::wire::Error::EofInHeaders,
+        )))
 }
 
 /// Idle enrolled links, reused so that a login costs no handshake.
@@ -175,7 +193,13 @@ pub struct LinkPool {
 
 impl LinkPool {
     /// A pool of links to `crs`.
-    pub fn new(crs: String, ms_key: Vec<u8>, me: Identity, timeout: Duration, max_idle: usize) -> LinkPool {
+    pub fn new(
+        crs: String,
+        ms_key: Vec<u8>,
+        me: Identity,
+        timeout: Duration,
+        max_idle: usize,
+    ) -> LinkPool {
         LinkPool {
             crs,
             ms_key,

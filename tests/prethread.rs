@@ -471,7 +471,7 @@ fn malformed_input_gets_an_error_and_the_server_goes_on() {
     // An oversized header line: 413, or at least a close.
     let mut oversized = TcpStream::connect(addr).unwrap();
     let mut request = b"ECHO\r\nX-Long: ".to_vec();
-    request.extend(std::iter::repeat(b'a').take(64 * 1024));
+    request.extend(std::iter::repeat_n(b'a', 64 * 1024));
     request.extend_from_slice(b"\r\nContent-Length: 0\r\n\r\n\r\n");
     let _ = oversized.write_all(&request);
     let mut reader = MessageReader::new(oversized);

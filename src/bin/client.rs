@@ -16,15 +16,55 @@ const USAGE: &str = "Usage:
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut opts = Options::new();
-    opts.optopt("c", "config", "configuration file (default $XDG_CONFIG_HOME/ims/client.toml if present)", "FILE");
+    opts.optopt(
+        "c",
+        "config",
+        "configuration file (default $XDG_CONFIG_HOME/ims/client.toml if present)",
+        "FILE",
+    );
     opts.optopt("", "crs", "the CRS (default 127.0.0.1:7100)", "ADDR");
-    opts.optopt("", "listen", "where this client listens (default 0.0.0.0:7300)", "ADDR");
+    opts.optopt(
+        "",
+        "listen",
+        "where this client listens (default 0.0.0.0:7300)",
+        "ADDR",
+    );
     opts.optopt("", "user", "log in as NAME at start", "NAME");
-    opts.optopt("", "password-file", "read the password from the first line of FILE", "FILE");
-    opts.optflag("", "json", "one JSON object per line on stdout for every event");
-    opts.optopt("", "kdf-iterations", "PBKDF2 iterations for new passwords", "N");
-    opts.optflag("", "insecure-kdf", "allow fewer PBKDF2 iterations than 600000 (tests only)");
-    opts.optopt("", "rsa-bits", "RSA key size for new accounts (default 2048)", "N");
+    opts.optopt(
+        "",
+        "password-file",
+        "read the password from the first line of FILE",
+        "FILE",
+    );
+    opts.optflag(
+        "",
+        "json",
+        "one JSON object per line on stdout for every event",
+    );
+    opts.optopt(
+        "",
+        "kdf-iterations",
+        "PBKDF2 iterations for new passwords",
+        "N",
+    );
+    opts.optflag(
+        "",
+        "insecure-kdf",
+        "allow fewer PBKDF2 iterations than 600000 (tests only)",
+    );
+    opts.optopt(
+        "",
+        "rsa-bits",
+        "RSA key size for new accounts (default 2048)",
+        "N",
+    );
+    opts.optopt(
+        "",
+        "download-dir",
+        "where received files go (default ~/Downloads)",
+        "DIR",
+    );
+    opts.optflag("", "auto-accept-files", "accept every file a buddy offers");
     let m = match cli::parse("ims-client", USAGE, opts, &args) {
         Parsed::Run(m) => m,
         Parsed::Done => return ExitCode::SUCCESS,
@@ -39,14 +79,26 @@ fn main() -> ExitCode {
         }
     };
     let passwords = Passwords {
-        file: m.opt_str("password-file").map(PathBuf::from).or(file_password),
+        file: m
+            .opt_str("password-file")
+            .map(PathBuf::from)
+            .or(file_password),
     };
     let json = m.opt_present("json");
-    let code = match m.free.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    let code = match m
+        .free
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["register", name] => ui::register(config, name, &passwords, Default::default(), json),
         [] => ui::run(config, json, m.opt_str("user").or(file_user), passwords),
         other => {
-            eprintln!("ims-client: unknown command '{}'; see ims-client --help", other.join(" "));
+            eprintln!(
+                "ims-client: unknown command '{}'; see ims-client --help",
+                other.join(" ")
+            );
             2
         }
     };
@@ -85,6 +137,12 @@ fn build_config(m: &getopts::Matches) -> Result<Built, String> {
         if let Some(v) = f.rsa_bits {
             c.rsa_bits = v;
         }
+        if let Some(v) = f.download_dir {
+            c.download_dir = v;
+        }
+        if let Some(v) = f.auto_accept_files {
+            c.auto_accept_files = v;
+        }
         f.pool.apply(&mut c.pool);
         user = f.user;
         password_file = f.password_file;
@@ -103,6 +161,12 @@ fn build_config(m: &getopts::Matches) -> Result<Built, String> {
     }
     if let Some(v) = cli::num(m, "rsa-bits")? {
         c.rsa_bits = v;
+    }
+    if let Some(v) = m.opt_str("download-dir") {
+        c.download_dir = v.into();
+    }
+    if m.opt_present("auto-accept-files") {
+        c.auto_accept_files = true;
     }
     Ok((c, user, password_file))
 }

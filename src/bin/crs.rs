@@ -22,12 +22,27 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut opts = Options::new();
     opts.optopt("c", "config", "configuration file (TOML)", "FILE");
-    opts.optopt("", "listen", "address to listen on (default 127.0.0.1:7100)", "ADDR");
+    opts.optopt(
+        "",
+        "listen",
+        "address to listen on (default 127.0.0.1:7100)",
+        "ADDR",
+    );
     opts.optopt("", "data", "data directory (default ./ims-crs-data)", "DIR");
     opts.optopt("", "ms-key", "MSkey file (default ./mskey)", "FILE");
-    opts.optopt("", "crs", "for operator commands: the running CRS (default: the listen address)", "ADDR");
+    opts.optopt(
+        "",
+        "crs",
+        "for operator commands: the running CRS (default: the listen address)",
+        "ADDR",
+    );
     opts.optopt("", "workers", "worker threads", "N");
-    opts.optopt("", "min-iterations", "fewest PBKDF2 iterations a registration may use", "N");
+    opts.optopt(
+        "",
+        "min-iterations",
+        "fewest PBKDF2 iterations a registration may use",
+        "N",
+    );
     opts.optflag("", "close-registration", "refuse self-registration");
     let m = match cli::parse("ims-crs", USAGE, opts, &args) {
         Parsed::Run(m) => m,
@@ -45,10 +60,15 @@ fn main() -> ExitCode {
     let free: Vec<&str> = m.free.iter().map(String::as_str).collect();
     let result = match free.as_slice() {
         [] => serve(config),
-        ["genkey", file] => ims::keyfile::generate_ms_key(&PathBuf::from(file)).map_err(|e| e.to_string()),
+        ["genkey", file] => {
+            ims::keyfile::generate_ms_key(&PathBuf::from(file)).map_err(|e| e.to_string())
+        }
         ["user", rest @ ..] | ["ms", rest @ ..] => operator(&m, &config, free[0], rest),
         _ => {
-            eprintln!("ims-crs: unknown command '{}'; see ims-crs --help", free.join(" "));
+            eprintln!(
+                "ims-crs: unknown command '{}'; see ims-crs --help",
+                free.join(" ")
+            );
             return ExitCode::from(2);
         }
     };
@@ -114,14 +134,20 @@ fn build_config(m: &getopts::Matches) -> Result<CrsConfig, String> {
 
 fn serve(config: CrsConfig) -> Result<(), String> {
     let running = crs::start(config).map_err(|e| e.to_string())?;
-    let _signals = ims::prethread::stop_on_signals(running.stopper()).map_err(|e| format!("signals: {e}"))?;
+    let _signals =
+        ims::prethread::stop_on_signals(running.stopper()).map_err(|e| format!("signals: {e}"))?;
     cli::announce(running.local_addr());
     running.join();
     log::info!("CRS stopped");
     Ok(())
 }
 
-fn operator(m: &getopts::Matches, config: &CrsConfig, what: &str, rest: &[&str]) -> Result<(), String> {
+fn operator(
+    m: &getopts::Matches,
+    config: &CrsConfig,
+    what: &str,
+    rest: &[&str],
+) -> Result<(), String> {
     let key = ims::keyfile::read_ms_key(&config.ms_key_file).map_err(|e| e.to_string())?;
     let crs = m.opt_str("crs").unwrap_or_else(|| config.listen.clone());
     let me = Identity {
@@ -132,11 +158,23 @@ fn operator(m: &getopts::Matches, config: &CrsConfig, what: &str, rest: &[&str])
     let mut link = CrsLink::connect(&crs, &key, &me, Duration::from_secs(10))
         .map_err(|e| format!("{e} (is the CRS running at {crs}?)"))?;
     let req = match (what, rest) {
-        ("user", ["list"]) => CrsRequest::ListUsers { after: None, limit: 10_000 },
-        ("user", ["show", name]) => CrsRequest::ShowUser { user: name.to_string() },
-        ("user", ["delete", name]) => CrsRequest::DeleteUser { user: name.to_string() },
+        ("user", ["list"]) => CrsRequest::ListUsers {
+            after: None,
+            limit: 10_000,
+        },
+        ("user", ["show", name]) => CrsRequest::ShowUser {
+            user: name.to_string(),
+        },
+        ("user", ["delete", name]) => CrsRequest::DeleteUser {
+            user: name.to_string(),
+        },
         ("ms", ["list"]) => CrsRequest::ListMs,
-        _ => return Err(format!("unknown command '{what} {}'; see ims-crs --help", rest.join(" "))),
+        _ => {
+            return Err(format!(
+                "unknown command '{what} {}'; see ims-crs --help",
+                rest.join(" ")
+            ))
+        }
     };
     let reply = link.call(&req).map_err(|e| e.to_string())?;
     if !reply.is_success() {
@@ -151,7 +189,10 @@ fn operator(m: &getopts::Matches, config: &CrsConfig, what: &str, rest: &[&str])
         }
         CrsRequest::ListMs => {
             let list: Vec<MsInfo> = reply.json().map_err(|e| e.to_string())?;
-            println!("{:<4} {:<24} {:>8} {:>8} {:>10}", "id", "address", "load", "capacity", "heartbeat");
+            println!(
+                "{:<4} {:<24} {:>8} {:>8} {:>10}",
+                "id", "address", "load", "capacity", "heartbeat"
+            );
             for ms in list {
                 println!(
                     "{:<4} {:<24} {:>8} {:>8} {:>9}s",

@@ -14,13 +14,28 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut opts = Options::new();
     opts.optopt("c", "config", "configuration file (TOML)", "FILE");
-    opts.optopt("", "listen", "address to listen on for clients (default 127.0.0.1:7101)", "ADDR");
-    opts.optopt("", "advertise", "address given to clients (default: the bound address)", "ADDR");
+    opts.optopt(
+        "",
+        "listen",
+        "address to listen on for clients (default 127.0.0.1:7101)",
+        "ADDR",
+    );
+    opts.optopt(
+        "",
+        "advertise",
+        "address given to clients (default: the bound address)",
+        "ADDR",
+    );
     opts.optopt("", "crs", "the CRS (default 127.0.0.1:7100)", "ADDR");
     opts.optopt("", "ms-key", "MSkey file (default ./mskey)", "FILE");
     opts.optopt("", "capacity", "most users logged in here", "N");
     opts.optopt("", "workers", "worker threads", "N");
-    opts.optopt("", "fake-iterations", "PBKDF2 iterations shown for unknown names", "N");
+    opts.optopt(
+        "",
+        "fake-iterations",
+        "PBKDF2 iterations shown for unknown names",
+        "N",
+    );
     let m = match cli::parse("ims-ms", USAGE, opts, &args) {
         Parsed::Run(m) => m,
         Parsed::Done => return ExitCode::SUCCESS,
@@ -35,7 +50,10 @@ fn main() -> ExitCode {
         }
     };
     if !m.free.is_empty() {
-        eprintln!("ims-ms: unexpected argument '{}'; see ims-ms --help", m.free.join(" "));
+        eprintln!(
+            "ims-ms: unexpected argument '{}'; see ims-ms --help",
+            m.free.join(" ")
+        );
         return ExitCode::from(2);
     }
     let running = match ms::start(config) {

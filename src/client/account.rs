@@ -71,7 +71,11 @@ pub struct PasswordKeys {
 
 impl PasswordKeys {
     /// PBKDF2 then the SCRAM and wrap derivations.
-    pub fn derive(password: &str, params: &KdfParams, policy: KdfPolicy) -> Result<PasswordKeys, crypto::Error> {
+    pub fn derive(
+        password: &str,
+        params: &KdfParams,
+        policy: KdfPolicy,
+    ) -> Result<PasswordKeys, crypto::Error> {
         let salted = crypto::derive_salted_password(password.as_bytes(), params, policy)?;
         Ok(PasswordKeys {
             scram: scram::Keys::from_salted_password(&salted),
@@ -115,7 +119,11 @@ pub fn exchange(addr: &str, m: &Message, timeout: Duration) -> Result<Message, I
 }
 
 /// One request and its reply on `stream`.
-pub fn exchange_on(mut stream: TcpStream, m: &Message, timeout: Duration) -> Result<Message, IoError> {
+pub fn exchange_on(
+    mut stream: TcpStream,
+    m: &Message,
+    timeout: Duration,
+) -> Result<Message, IoError> {
     write_message(&mut stream, m, Instant::now() + timeout)?;
     MessageReader::new(stream)
         .read_message(&Limits::DEFAULT, Instant::now() + timeout)?
@@ -178,7 +186,11 @@ pub fn register(a: &NewAccount<'_>) -> Result<String, AccountError> {
     // A one-time key, so the all-zero nonce is used exactly once.
     let sealed = crypto::aes_gcm_seal(&k, &[0; 12], REGISTER_AAD, &plain)?;
     let key = crs_key.encrypt_oaep(&k)?;
-    let reply = exchange(a.crs, &ClientRequest::Register { key, sealed }.to_message(), a.timeout)?;
+    let reply = exchange(
+        a.crs,
+        &ClientRequest::Register { key, sealed }.to_message(),
+        a.timeout,
+    )?;
     if reply.is_success() {
         Ok(user)
     } else {
@@ -188,5 +200,8 @@ pub fn register(a: &NewAccount<'_>) -> Result<String, AccountError> {
 
 /// An error reply as an [`AccountError`].
 pub fn refused(reply: &Message) -> AccountError {
-    AccountError::Refused(reply.code().unwrap_or(0), reply.reason().unwrap_or("refused").to_owned())
+    AccountError::Refused(
+        reply.code().unwrap_or(0),
+        reply.reason().unwrap_or("refused").to_owned(),
+    )
 }

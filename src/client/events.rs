@@ -192,7 +192,8 @@ pub enum Event {
 impl Event {
     /// The event as one JSON line (without the newline).
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|_| String::from("{\"event\":\"notice\",\"text\":\"unprintable\"}"))
+        serde_json::to_string(self)
+            .unwrap_or_else(|_| String::from("{\"event\":\"notice\",\"text\":\"unprintable\"}"))
     }
 
     /// The event as a line for people.
@@ -201,20 +202,31 @@ impl Event {
             Event::Registered { user } => format!("registered {user}; log in with /login {user}"),
             Event::LoggedIn { user } => format!("logged in as {user}"),
             Event::LoggedOut { user } => format!("{user} logged out"),
-            Event::Buddies { buddies } if buddies.is_empty() => "no buddies yet; find people with /search and /add".into(),
+            Event::Buddies { buddies } if buddies.is_empty() => {
+                "no buddies yet; find people with /search and /add".into()
+            }
             Event::Buddies { buddies } => {
                 let mut s = String::from("buddies:");
                 for b in buddies {
-                    s.push_str(&format!("\n  {} {}", if b.online { "*" } else { " " }, b.user));
+                    s.push_str(&format!(
+                        "\n  {} {}",
+                        if b.online { "*" } else { " " },
+                        b.user
+                    ));
                     s.push_str(if b.online { " (online)" } else { "" });
                 }
                 s
             }
             Event::Online { user } => format!("* {user} is online"),
             Event::Offline { user } => format!("  {user} went offline"),
-            Event::Request { from } => format!("{from} wants to be your buddy: /accept {from} or /deny {from}"),
+            Event::Request { from } => {
+                format!("{from} wants to be your buddy: /accept {from} or /deny {from}")
+            }
             Event::BuddyAdded { user, online } => {
-                format!("{user} is now your buddy{}", if *online { " (online)" } else { "" })
+                format!(
+                    "{user} is now your buddy{}",
+                    if *online { " (online)" } else { "" }
+                )
             }
             Event::BuddyRemoved { user } => format!("{user} is no longer your buddy"),
             Event::Denied { by } => format!("{by} denied your buddy request"),
@@ -222,7 +234,8 @@ impl Event {
             Event::SearchResults { results } => {
                 let mut s = String::from("found:");
                 for h in results {
-                    let fields: Vec<String> = h.profile.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    let fields: Vec<String> =
+                        h.profile.iter().map(|(k, v)| format!("{k}={v}")).collect();
                     s.push_str(&format!(
                         "\n  {}{} {}",
                         h.user,
@@ -232,7 +245,9 @@ impl Event {
                 }
                 s
             }
-            Event::Profile { profile } if profile.is_empty() => "profile is empty; set a field with /profile FIELD VALUE".into(),
+            Event::Profile { profile } if profile.is_empty() => {
+                "profile is empty; set a field with /profile FIELD VALUE".into()
+            }
             Event::Profile { profile } => {
                 let mut s = String::from("profile:");
                 for (k, v) in profile {
@@ -248,7 +263,9 @@ impl Event {
             Event::Message { from, text, .. } => format!("<{from}> {text}"),
             Event::Delivered { to, id } => format!("  (delivered to {to}, #{id})"),
             Event::SendFailed { to, reason, .. } => format!("! not delivered to {to}: {reason}"),
-            Event::FileOffer { from, name, size, .. } => format!(
+            Event::FileOffer {
+                from, name, size, ..
+            } => format!(
                 "{from} offers the file '{name}' ({}): /accept {from} or /deny {from}",
                 human_size(*size)
             ),
@@ -262,7 +279,11 @@ impl Event {
             } => {
                 let pct = if *size == 0 { 100 } else { bytes * 100 / size };
                 let filled = (pct / 5) as usize;
-                let left = if *rate == 0 { 0 } else { size.saturating_sub(*bytes) / rate };
+                let left = if *rate == 0 {
+                    0
+                } else {
+                    size.saturating_sub(*bytes) / rate
+                };
                 format!(
                     "[{}{}] {pct:>3}% {} {peer}: {} of {}, {}/s, {left}s left",
                     "#".repeat(filled.min(20)),
@@ -273,11 +294,17 @@ impl Event {
                     human_size(*rate)
                 )
             }
-            Event::FileReceived { from, path, size, .. } => {
+            Event::FileReceived {
+                from, path, size, ..
+            } => {
                 format!("received {} from {from}: {path}", human_size(*size))
             }
-            Event::FileSent { to, name, size } => format!("sent '{name}' ({}) to {to}", human_size(*size)),
-            Event::FileFailed { peer, name, reason, .. } => format!("! transfer of '{name}' with {peer} failed: {reason}"),
+            Event::FileSent { to, name, size } => {
+                format!("sent '{name}' ({}) to {to}", human_size(*size))
+            }
+            Event::FileFailed {
+                peer, name, reason, ..
+            } => format!("! transfer of '{name}' with {peer} failed: {reason}"),
             Event::Notice { text } => text.clone(),
         }
     }

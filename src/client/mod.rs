@@ -4,10 +4,14 @@
 
 pub mod account;
 pub mod events;
+pub mod files;
+pub mod peer;
 pub mod session;
 pub mod ui;
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +23,7 @@ use crate::crypto::{self, KdfPolicy};
 use crate::prethread::{self, Outcome, Peer, Server, Service};
 use crate::proto::crs::{EventKind, Hit, Profile};
 use crate::proto::ms::{read_event, MsRequest, PUSH};
+use crate::proto::peer::{INIT, PEER};
 use crate::proto::Fields;
 use crate::wire::io::{write_message, IoError, MessageReader};
 use crate::wire::{code, Limits, Message};
@@ -47,8 +52,26 @@ pub struct ClientConfig {
     pub crs_fingerprint: Option<String>,
     /// Bound on each exchange with a server.
     pub timeout: Duration,
+    /// How long a sent message may wait for its acknowledgement.
+    pub ack_timeout: Duration,
+    /// Where received files go.
+    pub download_dir: PathBuf,
+    /// Accept every file a buddy offers without asking.
+    pub auto_accept_files: bool,
     /// The listener's worker pool.
     pub pool: prethread::Config,
+}
+
+/// The user's download directory: `$XDG_DOWNLOAD_DIR`, `~/Downloads`, or
+/// the current directory.
+pub fn default_download_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DOWNLOAD_DIR") {
+        return PathBuf::from(d);
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join("Downloads"),
+        None => PathBuf::from("."),
+    }
 }
 
 impl Default for ClientConfig {
@@ -61,6 +84,9 @@ impl Default for ClientConfig {
             rsa_bits: crypto::DEFAULT_RSA_BITS,
             crs_fingerprint: None,
             timeout: Duration::from_secs(10),
+            ack_timeout: Duration::from_secs(10),
+            download_dir: default_download_dir(),
+            auto_accept_files: false,
             pool: prethread::Config {
                 name: "client".into(),
                 workers: 4,
@@ -96,7 +122,9 @@ pub fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, IoError> {
             Err(e) => last = Some(e),
         }
     }
-    Err(IoError::Io(last.unwrap_or_else(|| std::io::ErrorKind::NotFound.into())))
+    Err(IoError::Io(
+        last.unwrap_or_else(|| std::io::ErrorKind::NotFound.into()),
+    ))
 }
 
 /// A kept connection for a sequence of request/reply exchanges.
@@ -131,6 +159,11 @@ pub struct Client {
     /// Serializes requests to the MS so their sequence numbers stay in order.
     calls: Mutex<()>,
     events: Sender<Event>,
+    peers: peer::Peers,
+    files: files::Files,
+    next_id: AtomicU64,
+    /// Whom we last wrote to or heard from: plain lines go there.
+    last_peer: Mutex<Option<String>>,
 }
 
 /// The client and its listener.
@@ -159,19 +192,63 @@ impl Running {
 pub fn start(config: ClientConfig, events: Sender<Event>) -> std::io::Result<Running> {
     let listener = std::net::TcpListener::bind(config.listen.as_str())?;
     let listen_port = listener.local_addr()?.port();
-    let client = Arc::new(Client {
-        config: config.clone(),
-        listen_port,
-        session: Mutex::new(None),
-        calls: Mutex::new(()),
-        events,
-    });
-    let server = Server::from_listener(listener, config.pool.clone(), Arc::new(Listener(client.clone())))?;
+    let client = Arc::new(Client::new(config.clone(), listen_port, events));
+    let server = Server::from_listener(
+        listener,
+        config.pool.clone(),
+        Arc::new(Listener(client.clone())),
+    )?;
     info!("client listening on {}", server.local_addr());
+    let weak = Arc::downgrade(&client);
+    std::thread::Builder::new()
+        .name("client-acks".into())
+        .spawn(move || {
+            // Fails messages whose acknowledgement is overdue; ends with the client.
+            while let Some(c) = weak.upgrade() {
+                c.expire_pending();
+                drop(c);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })?;
     Ok(Running { client, server })
 }
 
 impl Client {
+    /// A client whose listener (if any) is at `listen_port`.
+    pub fn new(config: ClientConfig, listen_port: u16, events: Sender<Event>) -> Client {
+        Client {
+            config,
+            listen_port,
+            session: Mutex::new(None),
+            calls: Mutex::new(()),
+            events,
+            peers: peer::Peers::default(),
+            files: files::Files::default(),
+            next_id: AtomicU64::new(1),
+            last_peer: Mutex::new(None),
+        }
+    }
+
+    /// Whom we last wrote to or heard from.
+    pub fn last_peer(&self) -> Option<String> {
+        self.last_peer.lock().clone()
+    }
+
+    /// Notes whom we are talking to.
+    fn set_last_peer(&self, peer: &str) {
+        *self.last_peer.lock() = Some(peer.to_owned());
+    }
+
+    /// A fresh id for a message or transfer.
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether `peer` has a file offer waiting for our answer.
+    pub fn has_file_offer_from(&self, peer: &str) -> bool {
+        self.files.has_offer_from(&peer.to_ascii_lowercase())
+    }
+
     fn emit(&self, e: Event) {
         // The receiver goes away only when the UI is exiting.
         let _ = self.events.send(e);
@@ -193,7 +270,12 @@ impl Client {
     }
 
     /// Creates an account.
-    pub fn register(&self, user: &str, password: &str, profile: Profile) -> Result<String, AccountError> {
+    pub fn register(
+        &self,
+        user: &str,
+        password: &str,
+        profile: Profile,
+    ) -> Result<String, AccountError> {
         account::register(&NewAccount {
             crs: &self.config.crs,
             user,
@@ -210,7 +292,10 @@ impl Client {
     /// Logs in; the login, the buddy list and waiting requests are emitted.
     pub fn login(&self, user: &str, password: &str) -> Result<(), AccountError> {
         if let Some(me) = self.user() {
-            return Err(AccountError::Refused(code::CONFLICT, format!("already logged in as {me}; /logout first")));
+            return Err(AccountError::Refused(
+                code::CONFLICT,
+                format!("already logged in as {me}; /logout first"),
+            ));
         }
         let session = Session::login(&Credentials {
             crs: &self.config.crs,
@@ -224,7 +309,9 @@ impl Client {
         let requests: Vec<String> = session.requests.keys().cloned().collect();
         *self.session.lock() = Some(session);
         self.emit(Event::LoggedIn { user });
-        self.emit(Event::Buddies { buddies: self.buddies() });
+        self.emit(Event::Buddies {
+            buddies: self.buddies(),
+        });
         for from in requests {
             self.emit(Event::Request { from });
         }
@@ -267,9 +354,9 @@ impl Client {
         let _serial = self.calls.lock();
         let (sealed, ms) = {
             let mut guard = self.session.lock();
-            let s = guard
-                .as_mut()
-                .ok_or_else(|| AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into()))?;
+            let s = guard.as_mut().ok_or_else(|| {
+                AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into())
+            })?;
             (s.seal_request(req)?, s.ms.clone())
         };
         let reply = account::exchange(&ms, &sealed, self.config.timeout)?;
@@ -293,6 +380,9 @@ impl Client {
     /// Logs out; buddies are told by the servers.
     pub fn logout(&self) {
         let result = self.ms_call(&MsRequest::Logout);
+        // Sessions with buddies end with the login.
+        self.peers.clear();
+        self.files.clear();
         if let Some(s) = self.session.lock().take() {
             if let Err(e) = result {
                 warn!("logout: {e}");
@@ -304,7 +394,9 @@ impl Client {
     /// Directory search.
     pub fn search(&self, text: &str) -> Result<Vec<Hit>, AccountError> {
         let reply = self.ms_ok(&MsRequest::Search(text.to_owned()))?;
-        reply.json().map_err(|e| AccountError::Refused(0, e.to_string()))
+        reply
+            .json()
+            .map_err(|e| AccountError::Refused(0, e.to_string()))
     }
 
     /// Sends a signed buddy request; `true` if delivered now, `false` if
@@ -313,14 +405,20 @@ impl Client {
         let name = account::normalize_name(name)?;
         let req = {
             let guard = self.session.lock();
-            let s = guard
-                .as_ref()
-                .ok_or_else(|| AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into()))?;
+            let s = guard.as_ref().ok_or_else(|| {
+                AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into())
+            })?;
             if name == s.user {
-                return Err(AccountError::Refused(code::BAD_REQUEST, "you cannot add yourself".into()));
+                return Err(AccountError::Refused(
+                    code::BAD_REQUEST,
+                    "you cannot add yourself".into(),
+                ));
             }
             if s.buddies.contains_key(&name) {
-                return Err(AccountError::Refused(code::CONFLICT, format!("{name} is already your buddy")));
+                return Err(AccountError::Refused(
+                    code::CONFLICT,
+                    format!("{name} is already your buddy"),
+                ));
             }
             s.add_request(&name)?
         };
@@ -357,9 +455,9 @@ impl Client {
 
     /// Sets (or with an empty value, clears) one profile field.
     pub fn set_profile_field(&self, field: &str, value: &str) -> Result<Profile, AccountError> {
-        let mut profile = self
-            .profile()
-            .ok_or_else(|| AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into()))?;
+        let mut profile = self.profile().ok_or_else(|| {
+            AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into())
+        })?;
         if value.is_empty() {
             profile.remove(field);
         } else {
@@ -376,10 +474,14 @@ impl Client {
     pub fn passwd(&self, new_password: &str) -> Result<(), AccountError> {
         let req = {
             let guard = self.session.lock();
-            let s = guard
-                .as_ref()
-                .ok_or_else(|| AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into()))?;
-            s.rewrap(new_password, self.config.kdf_iterations, self.config.policy())?
+            let s = guard.as_ref().ok_or_else(|| {
+                AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into())
+            })?;
+            s.rewrap(
+                new_password,
+                self.config.kdf_iterations,
+                self.config.policy(),
+            )?
         };
         self.ms_ok(&req)?;
         Ok(())
@@ -411,6 +513,8 @@ impl Client {
                     return Message::ok();
                 }
                 s.buddies.insert(user.clone(), Some(presence));
+                // A new login of theirs: any old session's keys are gone with it.
+                self.peers.drop_session(&user);
                 Event::Online { user }
             }
             EventKind::Offline { user } => {
@@ -418,11 +522,15 @@ impl Client {
                     return Message::ok();
                 }
                 s.buddies.insert(user.clone(), None);
+                self.peers.drop_session(&user);
                 Event::Offline { user }
             }
             EventKind::Request(r) => {
                 if !request_is_genuine(&r, &s.user) {
-                    warn!("dropped a buddy request claiming to be from {} with a bad signature", r.from);
+                    warn!(
+                        "dropped a buddy request claiming to be from {} with a bad signature",
+                        r.from
+                    );
                     return Message::ok();
                 }
                 let from = r.from.clone();
@@ -440,6 +548,7 @@ impl Client {
             }
             EventKind::BuddyRemoved { buddy } => {
                 s.buddies.remove(&buddy);
+                self.peers.drop_session(&buddy);
                 Event::BuddyRemoved { user: buddy }
             }
             EventKind::Denied { by } => Event::Denied { by },
@@ -450,19 +559,64 @@ impl Client {
     }
 }
 
-/// The client's listener service: pushes from its MS (peers come next).
+/// One connection to the client's listener.
+enum PeerConn {
+    /// Pushes, INIT and chat.
+    Open,
+    /// The connection of an incoming file transfer.
+    Receiving(Box<files::Receiving>),
+}
+
+/// The client's listener service: pushes from its MS, and buddies.
 struct Listener(Arc<Client>);
 
 impl Service for Listener {
-    type Session = ();
+    type Session = PeerConn;
 
-    fn open(&self, _peer: &Peer) {}
+    fn open(&self, _peer: &Peer) -> PeerConn {
+        PeerConn::Open
+    }
 
-    fn handle(&self, _: &mut (), request: Message) -> Outcome {
+    fn handle(&self, conn: &mut PeerConn, request: Message) -> Outcome {
+        let client = &self.0;
+        if let PeerConn::Receiving(r) = conn {
+            return match client.on_file_message(r, request) {
+                None => Outcome::Silent,
+                Some((reply, false)) => Outcome::Reply(reply),
+                Some((reply, true)) => Outcome::ReplyAndClose(reply),
+            };
+        }
         match request.method() {
-            Some(PUSH) => Outcome::Reply(self.0.on_push(&request)),
-            Some(m) => Outcome::ReplyAndClose(Message::reply(code::UNKNOWN_METHOD, &format!("unknown method {m}"))),
+            Some(PUSH) => Outcome::Reply(client.on_push(&request)),
+            Some(INIT) => Outcome::Reply(client.on_init(&request)),
+            Some(PEER) => match request.header("Channel") {
+                Some("msg") => Outcome::Reply(client.on_peer_msg(&request)),
+                Some(c) if c.starts_with("file:") => match client.open_receiving(&request) {
+                    Ok(r) => {
+                        let mut r = Box::new(r);
+                        let outcome = match client.on_file_message(&mut r, request) {
+                            None => Outcome::Silent,
+                            Some((reply, false)) => Outcome::Reply(reply),
+                            Some((reply, true)) => Outcome::ReplyAndClose(reply),
+                        };
+                        *conn = PeerConn::Receiving(r);
+                        outcome
+                    }
+                    Err(reply) => Outcome::ReplyAndClose(reply),
+                },
+                _ => Outcome::ReplyAndClose(Message::reply(code::BAD_REQUEST, "unknown channel")),
+            },
+            Some(m) => Outcome::ReplyAndClose(Message::reply(
+                code::UNKNOWN_METHOD,
+                &format!("unknown method {m}"),
+            )),
             None => Outcome::Close,
+        }
+    }
+
+    fn close(&self, conn: PeerConn) {
+        if let PeerConn::Receiving(r) = conn {
+            self.0.close_receiving(*r);
         }
     }
 }

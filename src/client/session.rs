@@ -61,7 +61,12 @@ pub struct Credentials<'a> {
 /// Checks a buddy request's signature: `from` signed (from, to, nonce).
 pub fn request_is_genuine(req: &BuddyRequest, to: &str) -> bool {
     RsaPublicKey::from_der(&req.public_key)
-        .and_then(|k| k.verify_pss(&proto::add_transcript(&req.from, to, &req.nonce), &req.signature))
+        .and_then(|k| {
+            k.verify_pss(
+                &proto::add_transcript(&req.from, to, &req.nonce),
+                &req.signature,
+            )
+        })
         .is_ok()
 }
 
@@ -89,7 +94,8 @@ impl Session {
         if !reply.is_success() {
             return Err(refused(&reply));
         }
-        let challenge = Challenge::from_message(&reply).map_err(|e| AccountError::Refused(0, e.to_string()))?;
+        let challenge =
+            Challenge::from_message(&reply).map_err(|e| AccountError::Refused(0, e.to_string()))?;
         let params = KdfParams {
             salt: challenge.salt.clone(),
             iterations: challenge.iterations,
@@ -133,12 +139,17 @@ impl Session {
         let inner = recv
             .open(&reply)
             .map_err(|e| AccountError::Refused(0, format!("unreadable welcome: {e}")))?;
-        let welcome: Welcome = inner.json().map_err(|e| AccountError::Refused(0, e.to_string()))?;
+        let welcome: Welcome = inner
+            .json()
+            .map_err(|e| AccountError::Refused(0, e.to_string()))?;
         let private_der = scram::unwrap(&keys.wrap, &welcome.wrapped_key, &wrap_aad(&user))?;
         let private_key = RsaPrivateKey::from_der(&private_der)?;
         let public_key = RsaPublicKey::from_der(&welcome.public_key)?;
         if private_key.public_key().to_der()? != welcome.public_key {
-            return Err(AccountError::Refused(0, "the stored key pair does not match".into()));
+            return Err(AccountError::Refused(
+                0,
+                "the stored key pair does not match".into(),
+            ));
         }
         let requests = welcome
             .requests
@@ -155,7 +166,11 @@ impl Session {
             send,
             recv,
             push: push.recv,
-            buddies: welcome.contacts.into_iter().map(|c| (c.user, c.online)).collect(),
+            buddies: welcome
+                .contacts
+                .into_iter()
+                .map(|c| (c.user, c.online))
+                .collect(),
             requests,
             profile: welcome.profile,
         })
@@ -179,13 +194,22 @@ impl Session {
     }
 
     /// A new verifier and our private key re-wrapped for `password`.
-    pub fn rewrap(&self, password: &str, iterations: u32, policy: KdfPolicy) -> Result<MsRequest, AccountError> {
+    pub fn rewrap(
+        &self,
+        password: &str,
+        iterations: u32,
+        policy: KdfPolicy,
+    ) -> Result<MsRequest, AccountError> {
         if password.chars().count() < account::MIN_PASSWORD_LEN {
             return Err(AccountError::WeakPassword);
         }
         let params = KdfParams::generate(iterations);
         let keys = PasswordKeys::derive(password, &params, policy)?;
-        let wrapped_key = scram::wrap(&keys.wrap, &self.private_key.to_der()?, &wrap_aad(&self.user))?;
+        let wrapped_key = scram::wrap(
+            &keys.wrap,
+            &self.private_key.to_der()?,
+            &wrap_aad(&self.user),
+        )?;
         Ok(MsRequest::Passwd {
             verifier: keys.verifier(&params),
             wrapped_key,

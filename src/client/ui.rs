@@ -24,7 +24,8 @@ impl Passwords {
     /// prompt on a terminal (twice with `confirm`).
     pub fn get(&self, prompt: &str, confirm: bool) -> Result<String, String> {
         if let Some(path) = &self.file {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
             return Ok(text.lines().next().unwrap_or("").to_owned());
         }
         if let Ok(p) = std::env::var("IMS_PASSWORD") {
@@ -47,14 +48,33 @@ impl Passwords {
 /// One line of help per command.
 pub const HELP: &[(&str, &str)] = &[
     ("/login NAME", "log in (asks for the password)"),
+    (
+        "/msg NAME[,NAME...] TEXT",
+        "send TEXT to one or more buddies",
+    ),
+    (
+        "TEXT",
+        "a line without / goes to whoever you last wrote to or heard from",
+    ),
+    ("/send NAME PATH", "offer a file to NAME"),
+    ("/cancel NAME", "stop every file transfer with NAME"),
     ("/logout", "log out; buddies see you go offline"),
     ("/buddies", "list your buddies and who is online"),
     ("/search TEXT", "find people by name prefix or profile text"),
     ("/add NAME", "ask NAME to be your buddy"),
-    ("/accept NAME", "accept NAME's buddy request"),
-    ("/deny NAME", "deny NAME's buddy request"),
+    (
+        "/accept NAME",
+        "accept NAME's oldest file offer, or else NAME's buddy request",
+    ),
+    (
+        "/deny NAME",
+        "deny NAME's oldest file offer, or else NAME's buddy request",
+    ),
     ("/remove NAME", "remove NAME from your buddies (both ways)"),
-    ("/profile [FIELD VALUE]", "show your profile, or set FIELD (empty VALUE clears it)"),
+    (
+        "/profile [FIELD VALUE]",
+        "show your profile, or set FIELD (empty VALUE clears it)",
+    ),
     ("/passwd", "change your password"),
     ("/help", "this list"),
     ("/quit", "log out and exit"),
@@ -89,7 +109,11 @@ pub fn run(config: ClientConfig, json: bool, login: Option<String>, passwords: P
     if let Some(user) = login {
         ui.command(&format!("/login {user}"));
     } else if ui.interactive {
-        ui.tx.send(Event::Notice { text: "type /help for commands".into() }).ok();
+        ui.tx
+            .send(Event::Notice {
+                text: "type /help for commands".into(),
+            })
+            .ok();
     }
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
@@ -125,6 +149,19 @@ struct Ui {
 }
 
 impl Ui {
+    fn send_text(&self, names: &str, text: &str) {
+        for to in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            match self.client.send_message(to, text) {
+                Ok(_) => {}
+                Err(reason) => self.emit(Event::SendFailed {
+                    to: to.to_ascii_lowercase(),
+                    id: 0,
+                    reason,
+                }),
+            }
+        }
+    }
+
     fn emit(&self, e: Event) {
         self.tx.send(e).ok();
     }
@@ -164,7 +201,9 @@ impl Ui {
         match cmd {
             "/help" => self.emit(Event::Notice { text: help_text() }),
             "/login" => {
-                let Some(user) = arg("/login NAME") else { return };
+                let Some(user) = arg("/login NAME") else {
+                    return;
+                };
                 match self.passwords.get(&format!("password for {user}: "), false) {
                     Ok(p) => {
                         if let Err(e) = c.login(&user, &p) {
@@ -192,7 +231,9 @@ impl Ui {
             }
             "/buddies" => {
                 if c.is_logged_in() {
-                    self.emit(Event::Buddies { buddies: c.buddies() });
+                    self.emit(Event::Buddies {
+                        buddies: c.buddies(),
+                    });
                     for from in c.pending_requests() {
                         self.emit(Event::Request { from });
                     }
@@ -224,15 +265,70 @@ impl Ui {
                 self.outcome("add", r);
             }
             "/accept" => {
-                let Some(name) = arg("/accept NAME") else { return };
-                self.outcome("accept", c.accept(&name).map(|()| None));
+                let Some(name) = arg("/accept NAME") else {
+                    return;
+                };
+                if c.has_file_offer_from(&name) {
+                    let r = c
+                        .accept_file(&name)
+                        .map(|_| Some(format!("receiving the file from {name}")));
+                    self.outcome("accept", r.map_err(|e| AccountError::Refused(0, e)));
+                } else {
+                    self.outcome("accept", c.accept(&name).map(|()| None));
+                }
             }
             "/deny" => {
-                let Some(name) = arg("/deny NAME") else { return };
-                self.outcome("deny", c.deny(&name).map(|()| None));
+                let Some(name) = arg("/deny NAME") else {
+                    return;
+                };
+                if c.has_file_offer_from(&name) {
+                    let r = c
+                        .deny_file(&name)
+                        .map(|_| Some(format!("declined the file from {name}")));
+                    self.outcome("deny", r.map_err(|e| AccountError::Refused(0, e)));
+                } else {
+                    self.outcome("deny", c.deny(&name).map(|()| None));
+                }
+            }
+            "/msg" => {
+                let Some((names, text)) = rest.split_once(' ') else {
+                    return self.usage("msg", "/msg NAME[,NAME...] TEXT");
+                };
+                self.send_text(names, text.trim());
+            }
+            "/send" => {
+                let Some((name, path)) = rest.split_once(' ') else {
+                    return self.usage("send", "/send NAME PATH");
+                };
+                let r = c
+                    .send_file(name, std::path::Path::new(path.trim()))
+                    .map(|_| {
+                        Some(format!(
+                            "offered {} to {name}; waiting for them to accept",
+                            path.trim()
+                        ))
+                    });
+                self.outcome("send", r.map_err(|e| AccountError::Refused(0, e)));
+            }
+            "/cancel" => {
+                let Some(name) = arg("/cancel NAME") else {
+                    return;
+                };
+                match c.cancel_transfers(&name) {
+                    0 => self.emit(Event::Error {
+                        command: "cancel".into(),
+                        reason: format!("no transfer with {name}"),
+                    }),
+                    n => self.outcome(
+                        "cancel",
+                        Ok(Some(format!("cancelled {n} transfer(s) with {name}"))),
+                    ),
+                }
             }
             "/remove" => {
-                let Some(name) = arg("/remove NAME") else { return };
+                let Some(name) = arg("/remove NAME") else {
+                    return;
+                };
                 self.outcome("remove", c.remove(&name).map(|()| None));
             }
             "/profile" => {
@@ -263,10 +359,13 @@ impl Ui {
                 command: other[1..].to_owned(),
                 reason: "unknown command; /help lists them".into(),
             }),
-            _ => self.emit(Event::Error {
-                command: "say".into(),
-                reason: "chat is not available yet; commands start with /".into(),
-            }),
+            _ => match c.last_peer() {
+                Some(to) => self.send_text(&to, line),
+                None => self.emit(Event::Error {
+                    command: "msg".into(),
+                    reason: "who to? use /msg NAME TEXT first".into(),
+                }),
+            },
         }
     }
 }
@@ -283,7 +382,13 @@ fn print_events(rx: Receiver<Event>, json: bool) {
 }
 
 /// `ims-client register NAME`: the exit code.
-pub fn register(config: ClientConfig, user: &str, passwords: &Passwords, profile: Profile, json: bool) -> i32 {
+pub fn register(
+    config: ClientConfig,
+    user: &str,
+    passwords: &Passwords,
+    profile: Profile,
+    json: bool,
+) -> i32 {
     let password = match passwords.get(&format!("new password for {user}: "), true) {
         Ok(p) => p,
         Err(e) => {
@@ -292,13 +397,7 @@ pub fn register(config: ClientConfig, user: &str, passwords: &Passwords, profile
         }
     };
     let (tx, _rx) = unbounded();
-    let client = Client {
-        config,
-        listen_port: 0,
-        session: parking_lot::Mutex::new(None),
-        calls: parking_lot::Mutex::new(()),
-        events: tx,
-    };
+    let client = Client::new(config, 0, tx);
     match client.register(user, &password, profile) {
         Ok(user) => {
             let e = Event::Registered { user };

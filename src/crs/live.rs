@@ -89,7 +89,8 @@ impl Live {
         }
         self.next_ms += 1;
         let id = self.next_ms;
-        self.ms.insert(id, MsEntry::new(address.to_owned(), capacity));
+        self.ms
+            .insert(id, MsEntry::new(address.to_owned(), capacity));
         id
     }
 
@@ -125,7 +126,8 @@ impl Live {
             .filter(|(_, e)| e.last_seen.elapsed() < heartbeat_timeout)
             .filter_map(|(id, e)| {
                 let load = loads.get(id).copied().unwrap_or(0);
-                (load < e.capacity).then(|| (f64::from(load) / f64::from(e.capacity.max(1)), *id, e))
+                (load < e.capacity)
+                    .then(|| (f64::from(load) / f64::from(e.capacity.max(1)), *id, e))
             })
             .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
             .map(|(_, _, e)| e.address.clone())
@@ -142,7 +144,13 @@ impl Live {
                 return Err(LockError::LoggingIn);
             }
         }
-        self.locks.insert(user.to_owned(), Lease { ms, expires: now + lease });
+        self.locks.insert(
+            user.to_owned(),
+            Lease {
+                ms,
+                expires: now + lease,
+            },
+        );
         Ok(())
     }
 
@@ -291,10 +299,19 @@ mod tests {
         let b = l.enroll("b:1", 10);
         assert_eq!(l.enroll("a:1", 20), a);
         l.lock("joe", a, Duration::from_secs(5)).unwrap();
-        assert_eq!(l.lock("joe", b, Duration::from_secs(5)), Err(LockError::LoggingIn));
-        assert_eq!(l.lock("joe", a, Duration::from_secs(5)), Err(LockError::LoggingIn));
+        assert_eq!(
+            l.lock("joe", b, Duration::from_secs(5)),
+            Err(LockError::LoggingIn)
+        );
+        assert_eq!(
+            l.lock("joe", a, Duration::from_secs(5)),
+            Err(LockError::LoggingIn)
+        );
         l.set_online("joe", a, presence());
-        assert_eq!(l.lock("joe", b, Duration::from_secs(5)), Err(LockError::LoggedIn));
+        assert_eq!(
+            l.lock("joe", b, Duration::from_secs(5)),
+            Err(LockError::LoggedIn)
+        );
         assert!(!l.set_offline("joe", Some(b)));
         assert!(l.set_offline("joe", Some(a)));
         // An expired lease is no obstacle.

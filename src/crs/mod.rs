@@ -107,7 +107,12 @@ pub struct Crs {
 
 impl Crs {
     /// A CRS over `store`, for tests of the handlers without sockets.
-    pub fn new(config: CrsConfig, store: Arc<dyn Store>, ms_key: Vec<u8>, identity: RsaPrivateKey) -> Crs {
+    pub fn new(
+        config: CrsConfig,
+        store: Arc<dyn Store>,
+        ms_key: Vec<u8>,
+        identity: RsaPrivateKey,
+    ) -> Crs {
         let identity_public = identity.public_key();
         Crs {
             config,
@@ -135,10 +140,14 @@ impl Crs {
 fn identity(dir: &Path) -> Result<RsaPrivateKey, CrsError> {
     let path = dir.join("crs-key.pem");
     match std::fs::read_to_string(&path) {
-        Ok(pem) => RsaPrivateKey::from_pem(&pem).map_err(|e| CrsError::Identity(format!("{}: {e}", path.display()))),
+        Ok(pem) => RsaPrivateKey::from_pem(&pem)
+            .map_err(|e| CrsError::Identity(format!("{}: {e}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = RsaPrivateKey::generate(crypto::DEFAULT_RSA_BITS).map_err(|e| CrsError::Identity(e.to_string()))?;
-            let pem = key.to_pem().map_err(|e| CrsError::Identity(e.to_string()))?;
+            let key = RsaPrivateKey::generate(crypto::DEFAULT_RSA_BITS)
+                .map_err(|e| CrsError::Identity(e.to_string()))?;
+            let pem = key
+                .to_pem()
+                .map_err(|e| CrsError::Identity(e.to_string()))?;
             keyfile::write_private(&path, pem.as_bytes())
                 .map_err(|e| CrsError::Identity(format!("{}: {e}", path.display())))?;
             info!("made the CRS key {}", path.display());
@@ -180,7 +189,8 @@ impl Running {
 /// Opens the database and keys and starts serving.
 pub fn start(config: CrsConfig) -> Result<Running, CrsError> {
     let ms_key = keyfile::read_ms_key(&config.ms_key_file).map_err(CrsError::MsKey)?;
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| CrsError::Store(store::StoreError::Backend(e.to_string())))?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| CrsError::Store(store::StoreError::Backend(e.to_string())))?;
     let store = SledStore::open(&config.data_dir.join("db")).map_err(CrsError::Store)?;
     let identity = identity(&config.data_dir)?;
     let crs = Arc::new(Crs::new(config.clone(), Arc::new(store), ms_key, identity));
@@ -203,5 +213,9 @@ pub fn start(config: CrsConfig) -> Result<Running, CrsError> {
             })
             .map_err(CrsError::Listen)?
     };
-    Ok(Running { crs, server, reaper })
+    Ok(Running {
+        crs,
+        server,
+        reaper,
+    })
 }

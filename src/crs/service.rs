@@ -15,8 +15,8 @@ use super::Crs;
 use crate::crypto::{self, RsaPublicKey};
 use crate::prethread::{Outcome, Peer, Service};
 use crate::proto::crs::{
-    self as pc, BuddyRequest, ClientRequest, Contact, CrsRequest, EventKind, Hit, Presence, Registration, Verifier,
-    Welcome, SEALED,
+    self as pc, BuddyRequest, ClientRequest, Contact, CrsRequest, EventKind, Hit, Presence,
+    Registration, Verifier, Welcome, SEALED,
 };
 use crate::proto::{self, Fields, ProtoError};
 use crate::seal::{Opener, Role, Sealer, SessionKeys};
@@ -72,8 +72,13 @@ impl Service for CrsService {
                 Some("ENROLL-HELLO") => match request.req_b64("Ms-Nonce") {
                     Ok(ms_nonce) if ms_nonce.len() >= 16 => {
                         let crs_nonce = crypto::random_array::<32>();
-                        *conn = Conn::Challenged { ms_nonce, crs_nonce };
-                        Outcome::Reply(Message::ok().with_header("Crs-Nonce", crypto::b64_encode(&crs_nonce)))
+                        *conn = Conn::Challenged {
+                            ms_nonce,
+                            crs_nonce,
+                        };
+                        Outcome::Reply(
+                            Message::ok().with_header("Crs-Nonce", crypto::b64_encode(&crs_nonce)),
+                        )
                     }
                     _ => Outcome::ReplyAndClose(ProtoError::Invalid("Ms-Nonce").reply()),
                 },
@@ -82,7 +87,10 @@ impl Service for CrsService {
                     Outcome::Reply(crs.client_request(&request))
                 }
             },
-            Conn::Challenged { ms_nonce, crs_nonce } => match crs.enroll(&request, &ms_nonce, &crs_nonce) {
+            Conn::Challenged {
+                ms_nonce,
+                crs_nonce,
+            } => match crs.enroll(&request, &ms_nonce, &crs_nonce) {
                 Ok((enrolled, reply)) => {
                     *conn = Conn::Enrolled(Box::new(enrolled));
                     Outcome::Reply(reply)
@@ -165,10 +173,12 @@ impl Crs {
     /// A request from a client, in the clear.
     pub fn client_request(&self, m: &Message) -> Message {
         match ClientRequest::from_message(m) {
-            Ok(Some(ClientRequest::Locate)) => match self.live.lock().locate(self.config.heartbeat_timeout) {
-                Some(addr) => Message::ok().with_header("Ms", addr),
-                None => err(code::BUSY, "no messaging server available"),
-            },
+            Ok(Some(ClientRequest::Locate)) => {
+                match self.live.lock().locate(self.config.heartbeat_timeout) {
+                    Some(addr) => Message::ok().with_header("Ms", addr),
+                    None => err(code::BUSY, "no messaging server available"),
+                }
+            }
             Ok(Some(ClientRequest::CrsKey)) => match self.identity_public.to_der() {
                 Ok(der) => Message::ok()
                     .with_header("Fingerprint", self.identity_public.fingerprint())
@@ -200,7 +210,10 @@ impl Crs {
         if !store::valid_username(&reg.user) {
             return err(code::BAD_REQUEST, "invalid name: use 1-32 of a-z 0-9 _ . -");
         }
-        if reg.verifier.stored_key.len() != 32 || reg.verifier.server_key.len() != 32 || reg.verifier.salt.len() < 16 {
+        if reg.verifier.stored_key.len() != 32
+            || reg.verifier.server_key.len() != 32
+            || reg.verifier.salt.len() < 16
+        {
             return err(code::BAD_REQUEST, "malformed verifier");
         }
         if reg.verifier.iterations < self.config.min_iterations {
@@ -229,7 +242,12 @@ impl Crs {
     }
 
     /// Checks an `ENROLL` proof; on success the sealed link and the reply.
-    fn enroll(&self, m: &Message, ms_nonce: &[u8], crs_nonce: &[u8; 32]) -> Result<(Enrolled, Message), Message> {
+    fn enroll(
+        &self,
+        m: &Message,
+        ms_nonce: &[u8],
+        crs_nonce: &[u8; 32],
+    ) -> Result<(Enrolled, Message), Message> {
         if m.method() != Some("ENROLL") {
             return Err(err(code::BAD_REQUEST, "expected ENROLL"));
         }
@@ -247,7 +265,9 @@ impl Crs {
             &proto::enroll_ms_transcript(ms_nonce, crs_nonce, &listen, capacity),
         );
         if !crypto::ct_eq(&expected, &proof) {
-            warn!("enrollment of {listen} refused: bad MSkey proof (is its MSkey the same as ours?)");
+            warn!(
+                "enrollment of {listen} refused: bad MSkey proof (is its MSkey the same as ours?)"
+            );
             return Err(err(code::AUTH_FAILED, "bad MSkey proof"));
         }
         let who = if role == "admin" {
@@ -260,7 +280,10 @@ impl Crs {
         let mut context = ms_nonce.to_vec();
         context.extend_from_slice(crs_nonce);
         let keys = SessionKeys::derive(&self.ms_key, &context, Role::Responder);
-        let crs_proof = crypto::hmac_sha256(&self.ms_key, &proto::enroll_crs_transcript(ms_nonce, crs_nonce));
+        let crs_proof = crypto::hmac_sha256(
+            &self.ms_key,
+            &proto::enroll_crs_transcript(ms_nonce, crs_nonce),
+        );
         let id = match who {
             Peer2::Ms(id) => id,
             Peer2::Admin => 0,
@@ -306,11 +329,17 @@ impl Crs {
                 Ok(None) | Err(StoreError::InvalidName) => err(code::NOT_FOUND, "no such user"),
                 Err(e) => store_err(e),
             },
-            Lock { user } => match self.live.lock().lock(&store::canonical(&user), ms, self.config.lock_lease) {
-                Ok(()) => Message::ok(),
-                Err(LockError::LoggingIn) => err(code::CONFLICT, "already logging in"),
-                Err(LockError::LoggedIn) => err(code::CONFLICT, "already logged in"),
-            },
+            Lock { user } => {
+                match self
+                    .live
+                    .lock()
+                    .lock(&store::canonical(&user), ms, self.config.lock_lease)
+                {
+                    Ok(()) => Message::ok(),
+                    Err(LockError::LoggingIn) => err(code::CONFLICT, "already logging in"),
+                    Err(LockError::LoggedIn) => err(code::CONFLICT, "already logged in"),
+                }
+            }
             Unlock { user } => {
                 self.live.lock().unlock(&store::canonical(&user), ms);
                 Message::ok()
@@ -320,8 +349,15 @@ impl Crs {
                 self.offline(&store::canonical(&user), Some(ms));
                 Message::ok()
             }
-            SetCredentials { user, verifier, wrapped_key } => {
-                match self.store.set_credentials(&user, verifier.into(), wrapped_key) {
+            SetCredentials {
+                user,
+                verifier,
+                wrapped_key,
+            } => {
+                match self
+                    .store
+                    .set_credentials(&user, verifier.into(), wrapped_key)
+                {
                     Ok(()) => Message::ok(),
                     Err(e) => store_err(e),
                 }
@@ -331,10 +367,19 @@ impl Crs {
                 Err(e) => store_err(e),
             },
             Search { text, limit } => self.search(&text, limit),
-            Add { from, to, nonce, signature } => self.add(&from, &to, nonce, signature),
-            Accept { user, from } => self.accept(&store::canonical(&user), &store::canonical(&from)),
+            Add {
+                from,
+                to,
+                nonce,
+                signature,
+            } => self.add(&from, &to, nonce, signature),
+            Accept { user, from } => {
+                self.accept(&store::canonical(&user), &store::canonical(&from))
+            }
             Deny { user, from } => self.deny(&store::canonical(&user), &store::canonical(&from)),
-            Remove { user, buddy } => self.remove(&store::canonical(&user), &store::canonical(&buddy)),
+            Remove { user, buddy } => {
+                self.remove(&store::canonical(&user), &store::canonical(&buddy))
+            }
             Events { ack } => self.poll_events(ms, ack),
             ListUsers { .. } | ShowUser { .. } | DeleteUser { .. } | ListMs => {
                 err(code::FORBIDDEN, "operator requests need an operator link")
@@ -345,7 +390,10 @@ impl Crs {
     fn admin_request(&self, req: CrsRequest) -> Message {
         use CrsRequest::*;
         match req {
-            ListUsers { after, limit } => match self.store.list_users(after.as_deref(), limit.min(10_000) as usize) {
+            ListUsers { after, limit } => match self
+                .store
+                .list_users(after.as_deref(), limit.min(10_000) as usize)
+            {
                 Ok(names) => pc::json_reply(&names),
                 Err(e) => store_err(e),
             },
@@ -373,7 +421,12 @@ impl Crs {
                     Ok(true) => {
                         let mut live = self.live.lock();
                         live.set_offline(&name, None);
-                        live.notify(contacts.iter().map(String::as_str), &EventKind::BuddyRemoved { buddy: name.clone() });
+                        live.notify(
+                            contacts.iter().map(String::as_str),
+                            &EventKind::BuddyRemoved {
+                                buddy: name.clone(),
+                            },
+                        );
                         info!("operator deleted {name}");
                         Message::ok()
                     }
@@ -455,7 +508,12 @@ impl Crs {
         let contacts = self.store.contacts(user).unwrap_or_default();
         let mut live = self.live.lock();
         if live.set_offline(user, ms) {
-            live.notify(contacts.iter().map(String::as_str), &EventKind::Offline { user: user.to_owned() });
+            live.notify(
+                contacts.iter().map(String::as_str),
+                &EventKind::Offline {
+                    user: user.to_owned(),
+                },
+            );
             drop(live);
             self.events_ready.notify_all();
             info!("{user} offline");
@@ -508,7 +566,9 @@ impl Crs {
         };
         if let Err(e) = self.store.add_request(&to, stored) {
             return match e {
-                StoreError::NoSuchUser | StoreError::InvalidName => err(code::NOT_FOUND, "no such user"),
+                StoreError::NoSuchUser | StoreError::InvalidName => {
+                    err(code::NOT_FOUND, "no such user")
+                }
                 e => store_err(e),
             };
         }
@@ -543,8 +603,20 @@ impl Crs {
         let mut live = self.live.lock();
         let user_p = live.online(user).map(|o| o.presence.clone());
         let from_p = live.online(from).map(|o| o.presence.clone());
-        live.notify([user], &EventKind::BuddyAdded { buddy: from.to_owned(), online: from_p });
-        live.notify([from], &EventKind::BuddyAdded { buddy: user.to_owned(), online: user_p });
+        live.notify(
+            [user],
+            &EventKind::BuddyAdded {
+                buddy: from.to_owned(),
+                online: from_p,
+            },
+        );
+        live.notify(
+            [from],
+            &EventKind::BuddyAdded {
+                buddy: user.to_owned(),
+                online: user_p,
+            },
+        );
         drop(live);
         self.events_ready.notify_all();
         Message::ok()
@@ -553,7 +625,12 @@ impl Crs {
     fn deny(&self, user: &str, from: &str) -> Message {
         match self.store.remove_request(user, from) {
             Ok(true) => {
-                self.live.lock().notify([from], &EventKind::Denied { by: user.to_owned() });
+                self.live.lock().notify(
+                    [from],
+                    &EventKind::Denied {
+                        by: user.to_owned(),
+                    },
+                );
                 self.events_ready.notify_all();
                 Message::ok()
             }
@@ -566,8 +643,18 @@ impl Crs {
         match self.store.remove_buddies(user, buddy) {
             Ok(true) => {
                 let mut live = self.live.lock();
-                live.notify([user], &EventKind::BuddyRemoved { buddy: buddy.to_owned() });
-                live.notify([buddy], &EventKind::BuddyRemoved { buddy: user.to_owned() });
+                live.notify(
+                    [user],
+                    &EventKind::BuddyRemoved {
+                        buddy: buddy.to_owned(),
+                    },
+                );
+                live.notify(
+                    [buddy],
+                    &EventKind::BuddyRemoved {
+                        buddy: user.to_owned(),
+                    },
+                );
                 drop(live);
                 self.events_ready.notify_all();
                 Message::ok()
@@ -585,7 +672,11 @@ impl Crs {
         loop {
             match live.events(ms, ack) {
                 None => return err(code::FORBIDDEN, "not enrolled"),
-                Some(batch) if !batch.events.is_empty() || Instant::now() >= deadline || self.stopping() => {
+                Some(batch)
+                    if !batch.events.is_empty()
+                        || Instant::now() >= deadline
+                        || self.stopping() =>
+                {
                     return pc::json_reply(&batch);
                 }
                 Some(_) => {
@@ -606,9 +697,10 @@ impl Crs {
         for user in lost {
             warn!("{user} lost with their MS");
             let contacts = self.store.contacts(&user).unwrap_or_default();
-            self.live
-                .lock()
-                .notify(contacts.iter().map(String::as_str), &EventKind::Offline { user: user.clone() });
+            self.live.lock().notify(
+                contacts.iter().map(String::as_str),
+                &EventKind::Offline { user: user.clone() },
+            );
         }
         self.events_ready.notify_all();
     }

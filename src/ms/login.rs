@@ -73,14 +73,18 @@ impl Service for MsService {
                 None => Outcome::Close,
             },
             ClientConn::Challenged(_) => {
-                let ClientConn::Challenged(c) = std::mem::replace(conn, ClientConn::New(([0, 0, 0, 0], 0).into())) else {
+                let ClientConn::Challenged(c) =
+                    std::mem::replace(conn, ClientConn::New(([0, 0, 0, 0], 0).into()))
+                else {
                     return Outcome::Close;
                 };
                 match MsRequest::from_message(&request) {
                     Ok(MsRequest::Login { proof, listen_port }) => {
                         Outcome::ReplyAndClose(ms.login(*c, &proof, listen_port))
                     }
-                    Ok(_) => Outcome::ReplyAndClose(Message::reply(code::BAD_REQUEST, "expected LOGIN")),
+                    Ok(_) => {
+                        Outcome::ReplyAndClose(Message::reply(code::BAD_REQUEST, "expected LOGIN"))
+                    }
                     Err(e) => Outcome::ReplyAndClose(e.reply()),
                 }
             }
@@ -93,12 +97,20 @@ fn err(code: u16, reason: &str) -> Message {
 }
 
 impl Ms {
-    fn hello(&self, user: &str, client_nonce: Vec<u8>, peer: SocketAddr) -> Result<Challenged, Message> {
+    fn hello(
+        &self,
+        user: &str,
+        client_nonce: Vec<u8>,
+        peer: SocketAddr,
+    ) -> Result<Challenged, Message> {
         if client_nonce.len() < 16 {
             return Err(ProtoError::Invalid("Client-Nonce").reply());
         }
         let user = user.to_ascii_lowercase();
-        let verifier = match self.crs.call(&CrsRequest::GetVerifier { user: user.clone() }) {
+        let verifier = match self
+            .crs
+            .call(&CrsRequest::GetVerifier { user: user.clone() })
+        {
             Ok(r) if r.is_success() => Some(pc::read_verifier(&r).map_err(|e| e.reply())?),
             Ok(r) if r.code() == Some(code::NOT_FOUND) => None,
             Ok(r) => return Err(r),
@@ -112,7 +124,10 @@ impl Ms {
         let (salt, iterations) = match &verifier {
             Some(v) => (v.salt.clone(), v.iterations),
             None => (
-                crypto::hmac_sha256(&self.ms_key, &proto::transcript("ims fake salt v1", &[user.as_bytes()]))[..16]
+                crypto::hmac_sha256(
+                    &self.ms_key,
+                    &proto::transcript("ims fake salt v1", &[user.as_bytes()]),
+                )[..16]
                     .to_vec(),
                 self.config.fake_iterations,
             ),
@@ -135,7 +150,9 @@ impl Ms {
             return err(code::AUTH_FAILED, "password failure");
         };
         // Step 3: the design's per-user lock at the CRS.
-        match self.crs.call(&CrsRequest::Lock { user: c.user.clone() }) {
+        match self.crs.call(&CrsRequest::Lock {
+            user: c.user.clone(),
+        }) {
             Ok(r) if r.is_success() => {}
             Ok(r) => return r,
             Err(e) => {
@@ -195,14 +212,23 @@ impl Ms {
             name: c.user.clone(),
             login: login.clone(),
             address,
-            contacts: Mutex::new(welcome.contacts.iter().map(|c| c.user.clone()).collect::<BTreeSet<_>>()),
+            contacts: Mutex::new(
+                welcome
+                    .contacts
+                    .iter()
+                    .map(|c| c.user.clone())
+                    .collect::<BTreeSet<_>>(),
+            ),
             link: Mutex::new((keys.recv, keys.send)),
             push: Mutex::new(push.send),
         });
         let inner = pc::json_reply(&welcome);
         let sealed = user.link.lock().1.seal(
             SEALED,
-            &[("Login", &login), ("Server-Signature", &crypto::b64_encode(&signature))],
+            &[
+                ("Login", &login),
+                ("Server-Signature", &crypto::b64_encode(&signature)),
+            ],
             &inner,
         );
         match sealed {
@@ -219,7 +245,9 @@ impl Ms {
     }
 
     fn unlock(&self, user: &str) {
-        if let Err(e) = self.crs.call(&CrsRequest::Unlock { user: user.to_owned() }) {
+        if let Err(e) = self.crs.call(&CrsRequest::Unlock {
+            user: user.to_owned(),
+        }) {
             // The lease expires by itself.
             warn!("unlock of {user}: {e}");
         }
@@ -241,7 +269,11 @@ impl Ms {
             Ok(req) => self.user_request(&user, req),
             Err(e) => e.reply(),
         };
-        let sealed = user.link.lock().1.seal(SEALED, &[("Login", &user.login)], &reply);
+        let sealed = user
+            .link
+            .lock()
+            .1
+            .seal(SEALED, &[("Login", &user.login)], &reply);
         match sealed {
             Ok(m) => Outcome::Reply(m),
             Err(e) => {
@@ -263,14 +295,24 @@ impl Ms {
                 info!("{name} logged out");
                 CrsRequest::Offline { user: name }
             }
-            MsRequest::Passwd { verifier, wrapped_key } => CrsRequest::SetCredentials {
+            MsRequest::Passwd {
+                verifier,
+                wrapped_key,
+            } => CrsRequest::SetCredentials {
                 user: name,
                 verifier,
                 wrapped_key,
             },
-            MsRequest::SetProfile(profile) => CrsRequest::SetProfile { user: name, profile },
+            MsRequest::SetProfile(profile) => CrsRequest::SetProfile {
+                user: name,
+                profile,
+            },
             MsRequest::Search(text) => CrsRequest::Search { text, limit: 50 },
-            MsRequest::Add { to, nonce, signature } => CrsRequest::Add {
+            MsRequest::Add {
+                to,
+                nonce,
+                signature,
+            } => CrsRequest::Add {
                 from: name,
                 to,
                 nonce,

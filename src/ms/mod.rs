@@ -115,11 +115,15 @@ impl Ms {
     /// who must hear it.
     fn apply(self: &Arc<Self>, event: crate::proto::crs::Event) {
         for name in &event.recipients {
-            let Some(user) = self.users.by_name(name) else { continue };
+            let Some(user) = self.users.by_name(name) else {
+                continue;
+            };
             let relevant = {
                 let mut contacts = user.contacts.lock();
                 match &event.kind {
-                    EventKind::Online { user: u, .. } | EventKind::Offline { user: u } => contacts.contains(u),
+                    EventKind::Online { user: u, .. } | EventKind::Offline { user: u } => {
+                        contacts.contains(u)
+                    }
                     EventKind::BuddyAdded { buddy, .. } => {
                         contacts.insert(buddy.clone());
                         true
@@ -141,14 +145,19 @@ impl Ms {
     /// restarted or dropped us); users it refuses are logged out here.
     fn reannounce(&self) {
         for user in self.users.all() {
-            let lock = self.crs.call(&CrsRequest::Lock { user: user.name.clone() });
+            let lock = self.crs.call(&CrsRequest::Lock {
+                user: user.name.clone(),
+            });
             let ok = matches!(&lock, Ok(r) if r.is_success())
                 && matches!(
                     self.crs.call(&CrsRequest::Online { user: user.name.clone(), address: user.address }),
                     Ok(r) if r.is_success()
                 );
             if !ok {
-                warn!("{} could not be restored at the CRS; logged out here", user.name);
+                warn!(
+                    "{} could not be restored at the CRS; logged out here",
+                    user.name
+                );
                 self.users.remove(&user.name, Some(&user.login));
             }
         }
@@ -185,7 +194,10 @@ impl Ms {
                     }
                 },
             };
-            let reply = l.call_with(&CrsRequest::Events { ack }, self.config.heartbeat_interval * 4);
+            let reply = l.call_with(
+                &CrsRequest::Events { ack },
+                self.config.heartbeat_interval * 4,
+            );
             match reply {
                 Ok(r) if r.is_success() => match r.json::<EventBatch>() {
                     Ok(batch) => {
@@ -253,7 +265,9 @@ impl Running {
         self.server.join();
         self.ms.stopping.store(true, Ordering::Relaxed);
         for user in self.ms.users.all() {
-            if let Err(e) = self.ms.crs.call(&CrsRequest::Offline { user: user.name.clone() }) {
+            if let Err(e) = self.ms.crs.call(&CrsRequest::Offline {
+                user: user.name.clone(),
+            }) {
                 warn!("logging {} out at the CRS: {e}", user.name);
                 break;
             }
@@ -275,17 +289,28 @@ pub fn start(config: MsConfig) -> Result<Running, MsError> {
     let ms_key = keyfile::read_ms_key(&config.ms_key_file).map_err(MsError::MsKey)?;
     let listener = std::net::TcpListener::bind(config.listen.as_str()).map_err(MsError::Listen)?;
     let bound = listener.local_addr().map_err(MsError::Listen)?;
-    let advertise = config.advertise.clone().unwrap_or_else(|| bound.to_string());
+    let advertise = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| bound.to_string());
     let me = Identity {
         listen: advertise.clone(),
         capacity: config.capacity,
         role: "ms",
     };
-    let crs = LinkPool::new(config.crs.clone(), ms_key.clone(), me, config.crs_timeout, config.pool.workers + 2);
+    let crs = LinkPool::new(
+        config.crs.clone(),
+        ms_key.clone(),
+        me,
+        config.crs_timeout,
+        config.pool.workers + 2,
+    );
     // Enroll before taking clients: an MS the CRS refuses must not run.
-    crs.call(&CrsRequest::Heartbeat { load: 0 }).map_err(MsError::Enroll)?;
+    crs.call(&CrsRequest::Heartbeat { load: 0 })
+        .map_err(MsError::Enroll)?;
     info!("enrolled with the CRS at {} as {advertise}", config.crs);
-    let pusher = Pusher::start(config.push_threads, config.push_timeout).map_err(MsError::Listen)?;
+    let pusher =
+        Pusher::start(config.push_threads, config.push_timeout).map_err(MsError::Listen)?;
     let ms = Arc::new(Ms {
         config: config.clone(),
         ms_key,
@@ -294,8 +319,12 @@ pub fn start(config: MsConfig) -> Result<Running, MsError> {
         pusher,
         stopping: AtomicBool::new(false),
     });
-    let server = Server::from_listener(listener, config.pool.clone(), Arc::new(login::MsService(ms.clone())))
-        .map_err(MsError::Listen)?;
+    let server = Server::from_listener(
+        listener,
+        config.pool.clone(),
+        Arc::new(login::MsService(ms.clone())),
+    )
+    .map_err(MsError::Listen)?;
     info!("MS listening on {bound}");
     let mut threads = Vec::new();
     for (name, f) in [
@@ -310,5 +339,9 @@ pub fn start(config: MsConfig) -> Result<Running, MsError> {
                 .map_err(MsError::Listen)?,
         );
     }
-    Ok(Running { ms, server, threads })
+    Ok(Running {
+        ms,
+        server,
+        threads,
+    })
 }

@@ -39,13 +39,17 @@ impl Pusher {
         for i in 0..n.max(1) {
             let (tx, rx) = bounded::<Job>(PUSH_QUEUE);
             lanes.push(tx);
-            threads.push(std::thread::Builder::new().name(format!("ms-push{i}")).spawn(move || {
-                for (user, event) in rx {
-                    if let Err(e) = push_one(&user, &event, timeout) {
-                        warn!("push to {} at {} failed: {e}", user.name, user.address);
-                    }
-                }
-            })?);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("ms-push{i}"))
+                    .spawn(move || {
+                        for (user, event) in rx {
+                            if let Err(e) = push_one(&user, &event, timeout) {
+                                warn!("push to {} at {} failed: {e}", user.name, user.address);
+                            }
+                        }
+                    })?,
+            );
         }
         Ok(Pusher { lanes, threads })
     }
@@ -57,7 +61,9 @@ impl Pusher {
         let lane = &self.lanes[(h.finish() % self.lanes.len() as u64) as usize];
         match lane.try_send((user, event)) {
             Ok(()) => {}
-            Err(TrySendError::Full((u, _))) => warn!("push queue full; dropping a push to {}", u.name),
+            Err(TrySendError::Full((u, _))) => {
+                warn!("push queue full; dropping a push to {}", u.name)
+            }
             Err(TrySendError::Disconnected(_)) => {}
         }
     }
@@ -79,7 +85,8 @@ fn push_one(user: &OnlineUser, event: &EventKind, timeout: Duration) -> Result<(
         .lock()
         .seal(PUSH, &[("User", &user.name)], &event_message(event))
         .map_err(|e| e.to_string())?;
-    let mut stream = TcpStream::connect_timeout(&user.address, timeout).map_err(|e| e.to_string())?;
+    let mut stream =
+        TcpStream::connect_timeout(&user.address, timeout).map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
     let deadline = Instant::now() + timeout;
     write_message(&mut stream, &sealed, deadline).map_err(|e| e.to_string())?;

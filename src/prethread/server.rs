@@ -287,7 +287,7 @@ fn accept_loop<S: Service>(listener: TcpListener, tx: Sender<TcpStream>, shared:
                     // E.g. out of file descriptors: log once a second at
                     // most, and pause so that the error does not spin.
                     _ => {
-                        if last_error_log.map_or(true, |t| t.elapsed() >= Duration::from_secs(1)) {
+                        if last_error_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                             warn!("{name}: accept failed: {e}");
                             last_error_log = Some(Instant::now());
                         }

@@ -381,7 +381,11 @@ impl CrsRequest {
                 .with_header("User", user)
                 .with_header("Address", address),
             Offline { user } => Message::request("OFFLINE").with_header("User", user),
-            SetCredentials { user, verifier, wrapped_key } => verifier
+            SetCredentials {
+                user,
+                verifier,
+                wrapped_key,
+            } => verifier
                 .write(Message::request("SET-CREDENTIALS").with_header("User", user))
                 .with_header("Wrapped-Key", crypto::b64_encode(wrapped_key)),
             SetProfile { user, profile } => Message::request("SET-PROFILE")
@@ -390,7 +394,12 @@ impl CrsRequest {
             Search { text, limit } => Message::request("SEARCH")
                 .with_header("Limit", limit)
                 .with_body(text.as_bytes().to_vec()),
-            Add { from, to, nonce, signature } => Message::request("ADD")
+            Add {
+                from,
+                to,
+                nonce,
+                signature,
+            } => Message::request("ADD")
                 .with_header("From", from)
                 .with_header("To", to)
                 .with_header("Nonce", crypto::b64_encode(nonce))
@@ -422,57 +431,64 @@ impl CrsRequest {
     pub fn from_message(m: &Message) -> Result<CrsRequest, ProtoError> {
         use CrsRequest::*;
         let user = || m.req("User").map(str::to_owned);
-        Ok(match m.method().ok_or(ProtoError::UnknownMethod(String::new()))? {
-            "HEARTBEAT" => Heartbeat { load: m.req_parse("Load")? },
-            "VERIFIER" => GetVerifier { user: user()? },
-            "LOCK" => Lock { user: user()? },
-            "UNLOCK" => Unlock { user: user()? },
-            "ONLINE" => Online {
-                user: user()?,
-                address: m.req_parse("Address")?,
+        Ok(
+            match m.method().ok_or(ProtoError::UnknownMethod(String::new()))? {
+                "HEARTBEAT" => Heartbeat {
+                    load: m.req_parse("Load")?,
+                },
+                "VERIFIER" => GetVerifier { user: user()? },
+                "LOCK" => Lock { user: user()? },
+                "UNLOCK" => Unlock { user: user()? },
+                "ONLINE" => Online {
+                    user: user()?,
+                    address: m.req_parse("Address")?,
+                },
+                "OFFLINE" => Offline { user: user()? },
+                "SET-CREDENTIALS" => SetCredentials {
+                    user: user()?,
+                    verifier: Verifier::read(m)?,
+                    wrapped_key: m.req_b64("Wrapped-Key")?,
+                },
+                "SET-PROFILE" => SetProfile {
+                    user: user()?,
+                    profile: m.json()?,
+                },
+                "SEARCH" => Search {
+                    text: String::from_utf8(m.body.clone())
+                        .map_err(|_| ProtoError::Invalid("body"))?,
+                    limit: m.req_parse("Limit")?,
+                },
+                "ADD" => Add {
+                    from: m.req("From")?.to_owned(),
+                    to: m.req("To")?.to_owned(),
+                    nonce: m.req_b64("Nonce")?,
+                    signature: m.req_b64("Signature")?,
+                },
+                "ACCEPT" => Accept {
+                    user: user()?,
+                    from: m.req("From")?.to_owned(),
+                },
+                "DENY" => Deny {
+                    user: user()?,
+                    from: m.req("From")?.to_owned(),
+                },
+                "REMOVE" => Remove {
+                    user: user()?,
+                    buddy: m.req("Buddy")?.to_owned(),
+                },
+                "EVENTS" => Events {
+                    ack: m.req_parse("Ack")?,
+                },
+                "LIST-USERS" => ListUsers {
+                    after: m.header("After").map(str::to_owned),
+                    limit: m.req_parse("Limit")?,
+                },
+                "SHOW-USER" => ShowUser { user: user()? },
+                "DELETE-USER" => DeleteUser { user: user()? },
+                "LIST-MS" => ListMs,
+                other => return Err(ProtoError::UnknownMethod(other.to_owned())),
             },
-            "OFFLINE" => Offline { user: user()? },
-            "SET-CREDENTIALS" => SetCredentials {
-                user: user()?,
-                verifier: Verifier::read(m)?,
-                wrapped_key: m.req_b64("Wrapped-Key")?,
-            },
-            "SET-PROFILE" => SetProfile {
-                user: user()?,
-                profile: m.json()?,
-            },
-            "SEARCH" => Search {
-                text: String::from_utf8(m.body.clone()).map_err(|_| ProtoError::Invalid("body"))?,
-                limit: m.req_parse("Limit")?,
-            },
-            "ADD" => Add {
-                from: m.req("From")?.to_owned(),
-                to: m.req("To")?.to_owned(),
-                nonce: m.req_b64("Nonce")?,
-                signature: m.req_b64("Signature")?,
-            },
-            "ACCEPT" => Accept {
-                user: user()?,
-                from: m.req("From")?.to_owned(),
-            },
-            "DENY" => Deny {
-                user: user()?,
-                from: m.req("From")?.to_owned(),
-            },
-            "REMOVE" => Remove {
-                user: user()?,
-                buddy: m.req("Buddy")?.to_owned(),
-            },
-            "EVENTS" => Events { ack: m.req_parse("Ack")? },
-            "LIST-USERS" => ListUsers {
-                after: m.header("After").map(str::to_owned),
-                limit: m.req_parse("Limit")?,
-            },
-            "SHOW-USER" => ShowUser { user: user()? },
-            "DELETE-USER" => DeleteUser { user: user()? },
-            "LIST-MS" => ListMs,
-            other => return Err(ProtoError::UnknownMethod(other.to_owned())),
-        })
+        )
     }
 }
 
@@ -533,26 +549,47 @@ mod tests {
         });
         let mut p = Profile::new();
         p.insert("name".into(), "Jöe Q".into());
-        round(CrsRequest::SetProfile { user: "joe".into(), profile: p });
-        round(CrsRequest::Search { text: "al ice".into(), limit: 20 });
+        round(CrsRequest::SetProfile {
+            user: "joe".into(),
+            profile: p,
+        });
+        round(CrsRequest::Search {
+            text: "al ice".into(),
+            limit: 20,
+        });
         round(CrsRequest::Add {
             from: "joe".into(),
             to: "alice".into(),
             nonce: vec![1, 2],
             signature: vec![3, 4],
         });
-        round(CrsRequest::ListUsers { after: None, limit: 5 });
-        round(CrsRequest::ListUsers { after: Some("b".into()), limit: 5 });
+        round(CrsRequest::ListUsers {
+            after: None,
+            limit: 5,
+        });
+        round(CrsRequest::ListUsers {
+            after: Some("b".into()),
+            limit: 5,
+        });
         round(CrsRequest::Events { ack: 12 });
     }
 
     #[test]
     fn missing_and_unknown() {
         let m = Message::request("LOCK");
-        assert_eq!(CrsRequest::from_message(&m), Err(ProtoError::Missing("User")));
+        assert_eq!(
+            CrsRequest::from_message(&m),
+            Err(ProtoError::Missing("User"))
+        );
         let m = Message::request("FROB");
-        assert!(matches!(CrsRequest::from_message(&m), Err(ProtoError::UnknownMethod(_))));
+        assert!(matches!(
+            CrsRequest::from_message(&m),
+            Err(ProtoError::UnknownMethod(_))
+        ));
         let m = Message::request("HEARTBEAT").with_header("Load", "x");
-        assert_eq!(CrsRequest::from_message(&m), Err(ProtoError::Invalid("Load")));
+        assert_eq!(
+            CrsRequest::from_message(&m),
+            Err(ProtoError::Invalid("Load"))
+        );
     }
 }

@@ -27,7 +27,9 @@ impl Fields for Message {
     }
 
     fn req_parse<T: std::str::FromStr>(&self, name: &'static str) -> Result<T, ProtoError> {
-        self.req(name)?.parse().map_err(|_| ProtoError::Invalid(name))
+        self.req(name)?
+            .parse()
+            .map_err(|_| ProtoError::Invalid(name))
     }
 
     fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, ProtoError> {

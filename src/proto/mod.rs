@@ -5,9 +5,9 @@
 //! sides of a proof or signature must build identically.
 
 pub mod crs;
+mod fields;
 pub mod ms;
 pub mod peer;
-mod fields;
 
 pub use fields::{b64_serde, Fields};
 
@@ -54,7 +54,8 @@ impl std::error::Error for ProtoError {}
 /// Length-prefixed concatenation, so that no two different field lists
 /// give the same bytes to sign or MAC.
 pub fn transcript(label: &str, parts: &[&[u8]]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(label.len() + parts.iter().map(|p| p.len() + 4).sum::<usize>() + 4);
+    let mut out =
+        Vec::with_capacity(label.len() + parts.iter().map(|p| p.len() + 4).sum::<usize>() + 4);
     for part in std::iter::once(label.as_bytes()).chain(parts.iter().copied()) {
         out.extend_from_slice(&(part.len() as u32).to_be_bytes());
         out.extend_from_slice(part);
@@ -63,18 +64,40 @@ pub fn transcript(label: &str, parts: &[&[u8]]) -> Vec<u8> {
 }
 
 /// What the client proves and the MS signs at login (see PROTOCOL.md §6).
-pub fn login_auth_message(user: &str, client_nonce: &[u8], server_nonce: &[u8], salt: &[u8], iterations: u32) -> Vec<u8> {
+pub fn login_auth_message(
+    user: &str,
+    client_nonce: &[u8],
+    server_nonce: &[u8],
+    salt: &[u8],
+    iterations: u32,
+) -> Vec<u8> {
     transcript(
         "ims login v1",
-        &[user.as_bytes(), client_nonce, server_nonce, salt, &iterations.to_be_bytes()],
+        &[
+            user.as_bytes(),
+            client_nonce,
+            server_nonce,
+            salt,
+            &iterations.to_be_bytes(),
+        ],
     )
 }
 
 /// What an MS proves at enrollment.
-pub fn enroll_ms_transcript(ms_nonce: &[u8], crs_nonce: &[u8], listen: &str, capacity: u32) -> Vec<u8> {
+pub fn enroll_ms_transcript(
+    ms_nonce: &[u8],
+    crs_nonce: &[u8],
+    listen: &str,
+    capacity: u32,
+) -> Vec<u8> {
     transcript(
         "ims enroll ms v1",
-        &[ms_nonce, crs_nonce, listen.as_bytes(), &capacity.to_be_bytes()],
+        &[
+            ms_nonce,
+            crs_nonce,
+            listen.as_bytes(),
+            &capacity.to_be_bytes(),
+        ],
     )
 }
 

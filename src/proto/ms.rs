@@ -70,12 +70,19 @@ impl MsRequest {
                 .with_header("Proof", crypto::b64_encode(proof))
                 .with_header("Listen-Port", listen_port),
             Logout => Message::request("LOGOUT"),
-            Passwd { verifier, wrapped_key } => Message::request("PASSWD")
+            Passwd {
+                verifier,
+                wrapped_key,
+            } => Message::request("PASSWD")
                 .with_header("Wrapped-Key", crypto::b64_encode(wrapped_key))
                 .with_body(json(verifier)),
             SetProfile(p) => Message::request("PROFILE").with_body(json(p)),
             Search(text) => Message::request("SEARCH").with_body(text.as_bytes().to_vec()),
-            Add { to, nonce, signature } => Message::request("ADD")
+            Add {
+                to,
+                nonce,
+                signature,
+            } => Message::request("ADD")
                 .with_header("To", to)
                 .with_header("Nonce", crypto::b64_encode(nonce))
                 .with_header("Signature", crypto::b64_encode(signature)),
@@ -89,33 +96,37 @@ impl MsRequest {
     /// Decodes a wire message.
     pub fn from_message(m: &Message) -> Result<MsRequest, ProtoError> {
         use MsRequest::*;
-        Ok(match m.method().ok_or(ProtoError::UnknownMethod(String::new()))? {
-            "LOGIN-HELLO" => LoginHello {
-                user: m.req("User")?.to_owned(),
-                client_nonce: m.req_b64("Client-Nonce")?,
+        Ok(
+            match m.method().ok_or(ProtoError::UnknownMethod(String::new()))? {
+                "LOGIN-HELLO" => LoginHello {
+                    user: m.req("User")?.to_owned(),
+                    client_nonce: m.req_b64("Client-Nonce")?,
+                },
+                "LOGIN" => Login {
+                    proof: m.req_b64("Proof")?,
+                    listen_port: m.req_parse("Listen-Port")?,
+                },
+                "LOGOUT" => Logout,
+                "PASSWD" => Passwd {
+                    verifier: m.json()?,
+                    wrapped_key: m.req_b64("Wrapped-Key")?,
+                },
+                "PROFILE" => SetProfile(m.json()?),
+                "SEARCH" => Search(
+                    String::from_utf8(m.body.clone()).map_err(|_| ProtoError::Invalid("body"))?,
+                ),
+                "ADD" => Add {
+                    to: m.req("To")?.to_owned(),
+                    nonce: m.req_b64("Nonce")?,
+                    signature: m.req_b64("Signature")?,
+                },
+                "ACCEPT" => Accept(m.req("From")?.to_owned()),
+                "DENY" => Deny(m.req("From")?.to_owned()),
+                "REMOVE" => Remove(m.req("Buddy")?.to_owned()),
+                "PING" => Ping,
+                other => return Err(ProtoError::UnknownMethod(other.to_owned())),
             },
-            "LOGIN" => Login {
-                proof: m.req_b64("Proof")?,
-                listen_port: m.req_parse("Listen-Port")?,
-            },
-            "LOGOUT" => Logout,
-            "PASSWD" => Passwd {
-                verifier: m.json()?,
-                wrapped_key: m.req_b64("Wrapped-Key")?,
-            },
-            "PROFILE" => SetProfile(m.json()?),
-            "SEARCH" => Search(String::from_utf8(m.body.clone()).map_err(|_| ProtoError::Invalid("body"))?),
-            "ADD" => Add {
-                to: m.req("To")?.to_owned(),
-                nonce: m.req_b64("Nonce")?,
-                signature: m.req_b64("Signature")?,
-            },
-            "ACCEPT" => Accept(m.req("From")?.to_owned()),
-            "DENY" => Deny(m.req("From")?.to_owned()),
-            "REMOVE" => Remove(m.req("Buddy")?.to_owned()),
-            "PING" => Ping,
-            other => return Err(ProtoError::UnknownMethod(other.to_owned())),
-        })
+        )
     }
 }
 

@@ -14,22 +14,43 @@ pub const PEER: &str = "PEER";
 pub fn init_transcript(from: &str, to: &str, time: u64, nonce: &[u8], key: &[u8]) -> Vec<u8> {
     transcript(
         "ims init v1",
-        &[from.as_bytes(), to.as_bytes(), &time.to_be_bytes(), nonce, key],
+        &[
+            from.as_bytes(),
+            to.as_bytes(),
+            &time.to_be_bytes(),
+            nonce,
+            key,
+        ],
     )
 }
 
 /// What INIT-ACK's sender signs.
-pub fn init_ack_transcript(from: &str, to: &str, initiator_nonce: &[u8], responder_nonce: &[u8]) -> Vec<u8> {
+pub fn init_ack_transcript(
+    from: &str,
+    to: &str,
+    initiator_nonce: &[u8],
+    responder_nonce: &[u8],
+) -> Vec<u8> {
     transcript(
         "ims init-ack v1",
-        &[from.as_bytes(), to.as_bytes(), initiator_nonce, responder_nonce],
+        &[
+            from.as_bytes(),
+            to.as_bytes(),
+            initiator_nonce,
+            responder_nonce,
+        ],
     )
 }
 
 /// The session id both sides derive from the two nonces (clear `Session`
 /// header of sealed peer messages, so a stale session is noticed at once).
 pub fn session_id(initiator_nonce: &[u8], responder_nonce: &[u8]) -> String {
-    crate::keyfile::hex(&crypto::sha256(&transcript("ims session id v1", &[initiator_nonce, responder_nonce]))[..12])
+    crate::keyfile::hex(
+        &crypto::sha256(&transcript(
+            "ims session id v1",
+            &[initiator_nonce, responder_nonce],
+        ))[..12],
+    )
 }
 
 /// A session-opening request.
@@ -249,14 +270,20 @@ mod tests {
                 content_type: "text/plain".into(),
                 sha256: "ab".into(),
             },
-            PeerRequest::FileAnswer { id: 1, accept: true },
+            PeerRequest::FileAnswer {
+                id: 1,
+                accept: true,
+            },
             PeerRequest::FileChunk {
                 id: 1,
                 offset: 4,
                 data: vec![0, 1, 13, 10],
             },
             PeerRequest::FileEnd { id: 1 },
-            PeerRequest::FileCancel { id: 1, from_sender: false },
+            PeerRequest::FileCancel {
+                id: 1,
+                from_sender: false,
+            },
         ];
         for r in reqs {
             assert_eq!(PeerRequest::from_message(r.to_message()).unwrap(), r);

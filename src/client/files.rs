@@ -1,0 +1,790 @@
+//! File transfers between buddies: an offer on the message channel, an
+//! answer, then the chunks on a connection and channel of their own, so
+//! chat keeps flowing. Memory stays bounded on both sides (one chunk at a
+//! time); the receiver writes to a temporary file in the download
+//! directory, checks the sender's SHA-256, and only then gives it a safe,
+//! unused name.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+use parking_lot::Mutex;
+
+use super::events::Event;
+use super::peer::{PeerSession, PendingKind};
+use super::Client;
+use crate::crypto::{self, Sha256};
+use crate::keyfile::hex;
+use crate::proto::peer::{PeerRequest, PEER};
+use crate::seal::{Opener, Role, Sealer};
+use crate::wire::io::{write_message, MessageReader};
+use crate::wire::{code, Limits, Message};
+
+/// Bytes of file per chunk: large enough to amortize a seal and a write,
+/// small enough that a transfer holds little memory.
+pub const CHUNK: usize = 256 * 1024;
+/// Time between progress events.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// A file we offered.
+pub struct OutTransfer {
+    id: u64,
+    peer: String,
+    path: PathBuf,
+    name: String,
+    size: u64,
+    sha256: String,
+    cancelled: AtomicBool,
+}
+
+/// Where an incoming transfer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum InState {
+    Offered,
+    Accepted,
+    Receiving,
+}
+
+/// A file offered to us.
+pub struct InTransfer {
+    id: u64,
+    peer: String,
+    name: String,
+    size: u64,
+    sha256: String,
+    state: Mutex<InState>,
+    cancelled: AtomicBool,
+}
+
+/// Every transfer under way.
+#[derive(Default)]
+pub struct Files {
+    outgoing: Mutex<HashMap<(String, u64), Arc<OutTransfer>>>,
+    /// In order of arrival: `/accept NAME` takes the oldest offer from NAME.
+    incoming: Mutex<Vec<Arc<InTransfer>>>,
+}
+
+impl Files {
+    /// Forgets everything (logout).
+    pub fn clear(&self) {
+        for t in self.outgoing.lock().drain() {
+            t.1.cancelled.store(true, Ordering::Relaxed);
+        }
+        for t in self.incoming.lock().drain(..) {
+            t.cancelled.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `peer` has an offer waiting for our answer.
+    pub fn has_offer_from(&self, peer: &str) -> bool {
+        self.incoming
+            .lock()
+            .iter()
+            .any(|t| t.peer == peer && *t.state.lock() == InState::Offered)
+    }
+
+    fn take_offer(&self, peer: &str) -> Option<Arc<InTransfer>> {
+        self.incoming
+            .lock()
+            .iter()
+            .find(|t| t.peer == peer && *t.state.lock() == InState::Offered)
+            .cloned()
+    }
+
+    fn remove_in(&self, peer: &str, id: u64) {
+        self.incoming
+            .lock()
+            .retain(|t| !(t.peer == peer && t.id == id));
+    }
+}
+
+/// A MIME type from the file name's extension.
+pub fn content_type(name: &str) -> &'static str {
+    let ext = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "txt" | "md" | "log" => "text/plain",
+        "html" | "htm" => "text/html",
+        "csv" => "text/csv",
+        "json" => "application/json",
+        "pdf" => "application/pdf",
+        "zip" => "application/zip",
+        "gz" | "tgz" => "application/gzip",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "svg" => "image/svg+xml",
+        "mp3" => "audio/mpeg",
+        "wav" => "audio/wav",
+        "mp4" => "video/mp4",
+        "doc" | "docx" => "application/msword",
+        "xls" | "xlsx" => "application/vnd.ms-excel",
+        _ => "application/octet-stream",
+    }
+}
+
+/// The sender's name reduced to one safe path component: only the last
+/// component, only letters, digits, `.`, `-`, `_` and spaces, no leading
+/// dot, at most 200 characters; never empty.
+pub fn safe_name(name: &str) -> String {
+    let last = name.rsplit(['/', '\\']).next().unwrap_or("");
+    let cleaned: String = last
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, '.' | '-' | '_' | ' '))
+        .take(200)
+        .collect();
+    let trimmed = cleaned.trim().trim_start_matches('.').trim();
+    if trimmed.is_empty() {
+        "file".to_owned()
+    } else {
+        trimmed.to_owned()
+    }
+}
+
+/// Links `temp` into `dir` under `name`, or `name (1)`, `name (2)`, ...:
+/// never over an existing file (a hard link fails if the name is taken).
+fn place(temp: &Path, dir: &Path, name: &str) -> std::io::Result<PathBuf> {
+    let (stem, ext) = match name.rsplit_once('.') {
+        Some((s, e)) if !s.is_empty() => (s.to_owned(), format!(".{e}")),
+        _ => (name.to_owned(), String::new()),
+    };
+    for n in 0..10_000 {
+        let candidate = if n == 0 {
+            dir.join(name)
+        } else {
+            dir.join(format!("{stem} ({n}){ext}"))
+        };
+        match fs::hard_link(temp, &candidate) {
+            Ok(()) => {
+                fs::remove_file(temp)?;
+                return Ok(candidate);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::ErrorKind::AlreadyExists.into())
+}
+
+/// Throttled progress reports.
+struct Progress {
+    started: Instant,
+    last: Instant,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        let now = Instant::now();
+        Progress {
+            started: now,
+            last: now - PROGRESS_EVERY,
+        }
+    }
+
+    fn event(
+        &mut self,
+        peer: &str,
+        id: u64,
+        direction: &str,
+        bytes: u64,
+        size: u64,
+        force: bool,
+    ) -> Option<Event> {
+        if !force && self.last.elapsed() < PROGRESS_EVERY {
+            return None;
+        }
+        self.last = Instant::now();
+        let secs = self.started.elapsed().as_secs_f64().max(1e-6);
+        Some(Event::FileProgress {
+            peer: peer.to_owned(),
+            id,
+            direction: direction.to_owned(),
+            bytes,
+            size,
+            rate: (bytes as f64 / secs) as u64,
+        })
+    }
+}
+
+/// An incoming transfer's connection, between its first chunk and its end.
+pub struct Receiving {
+    transfer: Arc<InTransfer>,
+    session: Arc<PeerSession>,
+    me: String,
+    recv: Opener,
+    send: Sealer,
+    temp: PathBuf,
+    file: File,
+    hasher: Sha256,
+    written: u64,
+    progress: Progress,
+    done: bool,
+}
+
+impl Client {
+    /// Offers the file at `path` to `to`; the transfer starts when they accept.
+    pub fn send_file(self: &Arc<Self>, to: &str, path: &Path) -> Result<u64, String> {
+        let to = to.to_ascii_lowercase();
+        let meta = fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if !meta.is_file() {
+            return Err(format!("{} is not a file", path.display()));
+        }
+        let mut file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = file
+                .read(&mut buf)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "file".into());
+        let id = self.next_id();
+        let t = Arc::new(OutTransfer {
+            id,
+            peer: to.clone(),
+            path: path.to_owned(),
+            name: name.clone(),
+            size: meta.len(),
+            sha256: hex(&hasher.finish()),
+            cancelled: AtomicBool::new(false),
+        });
+        self.files
+            .outgoing
+            .lock()
+            .insert((to.clone(), id), t.clone());
+        let offer = PeerRequest::FileOffer {
+            id,
+            name,
+            size: t.size,
+            content_type: content_type(&t.name).to_owned(),
+            sha256: t.sha256.clone(),
+        };
+        if let Err(e) = self.send_request(&to, &offer, id, PendingKind::Control("send".into())) {
+            self.files.outgoing.lock().remove(&(to, id));
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Accepts the oldest file offer from `peer`; `false` if there is none.
+    pub fn accept_file(self: &Arc<Self>, peer: &str) -> Result<bool, String> {
+        self.answer_file(peer, true)
+    }
+
+    /// Denies the oldest file offer from `peer`; `false` if there is none.
+    pub fn deny_file(self: &Arc<Self>, peer: &str) -> Result<bool, String> {
+        self.answer_file(peer, false)
+    }
+
+    fn answer_file(self: &Arc<Self>, peer: &str, accept: bool) -> Result<bool, String> {
+        let peer = peer.to_ascii_lowercase();
+        let Some(t) = self.files.take_offer(&peer) else {
+            return Ok(false);
+        };
+        if accept {
+            *t.state.lock() = InState::Accepted;
+        } else {
+            self.files.remove_in(&peer, t.id);
+        }
+        let id = self.next_id();
+        self.send_request(
+            &peer,
+            &PeerRequest::FileAnswer { id: t.id, accept },
+            id,
+            PendingKind::Control(if accept { "accept" } else { "deny" }.into()),
+        )?;
+        // FILE-ANSWER's acknowledgement carries the transfer id, not ours.
+        self.peers.pending.lock().remove(&(peer, id));
+        Ok(true)
+    }
+
+    /// Stops every transfer with `peer`, either direction; how many.
+    pub fn cancel_transfers(self: &Arc<Self>, peer: &str) -> usize {
+        let peer = peer.to_ascii_lowercase();
+        let outs: Vec<Arc<OutTransfer>> = self
+            .files
+            .outgoing
+            .lock()
+            .iter()
+            .filter(|((p, _), _)| *p == peer)
+            .map(|(_, t)| t.clone())
+            .collect();
+        let ins: Vec<Arc<InTransfer>> = self
+            .files
+            .incoming
+            .lock()
+            .iter()
+            .filter(|t| t.peer == peer)
+            .cloned()
+            .collect();
+        for t in &outs {
+            t.cancelled.store(true, Ordering::Relaxed);
+            self.files.outgoing.lock().remove(&(peer.clone(), t.id));
+            self.tell_cancel(&peer, t.id, true);
+            self.emit(Event::FileFailed {
+                peer: peer.clone(),
+                id: t.id,
+                name: t.name.clone(),
+                reason: "cancelled".into(),
+            });
+        }
+        for t in &ins {
+            t.cancelled.store(true, Ordering::Relaxed);
+            let receiving = *t.state.lock() == InState::Receiving;
+            if !receiving {
+                // A receiving connection reports its own end when it sees the flag.
+                self.files.remove_in(&peer, t.id);
+                self.emit(Event::FileFailed {
+                    peer: peer.clone(),
+                    id: t.id,
+                    name: t.name.clone(),
+                    reason: "cancelled".into(),
+                });
+            }
+            self.tell_cancel(&peer, t.id, false);
+        }
+        outs.len() + ins.len()
+    }
+
+    fn tell_cancel(self: &Arc<Self>, peer: &str, id: u64, from_sender: bool) {
+        let req_id = self.next_id();
+        if let Err(e) = self.send_request(
+            peer,
+            &PeerRequest::FileCancel { id, from_sender },
+            req_id,
+            PendingKind::Control("cancel".into()),
+        ) {
+            debug!("telling {peer} of the cancel: {e}");
+        }
+        self.peers.pending.lock().remove(&(peer.to_owned(), req_id));
+    }
+
+    pub(super) fn on_file_offer(
+        self: &Arc<Self>,
+        from: &str,
+        id: u64,
+        name: String,
+        size: u64,
+        content_type: String,
+        sha256: String,
+    ) -> Message {
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Message::reply(code::BAD_REQUEST, "bad Sha256").with_header("Id", id);
+        }
+        let t = Arc::new(InTransfer {
+            id,
+            peer: from.to_owned(),
+            name: name.clone(),
+            size,
+            sha256: sha256.to_ascii_lowercase(),
+            state: Mutex::new(InState::Offered),
+            cancelled: AtomicBool::new(false),
+        });
+        self.files.incoming.lock().push(t);
+        self.emit(Event::FileOffer {
+            from: from.to_owned(),
+            id,
+            name,
+            size,
+            content_type,
+        });
+        if self.config.auto_accept_files {
+            let client = self.clone();
+            let from = from.to_owned();
+            std::thread::spawn(move || {
+                if let Err(e) = client.accept_file(&from) {
+                    client.emit(Event::Error {
+                        command: "accept".into(),
+                        reason: e,
+                    });
+                }
+            });
+        }
+        Message::ok().with_header("Id", id)
+    }
+
+    pub(super) fn on_file_answer(self: &Arc<Self>, from: &str, id: u64, accept: bool) -> Message {
+        let Some(t) = self
+            .files
+            .outgoing
+            .lock()
+            .get(&(from.to_owned(), id))
+            .cloned()
+        else {
+            return Message::reply(code::NOT_FOUND, "no such offer").with_header("Id", id);
+        };
+        if !accept {
+            self.files.outgoing.lock().remove(&(from.to_owned(), id));
+            self.emit(Event::FileFailed {
+                peer: from.to_owned(),
+                id,
+                name: t.name.clone(),
+                reason: format!("{from} declined"),
+            });
+            return Message::ok().with_header("Id", id);
+        }
+        let client = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("send-{id}"))
+            .spawn(move || {
+                let result = client.stream_file(&t);
+                client.files.outgoing.lock().remove(&(t.peer.clone(), t.id));
+                match result {
+                    Ok(()) => client.emit(Event::FileSent {
+                        to: t.peer.clone(),
+                        name: t.name.clone(),
+                        size: t.size,
+                    }),
+                    Err(reason) => client.emit(Event::FileFailed {
+                        peer: t.peer.clone(),
+                        id: t.id,
+                        name: t.name.clone(),
+                        reason,
+                    }),
+                }
+            });
+        match spawned {
+            Ok(_) => Message::ok().with_header("Id", id),
+            Err(_) => {
+                Message::reply(code::INTERNAL, "cannot start the transfer").with_header("Id", id)
+            }
+        }
+    }
+
+    pub(super) fn on_file_cancel(&self, from: &str, id: u64, from_sender: bool) -> Message {
+        if from_sender {
+            let found = self
+                .files
+                .incoming
+                .lock()
+                .iter()
+                .find(|t| t.peer == from && t.id == id)
+                .cloned();
+            if let Some(t) = found {
+                t.cancelled.store(true, Ordering::Relaxed);
+                if *t.state.lock() != InState::Receiving {
+                    self.files.remove_in(from, id);
+                    self.emit(Event::FileFailed {
+                        peer: from.to_owned(),
+                        id,
+                        name: t.name.clone(),
+                        reason: format!("cancelled by {from}"),
+                    });
+                }
+            }
+        } else if let Some(t) = self.files.outgoing.lock().remove(&(from.to_owned(), id)) {
+            t.cancelled.store(true, Ordering::Relaxed);
+            self.emit(Event::FileFailed {
+                peer: from.to_owned(),
+                id,
+                name: t.name.clone(),
+                reason: format!("cancelled by {from}"),
+            });
+        }
+        Message::ok().with_header("Id", id)
+    }
+
+    /// The sending side of an accepted transfer, on its own connection.
+    fn stream_file(self: &Arc<Self>, t: &OutTransfer) -> Result<(), String> {
+        let me = self.user().ok_or("logged out")?;
+        let session = self.session_with(&t.peer)?;
+        let keys = session.file_channel(t.id, &me, &t.peer, Role::Initiator);
+        let (mut send, mut recv) = (keys.send, keys.recv);
+        let chan = format!("file:{}", t.id);
+        let timeout = self.config.timeout;
+        let stream = super::connect(&session.address.to_string(), timeout)
+            .map_err(|e| format!("{} does not answer: {e}", t.peer))?;
+        let mut reader = MessageReader::new(stream);
+        let mut file = File::open(&t.path).map_err(|e| format!("{}: {e}", t.path.display()))?;
+        let mut buf = vec![0u8; CHUNK];
+        let mut offset = 0u64;
+        let mut progress = Progress::new();
+        let broke = |e: &dyn std::fmt::Display| format!("the transfer broke off: {e}");
+        while offset < t.size {
+            if t.cancelled.load(Ordering::Relaxed) {
+                return Err("cancelled".into());
+            }
+            let n = file
+                .read(&mut buf)
+                .map_err(|e| format!("{}: {e}", t.path.display()))?;
+            if n == 0 {
+                return Err(format!("{} shrank while being sent", t.path.display()));
+            }
+            let chunk = PeerRequest::FileChunk {
+                id: t.id,
+                offset,
+                data: buf[..n].to_vec(),
+            };
+            let sealed = send
+                .seal(PEER, &session.clear(&me, &chan), &chunk.to_message())
+                .map_err(|e| e.to_string())?;
+            write_message(reader.get_mut(), &sealed, Instant::now() + timeout)
+                .map_err(|e| broke(&e))?;
+            offset += n as u64;
+            if let Some(e) = progress.event(&t.peer, t.id, "send", offset, t.size, offset == t.size)
+            {
+                self.emit(e);
+            }
+        }
+        let end = send
+            .seal(
+                PEER,
+                &session.clear(&me, &chan),
+                &PeerRequest::FileEnd { id: t.id }.to_message(),
+            )
+            .map_err(|e| e.to_string())?;
+        write_message(reader.get_mut(), &end, Instant::now() + timeout).map_err(|e| broke(&e))?;
+        let reply = reader
+            .read_message(&Limits::DEFAULT, Instant::now() + timeout)
+            .map_err(|e| broke(&e))?
+            .ok_or_else(|| broke(&"closed"))?;
+        if reply.method() != Some(PEER) {
+            return Err(format!(
+                "{} refused the file: {}",
+                t.peer,
+                reply.reason().unwrap_or("")
+            ));
+        }
+        let inner = recv.open(&reply).map_err(|e| broke(&e))?;
+        if inner.is_success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: {}",
+                t.peer,
+                inner.reason().unwrap_or("refused")
+            ))
+        }
+    }
+
+    /// The first chunk of an accepted transfer opens its receiving state.
+    pub(super) fn open_receiving(&self, m: &Message) -> Result<Receiving, Message> {
+        let from = m.header("From").unwrap_or("");
+        let sid = m.header("Session").unwrap_or("");
+        let id: u64 = m
+            .header("Channel")
+            .and_then(|c| c.strip_prefix("file:"))
+            .and_then(|i| i.parse().ok())
+            .ok_or_else(|| Message::reply(code::BAD_REQUEST, "bad Channel"))?;
+        let session = self
+            .peers
+            .get(from)
+            .filter(|s| s.id == sid)
+            .ok_or_else(|| Message::reply(code::NOT_FOUND, "unknown session"))?;
+        let transfer = self
+            .files
+            .incoming
+            .lock()
+            .iter()
+            .find(|t| t.peer == from && t.id == id)
+            .cloned()
+            .ok_or_else(|| Message::reply(code::NOT_FOUND, "no such transfer"))?;
+        {
+            let mut state = transfer.state.lock();
+            if *state != InState::Accepted {
+                return Err(Message::reply(code::FORBIDDEN, "transfer not accepted"));
+            }
+            *state = InState::Receiving;
+        }
+        let me = self
+            .user()
+            .ok_or_else(|| Message::reply(code::FORBIDDEN, "not logged in"))?;
+        let keys = session.file_channel(id, from, &me, Role::Responder);
+        let dir = &self.config.download_dir;
+        let fail = |e: std::io::Error| {
+            warn!("cannot receive into {}: {e}", dir.display());
+            Message::reply(code::INTERNAL, "cannot write the file")
+        };
+        fs::create_dir_all(dir).map_err(fail)?;
+        let temp = dir.join(format!(".ims-{}.part", hex(&crypto::random_array::<8>())));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .map_err(fail)?;
+        Ok(Receiving {
+            transfer,
+            session,
+            me,
+            recv: keys.recv,
+            send: keys.send,
+            temp,
+            file,
+            hasher: Sha256::new(),
+            written: 0,
+            progress: Progress::new(),
+            done: false,
+        })
+    }
+
+    /// One message on a transfer's connection: `None` means no reply
+    /// (a chunk); `Some((reply, close))` otherwise.
+    pub(super) fn on_file_message(&self, r: &mut Receiving, m: Message) -> Option<(Message, bool)> {
+        let t = r.transfer.clone();
+        if t.cancelled.load(Ordering::Relaxed) {
+            return Some((Message::reply(code::CONFLICT, "cancelled"), true));
+        }
+        let inner = match r.recv.open_owned(m) {
+            Ok(i) => i,
+            Err(e) => {
+                warn!("refused a file chunk from {}: {e}", t.peer);
+                return Some((Message::reply(code::BAD_REQUEST, "unreadable chunk"), true));
+            }
+        };
+        match PeerRequest::from_message(inner) {
+            Ok(PeerRequest::FileChunk { id, offset, data }) if id == t.id => {
+                if offset != r.written || r.written + data.len() as u64 > t.size {
+                    return Some((
+                        Message::reply(code::BAD_REQUEST, "chunk out of place"),
+                        true,
+                    ));
+                }
+                if let Err(e) = r.file.write_all(&data) {
+                    warn!("writing {}: {e}", r.temp.display());
+                    return Some((
+                        Message::reply(code::INTERNAL, "cannot write the file"),
+                        true,
+                    ));
+                }
+                r.hasher.update(&data);
+                r.written += data.len() as u64;
+                if let Some(e) = r.progress.event(
+                    &t.peer,
+                    t.id,
+                    "receive",
+                    r.written,
+                    t.size,
+                    r.written == t.size,
+                ) {
+                    self.emit(e);
+                }
+                None
+            }
+            Ok(PeerRequest::FileEnd { id }) if id == t.id => {
+                let reply = match self.finish(r) {
+                    Ok(()) => Message::ok().with_header("Id", id),
+                    Err(reason) => Message::reply(code::BAD_REQUEST, &reason).with_header("Id", id),
+                };
+                let clear = r.session.clear(&r.me, "");
+                let chan = format!("file:{id}");
+                let clear = [clear[0], clear[1], clear[2], ("Channel", chan.as_str())];
+                Some(match r.send.seal(PEER, &clear, &reply) {
+                    Ok(sealed) => (sealed, true),
+                    Err(e) => (Message::reply(code::INTERNAL, &e.to_string()), true),
+                })
+            }
+            _ => Some((
+                Message::reply(code::BAD_REQUEST, "unexpected message on a transfer"),
+                true,
+            )),
+        }
+    }
+
+    /// Checks the whole file and moves it into place.
+    fn finish(&self, r: &mut Receiving) -> Result<(), String> {
+        let t = r.transfer.clone();
+        self.files.remove_in(&t.peer, t.id);
+        let sha = hex(&std::mem::take(&mut r.hasher).finish());
+        if r.written != t.size {
+            return Err(self.abandon(r, "the file is shorter than offered"));
+        }
+        if sha != t.sha256 {
+            return Err(self.abandon(r, "checksum mismatch"));
+        }
+        if let Err(e) = r.file.sync_all() {
+            return Err(self.abandon(r, &format!("cannot write the file: {e}")));
+        }
+        match place(&r.temp, &self.config.download_dir, &safe_name(&t.name)) {
+            Ok(path) => {
+                r.done = true;
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                self.emit(Event::FileReceived {
+                    from: t.peer.clone(),
+                    name,
+                    size: t.size,
+                    path: path.display().to_string(),
+                    sha256: sha,
+                });
+                Ok(())
+            }
+            Err(e) => Err(self.abandon(r, &format!("cannot store the file: {e}"))),
+        }
+    }
+
+    /// Deletes the partial file and reports why; returns the reason.
+    fn abandon(&self, r: &mut Receiving, reason: &str) -> String {
+        r.done = true;
+        if let Err(e) = fs::remove_file(&r.temp) {
+            warn!("removing {}: {e}", r.temp.display());
+        }
+        self.files.remove_in(&r.transfer.peer, r.transfer.id);
+        self.emit(Event::FileFailed {
+            peer: r.transfer.peer.clone(),
+            id: r.transfer.id,
+            name: r.transfer.name.clone(),
+            reason: reason.to_owned(),
+        });
+        reason.to_owned()
+    }
+
+    /// A transfer's connection ended: unless it finished, nothing stays.
+    pub(super) fn close_receiving(&self, mut r: Receiving) {
+        if !r.done {
+            let reason = if r.transfer.cancelled.load(Ordering::Relaxed) {
+                "cancelled".to_owned()
+            } else {
+                format!(
+                    "the transfer broke off ({} of {} bytes)",
+                    r.written, r.transfer.size
+                )
+            };
+            self.abandon(&mut r, &reason);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_made_safe() {
+        assert_eq!(safe_name("../../etc/passwd"), "passwd");
+        assert_eq!(safe_name("..\\..\\boot.ini"), "boot.ini");
+        assert_eq!(safe_name(".bashrc"), "bashrc");
+        assert_eq!(safe_name("../.."), "file");
+        assert_eq!(safe_name("a\u{0}b|c<d>.txt"), "abcd.txt");
+        assert_eq!(safe_name("report 2026.pdf"), "report 2026.pdf");
+        assert_eq!(safe_name(""), "file");
+    }
+
+    #[test]
+    fn existing_names_are_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("a.txt"), b"old").unwrap();
+        let t = dir.path().join(".t1");
+        fs::write(&t, b"new").unwrap();
+        let p = place(&t, dir.path(), "a.txt").unwrap();
+        assert_eq!(p, dir.path().join("a (1).txt"));
+        assert_eq!(fs::read(dir.path().join("a.txt")).unwrap(), b"old");
+        assert!(!t.exists());
+    }
+}
