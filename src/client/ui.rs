@@ -4,6 +4,7 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use crossbeam_channel::{unbounded, Receiver};
 
@@ -98,26 +99,34 @@ pub fn run(config: ClientConfig, json: bool, login: Option<String>, passwords: P
             return 1;
         }
     };
-    let printer = std::thread::spawn(move || print_events(rx, json));
     let client = running.client.clone();
+    let interactive = std::io::stdin().is_terminal() && !json;
     let ui = Ui {
         client: client.clone(),
         tx,
         passwords,
-        interactive: std::io::stdin().is_terminal() && !json,
     };
+    let (code, printer) = if interactive {
+        terminal(ui, rx, login)
+    } else {
+        lines(ui, rx, json, login)
+    };
+    drop(client);
+    running.shutdown();
+    // Every sender is gone now, so the printer drains and ends.
+    printer.join().ok();
+    code
+}
+
+/// Commands from stdin lines, events on stdout (scripts, `--json`).
+fn lines(ui: Ui, rx: Receiver<Event>, json: bool, login: Option<String>) -> (i32, JoinHandle<()>) {
+    let printer = std::thread::spawn(move || print_events(rx, json));
     if let Some(user) = login {
         ui.command(&format!("/login {user}"));
-    } else if ui.interactive {
-        ui.tx
-            .send(Event::Notice {
-                text: "type /help for commands".into(),
-            })
-            .ok();
     }
     let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
-    while let Some(Ok(line)) = lines.next() {
+    let mut input = stdin.lock().lines();
+    while let Some(Ok(line)) = input.next() {
         let line = line.trim();
         if line.is_empty() {
             continue;
@@ -125,27 +134,152 @@ pub fn run(config: ClientConfig, json: bool, login: Option<String>, passwords: P
         if line == "/quit" {
             break;
         }
-        if line == "/passwd" && !ui.interactive {
+        if line == "/passwd" {
             // Scripts give the new password on the next line.
-            let new = lines.next().and_then(Result::ok).unwrap_or_default();
-            ui.outcome("passwd", client.passwd(&new).map(|()| None));
+            let new = input.next().and_then(Result::ok).unwrap_or_default();
+            ui.outcome("passwd", ui.client.passwd(&new).map(|()| None));
             continue;
         }
         ui.command(line);
     }
-    drop(ui);
-    drop(client);
-    running.shutdown();
-    // Every sender is gone now, so the printer drains and ends.
-    printer.join().ok();
-    0
+    if ui.client.is_logged_in() {
+        ui.client.logout();
+    }
+    (0, printer)
+}
+
+/// Tab completion: commands, then buddy names.
+#[derive(rustyline::Helper, rustyline::Hinter, rustyline::Highlighter, rustyline::Validator)]
+struct Completion {
+    client: Arc<Client>,
+}
+
+impl rustyline::completion::Completer for Completion {
+    type Candidate = String;
+
+    fn complete(
+        &self,
+        line: &str,
+        pos: usize,
+        _: &rustyline::Context<'_>,
+    ) -> rustyline::Result<(usize, Vec<String>)> {
+        let before = &line[..pos];
+        let start = before.rfind([' ', ',']).map(|i| i + 1).unwrap_or(0);
+        let word = &before[start..];
+        if start == 0 && word.starts_with('/') {
+            let cmds = HELP
+                .iter()
+                .filter_map(|(c, _)| c.split(' ').next())
+                .filter(|c| c.starts_with('/') && c.starts_with(word))
+                .map(|c| format!("{c} "))
+                .collect();
+            return Ok((0, cmds));
+        }
+        let mut names: Vec<String> = self.client.buddies().into_iter().map(|b| b.user).collect();
+        names.extend(self.client.pending_requests());
+        names.sort();
+        names.dedup();
+        Ok((
+            start,
+            names
+                .into_iter()
+                .filter(|n| n.starts_with(word))
+                .map(|n| format!("{n} "))
+                .collect(),
+        ))
+    }
+}
+
+fn history_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
+    Some(base.join("ims").join("history"))
+}
+
+/// The terminal: line editing with history and completion; events print
+/// above the line being typed.
+fn terminal(ui: Ui, rx: Receiver<Event>, login: Option<String>) -> (i32, JoinHandle<()>) {
+    use rustyline::error::ReadlineError;
+    use rustyline::ExternalPrinter;
+
+    let mut rl: rustyline::Editor<Completion, rustyline::history::DefaultHistory> =
+        match rustyline::Editor::new() {
+            Ok(rl) => rl,
+            Err(e) => {
+                eprintln!("ims-client: terminal: {e}");
+                return (1, std::thread::spawn(move || drop(rx)));
+            }
+        };
+    rl.set_helper(Some(Completion {
+        client: ui.client.clone(),
+    }));
+    let history = history_path();
+    if let Some(h) = &history {
+        // No history yet is fine.
+        rl.load_history(h).ok();
+    }
+    let printer = match rl.create_external_printer() {
+        Ok(mut p) => std::thread::spawn(move || {
+            for e in rx {
+                if p.print(e.to_text()).is_err() {
+                    return;
+                }
+            }
+        }),
+        Err(_) => std::thread::spawn(move || print_events(rx, false)),
+    };
+    ui.emit(Event::Notice {
+        text: "type /help for commands; Tab completes commands and names".into(),
+    });
+    if let Some(user) = login {
+        ui.command(&format!("/login {user}"));
+    }
+    loop {
+        let prompt = match ui.client.user() {
+            Some(u) => format!("{u}> "),
+            None => "ims> ".to_owned(),
+        };
+        match rl.readline(&prompt) {
+            Ok(line) => {
+                let line = line.trim();
+                if line.is_empty() {
+                    continue;
+                }
+                if rl.add_history_entry(line).is_err() {
+                    log::debug!("history entry not kept");
+                }
+                if line == "/quit" {
+                    break;
+                }
+                ui.command(line);
+            }
+            Err(ReadlineError::Interrupted) => continue,
+            Err(ReadlineError::Eof) => break,
+            Err(e) => {
+                eprintln!("ims-client: terminal: {e}");
+                break;
+            }
+        }
+    }
+    if let Some(h) = &history {
+        if let Some(dir) = h.parent() {
+            std::fs::create_dir_all(dir).ok();
+        }
+        if let Err(e) = rl.save_history(h) {
+            log::debug!("history not saved: {e}");
+        }
+    }
+    if ui.client.is_logged_in() {
+        ui.client.logout();
+    }
+    (0, printer)
 }
 
 struct Ui {
     client: Arc<Client>,
     tx: crossbeam_channel::Sender<Event>,
     passwords: Passwords,
-    interactive: bool,
 }
 
 impl Ui {
