@@ -40,10 +40,21 @@ bench:
 fuzz:
 	./scripts/fuzz $(FUZZ_SECONDS)
 
+BINDIR  = $(PREFIX)/bin
+DOCDIR  = $(PREFIX)/share/doc/ims
+EXAMPLES = $(PREFIX)/share/ims/examples
+UNITDIR ?= $(if $(filter /usr,$(PREFIX)),/usr/lib/systemd/system,$(PREFIX)/lib/systemd/system)
+
+# Binaries, example configurations, documentation and systemd units.
 install: release
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/ims/etc
-	install -m 0755 target/release/ims-crs target/release/ims-ms target/release/ims-client $(DESTDIR)$(PREFIX)/bin/
-	install -m 0644 etc/*.toml $(DESTDIR)$(PREFIX)/share/ims/etc/ 2>/dev/null || true
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(EXAMPLES) $(DESTDIR)$(DOCDIR) $(DESTDIR)$(UNITDIR)
+	install -m 0755 target/release/ims-crs target/release/ims-ms target/release/ims-client $(DESTDIR)$(BINDIR)/
+	install -m 0644 etc/crs.toml etc/ms.toml etc/client.toml $(DESTDIR)$(EXAMPLES)/
+	install -m 0644 README.md docs/PROTOCOL.md $(DESTDIR)$(DOCDIR)/
+	for u in etc/systemd/*.service; do \
+		sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@DOCDIR@|$(DOCDIR)|g' $$u > $(DESTDIR)$(UNITDIR)/$$(basename $$u); \
+		chmod 0644 $(DESTDIR)$(UNITDIR)/$$(basename $$u); \
+	done
 
 clean:
 	$(CARGO) clean

@@ -157,6 +157,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shipped_examples_parse() {
+        let etc = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc");
+        load::<CrsFile>(&etc.join("crs.toml")).unwrap();
+        load::<MsFile>(&etc.join("ms.toml")).unwrap();
+        load::<ClientFile>(&etc.join("client.toml")).unwrap();
+    }
+
+    #[test]
     fn unknown_key_and_wrong_type_name_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("crs.toml");
