@@ -58,6 +58,9 @@ pub struct ClientConfig {
     pub download_dir: PathBuf,
     /// Accept every file a buddy offers without asking.
     pub auto_accept_files: bool,
+    /// How often a logged-in client tells its MS it is alive; the MS logs
+    /// out a client silent for a few of these.
+    pub keepalive_interval: Duration,
     /// The listener's worker pool.
     pub pool: prethread::Config,
 }
@@ -87,6 +90,7 @@ impl Default for ClientConfig {
             ack_timeout: Duration::from_secs(10),
             download_dir: default_download_dir(),
             auto_accept_files: false,
+            keepalive_interval: Duration::from_secs(10),
             pool: prethread::Config {
                 name: "client".into(),
                 workers: 4,
@@ -206,6 +210,21 @@ pub fn start(config: ClientConfig, events: Sender<Event>) -> std::io::Result<Run
             // Fails messages whose acknowledgement is overdue; ends with the client.
             while let Some(c) = weak.upgrade() {
                 c.expire_pending();
+                drop(c);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })?;
+    let weak = Arc::downgrade(&client);
+    std::thread::Builder::new()
+        .name("client-keepalive".into())
+        .spawn(move || {
+            let mut failures = 0u32;
+            let mut next = Instant::now();
+            while let Some(c) = weak.upgrade() {
+                if Instant::now() >= next {
+                    next = Instant::now() + c.config.keepalive_interval;
+                    failures = c.keepalive(failures);
+                }
                 drop(c);
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -375,6 +394,38 @@ impl Client {
         } else {
             Err(refused(&reply))
         }
+    }
+
+    /// One keepalive to our MS; returns the failures in a row so far. An
+    /// MS that no longer knows our login (it restarted, or gave up on us)
+    /// or that stays unreachable ends the login here too.
+    fn keepalive(&self, failures: u32) -> u32 {
+        if !self.is_logged_in() {
+            return 0;
+        }
+        let lost = match self.ms_call(&MsRequest::Ping) {
+            Ok(_) => return 0,
+            Err(AccountError::Refused(code::FORBIDDEN, _)) => {
+                "the messaging server no longer knows this login"
+            }
+            Err(e) if failures + 1 >= 3 => {
+                warn!("keepalive: {e}");
+                "the messaging server does not answer"
+            }
+            Err(e) => {
+                warn!("keepalive: {e}");
+                return failures + 1;
+            }
+        };
+        self.peers.clear();
+        self.files.clear();
+        if let Some(s) = self.session.lock().take() {
+            self.emit(Event::Notice {
+                text: format!("{lost}; log in again with /login {}", s.user),
+            });
+            self.emit(Event::LoggedOut { user: s.user });
+        }
+        0
     }
 
     /// Logs out; buddies are told by the servers.
@@ -588,6 +639,13 @@ impl Service for Listener {
         }
         match request.method() {
             Some(PUSH) => Outcome::Reply(client.on_push(&request)),
+            // An MS asking whether this user's client is still here.
+            Some("PROBE") => {
+                Outcome::ReplyAndClose(match (client.user(), request.header("User")) {
+                    (Some(me), Some(asked)) if me == asked => Message::ok().with_header("User", me),
+                    _ => Message::reply(code::NOT_FOUND, "not logged in here"),
+                })
+            }
             Some(INIT) => Outcome::Reply(client.on_init(&request)),
             Some(PEER) => match request.header("Channel") {
                 Some("msg") => Outcome::Reply(client.on_peer_msg(&request)),
