@@ -126,6 +126,8 @@ pub struct ClientFile {
     pub crs: Option<String>,
     /// Listener address.
     pub listen: Option<String>,
+    /// The port buddies reach this client at, if forwarded.
+    pub advertise_port: Option<u16>,
     /// Log in as this user at start.
     pub user: Option<String>,
     /// File whose first line is the password.

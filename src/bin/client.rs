@@ -29,6 +29,12 @@ fn main() -> ExitCode {
         "where this client listens (default 0.0.0.0:7300)",
         "ADDR",
     );
+    opts.optopt(
+        "",
+        "advertise-port",
+        "the port buddies reach this client at, if forwarded to the listener",
+        "PORT",
+    );
     opts.optopt("", "user", "log in as NAME at start", "NAME");
     opts.optopt(
         "",
@@ -125,6 +131,9 @@ fn build_config(m: &getopts::Matches) -> Result<Built, String> {
         if let Some(v) = f.listen {
             c.listen = v;
         }
+        if f.advertise_port.is_some() {
+            c.advertise_port = f.advertise_port;
+        }
         if f.crs_fingerprint.is_some() {
             c.crs_fingerprint = f.crs_fingerprint;
         }
@@ -152,6 +161,9 @@ fn build_config(m: &getopts::Matches) -> Result<Built, String> {
     }
     if let Some(v) = m.opt_str("listen") {
         c.listen = v;
+    }
+    if let Some(v) = cli::num(m, "advertise-port")? {
+        c.advertise_port = Some(v);
     }
     if let Some(v) = cli::num(m, "kdf-iterations")? {
         c.kdf_iterations = v;

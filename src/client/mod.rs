@@ -42,6 +42,9 @@ pub struct ClientConfig {
     pub crs: String,
     /// Where our listener binds.
     pub listen: String,
+    /// The port buddies and the MS should connect to, when a router or
+    /// proxy forwards another port to our listener (default: the bound one).
+    pub advertise_port: Option<u16>,
     /// PBKDF2 iterations for new passwords.
     pub kdf_iterations: u32,
     /// Allow fewer iterations than the production minimum (tests, benchmarks).
@@ -82,6 +85,7 @@ impl Default for ClientConfig {
         ClientConfig {
             crs: "127.0.0.1:7100".into(),
             listen: format!("0.0.0.0:{DEFAULT_CLIENT_PORT}"),
+            advertise_port: None,
             kdf_iterations: crypto::PBKDF2_MIN_ITERATIONS,
             insecure_kdf: false,
             rsa_bits: crypto::DEFAULT_RSA_BITS,
@@ -195,7 +199,9 @@ impl Running {
 /// Starts the listener; events go to `events`.
 pub fn start(config: ClientConfig, events: Sender<Event>) -> std::io::Result<Running> {
     let listener = std::net::TcpListener::bind(config.listen.as_str())?;
-    let listen_port = listener.local_addr()?.port();
+    let listen_port = config
+        .advertise_port
+        .unwrap_or(listener.local_addr()?.port());
     let client = Arc::new(Client::new(config.clone(), listen_port, events));
     let server = Server::from_listener(
         listener,
