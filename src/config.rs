@@ -113,6 +113,8 @@ pub struct MsFile {
     pub heartbeat_interval_secs: Option<f64>,
     /// Pusher threads.
     pub push_threads: Option<usize>,
+    /// Seconds of client silence before it is probed and logged out.
+    pub client_timeout_secs: Option<f64>,
     /// The worker pool.
     #[serde(default)]
     pub pool: PoolFile,
@@ -144,6 +146,8 @@ pub struct ClientFile {
     pub download_dir: Option<PathBuf>,
     /// Accept every file a buddy offers.
     pub auto_accept_files: Option<bool>,
+    /// Seconds between keepalives to the MS.
+    pub keepalive_interval_secs: Option<f64>,
     /// The listener's worker pool.
     #[serde(default)]
     pub pool: PoolFile,

@@ -62,6 +62,9 @@ pub struct Identity {
     pub capacity: u32,
     /// `ms` or `admin`.
     pub role: &'static str,
+    /// Random per process, so the CRS can tell a restarted MS from a new
+    /// link of a running one.
+    pub instance: String,
 }
 
 /// One enrolled link.
@@ -105,12 +108,20 @@ impl CrsLink {
             .map_err(|e| LinkError::Refused(e.to_string()))?;
         let proof = crypto::hmac_sha256(
             ms_key,
-            &proto::enroll_ms_transcript(&ms_nonce, &crs_nonce, &me.listen, me.capacity),
+            &proto::enroll_ms_transcript(
+                &ms_nonce,
+                &crs_nonce,
+                &me.listen,
+                me.capacity,
+                me.role,
+                &me.instance,
+            ),
         );
         let enroll = Message::request("ENROLL")
             .with_header("Listen", &me.listen)
             .with_header("Capacity", me.capacity)
             .with_header("Role", me.role)
+            .with_header("Instance", &me.instance)
             .with_header("Proof", crypto::b64_encode(&proof));
         let reply = round_trip(&mut reader, &enroll, &limits, timeout)?;
         if !reply.is_success() {

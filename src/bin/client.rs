@@ -152,6 +152,9 @@ fn build_config(m: &getopts::Matches) -> Result<Built, String> {
         if let Some(v) = f.auto_accept_files {
             c.auto_accept_files = v;
         }
+        if let Some(v) = f.keepalive_interval_secs {
+            c.keepalive_interval = config::secs(v);
+        }
         f.pool.apply(&mut c.pool);
         user = f.user;
         password_file = f.password_file;

@@ -154,6 +154,7 @@ fn operator(
         listen: "operator".into(),
         capacity: 0,
         role: "admin",
+        instance: String::new(),
     };
     let mut link = CrsLink::connect(&crs, &key, &me, Duration::from_secs(10))
         .map_err(|e| format!("{e} (is the CRS running at {crs}?)"))?;

@@ -36,6 +36,12 @@ fn main() -> ExitCode {
         "PBKDF2 iterations shown for unknown names",
         "N",
     );
+    opts.optopt(
+        "",
+        "client-timeout",
+        "seconds of client silence before a probe and logout (default 15)",
+        "SECS",
+    );
     let m = match cli::parse("ims-ms", USAGE, opts, &args) {
         Parsed::Run(m) => m,
         Parsed::Done => return ExitCode::SUCCESS,
@@ -101,6 +107,9 @@ fn build_config(m: &getopts::Matches) -> Result<MsConfig, String> {
         if let Some(v) = f.push_threads {
             c.push_threads = v;
         }
+        if let Some(v) = f.client_timeout_secs {
+            c.client_timeout = config::secs(v);
+        }
         f.pool.apply(&mut c.pool);
     }
     if let Some(v) = m.opt_str("listen") {
@@ -123,6 +132,9 @@ fn build_config(m: &getopts::Matches) -> Result<MsConfig, String> {
     }
     if let Some(v) = cli::num(m, "fake-iterations")? {
         c.fake_iterations = v;
+    }
+    if let Some(v) = cli::num::<f64>(m, "client-timeout")? {
+        c.client_timeout = config::secs(v);
     }
     Ok(c)
 }

@@ -94,7 +94,7 @@ impl Default for ClientConfig {
             ack_timeout: Duration::from_secs(10),
             download_dir: default_download_dir(),
             auto_accept_files: false,
-            keepalive_interval: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(5),
             pool: prethread::Config {
                 name: "client".into(),
                 workers: 4,
@@ -172,6 +172,21 @@ pub struct Client {
     next_id: AtomicU64,
     /// Whom we last wrote to or heard from: plain lines go there.
     last_peer: Mutex<Option<String>>,
+    /// A login is between its LOGIN and the session being installed.
+    logging_in: std::sync::atomic::AtomicBool,
+    /// Signalled when a login ends (installed or failed).
+    session_ready: parking_lot::Condvar,
+}
+
+/// The buddy list of a session as shown to people.
+fn buddy_views(s: &Session) -> Vec<BuddyView> {
+    s.buddies
+        .iter()
+        .map(|(u, p)| BuddyView {
+            user: u.clone(),
+            online: p.is_some(),
+        })
+        .collect()
 }
 
 /// The client and its listener.
@@ -251,6 +266,8 @@ impl Client {
             files: files::Files::default(),
             next_id: AtomicU64::new(1),
             last_peer: Mutex::new(None),
+            logging_in: std::sync::atomic::AtomicBool::new(false),
+            session_ready: parking_lot::Condvar::new(),
         }
     }
 
@@ -322,24 +339,37 @@ impl Client {
                 format!("already logged in as {me}; /logout first"),
             ));
         }
-        let session = Session::login(&Credentials {
+        self.logging_in.store(true, Ordering::SeqCst);
+        let result = Session::login(&Credentials {
             crs: &self.config.crs,
             user,
             password,
             policy: self.config.policy(),
             listen_port: self.listen_port,
             timeout: self.config.timeout,
-        })?;
+        });
+        let mut guard = self.session.lock();
+        self.logging_in.store(false, Ordering::SeqCst);
+        let session = match result {
+            Ok(s) => s,
+            Err(e) => {
+                self.session_ready.notify_all();
+                return Err(e);
+            }
+        };
         let user = session.user.clone();
         let requests: Vec<String> = session.requests.keys().cloned().collect();
-        *self.session.lock() = Some(session);
+        let buddies = buddy_views(&session);
+        *guard = Some(session);
+        // Pushes that raced the end of the login wait for this, so they
+        // are never lost and print after these.
         self.emit(Event::LoggedIn { user });
-        self.emit(Event::Buddies {
-            buddies: self.buddies(),
-        });
+        self.emit(Event::Buddies { buddies });
         for from in requests {
             self.emit(Event::Request { from });
         }
+        self.session_ready.notify_all();
+        drop(guard);
         Ok(())
     }
 
@@ -348,15 +378,7 @@ impl Client {
         self.session
             .lock()
             .as_ref()
-            .map(|s| {
-                s.buddies
-                    .iter()
-                    .map(|(u, p)| BuddyView {
-                        user: u.clone(),
-                        online: p.is_some(),
-                    })
-                    .collect()
-            })
+            .map(buddy_views)
             .unwrap_or_default()
     }
 
@@ -547,6 +569,10 @@ impl Client {
     /// Applies a push from our MS.
     fn on_push(&self, m: &Message) -> Message {
         let mut guard = self.session.lock();
+        if guard.is_none() && self.logging_in.load(Ordering::SeqCst) {
+            // Our MS may push before our login has finished here.
+            self.session_ready.wait_for(&mut guard, self.config.timeout);
+        }
         let Some(s) = guard.as_mut() else {
             return Message::reply(code::FORBIDDEN, "not logged in");
         };
@@ -566,8 +592,12 @@ impl Client {
         };
         let event = match kind {
             EventKind::Online { user, presence } => {
-                if !s.buddies.contains_key(&user) {
-                    return Message::ok();
+                match s.buddies.get(&user) {
+                    // Not a buddy, or the same login announced again (the
+                    // CRS restarted): nothing changes.
+                    None => return Message::ok(),
+                    Some(Some(p)) if *p == presence => return Message::ok(),
+                    Some(_) => {}
                 }
                 s.buddies.insert(user.clone(), Some(presence));
                 // A new login of theirs: any old session's keys are gone with it.
@@ -609,6 +639,20 @@ impl Client {
                 Event::BuddyRemoved { user: buddy }
             }
             EventKind::Denied { by } => Event::Denied { by },
+            EventKind::Evicted { user } => {
+                if user != s.user {
+                    return Message::ok();
+                }
+                guard.take();
+                drop(guard);
+                self.peers.clear();
+                self.files.clear();
+                self.emit(Event::Notice {
+                    text: "you logged in elsewhere; this client is logged out".into(),
+                });
+                self.emit(Event::LoggedOut { user });
+                return Message::ok();
+            }
         };
         drop(guard);
         self.emit(event);

@@ -27,17 +27,20 @@ pub struct MsEntry {
     pub capacity: u32,
     /// Last time it sent anything.
     pub last_seen: Instant,
+    /// The MS process's random instance; a new one means it restarted.
+    instance: String,
     /// Events not yet acknowledged, numbered from `first_seq`.
     queue: VecDeque<Event>,
     first_seq: u64,
 }
 
 impl MsEntry {
-    fn new(address: String, capacity: u32) -> MsEntry {
+    fn new(address: String, capacity: u32, instance: String) -> MsEntry {
         MsEntry {
             address,
             capacity,
             last_seen: Instant::now(),
+            instance,
             queue: VecDeque::new(),
             first_seq: 1,
         }
@@ -81,17 +84,50 @@ pub struct Live {
 impl Live {
     /// Enrolls (or re-enrolls) the MS reachable at `address`: the address
     /// identifies an MS across its several links and across its restarts.
-    pub fn enroll(&mut self, address: &str, capacity: u32) -> u64 {
+    /// Returns its id and, if it restarted (a new `instance`), the users
+    /// that were online there, now offline.
+    pub fn enroll(&mut self, address: &str, capacity: u32, instance: &str) -> (u64, Vec<String>) {
         if let Some((&id, entry)) = self.ms.iter_mut().find(|(_, e)| e.address == address) {
             entry.capacity = capacity;
             entry.last_seen = Instant::now();
-            return id;
+            if entry.instance == instance {
+                return (id, Vec::new());
+            }
+            entry.instance = instance.to_owned();
+            entry.queue.clear();
+            entry.first_seq = 1;
+            let lost = self.drop_users_of(id);
+            return (id, lost);
         }
         self.next_ms += 1;
         let id = self.next_ms;
-        self.ms
-            .insert(id, MsEntry::new(address.to_owned(), capacity));
-        id
+        self.ms.insert(
+            id,
+            MsEntry::new(address.to_owned(), capacity, instance.to_owned()),
+        );
+        (id, Vec::new())
+    }
+
+    /// Takes every user of MS `id` offline and drops its locks.
+    fn drop_users_of(&mut self, id: u64) -> Vec<String> {
+        self.locks.retain(|_, l| l.ms != id);
+        let users: Vec<String> = self
+            .online
+            .iter()
+            .filter(|(_, o)| o.ms == id)
+            .map(|(u, _)| u.clone())
+            .collect();
+        for u in &users {
+            self.online.remove(u);
+        }
+        users
+    }
+
+    /// Queues `kind` for MS `ms` alone, for `recipients` there.
+    pub fn notify_ms(&mut self, ms: u64, recipients: Vec<String>, kind: EventKind) {
+        if let Some(entry) = self.ms.get_mut(&ms) {
+            entry.queue.push_back(Event { recipients, kind });
+        }
     }
 
     /// Notes that MS `id` is alive; false if it is not enrolled (reaped).
@@ -237,18 +273,8 @@ impl Live {
             .collect();
         let mut lost = Vec::new();
         for id in dead {
+            lost.extend(self.drop_users_of(id));
             self.ms.remove(&id);
-            self.locks.retain(|_, l| l.ms != id);
-            let users: Vec<String> = self
-                .online
-                .iter()
-                .filter(|(_, o)| o.ms == id)
-                .map(|(u, _)| u.clone())
-                .collect();
-            for u in users {
-                self.online.remove(&u);
-                lost.push(u);
-            }
         }
         lost
     }
@@ -283,6 +309,16 @@ impl Live {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_restarted_ms_loses_its_users() {
+        let mut l = Live::default();
+        let (a, _) = l.enroll("a:1", 10, "first");
+        l.set_online("joe", a, presence());
+        assert_eq!(l.enroll("a:1", 10, "first"), (a, vec![]));
+        assert_eq!(l.enroll("a:1", 10, "second"), (a, vec!["joe".to_string()]));
+        assert!(l.online("joe").is_none());
+    }
+
     use super::*;
 
     fn presence() -> Presence {
@@ -295,9 +331,9 @@ mod tests {
     #[test]
     fn lock_lease_and_online() {
         let mut l = Live::default();
-        let a = l.enroll("a:1", 10);
-        let b = l.enroll("b:1", 10);
-        assert_eq!(l.enroll("a:1", 20), a);
+        let (a, _) = l.enroll("a:1", 10, "i1");
+        let (b, _) = l.enroll("b:1", 10, "i1");
+        assert_eq!(l.enroll("a:1", 20, "i1").0, a);
         l.lock("joe", a, Duration::from_secs(5)).unwrap();
         assert_eq!(
             l.lock("joe", b, Duration::from_secs(5)),
@@ -322,8 +358,8 @@ mod tests {
     #[test]
     fn locate_prefers_lowest_relative_load_and_skips_full() {
         let mut l = Live::default();
-        let a = l.enroll("a:1", 1);
-        let _b = l.enroll("b:1", 4);
+        let (a, _) = l.enroll("a:1", 1, "i");
+        l.enroll("b:1", 4, "i");
         l.set_online("joe", a, presence());
         assert_eq!(l.locate(Duration::from_secs(30)).as_deref(), Some("b:1"));
         assert_eq!(l.locate(Duration::ZERO), None);
@@ -332,7 +368,7 @@ mod tests {
     #[test]
     fn events_are_numbered_and_acked() {
         let mut l = Live::default();
-        let a = l.enroll("a:1", 10);
+        let (a, _) = l.enroll("a:1", 10, "i");
         l.set_online("joe", a, presence());
         l.notify(["joe", "nobody"], &EventKind::Offline { user: "x".into() });
         l.notify(["joe"], &EventKind::Offline { user: "y".into() });
@@ -348,12 +384,12 @@ mod tests {
     #[test]
     fn reap_takes_users_offline_and_frees_locks() {
         let mut l = Live::default();
-        let a = l.enroll("a:1", 10);
+        let (a, _) = l.enroll("a:1", 10, "i");
         l.set_online("joe", a, presence());
         l.lock("ann", a, Duration::from_secs(60)).unwrap();
         assert_eq!(l.reap(Duration::ZERO), vec!["joe".to_string()]);
         assert!(l.online("joe").is_none());
-        let b = l.enroll("b:1", 10);
+        let (b, _) = l.enroll("b:1", 10, "i");
         l.lock("ann", b, Duration::from_secs(5)).unwrap();
     }
 }

@@ -257,12 +257,13 @@ impl Crs {
                 m.req_parse::<u32>("Capacity")?,
                 m.req_b64("Proof")?,
                 m.header("Role").unwrap_or("ms").to_owned(),
+                m.header("Instance").unwrap_or("").to_owned(),
             ))
         })();
-        let (listen, capacity, proof, role) = fields.map_err(|e| e.reply())?;
+        let (listen, capacity, proof, role, instance) = fields.map_err(|e| e.reply())?;
         let expected = crypto::hmac_sha256(
             &self.ms_key,
-            &proto::enroll_ms_transcript(ms_nonce, crs_nonce, &listen, capacity),
+            &proto::enroll_ms_transcript(ms_nonce, crs_nonce, &listen, capacity, &role, &instance),
         );
         if !crypto::ct_eq(&expected, &proof) {
             warn!(
@@ -273,8 +274,16 @@ impl Crs {
         let who = if role == "admin" {
             Peer2::Admin
         } else {
-            let id = self.live.lock().enroll(&listen, capacity);
-            info!("MS {listen} enrolled as #{id} (capacity {capacity})");
+            let (id, lost) = self.live.lock().enroll(&listen, capacity, &instance);
+            if lost.is_empty() {
+                debug!("MS {listen} (#{id}) opened a link");
+            } else {
+                warn!(
+                    "MS {listen} restarted; its {} users are offline",
+                    lost.len()
+                );
+                self.tell_lost(lost);
+            }
             Peer2::Ms(id)
         };
         let mut context = ms_nonce.to_vec();
@@ -330,15 +339,33 @@ impl Crs {
                 Err(e) => store_err(e),
             },
             Lock { user } => {
-                match self
-                    .live
-                    .lock()
-                    .lock(&store::canonical(&user), ms, self.config.lock_lease)
-                {
+                let user = store::canonical(&user);
+                let mut live = self.live.lock();
+                match live.lock(&user, ms, self.config.lock_lease) {
                     Ok(()) => Message::ok(),
                     Err(LockError::LoggingIn) => err(code::CONFLICT, "already logging in"),
-                    Err(LockError::LoggedIn) => err(code::CONFLICT, "already logged in"),
+                    // The MS may probe the old client and take over if it is gone.
+                    Err(LockError::LoggedIn) => match live.address(&user) {
+                        Some(a) => {
+                            err(code::CONFLICT, "already logged in").with_header("Address", a)
+                        }
+                        None => err(code::CONFLICT, "already logged in"),
+                    },
                 }
+            }
+            Takeover { user } => {
+                let user = store::canonical(&user);
+                let old = self.live.lock().online(&user).map(|o| o.ms);
+                if let Some(old_ms) = old {
+                    self.live.lock().notify_ms(
+                        old_ms,
+                        vec![user.clone()],
+                        EventKind::Evicted { user: user.clone() },
+                    );
+                    self.offline(&user, None);
+                    info!("{user}'s old login at MS #{old_ms} is gone; a new login takes over");
+                }
+                Message::ok()
             }
             Unlock { user } => {
                 self.live.lock().unlock(&store::canonical(&user), ms);
@@ -694,8 +721,21 @@ impl Crs {
     /// buddies that those users are gone.
     pub fn reap(&self) {
         let lost = self.live.lock().reap(self.config.heartbeat_timeout);
+        if !lost.is_empty() {
+            warn!(
+                "an MS missed its heartbeats; its {} users are offline",
+                lost.len()
+            );
+        }
+        self.tell_lost(lost);
+    }
+
+    /// Tells the buddies of users lost with their MS.
+    fn tell_lost(&self, lost: Vec<String>) {
+        if lost.is_empty() {
+            return;
+        }
         for user in lost {
-            warn!("{user} lost with their MS");
             let contacts = self.store.contacts(&user).unwrap_or_default();
             self.live.lock().notify(
                 contacts.iter().map(String::as_str),

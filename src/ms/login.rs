@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use log::{info, warn};
@@ -145,21 +146,11 @@ impl Ms {
         })
     }
 
-    fn login(&self, c: Challenged, proof: &[u8], listen_port: u16) -> Message {
+    fn login(self: &Arc<Self>, c: Challenged, proof: &[u8], listen_port: u16) -> Message {
         let Some(verifier) = &c.verifier else {
             return err(code::AUTH_FAILED, "password failure");
         };
         // Step 3: the design's per-user lock at the CRS.
-        match self.crs.call(&CrsRequest::Lock {
-            user: c.user.clone(),
-        }) {
-            Ok(r) if r.is_success() => {}
-            Ok(r) => return r,
-            Err(e) => {
-                warn!("login of {}: {e}", c.user);
-                return err(code::BUSY, "directory unavailable, try again");
-            }
-        }
         let auth = proto::login_auth_message(
             &c.user,
             &c.client_nonce,
@@ -167,32 +158,75 @@ impl Ms {
             &c.challenge.salt,
             c.challenge.iterations,
         );
-        let client_key = <&[u8; 32]>::try_from(verifier.stored_key.as_slice())
-            .ok()
-            .and_then(|stored| scram::verify_proof(stored, &auth, proof));
+        let proof_ok = || {
+            <&[u8; 32]>::try_from(verifier.stored_key.as_slice())
+                .ok()
+                .and_then(|stored| scram::verify_proof(stored, &auth, proof))
+        };
+        match self.lock(&c.user) {
+            Ok(()) => {}
+            Err(reply) if reply.reason() == Some("already logged in") => {
+                // The design refuses a second login while the first is alive;
+                // a login whose client is gone (crashed, lost its network)
+                // must not lock its user out. With a good password, probe.
+                let old = reply
+                    .header("Address")
+                    .and_then(|a| a.parse::<SocketAddr>().ok());
+                let alive = old.is_none_or(|a| super::probe(a, &c.user, self.config.push_timeout));
+                if alive || proof_ok().is_none() {
+                    return reply;
+                }
+                info!(
+                    "{}'s old client does not answer; this login takes over",
+                    c.user
+                );
+                if let Err(e) = self.crs.call(&CrsRequest::Takeover {
+                    user: c.user.clone(),
+                }) {
+                    warn!("takeover of {}: {e}", c.user);
+                    return err(code::BUSY, "directory unavailable, try again");
+                }
+                if let Err(reply) = self.lock(&c.user) {
+                    return reply;
+                }
+            }
+            Err(reply) => return reply,
+        }
+        let client_key = proof_ok();
         // Step 4: a wrong proof changes nothing.
         let Some(client_key) = client_key else {
             self.unlock(&c.user);
             info!("login of {}: password failure", c.user);
             return err(code::AUTH_FAILED, "password failure");
         };
+        let Ok(server_key) = <&[u8; 32]>::try_from(verifier.server_key.as_slice()) else {
+            self.unlock(&c.user);
+            return err(code::INTERNAL, "malformed verifier");
+        };
         let address = SocketAddr::new(c.peer.ip(), listen_port);
         // Steps 5, 7-9: the CRS records the address, releases the lock,
         // pushes the change and gives us the user's record.
+        // Events for this user may come before the user is in our table.
+        self.users.begin(&c.user);
         let welcome: Welcome = match self.crs.call(&CrsRequest::Online {
             user: c.user.clone(),
             address,
         }) {
             Ok(r) if r.is_success() => match r.json() {
                 Ok(w) => w,
-                Err(e) => return e.reply(),
+                Err(e) => {
+                    self.users.finish(&c.user, None);
+                    return e.reply();
+                }
             },
             Ok(r) => {
+                self.users.finish(&c.user, None);
                 self.unlock(&c.user);
                 return r;
             }
             Err(e) => {
                 warn!("login of {}: {e}", c.user);
+                self.users.finish(&c.user, None);
                 self.unlock(&c.user);
                 return err(code::BUSY, "directory unavailable, try again");
             }
@@ -203,10 +237,6 @@ impl Ms {
         context.extend_from_slice(b"push");
         let push = SessionKeys::derive(&client_key, &context, Role::Responder);
         let login = hex(&crypto::random_array::<16>());
-        let server_key = <&[u8; 32]>::try_from(verifier.server_key.as_slice()).ok();
-        let Some(server_key) = server_key else {
-            return err(code::INTERNAL, "malformed verifier");
-        };
         let signature = scram::server_signature(server_key, &auth);
         let user = Arc::new(OnlineUser {
             name: c.user.clone(),
@@ -221,6 +251,7 @@ impl Ms {
             ),
             link: Mutex::new((keys.recv, keys.send)),
             push: Mutex::new(push.send),
+            last_seen: AtomicU64::new(super::users::now_ms()),
         });
         let inner = pc::json_reply(&welcome);
         let sealed = user.link.lock().1.seal(
@@ -233,13 +264,30 @@ impl Ms {
         );
         match sealed {
             Ok(m) => {
-                self.users.insert(user);
+                for held in self.users.finish(&c.user, Some(user)) {
+                    self.apply(held);
+                }
                 info!("{} logged in from {address}", c.user);
                 m
             }
             Err(e) => {
                 warn!("cannot seal the welcome: {e}");
+                self.users.finish(&c.user, None);
                 err(code::INTERNAL, "internal error")
+            }
+        }
+    }
+
+    /// Takes the login lock at the CRS; the CRS's refusal otherwise.
+    fn lock(&self, user: &str) -> Result<(), Message> {
+        match self.crs.call(&CrsRequest::Lock {
+            user: user.to_owned(),
+        }) {
+            Ok(r) if r.is_success() => Ok(()),
+            Ok(r) => Err(r),
+            Err(e) => {
+                warn!("login of {user}: {e}");
+                Err(err(code::BUSY, "directory unavailable, try again"))
             }
         }
     }
@@ -259,7 +307,10 @@ impl Ms {
             return Outcome::ReplyAndClose(err(code::FORBIDDEN, "not logged in"));
         };
         let inner = match user.link.lock().0.open(outer) {
-            Ok(m) => m,
+            Ok(m) => {
+                user.touch();
+                m
+            }
             Err(e) => {
                 warn!("request of {}: {e}", user.name);
                 return Outcome::ReplyAndClose(err(code::BAD_REQUEST, "unreadable request"));

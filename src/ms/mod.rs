@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use log::{info, warn};
+use log::{debug, info, warn};
 
 use crate::crypto;
 use crate::keyfile;
@@ -47,6 +47,9 @@ pub struct MsConfig {
     pub push_timeout: Duration,
     /// PBKDF2 iterations shown for names that do not exist.
     pub fake_iterations: u32,
+    /// A client silent this long (no keepalive, no request) is probed, and
+    /// logged out if it does not answer.
+    pub client_timeout: Duration,
     /// The worker pool.
     pub pool: prethread::Config,
 }
@@ -64,6 +67,7 @@ impl Default for MsConfig {
             push_threads: 4,
             push_timeout: Duration::from_secs(3),
             fake_iterations: crypto::PBKDF2_MIN_ITERATIONS,
+            client_timeout: Duration::from_secs(15),
             pool: prethread::Config {
                 name: "ms".into(),
                 ..prethread::Config::default()
@@ -113,9 +117,17 @@ impl Ms {
 
     /// Applies one event from the CRS and pushes it to the local recipients
     /// who must hear it.
-    fn apply(self: &Arc<Self>, event: crate::proto::crs::Event) {
+    pub(crate) fn apply(self: &Arc<Self>, event: crate::proto::crs::Event) {
         for name in &event.recipients {
             let Some(user) = self.users.by_name(name) else {
+                // A login still arriving gets it when it is in.
+                let one = crate::proto::crs::Event {
+                    recipients: vec![name.clone()],
+                    kind: event.kind.clone(),
+                };
+                if self.users.hold(name, one).is_some() {
+                    debug!("event for {name}, who is not here");
+                }
                 continue;
             };
             let relevant = {
@@ -133,6 +145,12 @@ impl Ms {
                         true
                     }
                     EventKind::Request(_) | EventKind::Denied { .. } => true,
+                    EventKind::Evicted { .. } => {
+                        // The CRS already took this login offline.
+                        self.users.remove(name, Some(&user.login));
+                        info!("{name} logged in elsewhere; their login here ends");
+                        true
+                    }
                 }
             };
             if relevant {
@@ -227,8 +245,31 @@ impl Ms {
         }
     }
 
+    /// Logs out clients that stopped sending keepalives and do not answer
+    /// a probe; their buddies are told by the CRS.
+    fn reap_clients(&self) {
+        for user in self.users.silent(self.config.client_timeout) {
+            if probe(user.address, &user.name, self.config.push_timeout) {
+                user.touch();
+                continue;
+            }
+            if self.users.remove(&user.name, Some(&user.login)).is_some() {
+                warn!(
+                    "{}'s client at {} is gone; logging it out",
+                    user.name, user.address
+                );
+                if let Err(e) = self.crs.call(&CrsRequest::Offline {
+                    user: user.name.clone(),
+                }) {
+                    warn!("telling the CRS {} is gone: {e}", user.name);
+                }
+            }
+        }
+    }
+
     fn heartbeat_loop(self: Arc<Self>) {
         while !self.stopping.load(Ordering::Relaxed) {
+            self.reap_clients();
             let load = self.users.len() as u32;
             if let Err(e) = self.crs.call(&CrsRequest::Heartbeat { load }) {
                 warn!("heartbeat: {e}");
@@ -240,6 +281,23 @@ impl Ms {
             }
         }
     }
+}
+
+/// Whether a client answering as `user` listens at `address`.
+pub fn probe(address: SocketAddr, user: &str, timeout: Duration) -> bool {
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&address, timeout) else {
+        return false;
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    let probe = crate::wire::Message::request("PROBE").with_header("User", user);
+    if crate::wire::io::write_message(&mut stream, &probe, deadline).is_err() {
+        return false;
+    }
+    let mut reader = crate::wire::io::MessageReader::new(stream);
+    matches!(
+        reader.read_message(&crate::wire::Limits::DEFAULT, deadline),
+        Ok(Some(r)) if r.is_success() && r.header("User") == Some(user)
+    )
 }
 
 /// A started MS.
@@ -297,6 +355,7 @@ pub fn start(config: MsConfig) -> Result<Running, MsError> {
         listen: advertise.clone(),
         capacity: config.capacity,
         role: "ms",
+        instance: crate::keyfile::hex(&crypto::random_array::<8>()),
     };
     let crs = LinkPool::new(
         config.crs.clone(),

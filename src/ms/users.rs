@@ -4,7 +4,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 
@@ -24,6 +26,31 @@ pub struct OnlineUser {
     pub link: Mutex<(Opener, Sealer)>,
     /// Seals our pushes to the client.
     pub push: Mutex<Sealer>,
+    /// Milliseconds (since the MS started) of the client's last sign of life.
+    pub last_seen: AtomicU64,
+}
+
+/// A fixed origin for [`OnlineUser::last_seen`], so it fits an atomic.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Milliseconds since [`epoch`].
+pub fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+impl OnlineUser {
+    /// Notes a sign of life from the client.
+    pub fn touch(&self) {
+        self.last_seen.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Makes the next check probe the client (a push to it failed).
+    pub fn suspect(&self) {
+        self.last_seen.store(0, Ordering::Relaxed);
+    }
 }
 
 /// Everyone online here, by name and by login id.
@@ -31,6 +58,9 @@ pub struct OnlineUser {
 pub struct Users {
     by_name: RwLock<HashMap<String, Arc<OnlineUser>>>,
     by_login: RwLock<HashMap<String, Arc<OnlineUser>>>,
+    /// Events that arrived for users whose login is between its `ONLINE`
+    /// at the CRS and its entry here; applied when the entry is made.
+    arriving: Mutex<HashMap<String, Vec<crate::proto::crs::Event>>>,
 }
 
 impl Users {
@@ -42,6 +72,40 @@ impl Users {
             by_login.remove(&old.login);
         }
         by_login.insert(user.login.clone(), user);
+    }
+
+    /// A login of `name` is about to go online at the CRS: hold its events.
+    pub fn begin(&self, name: &str) {
+        self.arriving.lock().insert(name.to_owned(), Vec::new());
+    }
+
+    /// Holds `event` if `name`'s login is arriving; gives it back otherwise.
+    pub fn hold(
+        &self,
+        name: &str,
+        event: crate::proto::crs::Event,
+    ) -> Option<crate::proto::crs::Event> {
+        match self.arriving.lock().get_mut(name) {
+            Some(held) => {
+                held.push(event);
+                None
+            }
+            None => Some(event),
+        }
+    }
+
+    /// Adds `user` (or, with `None`, abandons the arriving login) and
+    /// returns the events held for it meanwhile.
+    pub fn finish(
+        &self,
+        name: &str,
+        user: Option<Arc<OnlineUser>>,
+    ) -> Vec<crate::proto::crs::Event> {
+        let mut arriving = self.arriving.lock();
+        if let Some(user) = user {
+            self.insert(user);
+        }
+        arriving.remove(name).unwrap_or_default()
     }
 
     /// Removes `name`'s login if it is `login` (or any, for `None`).
@@ -76,6 +140,18 @@ impl Users {
     /// Whether nobody is.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Users whose clients have been silent for `timeout`.
+    pub fn silent(&self, timeout: Duration) -> Vec<Arc<OnlineUser>> {
+        let now = now_ms();
+        let limit = timeout.as_millis() as u64;
+        self.by_name
+            .read()
+            .values()
+            .filter(|u| now.saturating_sub(u.last_seen.load(Ordering::Relaxed)) >= limit)
+            .cloned()
+            .collect()
     }
 
     /// Everyone, for re-announcing after the CRS restarted.

@@ -186,6 +186,12 @@ pub enum EventKind {
         /// Who said no.
         by: String,
     },
+    /// The recipient logged in again elsewhere after this login stopped
+    /// answering: the MS drops it and tells the client if it can.
+    Evicted {
+        /// Who.
+        user: String,
+    },
 }
 
 /// An event and the users, served by the receiving MS, who must hear it.
@@ -287,6 +293,12 @@ pub enum CrsRequest {
         /// Who.
         user: String,
     },
+    /// `user` proved their password at this MS while marked online
+    /// elsewhere, and their old client does not answer: end the old login.
+    Takeover {
+        /// Who.
+        user: String,
+    },
     /// New password.
     SetCredentials {
         /// Whose.
@@ -381,6 +393,7 @@ impl CrsRequest {
                 .with_header("User", user)
                 .with_header("Address", address),
             Offline { user } => Message::request("OFFLINE").with_header("User", user),
+            Takeover { user } => Message::request("TAKEOVER").with_header("User", user),
             SetCredentials {
                 user,
                 verifier,
@@ -444,6 +457,7 @@ impl CrsRequest {
                     address: m.req_parse("Address")?,
                 },
                 "OFFLINE" => Offline { user: user()? },
+                "TAKEOVER" => Takeover { user: user()? },
                 "SET-CREDENTIALS" => SetCredentials {
                     user: user()?,
                     verifier: Verifier::read(m)?,

@@ -83,12 +83,15 @@ pub fn login_auth_message(
     )
 }
 
-/// What an MS proves at enrollment.
+/// What an MS (or the operator's tool) proves at enrollment: every field
+/// of its ENROLL, so that none can be changed on the way.
 pub fn enroll_ms_transcript(
     ms_nonce: &[u8],
     crs_nonce: &[u8],
     listen: &str,
     capacity: u32,
+    role: &str,
+    instance: &str,
 ) -> Vec<u8> {
     transcript(
         "ims enroll ms v1",
@@ -97,6 +100,8 @@ pub fn enroll_ms_transcript(
             crs_nonce,
             listen.as_bytes(),
             &capacity.to_be_bytes(),
+            role.as_bytes(),
+            instance.as_bytes(),
         ],
     )
 }
