@@ -567,12 +567,19 @@ impl Client {
     }
 
     /// Applies a push from our MS.
-    fn on_push(&self, m: &Message) -> Message {
+    /// The session, waiting for a login in progress to finish: our MS
+    /// (and buddies who heard we are online) may reach us before our
+    /// login is complete here.
+    fn settled_session(&self) -> parking_lot::MutexGuard<'_, Option<Session>> {
         let mut guard = self.session.lock();
         if guard.is_none() && self.logging_in.load(Ordering::SeqCst) {
-            // Our MS may push before our login has finished here.
             self.session_ready.wait_for(&mut guard, self.config.timeout);
         }
+        guard
+    }
+
+    fn on_push(&self, m: &Message) -> Message {
+        let mut guard = self.settled_session();
         let Some(s) = guard.as_mut() else {
             return Message::reply(code::FORBIDDEN, "not logged in");
         };

@@ -218,7 +218,7 @@ impl Client {
         &self,
         to: &str,
     ) -> Result<(String, crypto::RsaPrivateKey, SocketAddr, Vec<u8>), String> {
-        let guard = self.session.lock();
+        let guard = self.settled_session();
         let s = guard.as_ref().ok_or("not logged in; /login NAME first")?;
         match s.buddies.get(to) {
             None => Err(format!("{to} is not your buddy; /add {to} first")),

@@ -1,0 +1,556 @@
+//! Direct conversations between real client processes: INIT, sealed
+//! messages with acknowledgements, file transfers; what an attacker on the
+//! wire sees and what a forged, replayed or altered message achieves.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ims::crypto::{self, RsaPrivateKey};
+use ims::proto::peer::{init_transcript, Init, PEER};
+use ims::wire::{self, Limits, Message};
+use serde_json::Value;
+
+const PW: &str = "correct horse";
+
+fn login_with(c: &Cluster, user: &str, args: &[&str]) -> Client {
+    let cl = Client::start_with(&c.env, c.crs.addr, user, PW, args);
+    cl.send(&format!("/login {user}"));
+    cl.wait_event("logged-in", |e| e["user"] == user);
+    cl
+}
+
+fn befriend(a: &Client, an: &str, b: &Client, bn: &str) {
+    a.send(&format!("/add {bn}"));
+    b.wait_event("request", |e| e["from"] == an);
+    b.send(&format!("/accept {an}"));
+    a.wait_event("buddy-added", |e| e["user"] == bn && e["online"] == true);
+    b.wait_event("buddy-added", |e| e["user"] == an && e["online"] == true);
+}
+
+fn count(c: &Client, pred: impl Fn(&Value) -> bool) -> usize {
+    c.events().iter().filter(|e| pred(e)).count()
+}
+
+/// Waits until `n` events match `pred`.
+fn wait_count(
+    c: &Client,
+    what: &str,
+    n: usize,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Vec<Value> {
+    let end = Instant::now() + timeout;
+    loop {
+        let matching: Vec<Value> = c.events().into_iter().filter(|e| pred(e)).collect();
+        if matching.len() >= n {
+            return matching;
+        }
+        assert!(
+            Instant::now() < end,
+            "client {}: only {} of {n} {what} after {timeout:?}",
+            c.label,
+            matching.len()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The address a client's listener is bound to, from its log.
+fn listen_addr(c: &Client) -> SocketAddr {
+    let end = Instant::now() + WAIT;
+    loop {
+        if let Some(line) = c
+            .log_text()
+            .lines()
+            .find(|l| l.contains("client listening on "))
+        {
+            let addr = line.rsplit(' ').next().unwrap_or_default();
+            return addr
+                .parse()
+                .unwrap_or_else(|_| panic!("bad address in {line:?}"));
+        }
+        assert!(
+            Instant::now() < end,
+            "client {} never logged its address",
+            c.label
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn three_clients_on_two_ms_chat_both_ways() {
+    let c = Cluster::start(2);
+    for u in ["alice", "bob", "carol"] {
+        c.register(u, PW);
+    }
+    let alice = c.login("alice", PW);
+    let bob = c.login("bob", PW);
+    let carol = c.login("carol", PW);
+    befriend(&alice, "alice", &bob, "bob");
+    befriend(&alice, "alice", &carol, "carol");
+    befriend(&bob, "bob", &carol, "carol");
+
+    alice.send("/msg bob hello bob");
+    bob.wait_event("message", |e| {
+        e["from"] == "alice" && e["text"] == "hello bob"
+    });
+    alice.wait_event("delivered", |e| e["to"] == "bob");
+    // A plain line answers whoever we last heard from.
+    bob.send("hi alice, how are you?");
+    alice.wait_event("message", |e| {
+        e["from"] == "bob" && e["text"] == "hi alice, how are you?"
+    });
+    bob.wait_event("delivered", |e| e["to"] == "alice");
+
+    // One line to several buddies, reported per recipient.
+    carol.send("/msg alice,bob meeting at 10");
+    alice.wait_event("message", |e| {
+        e["from"] == "carol" && e["text"] == "meeting at 10"
+    });
+    bob.wait_event("message", |e| {
+        e["from"] == "carol" && e["text"] == "meeting at 10"
+    });
+    carol.wait_event("delivered", |e| e["to"] == "alice");
+    carol.wait_event("delivered", |e| e["to"] == "bob");
+
+    // UTF-8 survives.
+    bob.send("/msg carol grüße, 你好 ✓");
+    carol.wait_event("message", |e| e["text"] == "grüße, 你好 ✓");
+}
+
+#[test]
+fn ten_thousand_messages_arrive_in_order() {
+    let c = Cluster::start(1);
+    c.register("alice", PW);
+    c.register("bob", PW);
+    let alice = c.login("alice", PW);
+    let bob = c.login("bob", PW);
+    befriend(&alice, "alice", &bob, "bob");
+    const N: usize = 10_000;
+    let mut batch = String::new();
+    for i in 0..N {
+        batch.push_str(&format!("/msg bob message {i}\n"));
+    }
+    alice.send(batch.trim_end());
+    let got = wait_count(&bob, "messages", N, Duration::from_secs(120), |e| {
+        e["event"] == "message"
+    });
+    for (i, e) in got.iter().enumerate() {
+        assert_eq!(
+            e["text"],
+            format!("message {i}"),
+            "message {i} out of order or missing"
+        );
+    }
+    wait_count(&alice, "deliveries", N, Duration::from_secs(60), |e| {
+        e["event"] == "delivered"
+    });
+    assert_eq!(count(&alice, |e| e["event"] == "send-failed"), 0);
+}
+
+#[test]
+fn offline_and_strangers_fail_clearly() {
+    let c = Cluster::start(1);
+    for u in ["alice", "bob", "carol"] {
+        c.register(u, PW);
+    }
+    let alice = c.login("alice", PW);
+    let bob = c.login("bob", PW);
+    befriend(&alice, "alice", &bob, "bob");
+    alice.send("/msg carol are you there?");
+    let e = alice.wait_event("send-failed", |e| e["to"] == "carol");
+    assert!(field(&e, "reason").contains("not your buddy"), "{e}");
+    bob.send("/logout");
+    alice.wait_event("offline", |e| e["user"] == "bob");
+    alice.send("/msg bob still there?");
+    let e = alice.wait_event("send-failed", |e| e["to"] == "bob");
+    assert!(field(&e, "reason").contains("offline"), "{e}");
+}
+
+/// A forwarding proxy that records every byte both ways.
+struct Tap {
+    port: u16,
+    to_callee: Arc<Mutex<Vec<u8>>>,
+    from_callee: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Tap {
+    fn start(target: Arc<Mutex<Option<SocketAddr>>>) -> Tap {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let to_callee = Arc::new(Mutex::new(Vec::new()));
+        let from_callee = Arc::new(Mutex::new(Vec::new()));
+        let (up, down) = (to_callee.clone(), from_callee.clone());
+        thread::spawn(move || {
+            for inbound in listener.incoming() {
+                let Ok(inbound) = inbound else { return };
+                let Some(addr) = *target.lock().unwrap() else {
+                    continue;
+                };
+                let Ok(outbound) = TcpStream::connect(addr) else {
+                    continue;
+                };
+                let pipe = |mut from: TcpStream, mut to: TcpStream, log: Arc<Mutex<Vec<u8>>>| {
+                    thread::spawn(move || {
+                        let mut buf = [0u8; 65536];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            log.lock().unwrap().extend_from_slice(&buf[..n]);
+                        }
+                        to.shutdown(std::net::Shutdown::Both).ok();
+                    });
+                };
+                pipe(
+                    inbound.try_clone().unwrap(),
+                    outbound.try_clone().unwrap(),
+                    up.clone(),
+                );
+                pipe(outbound, inbound, down.clone());
+            }
+        });
+        Tap {
+            port,
+            to_callee,
+            from_callee,
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Splits recorded bytes into messages.
+fn messages(bytes: &[u8]) -> Vec<(Message, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while let Ok(wire::Status::Complete { message, used }) =
+        wire::parse(&bytes[pos..], &Limits::DEFAULT.for_files())
+    {
+        out.push((message, bytes[pos..pos + used].to_vec()));
+        pos += used;
+    }
+    out
+}
+
+fn send_raw(addr: SocketAddr, bytes: &[u8]) -> Option<Message> {
+    let mut conn = raw::Conn::connect(addr);
+    conn.write_raw(bytes);
+    conn.read()
+}
+
+#[test]
+fn the_wire_shows_no_plaintext_and_replays_and_forgeries_fail() {
+    let c = Cluster::start(2);
+    c.register("alice", PW);
+    c.register("bob", PW);
+    let target = Arc::new(Mutex::new(None));
+    let tap = Tap::start(target.clone());
+    let dl = c.env.path().join("dl-bob");
+    let bob = login_with(
+        &c,
+        "bob",
+        &[
+            "--advertise-port",
+            &tap.port.to_string(),
+            "--download-dir",
+            dl.to_str().unwrap(),
+        ],
+    );
+    let bob_addr = listen_addr(&bob);
+    *target.lock().unwrap() = Some(bob_addr);
+    let alice = c.login("alice", PW);
+    befriend(&alice, "alice", &bob, "bob");
+
+    let secret = "the merger closes on friday 7731";
+    alice.send(&format!("/msg bob {secret}"));
+    bob.wait_event("message", |e| e["text"] == secret);
+    alice.wait_event("delivered", |e| e["to"] == "bob");
+
+    let file = c.env.path().join("plan.txt");
+    let content = b"confidential file content 99281 ".repeat(20_000);
+    fs::write(&file, &content).unwrap();
+    alice.send(&format!("/send bob {}", file.display()));
+    bob.wait_event("file-offer", |e| e["from"] == "alice");
+    bob.send("/accept alice");
+    let got = bob.wait_for(
+        "file-received",
+        |e| e["event"] == "file-received",
+        Duration::from_secs(30),
+    );
+    assert_eq!(fs::read(field(&got, "path")).unwrap(), content);
+
+    let up = tap.to_callee.lock().unwrap().clone();
+    let down = tap.from_callee.lock().unwrap().clone();
+    assert!(!up.is_empty() && !down.is_empty(), "the tap saw nothing");
+    for bytes in [&up, &down] {
+        assert!(
+            !contains(bytes, secret.as_bytes()),
+            "message plaintext on the wire"
+        );
+        assert!(
+            !contains(bytes, b"confidential file content"),
+            "file content on the wire"
+        );
+    }
+
+    // A recorded message replayed on a new connection is refused.
+    let recorded = messages(&up);
+    let (msg, msg_bytes) = recorded
+        .iter()
+        .find(|(m, _)| m.method() == Some(PEER) && m.header("Channel") == Some("msg"))
+        .cloned()
+        .expect("a sealed message on the wire");
+    let reply = send_raw(bob_addr, &msg_bytes);
+    assert!(
+        reply.as_ref().is_none_or(|r| r.method() != Some(PEER)),
+        "a replayed message was acknowledged: {reply:?}"
+    );
+    // A bit-flipped message is refused.
+    let mut flipped = msg.clone();
+    let last = flipped.body.len() - 1;
+    flipped.body[last] ^= 0x01;
+    let reply = send_raw(bob_addr, &flipped.encode());
+    assert!(
+        reply.as_ref().is_none_or(|r| r.method() != Some(PEER)),
+        "a tampered message was acknowledged: {reply:?}"
+    );
+    assert!(
+        bob.log_text().contains("refused a message from alice"),
+        "no log of the refusals"
+    );
+
+    // A forged INIT: alice's name, someone else's key.
+    let mallory = RsaPrivateKey::generate(1024).unwrap();
+    let nonce = crypto::random_array::<24>().to_vec();
+    let key = mallory.public_key().encrypt_oaep(&[7u8; 32]).unwrap();
+    let time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let forged = Init {
+        from: "alice".into(),
+        to: "bob".into(),
+        time,
+        nonce: nonce.clone(),
+        key: key.clone(),
+        signature: mallory
+            .sign_pss(&init_transcript("alice", "bob", time, &nonce, &key))
+            .unwrap(),
+    };
+    let reply =
+        send_raw(bob_addr, &forged.to_message().encode()).expect("a reply to the forged INIT");
+    assert_eq!(raw::code(&reply), 401, "forged INIT: {reply:?}");
+    // An unsigned one.
+    let mut unsigned = forged.to_message();
+    unsigned.headers.remove("Signature");
+    let reply = send_raw(bob_addr, &unsigned.encode()).expect("a reply to the unsigned INIT");
+    assert_eq!(raw::code(&reply), 400, "unsigned INIT: {reply:?}");
+    // A replayed INIT (the real one, recorded).
+    let (_, init_bytes) = recorded
+        .iter()
+        .find(|(m, _)| m.method() == Some("INIT"))
+        .cloned()
+        .expect("the INIT on the wire");
+    let reply = send_raw(bob_addr, &init_bytes).expect("a reply to the replayed INIT");
+    assert_eq!(raw::code(&reply), 401, "replayed INIT: {reply:?}");
+
+    // The conversation goes on.
+    alice.send("/msg bob still fine?");
+    bob.wait_event("message", |e| e["text"] == "still fine?");
+    alice.wait_event("delivered", |e| e["to"] == "bob");
+}
+
+#[test]
+fn a_hundred_mib_file_arrives_whole_with_bounded_memory() {
+    let c = Cluster::start(1);
+    c.register("alice", PW);
+    c.register("bob", PW);
+    let dl = c.env.path().join("dl");
+    let bob = login_with(&c, "bob", &["--download-dir", dl.to_str().unwrap()]);
+    let alice = c.login("alice", PW);
+    befriend(&alice, "alice", &bob, "bob");
+    let path = c.env.path().join("big.bin");
+    let mut f = fs::File::create(&path).unwrap();
+    let mut block = vec![0u8; 1 << 20];
+    let mut sha = crypto::Sha256::new();
+    for i in 0..100u32 {
+        for (j, b) in block.iter_mut().enumerate() {
+            *b = (j as u32 ^ i.wrapping_mul(2_654_435_761)) as u8;
+        }
+        sha.update(&block);
+        f.write_all(&block).unwrap();
+    }
+    drop(f);
+    let want = ims::keyfile::hex(&sha.finish());
+    let before = peak_rss_kib(bob.pid());
+    alice.send(&format!("/send bob {}", path.display()));
+    bob.wait_event("file-offer", |e| {
+        e["from"] == "alice" && e["size"] == 100 * 1024 * 1024
+    });
+    bob.send("/accept alice");
+    let got = bob.wait_for(
+        "file-received",
+        |e| e["event"] == "file-received",
+        Duration::from_secs(120),
+    );
+    assert_eq!(field(&got, "sha256"), want);
+    let mut check = crypto::Sha256::new();
+    let mut r = fs::File::open(field(&got, "path")).unwrap();
+    loop {
+        let n = r.read(&mut block).unwrap();
+        if n == 0 {
+            break;
+        }
+        check.update(&block[..n]);
+    }
+    assert_eq!(
+        ims::keyfile::hex(&check.finish()),
+        want,
+        "the stored file differs"
+    );
+    alice.wait_event("file-sent", |e| e["to"] == "bob");
+    let peak = peak_rss_kib(bob.pid());
+    assert!(
+        peak < before + 48 * 1024,
+        "the receiver's peak memory grew from {before} KiB to {peak} KiB for a 100 MiB file"
+    );
+    assert!(bob.saw(|e| e["event"] == "file-progress" && e["direction"] == "receive"));
+}
+
+#[test]
+fn a_killed_sender_leaves_no_partial_file() {
+    let c = Cluster::start(1);
+    c.register("alice", PW);
+    c.register("bob", PW);
+    let dl = c.env.path().join("dl");
+    let bob = login_with(&c, "bob", &["--download-dir", dl.to_str().unwrap()]);
+    let mut alice = c.login("alice", PW);
+    befriend(&alice, "alice", &bob, "bob");
+    // Sparse: big enough that the transfer is surely under way when it dies.
+    let path = c.env.path().join("huge.bin");
+    fs::File::create(&path).unwrap().set_len(4 << 30).unwrap();
+    alice.send(&format!("/send bob {}", path.display()));
+    bob.wait_for(
+        "file-offer",
+        |e| e["event"] == "file-offer",
+        Duration::from_secs(120),
+    );
+    bob.send("/accept alice");
+    bob.wait_event("file-progress", |e| e["direction"] == "receive");
+    alice.kill9();
+    let e = bob.wait_for(
+        "file-failed",
+        |e| e["event"] == "file-failed",
+        Duration::from_secs(30),
+    );
+    assert!(field(&e, "reason").contains("broke off"), "{e}");
+    let left: Vec<_> = fs::read_dir(&dl)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in the download directory: {left:?}");
+}
+
+#[test]
+fn hostile_names_land_safely_and_nothing_is_overwritten() {
+    let c = Cluster::start(1);
+    c.register("alice", PW);
+    c.register("bob", PW);
+    let dl = c.env.path().join("dl");
+    fs::create_dir_all(&dl).unwrap();
+    fs::write(dl.join("notes.txt"), b"bob's own notes").unwrap();
+    let bob = login_with(
+        &c,
+        "bob",
+        &[
+            "--download-dir",
+            dl.to_str().unwrap(),
+            "--auto-accept-files",
+        ],
+    );
+    let alice = c.login("alice", PW);
+    befriend(&alice, "alice", &bob, "bob");
+
+    let src = c.env.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    // A name with backslashes and dots, legal on Unix, hostile elsewhere.
+    let hostile = src.join("..\\..\\etc\\passwd");
+    fs::write(&hostile, b"not a password file").unwrap();
+    alice.send(&format!("/send bob {}", hostile.display()));
+    let got = bob.wait_for(
+        "file-received",
+        |e| e["event"] == "file-received",
+        Duration::from_secs(30),
+    );
+    assert_eq!(field(&got, "name"), "passwd");
+    assert_eq!(Path::new(field(&got, "path")).parent().unwrap(), dl);
+
+    let same = src.join("notes.txt");
+    fs::write(&same, b"alice's notes").unwrap();
+    alice.send(&format!("/send bob {}", same.display()));
+    let got = bob.wait_for(
+        "the second file",
+        |e| e["event"] == "file-received" && e["name"] != "passwd",
+        Duration::from_secs(30),
+    );
+    assert_eq!(field(&got, "name"), "notes (1).txt");
+    assert_eq!(fs::read(dl.join("notes.txt")).unwrap(), b"bob's own notes");
+    assert_eq!(
+        fs::read(dl.join("notes (1).txt")).unwrap(),
+        b"alice's notes"
+    );
+    let partial: Vec<_> = fs::read_dir(&dl)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+        .collect();
+    assert!(partial.is_empty());
+}
+
+#[test]
+fn logging_out_ends_the_session_and_the_next_message_opens_a_new_one() {
+    let c = Cluster::start(2);
+    c.register("alice", PW);
+    c.register("bob", PW);
+    let alice = c.login("alice", PW);
+    let bob = c.login("bob", PW);
+    befriend(&alice, "alice", &bob, "bob");
+    alice.send("/msg bob one");
+    bob.wait_event("message", |e| e["text"] == "one");
+    bob.send("/logout");
+    alice.wait_event("offline", |e| e["user"] == "bob");
+    bob.send("/login bob");
+    bob.wait_for("a second login", |e| e["event"] == "logged-in", WAIT);
+    alice.wait_event("online", |e| e["user"] == "bob");
+    alice.send("/msg bob two");
+    bob.wait_event("message", |e| e["text"] == "two");
+    alice.wait_event("delivered", |e| e["to"] == "bob");
+    // And the other way, after alice's own logout and login.
+    alice.send("/logout");
+    alice.wait_event("logged-out", |_| true);
+    alice.send("/login alice");
+    bob.wait_event("online", |e| e["user"] == "alice");
+    bob.send("/msg alice three");
+    alice.wait_event("message", |e| e["text"] == "three");
+}
