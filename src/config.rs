@@ -115,6 +115,12 @@ pub struct MsFile {
     pub push_threads: Option<usize>,
     /// Seconds of client silence before it is probed and logged out.
     pub client_timeout_secs: Option<f64>,
+    /// Login attempts a second from one address (0: no limit).
+    pub login_rate_per_sec: Option<f64>,
+    /// Login attempts one address may make at once.
+    pub login_burst: Option<u32>,
+    /// Searches a second per user.
+    pub search_rate_per_sec: Option<f64>,
     /// The worker pool.
     #[serde(default)]
     pub pool: PoolFile,

@@ -42,6 +42,12 @@ fn main() -> ExitCode {
         "seconds of client silence before a probe and logout (default 15)",
         "SECS",
     );
+    opts.optopt(
+        "",
+        "login-rate",
+        "login attempts a second from one address (default 5, burst 30; 0: no limit)",
+        "N",
+    );
     let m = match cli::parse("ims-ms", USAGE, opts, &args) {
         Parsed::Run(m) => m,
         Parsed::Done => return ExitCode::SUCCESS,
@@ -110,6 +116,15 @@ fn build_config(m: &getopts::Matches) -> Result<MsConfig, String> {
         if let Some(v) = f.client_timeout_secs {
             c.client_timeout = config::secs(v);
         }
+        if let Some(v) = f.login_rate_per_sec {
+            c.login_rate = v;
+        }
+        if let Some(v) = f.login_burst {
+            c.login_burst = v;
+        }
+        if let Some(v) = f.search_rate_per_sec {
+            c.search_rate = v;
+        }
         f.pool.apply(&mut c.pool);
     }
     if let Some(v) = m.opt_str("listen") {
@@ -135,6 +150,9 @@ fn build_config(m: &getopts::Matches) -> Result<MsConfig, String> {
     }
     if let Some(v) = cli::num::<f64>(m, "client-timeout")? {
         c.client_timeout = config::secs(v);
+    }
+    if let Some(v) = cli::num(m, "login-rate")? {
+        c.login_rate = v;
     }
     Ok(c)
 }

@@ -108,6 +108,21 @@ impl Ms {
             return Err(ProtoError::Invalid("Client-Nonce").reply());
         }
         let user = user.to_ascii_lowercase();
+        if !self.login_limit.take(&peer.ip()) {
+            return Err(err(
+                code::RATE_LIMITED,
+                "too many login attempts from your address; try again shortly",
+            ));
+        }
+        if let Some(wait) = self.failures.wait(&user, peer.ip()) {
+            return Err(err(
+                code::RATE_LIMITED,
+                &format!(
+                    "too many wrong passwords; try again in {} s",
+                    wait.as_secs().max(1)
+                ),
+            ));
+        }
         let verifier = match self
             .crs
             .call(&CrsRequest::GetVerifier { user: user.clone() })
@@ -148,6 +163,7 @@ impl Ms {
 
     fn login(self: &Arc<Self>, c: Challenged, proof: &[u8], listen_port: u16) -> Message {
         let Some(verifier) = &c.verifier else {
+            self.failures.failed(&c.user, c.peer.ip());
             return err(code::AUTH_FAILED, "password failure");
         };
         // Step 3: the design's per-user lock at the CRS.
@@ -193,12 +209,14 @@ impl Ms {
             Err(reply) => return reply,
         }
         let client_key = proof_ok();
-        // Step 4: a wrong proof changes nothing.
+        // Step 4: a wrong proof changes nothing (but slows its source down).
         let Some(client_key) = client_key else {
+            self.failures.failed(&c.user, c.peer.ip());
             self.unlock(&c.user);
             info!("login of {}: password failure", c.user);
             return err(code::AUTH_FAILED, "password failure");
         };
+        self.failures.succeeded(&c.user, c.peer.ip());
         let Ok(server_key) = <&[u8; 32]>::try_from(verifier.server_key.as_slice()) else {
             self.unlock(&c.user);
             return err(code::INTERNAL, "malformed verifier");
@@ -358,7 +376,12 @@ impl Ms {
                 user: name,
                 profile,
             },
-            MsRequest::Search(text) => CrsRequest::Search { text, limit: 50 },
+            MsRequest::Search(text) => {
+                if !self.search_limit.take(&name) {
+                    return err(code::RATE_LIMITED, "too many searches; try again shortly");
+                }
+                CrsRequest::Search { text, limit: 50 }
+            }
             MsRequest::Add {
                 to,
                 nonce,

@@ -1,6 +1,7 @@
 //! A messaging server: enrolls with the CRS, logs clients in, relays
 //! presence and buddy events to them. It never carries chat traffic.
 
+pub mod limits;
 pub mod login;
 pub mod push;
 pub mod users;
@@ -50,6 +51,13 @@ pub struct MsConfig {
     /// A client silent this long (no keepalive, no request) is probed, and
     /// logged out if it does not answer.
     pub client_timeout: Duration,
+    /// Login attempts a second from one address (0: no limit), with a
+    /// burst of `login_burst`.
+    pub login_rate: f64,
+    /// Login attempts one address may make at once.
+    pub login_burst: u32,
+    /// Searches a second per user, with a burst of ten.
+    pub search_rate: f64,
     /// The worker pool.
     pub pool: prethread::Config,
 }
@@ -68,6 +76,9 @@ impl Default for MsConfig {
             push_timeout: Duration::from_secs(3),
             fake_iterations: crypto::PBKDF2_MIN_ITERATIONS,
             client_timeout: Duration::from_secs(15),
+            login_rate: 5.0,
+            login_burst: 30,
+            search_rate: 2.0,
             pool: prethread::Config {
                 name: "ms".into(),
                 ..prethread::Config::default()
@@ -107,6 +118,9 @@ pub struct Ms {
     users: Users,
     pusher: Pusher,
     stopping: AtomicBool,
+    login_limit: limits::Buckets<std::net::IpAddr>,
+    failures: limits::Failures,
+    search_limit: limits::Buckets<String>,
 }
 
 impl Ms {
@@ -377,6 +391,9 @@ pub fn start(config: MsConfig) -> Result<Running, MsError> {
         users: Users::default(),
         pusher,
         stopping: AtomicBool::new(false),
+        login_limit: limits::Buckets::new(config.login_burst, config.login_rate),
+        failures: limits::Failures::default(),
+        search_limit: limits::Buckets::new(10, config.search_rate),
     });
     let server = Server::from_listener(
         listener,
