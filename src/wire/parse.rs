@@ -197,6 +197,9 @@ fn parse_start(line: &[u8]) -> Result<Start, Error> {
     }
 }
 
+/// The largest Content-Length any limit can allow: body and CRLF in one buffer.
+const MAX_CONTENT_LENGTH: u64 = isize::MAX as u64 - 2;
+
 fn parse_length(value: &[u8], limits: &Limits) -> Result<usize, Error> {
     let digits = match value.first() {
         Some(b'-') if value.len() > 1 && value[1..].iter().all(u8::is_ascii_digit) => {
@@ -214,7 +217,10 @@ fn parse_length(value: &[u8], limits: &Limits) -> Result<usize, Error> {
             .and_then(|n| n.checked_add(u64::from(d - b'0')))
             .ok_or(Error::OverflowingContentLength)?;
     }
-    if n > limits.max_body as u64 {
+    // Whatever the limit says, a body plus its CRLF must fit in one buffer
+    // (at most `isize::MAX` bytes), which also keeps `head + body + 2` from
+    // overflowing `usize` when the limit is `usize::MAX`.
+    if n > limits.max_body as u64 || n > MAX_CONTENT_LENGTH {
         return Err(Error::BodyTooLarge);
     }
     Ok(n as usize)
