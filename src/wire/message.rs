@@ -53,6 +53,12 @@ impl Headers {
             is_token(name.as_bytes()),
             "header name {name:?} is not a token"
         );
+        // The encoder writes Content-Length from the body; a second one
+        // would make the message invalid.
+        assert!(
+            !name.eq_ignore_ascii_case("content-length"),
+            "Content-Length is written by the encoder"
+        );
         let clean: String = value
             .chars()
             .map(|c| {
@@ -228,7 +234,7 @@ impl Message {
     pub fn encoded_len(&self) -> usize {
         let start = match &self.start {
             Start::Request(m) => m.len(),
-            Start::Reply { reason, .. } => 4 + reason.len(),
+            Start::Reply { code, reason } => decimal_len(usize::from(*code)) + 1 + reason.len(),
         };
         let headers: usize = self
             .headers
