@@ -39,6 +39,12 @@ fn main() -> ExitCode {
     opts.optopt("", "workers", "worker threads", "N");
     opts.optopt(
         "",
+        "message-deadline",
+        "seconds within which one whole request must arrive (default 10)",
+        "SECS",
+    );
+    opts.optopt(
+        "",
         "min-iterations",
         "fewest PBKDF2 iterations a registration may use",
         "N",
@@ -122,6 +128,9 @@ fn build_config(m: &getopts::Matches) -> Result<CrsConfig, String> {
     }
     if let Some(v) = cli::num(m, "workers")? {
         c.pool.workers = v;
+    }
+    if let Some(v) = cli::num::<f64>(m, "message-deadline")? {
+        c.pool.message_deadline = config::secs(v);
     }
     if let Some(v) = cli::num(m, "min-iterations")? {
         c.min_iterations = v;

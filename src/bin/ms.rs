@@ -32,6 +32,18 @@ fn main() -> ExitCode {
     opts.optopt("", "workers", "worker threads", "N");
     opts.optopt(
         "",
+        "heartbeat-interval",
+        "seconds between heartbeats to the CRS (default 3)",
+        "SECS",
+    );
+    opts.optopt(
+        "",
+        "message-deadline",
+        "seconds within which one whole request must arrive (default 10)",
+        "SECS",
+    );
+    opts.optopt(
+        "",
         "fake-iterations",
         "PBKDF2 iterations shown for unknown names",
         "N",
@@ -144,6 +156,12 @@ fn build_config(m: &getopts::Matches) -> Result<MsConfig, String> {
     }
     if let Some(v) = cli::num(m, "workers")? {
         c.pool.workers = v;
+    }
+    if let Some(v) = cli::num::<f64>(m, "heartbeat-interval")? {
+        c.heartbeat_interval = config::secs(v);
+    }
+    if let Some(v) = cli::num::<f64>(m, "message-deadline")? {
+        c.pool.message_deadline = config::secs(v);
     }
     if let Some(v) = cli::num(m, "fake-iterations")? {
         c.fake_iterations = v;

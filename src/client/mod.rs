@@ -646,7 +646,7 @@ impl Client {
                 Event::BuddyRemoved { user: buddy }
             }
             EventKind::Denied { by } => Event::Denied { by },
-            EventKind::Evicted { user } => {
+            EventKind::Evicted { user, .. } => {
                 if user != s.user {
                     return Message::ok();
                 }

@@ -54,6 +54,8 @@ pub struct Online {
     pub ms: u64,
     /// Their client's address and public key.
     pub presence: Presence,
+    /// Numbers this login among all logins since the CRS started.
+    pub login: u64,
 }
 
 /// A login lease.
@@ -76,6 +78,7 @@ pub enum LockError {
 #[derive(Debug, Default)]
 pub struct Live {
     next_ms: u64,
+    next_login: u64,
     ms: HashMap<u64, MsEntry>,
     online: HashMap<String, Online>,
     locks: HashMap<String, Lease>,
@@ -205,9 +208,20 @@ impl Live {
     }
 
     /// Marks `user` online at `ms` and releases the lease.
-    pub fn set_online(&mut self, user: &str, ms: u64, presence: Presence) {
+    /// Marks `user` online at `ms` and releases the lease; the login's number.
+    pub fn set_online(&mut self, user: &str, ms: u64, presence: Presence) -> u64 {
         self.locks.remove(user);
-        self.online.insert(user.to_owned(), Online { ms, presence });
+        self.next_login += 1;
+        let login = self.next_login;
+        self.online.insert(
+            user.to_owned(),
+            Online {
+                ms,
+                presence,
+                login,
+            },
+        );
+        login
     }
 
     /// Marks `user` offline if they are online at `ms` (or anywhere, for

@@ -199,7 +199,10 @@ impl Running {
 }
 
 /// Opens the database and keys and starts serving.
-pub fn start(config: CrsConfig) -> Result<Running, CrsError> {
+pub fn start(mut config: CrsConfig) -> Result<Running, CrsError> {
+    // An idle event poll must end (and the MS poll again, which counts as a
+    // heartbeat) well within the heartbeat timeout.
+    config.poll_timeout = config.poll_timeout.min(config.heartbeat_timeout / 3);
     let ms_key = keyfile::read_ms_key(&config.ms_key_file).map_err(CrsError::MsKey)?;
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| CrsError::Store(store::StoreError::Backend(e.to_string())))?;

@@ -355,12 +355,15 @@ impl Crs {
             }
             Takeover { user } => {
                 let user = store::canonical(&user);
-                let old = self.live.lock().online(&user).map(|o| o.ms);
-                if let Some(old_ms) = old {
+                let old = self.live.lock().online(&user).map(|o| (o.ms, o.login));
+                if let Some((old_ms, login)) = old {
                     self.live.lock().notify_ms(
                         old_ms,
                         vec![user.clone()],
-                        EventKind::Evicted { user: user.clone() },
+                        EventKind::Evicted {
+                            user: user.clone(),
+                            login,
+                        },
                     );
                     self.offline(&user, None);
                     info!("{user}'s old login at MS #{old_ms} is gone; a new login takes over");
@@ -492,7 +495,7 @@ impl Crs {
                 online: live.online(c).map(|o| o.presence.clone()),
             })
             .collect();
-        live.set_online(user, ms, presence.clone());
+        let login = live.set_online(user, ms, presence.clone());
         live.notify(
             record.contacts.iter().map(String::as_str),
             &EventKind::Online {
@@ -511,6 +514,7 @@ impl Crs {
             requests,
             profile: record.profile,
         })
+        .with_header("Login-Number", login)
     }
 
     fn pending_requests(&self, record: &store::User) -> Vec<BuddyRequest> {

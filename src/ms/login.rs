@@ -226,12 +226,12 @@ impl Ms {
         // pushes the change and gives us the user's record.
         // Events for this user may come before the user is in our table.
         self.users.begin(&c.user);
-        let welcome: Welcome = match self.crs.call(&CrsRequest::Online {
+        let (welcome, number): (Welcome, u64) = match self.crs.call(&CrsRequest::Online {
             user: c.user.clone(),
             address,
         }) {
             Ok(r) if r.is_success() => match r.json() {
-                Ok(w) => w,
+                Ok(w) => (w, r.req_parse("Login-Number").unwrap_or(0)),
                 Err(e) => {
                     self.users.finish(&c.user, None);
                     return e.reply();
@@ -270,6 +270,7 @@ impl Ms {
             link: Mutex::new((keys.recv, keys.send)),
             push: Mutex::new(push.send),
             last_seen: AtomicU64::new(super::users::now_ms()),
+            number: AtomicU64::new(number),
         });
         let inner = pc::json_reply(&welcome);
         let sealed = user.link.lock().1.seal(

@@ -159,11 +159,15 @@ impl Ms {
                         true
                     }
                     EventKind::Request(_) | EventKind::Denied { .. } => true,
-                    EventKind::Evicted { .. } => {
-                        // The CRS already took this login offline.
-                        self.users.remove(name, Some(&user.login));
-                        info!("{name} logged in elsewhere; their login here ends");
-                        true
+                    EventKind::Evicted { login, .. } => {
+                        // Only the old login, not a newer one here.
+                        let old = *login == user.number.load(std::sync::atomic::Ordering::Relaxed);
+                        if old {
+                            // The CRS already took this login offline.
+                            self.users.remove(name, Some(&user.login));
+                            info!("{name} logged in elsewhere; their login here ends");
+                        }
+                        old
                     }
                 }
             };
@@ -180,11 +184,20 @@ impl Ms {
             let lock = self.crs.call(&CrsRequest::Lock {
                 user: user.name.clone(),
             });
-            let ok = matches!(&lock, Ok(r) if r.is_success())
-                && matches!(
-                    self.crs.call(&CrsRequest::Online { user: user.name.clone(), address: user.address }),
-                    Ok(r) if r.is_success()
-                );
+            let online = matches!(&lock, Ok(r) if r.is_success()).then(|| {
+                self.crs.call(&CrsRequest::Online {
+                    user: user.name.clone(),
+                    address: user.address,
+                })
+            });
+            let ok = match online {
+                Some(Ok(r)) if r.is_success() => {
+                    let n = r.req_parse("Login-Number").unwrap_or(0);
+                    user.number.store(n, std::sync::atomic::Ordering::Relaxed);
+                    true
+                }
+                _ => false,
+            };
             if !ok {
                 warn!(
                     "{} could not be restored at the CRS; logged out here",

@@ -28,6 +28,9 @@ pub struct OnlineUser {
     pub push: Mutex<Sealer>,
     /// Milliseconds (since the MS started) of the client's last sign of life.
     pub last_seen: AtomicU64,
+    /// The CRS's number of this login (`Login-Number`), renewed when the
+    /// login is announced again to a restarted CRS.
+    pub number: AtomicU64,
 }
 
 /// A fixed origin for [`OnlineUser::last_seen`], so it fits an atomic.

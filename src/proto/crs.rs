@@ -191,6 +191,9 @@ pub enum EventKind {
     Evicted {
         /// Who.
         user: String,
+        /// The old login's number (the `Login-Number` of its `ONLINE`): a
+        /// newer login of the same user may already be at the same MS.
+        login: u64,
     },
 }
 

@@ -424,9 +424,10 @@ impl Ms {
         args: &[&str],
     ) -> Result<Ms, StartFailure> {
         let mut cmd = Command::new(MS_BIN);
-        cmd.arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--crs")
+        if !args.contains(&"--listen") {
+            cmd.arg("--listen").arg("127.0.0.1:0");
+        }
+        cmd.arg("--crs")
             .arg(crs.to_string())
             .arg("--ms-key")
             .arg(key)
