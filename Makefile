@@ -36,6 +36,10 @@ clean-cluster:
 bench:
 	$(CARGO) bench
 
+# The long failure runs: 100 kill -9 cycles of the CRS during registrations.
+soak:
+	IMS_SOAK_CYCLES=100 $(CARGO) test --test failures acknowledged_registrations_survive_kill_9 -- --nocapture
+
 # The parser fuzz targets, FUZZ_SECONDS each (needs a nightly toolchain and cargo-fuzz; installed if missing).
 fuzz:
 	./scripts/fuzz $(FUZZ_SECONDS)
