@@ -170,7 +170,7 @@ impl Live {
     /// `None`); returns whether they were.
     pub fn set_offline(&mut self, user: &str, ms: Option<u64>) -> bool {
         match self.online.get(user) {
-            Some(o) if ms.is_none_or(|m| m == o.ms) => {
+            Some(o) if ms.map_or(true, |m| m == o.ms) => {
                 self.online.remove(user);
                 true
             }

@@ -47,7 +47,7 @@ impl Users {
     /// Removes `name`'s login if it is `login` (or any, for `None`).
     pub fn remove(&self, name: &str, login: Option<&str>) -> Option<Arc<OnlineUser>> {
         let mut by_name = self.by_name.write();
-        let matches = by_name.get(name).is_some_and(|u| login.is_none_or(|l| u.login == l));
+        let matches = by_name.get(name).is_some_and(|u| login.map_or(true, |l| u.login == l));
         if !matches {
             return None;
         }
