@@ -134,6 +134,28 @@ fn buddies_and_presence_across_two_ms() {
     assert_eq!(shown["requests_from"], serde_json::json!([]), "{shown}");
 }
 
+/// A listener that answers `PROBE` for `user` like a live client; its port.
+fn alive_client(user: &'static str) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut conn = Conn {
+                reader: ims::wire::io::MessageReader::new(conn),
+            };
+            if let Some(m) = conn.read() {
+                let reply = if m.method() == Some("PROBE") && m.header("User") == Some(user) {
+                    Message::ok().with_header("User", user)
+                } else {
+                    Message::ok()
+                };
+                conn.write_raw(&reply.encode());
+            }
+        }
+    });
+    port
+}
+
 /// 2. Twenty simultaneous logins of one user through both MSs: exactly
 ///    one wins, the others are refused clearly, the user is online once.
 #[test]
@@ -142,6 +164,10 @@ fn simultaneous_logins_one_wins() {
     let c = Cluster::start(2);
     c.register("dave", PW);
     let ms: Vec<SocketAddr> = c.ms.iter().map(|m| m.addr).collect();
+    // A live client for whoever wins: it answers the MS's probes, so the
+    // others are refused rather than taking over (as they would from a
+    // dead client).
+    let port = alive_client("dave");
     let barrier = Arc::new(Barrier::new(N));
     let threads: Vec<_> = (0..N)
         .map(|i| {
@@ -151,7 +177,7 @@ fn simultaneous_logins_one_wins() {
                 // holds an MS worker in between, and the MSs have fewer
                 // workers than there are logins.)
                 barrier.wait();
-                raw::login(ms, "dave", PW, 40_000 + i as u16).reply
+                raw::login(ms, "dave", PW, port).reply
             })
         })
         .collect();
@@ -509,7 +535,7 @@ fn enroll_admin(crs: SocketAddr, key_file: &std::path::Path) -> Conn {
     let crs_nonce = reply.req_b64("Crs-Nonce").expect("Crs-Nonce");
     let proof = crypto::hmac_sha256(
         &key,
-        &proto::enroll_ms_transcript(&ms_nonce, &crs_nonce, "test", 0),
+        &proto::enroll_ms_transcript(&ms_nonce, &crs_nonce, "test", 0, "admin", ""),
     );
     let reply = conn.call(
         &Message::request("ENROLL")
