@@ -20,7 +20,7 @@ release:
 # Every test, then formatting and lints; what CI runs.
 test:
 	$(CARGO) build --bins
-	$(CARGO) test --all-targets -- --test-threads=2
+	$(CARGO) test -- --test-threads=2
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
@@ -50,9 +50,11 @@ EXAMPLES = $(PREFIX)/share/ims/examples
 UNITDIR ?= $(if $(filter /usr,$(PREFIX)),/usr/lib/systemd/system,$(PREFIX)/lib/systemd/system)
 
 # Binaries, example configurations, documentation and systemd units.
-install: release
+# PROFILE=debug installs the debug build (for tests) instead of building release.
+PROFILE ?= release
+install: $(if $(filter release,$(PROFILE)),release,)
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(EXAMPLES) $(DESTDIR)$(DOCDIR) $(DESTDIR)$(UNITDIR)
-	install -m 0755 target/release/ims-crs target/release/ims-ms target/release/ims-client $(DESTDIR)$(BINDIR)/
+	install -m 0755 target/$(PROFILE)/ims-crs target/$(PROFILE)/ims-ms target/$(PROFILE)/ims-client $(DESTDIR)$(BINDIR)/
 	install -m 0644 etc/crs.toml etc/ms.toml etc/client.toml $(DESTDIR)$(EXAMPLES)/
 	install -m 0644 README.md docs/PROTOCOL.md $(DESTDIR)$(DOCDIR)/
 	for u in etc/systemd/*.service; do \

@@ -212,7 +212,10 @@ fn a_restarted_ms_makes_its_clients_log_in_again() {
         }
         assert!(
             Instant::now() < end,
-            "alice never saw bob online again: {b}"
+            "alice never saw bob online again: {b}\nMS log:\n{}\nCRS log:\n{}\nbob log:\n{}",
+            c.ms[0].log_text(),
+            c.crs.proc.log_text(),
+            bob.log_text()
         );
         thread::sleep(Duration::from_millis(200));
     }

@@ -90,17 +90,17 @@ impl Live {
     /// Returns its id and, if it restarted (a new `instance`), the users
     /// that were online there, now offline.
     pub fn enroll(&mut self, address: &str, capacity: u32, instance: &str) -> (u64, Vec<String>) {
+        let mut lost = Vec::new();
         if let Some((&id, entry)) = self.ms.iter_mut().find(|(_, e)| e.address == address) {
             entry.capacity = capacity;
             entry.last_seen = Instant::now();
             if entry.instance == instance {
-                return (id, Vec::new());
+                return (id, lost);
             }
-            entry.instance = instance.to_owned();
-            entry.queue.clear();
-            entry.first_seq = 1;
-            let lost = self.drop_users_of(id);
-            return (id, lost);
+            // A restarted MS is a new MS: links of the old one (a long poll
+            // still waiting, say) find their id gone and end.
+            lost = self.drop_users_of(id);
+            self.ms.remove(&id);
         }
         self.next_ms += 1;
         let id = self.next_ms;
@@ -108,7 +108,7 @@ impl Live {
             id,
             MsEntry::new(address.to_owned(), capacity, instance.to_owned()),
         );
-        (id, Vec::new())
+        (id, lost)
     }
 
     /// Takes every user of MS `id` offline and drops its locks.
@@ -329,8 +329,14 @@ mod tests {
         let (a, _) = l.enroll("a:1", 10, "first");
         l.set_online("joe", a, presence());
         assert_eq!(l.enroll("a:1", 10, "first"), (a, vec![]));
-        assert_eq!(l.enroll("a:1", 10, "second"), (a, vec!["joe".to_string()]));
+        let (b, lost) = l.enroll("a:1", 10, "second");
+        assert_eq!(lost, vec!["joe".to_string()]);
+        assert_ne!(a, b, "the restarted MS gets a new id");
         assert!(l.online("joe").is_none());
+        assert!(
+            l.events(a, 0).is_none(),
+            "the old instance's links are dead"
+        );
     }
 
     use super::*;
