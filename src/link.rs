@@ -92,7 +92,9 @@ impl CrsLink {
             .ok_or_else(|| LinkError::Refused(format!("cannot resolve {crs}")))?;
         let stream = TcpStream::connect_timeout(&addr, timeout)
             .map_err(|e| LinkError::Io(IoError::Io(e)))?;
-        let _ = stream.set_nodelay(true);
+        if let Err(e) = stream.set_nodelay(true) {
+            log::debug!("TCP_NODELAY: {e}");
+        }
         let mut reader = MessageReader::new(stream);
         let limits = Limits::DEFAULT;
 

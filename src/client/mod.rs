@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use log::{info, warn};
+use log::{debug, info, warn};
 use parking_lot::Mutex;
 
 use crate::crypto::{self, KdfPolicy};
@@ -292,8 +292,10 @@ impl Client {
     }
 
     fn emit(&self, e: Event) {
-        // The receiver goes away only when the UI is exiting.
-        let _ = self.events.send(e);
+        if self.events.send(e).is_err() {
+            // The receiver goes away only when the interface is exiting.
+            debug!("event dropped: the interface is gone");
+        }
     }
 
     /// The configuration.

@@ -87,7 +87,9 @@ fn push_one(user: &OnlineUser, event: &EventKind, timeout: Duration) -> Result<(
         .map_err(|e| e.to_string())?;
     let mut stream =
         TcpStream::connect_timeout(&user.address, timeout).map_err(|e| e.to_string())?;
-    let _ = stream.set_nodelay(true);
+    if let Err(e) = stream.set_nodelay(true) {
+        debug!("TCP_NODELAY: {e}");
+    }
     let deadline = Instant::now() + timeout;
     write_message(&mut stream, &sealed, deadline).map_err(|e| e.to_string())?;
     let mut reader = MessageReader::new(stream);
