@@ -44,22 +44,27 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
+/// `scripts/run-cluster` with the test's binaries, state directory and ports.
+fn run_cluster(run_dir: &Path, ports: &[u16]) -> Command {
+    let mut cmd = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/run-cluster"));
+    cmd.env("RUN_DIR", run_dir)
+        .env("BIN", Path::new(CRS_BIN).parent().unwrap())
+        .env("RUST_LOG", "info");
+    for (var, port) in ["CRS_PORT", "MS1_PORT", "MS2_PORT", "ALICE_PORT", "BOB_PORT"]
+        .iter()
+        .zip(ports)
+    {
+        cmd.env(var, port.to_string());
+    }
+    cmd
+}
+
 #[test]
 fn run_cluster_chats_and_stops_cleanly() {
     let env = TestEnv::new();
     let run_dir = env.path().join("run");
-    let bin = Path::new(CRS_BIN).parent().unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/run-cluster");
     let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
-    let mut cluster = Command::new(&script)
-        .env("RUN_DIR", &run_dir)
-        .env("BIN", bin)
-        .env("CRS_PORT", ports[0].to_string())
-        .env("MS1_PORT", ports[1].to_string())
-        .env("MS2_PORT", ports[2].to_string())
-        .env("ALICE_PORT", ports[3].to_string())
-        .env("BOB_PORT", ports[4].to_string())
-        .env("RUST_LOG", "info")
+    let mut cluster = run_cluster(&run_dir, &ports)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -142,14 +147,7 @@ fn run_cluster_chats_and_stops_cleanly() {
     }
 
     // A second run keeps the users of the first.
-    let mut again = Command::new(&script)
-        .env("RUN_DIR", &run_dir)
-        .env("BIN", bin)
-        .env("CRS_PORT", ports[0].to_string())
-        .env("MS1_PORT", ports[1].to_string())
-        .env("MS2_PORT", ports[2].to_string())
-        .env("ALICE_PORT", ports[3].to_string())
-        .env("BOB_PORT", ports[4].to_string())
+    let mut again = run_cluster(&run_dir, &ports)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -178,14 +176,7 @@ fn run_cluster_chats_and_stops_cleanly() {
 
     // A taken port is named, and nothing starts.
     let squatter = TcpListener::bind(("127.0.0.1", ports[1])).unwrap();
-    let out = Command::new(&script)
-        .env("RUN_DIR", &run_dir)
-        .env("BIN", bin)
-        .env("CRS_PORT", ports[0].to_string())
-        .env("MS1_PORT", ports[1].to_string())
-        .env("MS2_PORT", ports[2].to_string())
-        .output()
-        .unwrap();
+    let out = run_cluster(&run_dir, &ports).output().unwrap();
     drop(squatter);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
