@@ -27,6 +27,10 @@ pub struct MsEntry {
     pub capacity: u32,
     /// Last time it sent anything.
     pub last_seen: Instant,
+    /// Users online there and leases it holds (expired ones until they are
+    /// replaced), kept as counts so that `LOCATE` need not scan everyone.
+    online: u32,
+    leases: u32,
     /// Events not yet acknowledged, numbered from `first_seq`.
     queue: VecDeque<Event>,
     first_seq: u64,
@@ -38,6 +42,8 @@ impl MsEntry {
             address,
             capacity,
             last_seen: Instant::now(),
+            online: 0,
+            leases: 0,
             queue: VecDeque::new(),
             first_seq: 1,
         }
@@ -106,26 +112,38 @@ impl Live {
 
     /// Users online at MS `id` plus logins in progress there.
     pub fn load(&self, id: u64) -> u32 {
-        let online = self.online.values().filter(|o| o.ms == id).count();
-        let locking = self.locks.values().filter(|l| l.ms == id).count();
-        (online + locking) as u32
+        self.ms.get(&id).map_or(0, |e| e.online + e.leases)
+    }
+
+    /// Counts one more (`up`) or one less online user or lease at `ms`.
+    fn count(&mut self, ms: u64, lease: bool, up: bool) {
+        if let Some(e) = self.ms.get_mut(&ms) {
+            let n = if lease { &mut e.leases } else { &mut e.online };
+            *n = if up {
+                n.saturating_add(1)
+            } else {
+                n.saturating_sub(1)
+            };
+        }
+    }
+
+    /// Drops `user`'s lease, if any.
+    fn drop_lease(&mut self, user: &str) {
+        if let Some(l) = self.locks.remove(user) {
+            self.count(l.ms, true, false);
+        }
     }
 
     /// The live MS with the lowest load relative to capacity, not full.
+    /// (Called for every login: counts per MS, no scan of the users.)
     pub fn locate(&self, heartbeat_timeout: Duration) -> Option<String> {
-        let mut loads: HashMap<u64, u32> = HashMap::new();
-        for o in self.online.values() {
-            *loads.entry(o.ms).or_default() += 1;
-        }
-        for l in self.locks.values() {
-            *loads.entry(l.ms).or_default() += 1;
-        }
         self.ms
             .iter()
             .filter(|(_, e)| e.last_seen.elapsed() < heartbeat_timeout)
             .filter_map(|(id, e)| {
-                let load = loads.get(id).copied().unwrap_or(0);
-                (load < e.capacity).then(|| (f64::from(load) / f64::from(e.capacity.max(1)), *id, e))
+                let load = e.online + e.leases;
+                (load < e.capacity)
+                    .then(|| (f64::from(load) / f64::from(e.capacity.max(1)), *id, e))
             })
             .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
             .map(|(_, _, e)| e.address.clone())
@@ -142,14 +160,16 @@ impl Live {
                 return Err(LockError::LoggingIn);
             }
         }
+        self.drop_lease(user);
         self.locks.insert(user.to_owned(), Lease { ms, expires: now + lease });
+        self.count(ms, true, true);
         Ok(())
     }
 
     /// Releases `user`'s lease if MS `ms` holds it.
     pub fn unlock(&mut self, user: &str, ms: u64) {
         if self.locks.get(user).is_some_and(|l| l.ms == ms) {
-            self.locks.remove(user);
+            self.drop_lease(user);
         }
     }
 
@@ -162,8 +182,11 @@ impl Live {
 
     /// Marks `user` online at `ms` and releases the lease.
     pub fn set_online(&mut self, user: &str, ms: u64, presence: Presence) {
-        self.locks.remove(user);
-        self.online.insert(user.to_owned(), Online { ms, presence });
+        self.drop_lease(user);
+        if let Some(old) = self.online.insert(user.to_owned(), Online { ms, presence }) {
+            self.count(old.ms, false, false);
+        }
+        self.count(ms, false, true);
     }
 
     /// Marks `user` offline if they are online at `ms` (or anywhere, for
@@ -171,7 +194,9 @@ impl Live {
     pub fn set_offline(&mut self, user: &str, ms: Option<u64>) -> bool {
         match self.online.get(user) {
             Some(o) if ms.map_or(true, |m| m == o.ms) => {
+                let at = o.ms;
                 self.online.remove(user);
+                self.count(at, false, false);
                 true
             }
             _ => false,
@@ -310,6 +335,46 @@ mod tests {
         l.set_online("joe", a, presence());
         assert_eq!(l.locate(Duration::from_secs(30)).as_deref(), Some("b:1"));
         assert_eq!(l.locate(Duration::ZERO), None);
+    }
+
+    /// The load as it was computed before the counts: a scan of everyone.
+    fn scanned_load(l: &Live, id: u64) -> u32 {
+        let online = l.online.values().filter(|o| o.ms == id).count();
+        let locking = l.locks.values().filter(|x| x.ms == id).count();
+        (online + locking) as u32
+    }
+
+    #[test]
+    fn load_counts_match_a_scan() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut l = Live::default();
+        let ids = [
+            l.enroll("a:1", 100),
+            l.enroll("b:1", 100),
+            l.enroll("c:1", 100),
+        ];
+        let users = ["u0", "u1", "u2", "u3", "u4", "u5"];
+        for step in 0..5000 {
+            let user = users[rng.gen_range(0..users.len())];
+            let ms = ids[rng.gen_range(0..ids.len())];
+            match rng.gen_range(0..6) {
+                0 => drop(l.lock(user, ms, Duration::from_secs(60))),
+                // An expired lease, replaced by the next lock.
+                1 => drop(l.lock(user, ms, Duration::ZERO)),
+                2 => l.unlock(user, ms),
+                3 => {
+                    if l.holds_lock(user, ms) {
+                        l.set_online(user, ms, presence());
+                    }
+                }
+                4 => drop(l.set_offline(user, Some(ms))),
+                _ => drop(l.set_offline(user, None)),
+            }
+            for id in ids {
+                assert_eq!(l.load(id), scanned_load(&l, id), "step {step}");
+            }
+        }
     }
 
     #[test]
