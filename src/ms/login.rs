@@ -198,6 +198,7 @@ impl Ms {
             contacts: Mutex::new(welcome.contacts.iter().map(|c| c.user.clone()).collect::<BTreeSet<_>>()),
             link: Mutex::new((keys.recv, keys.send)),
             push: Mutex::new(push.send),
+            ended: Default::default(),
         });
         let inner = pc::json_reply(&welcome);
         let sealed = user.link.lock().1.seal(

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -24,6 +25,16 @@ pub struct OnlineUser {
     pub link: Mutex<(Opener, Sealer)>,
     /// Seals our pushes to the client.
     pub push: Mutex<Sealer>,
+    /// Set when this login ends (logout, or replaced by a newer login):
+    /// pushes still queued for it are dropped instead of sent.
+    pub ended: AtomicBool,
+}
+
+impl OnlineUser {
+    /// Whether this login has ended.
+    pub fn has_ended(&self) -> bool {
+        self.ended.load(Ordering::Relaxed)
+    }
 }
 
 /// Everyone online here, by name and by login id.
@@ -39,6 +50,7 @@ impl Users {
         let old = self.by_name.write().insert(user.name.clone(), user.clone());
         let mut by_login = self.by_login.write();
         if let Some(old) = old {
+            old.ended.store(true, Ordering::Relaxed);
             by_login.remove(&old.login);
         }
         by_login.insert(user.login.clone(), user);
@@ -52,6 +64,7 @@ impl Users {
             return None;
         }
         let user = by_name.remove(name)?;
+        user.ended.store(true, Ordering::Relaxed);
         self.by_login.write().remove(&user.login);
         Some(user)
     }
