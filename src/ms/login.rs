@@ -1,14 +1,13 @@
 //! The MS's service: the login handshake as typed connection states
 //! (PROTOCOL.md §6), then sealed requests of logged-in users.
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use log::{info, warn};
 use parking_lot::Mutex;
 
-use super::users::OnlineUser;
+use super::users::{Names, OnlineUser};
 use super::Ms;
 use crate::crypto::{self, scram};
 use crate::keyfile::hex;
@@ -195,7 +194,7 @@ impl Ms {
             name: c.user.clone(),
             login: login.clone(),
             address,
-            contacts: Mutex::new(welcome.contacts.iter().map(|c| c.user.clone()).collect::<BTreeSet<_>>()),
+            contacts: Mutex::new(welcome.contacts.iter().map(|c| c.user.clone()).collect::<Names>()),
             link: Mutex::new((keys.recv, keys.send)),
             push: Mutex::new(push.send),
             ended: Default::default(),
