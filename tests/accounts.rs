@@ -139,7 +139,9 @@ fn buddies_and_presence_across_two_ms() {
 #[test]
 fn simultaneous_logins_one_wins() {
     const N: usize = 20;
-    let c = Cluster::start(2);
+    // Enough workers that every login's connection is served at once: all
+    // hellos first, then all proofs together, so the LOCKs really race.
+    let c = Cluster::start_with(2, &["--workers", "12"]);
     c.register("dave", PW);
     let ms: Vec<SocketAddr> = c.ms.iter().map(|m| m.addr).collect();
     let barrier = Arc::new(Barrier::new(N));
@@ -147,11 +149,12 @@ fn simultaneous_logins_one_wins() {
         .map(|i| {
             let (barrier, ms) = (barrier.clone(), ms[i % 2]);
             thread::spawn(move || {
-                // All at once. (Not between hello and proof: a connection
-                // holds an MS worker in between, and the MSs have fewer
-                // workers than there are logins.)
+                let pending = std::panic::catch_unwind(|| raw::begin(ms, "dave", PW));
+                // Never leave the others waiting at the barrier.
                 barrier.wait();
-                raw::login(ms, "dave", PW, 40_000 + i as u16).reply
+                let pending = pending.unwrap_or_else(|e| std::panic::resume_unwind(e));
+                assert!(pending.challenge.is_success(), "{:?}", pending.challenge);
+                raw::finish(pending, 40_000 + i as u16).reply
             })
         })
         .collect();
