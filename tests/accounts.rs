@@ -161,7 +161,9 @@ fn alive_client(user: &'static str) -> u16 {
 #[test]
 fn simultaneous_logins_one_wins() {
     const N: usize = 20;
-    let c = Cluster::start(2);
+    // Enough workers that every login's connection is served at once: all
+    // hellos first, then all proofs together, so the LOCKs really race.
+    let c = Cluster::start_with(2, &["--workers", "12"]);
     c.register("dave", PW);
     let ms: Vec<SocketAddr> = c.ms.iter().map(|m| m.addr).collect();
     // A live client for whoever wins: it answers the MS's probes, so the
@@ -173,11 +175,12 @@ fn simultaneous_logins_one_wins() {
         .map(|i| {
             let (barrier, ms) = (barrier.clone(), ms[i % 2]);
             thread::spawn(move || {
-                // All at once. (Not between hello and proof: a connection
-                // holds an MS worker in between, and the MSs have fewer
-                // workers than there are logins.)
+                let pending = std::panic::catch_unwind(|| raw::begin(ms, "dave", PW));
+                // Never leave the others waiting at the barrier.
                 barrier.wait();
-                raw::login(ms, "dave", PW, port).reply
+                let pending = pending.unwrap_or_else(|e| std::panic::resume_unwind(e));
+                assert!(pending.challenge.is_success(), "{:?}", pending.challenge);
+                raw::finish(pending, port).reply
             })
         })
         .collect();

@@ -1,7 +1,6 @@
 //! The MS's service: the login handshake as typed connection states
 //! (PROTOCOL.md §6), then sealed requests of logged-in users.
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -9,7 +8,7 @@ use std::sync::Arc;
 use log::{info, warn};
 use parking_lot::Mutex;
 
-use super::users::OnlineUser;
+use super::users::{Names, OnlineUser};
 use super::Ms;
 use crate::crypto::{self, scram};
 use crate::keyfile::hex;
@@ -265,12 +264,13 @@ impl Ms {
                     .contacts
                     .iter()
                     .map(|c| c.user.clone())
-                    .collect::<BTreeSet<_>>(),
+                    .collect::<Names>(),
             ),
             link: Mutex::new((keys.recv, keys.send)),
             push: Mutex::new(push.send),
             last_seen: AtomicU64::new(super::users::now_ms()),
             number: AtomicU64::new(number),
+            ended: Default::default(),
         });
         let inner = pc::json_reply(&welcome);
         let sealed = user.link.lock().1.seal(

@@ -44,8 +44,15 @@ impl Pusher {
                     .name(format!("ms-push{i}"))
                     .spawn(move || {
                         for (user, event) in rx {
+                            // Logged out while this waited: nobody listens for it.
+                            if user.has_ended() {
+                                debug!("dropped a push to {}, who logged out", user.name);
+                                continue;
+                            }
                             if let Err(e) = push_one(&user, &event, timeout) {
                                 warn!("push to {} at {} failed: {e}", user.name, user.address);
+                                // Probe it at the next check rather than wait for its timeout.
+                                user.suspect();
                             }
                         }
                     })?,

@@ -459,10 +459,18 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(n_ms: usize) -> Cluster {
+        Cluster::start_with(n_ms, &[])
+    }
+
+    /// A CRS and `n_ms` MSs started with `ms_args` as extra flags.
+    pub fn start_with(n_ms: usize, ms_args: &[&str]) -> Cluster {
         let env = TestEnv::new();
         let crs = Crs::start(&env, CrsOpts::default());
         let ms = (0..n_ms)
-            .map(|_| Ms::start(&env, crs.addr, &env.key))
+            .map(|_| {
+                Ms::try_start(&env, crs.addr, &env.key, ms_args)
+                    .unwrap_or_else(|e| panic!("the MS did not start: {e:?}"))
+            })
             .collect();
         Cluster { env, crs, ms }
     }

@@ -207,6 +207,41 @@ impl SledStore {
         Ok(())
     }
 
+    /// Loads many users at once into a store nobody else uses yet (an
+    /// import, or a benchmark's data set): the records are written in one
+    /// batch, without transactions, with one flush at the end. Records are
+    /// stored as given, contacts and requests included, replacing any of the
+    /// same name; the `outbox` index is rebuilt for the requests loaded. The
+    /// caller guarantees what the transactional calls would: contacts are
+    /// mutual and name loaded users, requests come from loaded non-buddies
+    /// (see [`SledStore::check_integrity`]). Names are validated and
+    /// canonicalized; on an invalid one nothing is written.
+    pub fn bulk_load(&self, users: impl IntoIterator<Item = User>) -> Result<u64, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut outbox: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut count = 0u64;
+        for mut user in users {
+            user.name = checked(&user.name)?;
+            for r in &mut user.requests {
+                r.from = checked(&r.from)?;
+                outbox
+                    .entry(r.from.clone())
+                    .or_default()
+                    .insert(user.name.clone());
+            }
+            batch.insert(user.name.as_bytes(), encode(&user)?);
+            count += 1;
+        }
+        self.users.apply_batch(batch).map_err(backend)?;
+        let mut index = sled::Batch::default();
+        for (from, to) in &outbox {
+            index.insert(from.as_bytes(), encode(to)?);
+        }
+        self.outbox.apply_batch(index).map_err(backend)?;
+        self.db.flush().map_err(backend)?;
+        Ok(count)
+    }
+
     /// Reads one user outside a transaction.
     fn read_user(&self, name: &str) -> Result<Option<User>, StoreError> {
         match self.users.get(name.as_bytes()).map_err(backend)? {
@@ -447,5 +482,62 @@ impl Store for SledStore {
         self.read_user(&name)?
             .map(|u| u.contacts)
             .ok_or(StoreError::NoSuchUser)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(name: &str, contacts: &[&str], requests_from: &[&str]) -> User {
+        User {
+            name: name.to_owned(),
+            verifier: Verifier {
+                salt: vec![1; 16],
+                iterations: 1000,
+                stored_key: vec![2; 32],
+                server_key: vec![3; 32],
+            },
+            public_key: vec![4; 8],
+            contacts: contacts.iter().map(|c| c.to_string()).collect(),
+            requests: requests_from
+                .iter()
+                .map(|f| BuddyRequest {
+                    from: f.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn bulk_load_keeps_the_invariants_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            let n = s
+                .bulk_load([
+                    user("Ann", &["bob"], &[]),
+                    user("bob", &["ann"], &[]),
+                    user("cy", &[], &["ann", "bob"]),
+                ])
+                .unwrap();
+            assert_eq!(n, 3);
+            s.check_integrity().unwrap();
+            assert_eq!(s.contacts("ann").unwrap().len(), 1);
+            // The index works for the transactional calls that follow.
+            assert!(s.remove_request("cy", "bob").unwrap());
+            s.delete_user("ann").unwrap();
+            s.check_integrity().unwrap();
+            assert!(s.get_user("cy").unwrap().unwrap().requests.is_empty());
+            assert_eq!(
+                s.bulk_load([user("x y", &[], &[])]),
+                Err(StoreError::InvalidName)
+            );
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.list_users(None, 10).unwrap(), vec!["bob", "cy"]);
+        s.check_integrity().unwrap();
     }
 }
