@@ -81,6 +81,9 @@ pub struct Live {
     next_login: u64,
     ms: HashMap<u64, MsEntry>,
     online: HashMap<String, Online>,
+    /// Users online per MS, kept with `online` so that `LOCATE` need not
+    /// count everyone online (logins in progress are few: those it counts).
+    online_at: HashMap<u64, u32>,
     locks: HashMap<String, Lease>,
 }
 
@@ -111,6 +114,13 @@ impl Live {
         (id, lost)
     }
 
+    /// One user fewer online at `ms`.
+    fn uncount(&mut self, ms: u64) {
+        if let Some(n) = self.online_at.get_mut(&ms) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
     /// Takes every user of MS `id` offline and drops its locks.
     fn drop_users_of(&mut self, id: u64) -> Vec<String> {
         self.locks.retain(|_, l| l.ms != id);
@@ -123,6 +133,7 @@ impl Live {
         for u in &users {
             self.online.remove(u);
         }
+        self.online_at.remove(&id);
         users
     }
 
@@ -146,17 +157,14 @@ impl Live {
 
     /// Users online at MS `id` plus logins in progress there.
     pub fn load(&self, id: u64) -> u32 {
-        let online = self.online.values().filter(|o| o.ms == id).count();
-        let locking = self.locks.values().filter(|l| l.ms == id).count();
-        (online + locking) as u32
+        let online = self.online_at.get(&id).copied().unwrap_or(0);
+        let locking = self.locks.values().filter(|l| l.ms == id).count() as u32;
+        online + locking
     }
 
     /// The live MS with the lowest load relative to capacity, not full.
     pub fn locate(&self, heartbeat_timeout: Duration) -> Option<String> {
-        let mut loads: HashMap<u64, u32> = HashMap::new();
-        for o in self.online.values() {
-            *loads.entry(o.ms).or_default() += 1;
-        }
+        let mut loads = self.online_at.clone();
         for l in self.locks.values() {
             *loads.entry(l.ms).or_default() += 1;
         }
@@ -213,6 +221,11 @@ impl Live {
         self.locks.remove(user);
         self.next_login += 1;
         let login = self.next_login;
+        if let Some(old) = self.online.get(user) {
+            let old_ms = old.ms;
+            self.uncount(old_ms);
+        }
+        *self.online_at.entry(ms).or_default() += 1;
         self.online.insert(
             user.to_owned(),
             Online {
@@ -229,7 +242,9 @@ impl Live {
     pub fn set_offline(&mut self, user: &str, ms: Option<u64>) -> bool {
         match self.online.get(user) {
             Some(o) if ms.is_none_or(|m| m == o.ms) => {
-                self.online.remove(user);
+                if let Some(o) = self.online.remove(user) {
+                    self.uncount(o.ms);
+                }
                 true
             }
             _ => false,
@@ -323,6 +338,24 @@ impl Live {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn loads_are_counted_as_users_come_and_go() {
+        let mut l = Live::default();
+        let (a, _) = l.enroll("a:1", 10, "i");
+        let (b, _) = l.enroll("b:1", 10, "i");
+        l.set_online("joe", a, presence());
+        l.set_online("ann", a, presence());
+        assert_eq!((l.load(a), l.load(b)), (2, 0));
+        l.set_online("joe", b, presence());
+        assert_eq!((l.load(a), l.load(b)), (1, 1));
+        l.set_offline("ann", None);
+        l.lock("kim", b, Duration::from_secs(5)).unwrap();
+        assert_eq!((l.load(a), l.load(b)), (0, 2));
+        assert_eq!(l.locate(Duration::from_secs(30)).as_deref(), Some("a:1"));
+        l.reap(Duration::ZERO);
+        assert_eq!(l.load(b), 0);
+    }
+
     #[test]
     fn a_restarted_ms_loses_its_users() {
         let mut l = Live::default();
