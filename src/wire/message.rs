@@ -202,10 +202,21 @@ impl Message {
 
     /// Appends the encoded message to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
+        self.encode_head_for(self.body.len(), out);
+        out.extend_from_slice(&self.body);
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// Appends what precedes the body: the start line, the headers and a
+    /// `Content-Length` of `body_len`, through the blank line. With the
+    /// message's own body length, followed by the body and a CRLF, this is
+    /// exactly [`Message::encode`]; with another length it lets a caller
+    /// supply a body held elsewhere without copying it into the message.
+    pub fn encode_head_for(&self, body_len: usize, out: &mut Vec<u8>) {
         match &self.start {
             Start::Request(m) => out.extend_from_slice(m.as_bytes()),
             Start::Reply { code, reason } => {
-                out.extend_from_slice(code.to_string().as_bytes());
+                push_decimal(out, usize::from(*code));
                 out.push(b' ');
                 out.extend_from_slice(reason.as_bytes());
             }
@@ -218,14 +229,17 @@ impl Message {
             out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b"Content-Length: ");
-        out.extend_from_slice(self.body.len().to_string().as_bytes());
+        push_decimal(out, body_len);
         out.extend_from_slice(b"\r\n\r\n");
-        out.extend_from_slice(&self.body);
-        out.extend_from_slice(b"\r\n");
     }
 
     /// Exact size of [`Message::encode`]'s output.
     pub fn encoded_len(&self) -> usize {
+        self.head_len_for(self.body.len()) + self.body.len() + 2
+    }
+
+    /// Exact size of [`Message::encode_head_for`]'s output.
+    pub fn head_len_for(&self, body_len: usize) -> usize {
         let start = match &self.start {
             Start::Request(m) => m.len(),
             Start::Reply { reason, .. } => 4 + reason.len(),
@@ -235,9 +249,25 @@ impl Message {
             .iter()
             .map(|(n, v)| n.len() + v.len() + 4)
             .sum();
-        let cl = "Content-Length: ".len() + decimal_len(self.body.len()) + 2;
-        start + 2 + headers + cl + 2 + self.body.len() + 2
+        let cl = "Content-Length: ".len() + decimal_len(body_len) + 2;
+        start + 2 + headers + cl + 2
     }
+}
+
+/// Appends `n` in decimal without allocating.
+fn push_decimal(out: &mut Vec<u8>, n: usize) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 fn decimal_len(mut n: usize) -> usize {
