@@ -348,6 +348,7 @@ fn message_throughput(c: &Cluster, n: usize) -> f64 {
         wait_for(&c.bob_events, |e| matches!(e, Event::Message { .. }));
     }
     let texts: Vec<String> = (0..n).map(text).collect();
+    let cpu = cpu_time();
     let started = Instant::now();
     let mut ids = HashSet::with_capacity(n);
     for t in &texts {
@@ -374,8 +375,9 @@ fn message_throughput(c: &Cluster, n: usize) -> f64 {
         }
     }
     let elapsed = started.elapsed();
+    let cpu = cpu_note(cpu, n as u64, "message");
     println!(
-        "messages: {n} sent in {:.2} s, all delivered and received in {:.2} s",
+        "messages: {n} sent in {:.2} s, all delivered and received in {:.2} s ({cpu})",
         sent.as_secs_f64(),
         elapsed.as_secs_f64()
     );
@@ -449,6 +451,34 @@ fn file_sha256(path: &Path) -> String {
     }
 }
 
+/// CPU time used by this whole process so far (all threads, user and
+/// system), where /proc tells it; shows how much work a measure costs,
+/// which a machine shared with other work blurs less than wall time.
+fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesized command name; utime and stime are
+    // the 14th and 15th fields, in ticks of 1/100 s (USER_HZ).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// "CPU 1.23 s, 4.5 ns/B" for the CPU time since `since`, per `count` `unit`s.
+fn cpu_note(since: Option<Duration>, count: u64, unit: &str) -> String {
+    match (since, cpu_time()) {
+        (Some(a), Some(b)) => {
+            let used = b.saturating_sub(a);
+            format!(
+                "CPU {:.2} s, {:.2} ns/{unit}",
+                used.as_secs_f64(),
+                used.as_secs_f64() * 1e9 / count as f64
+            )
+        }
+        _ => "CPU unknown".into(),
+    }
+}
+
 fn mb_per_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / 1e6 / d.as_secs_f64()
 }
@@ -475,10 +505,12 @@ fn file_transfer(c: &Cluster, dir: &Path, size: u64) -> f64 {
         _ => unreachable!(),
     }
     let offer_time = offered.elapsed();
+    let cpu = cpu_time();
     let started = Instant::now();
     assert!(c.bob.client.accept_file("alice").expect("accept"));
     let received = wait_for(&c.bob_events, |e| matches!(e, Event::FileReceived { .. }));
     let elapsed = started.elapsed();
+    let cpu = cpu_note(cpu, size, "B");
     wait_for(&c.alice_events, |e| matches!(e, Event::FileSent { .. }));
     let Event::FileReceived {
         path,
@@ -496,7 +528,7 @@ fn file_transfer(c: &Cluster, dir: &Path, size: u64) -> f64 {
     std::fs::remove_file(&path).expect("remove the received file");
     std::fs::remove_file(&source).expect("remove the sent file");
     println!(
-        "file: offered (hashed) in {:.2} s, transferred in {:.2} s, SHA-256 equal",
+        "file: offered (hashed) in {:.2} s, transferred in {:.2} s ({cpu}), SHA-256 equal",
         offer_time.as_secs_f64(),
         elapsed.as_secs_f64()
     );
@@ -572,6 +604,7 @@ fn sealed_tcp_throughput(total: u64) -> f64 {
     let (mut w, mut r) = loopback_pair();
     let key = [9u8; 32];
     let records = total / RECORD as u64;
+    let cpu = cpu_time();
     let started = Instant::now();
     let writer = std::thread::spawn(move || {
         let plain = pattern(RECORD);
@@ -592,5 +625,12 @@ fn sealed_tcp_throughput(total: u64) -> f64 {
     }
     let elapsed = started.elapsed();
     writer.join().expect("writer");
-    mb_per_s(records * RECORD as u64, elapsed)
+    let bytes = records * RECORD as u64;
+    println!(
+        "seal+TCP+open: {} MiB in {:.2} s ({})",
+        bytes >> 20,
+        elapsed.as_secs_f64(),
+        cpu_note(cpu, bytes, "B")
+    );
+    mb_per_s(bytes, elapsed)
 }
