@@ -506,7 +506,8 @@ fn aad(start: &Start, headers: &Headers, body_len: usize) -> Vec<u8> {
         out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
         out.extend_from_slice(bytes);
     }
-    let mut out = Vec::with_capacity(128);
+    let fields: usize = headers.iter().map(|(n, v)| n.len() + v.len() + 16).sum();
+    let mut out = Vec::with_capacity(AAD_LABEL.len() + 64 + fields);
     out.extend_from_slice(AAD_LABEL);
     match start {
         Start::Request(method) => {
@@ -521,7 +522,8 @@ fn aad(start: &Start, headers: &Headers, body_len: usize) -> Vec<u8> {
     }
     out.extend_from_slice(&(headers.len() as u64).to_be_bytes());
     for (name, value) in headers.iter() {
-        field(&mut out, name.to_ascii_lowercase().as_bytes());
+        out.extend_from_slice(&(name.len() as u64).to_be_bytes());
+        out.extend(name.bytes().map(|b| b.to_ascii_lowercase()));
         field(&mut out, value.trim_matches([' ', '\t']).as_bytes());
     }
     out.extend_from_slice(&(body_len as u64).to_be_bytes());
@@ -665,6 +667,25 @@ mod tests {
             reason: "X".into(),
         };
         assert_ne!(aad(&start, &h1, 0), aad(&reply, &h1, 0));
+    }
+
+    #[test]
+    fn aad_lowercases_names_and_trims_values() {
+        let mut h = Headers::new();
+        h.push("From", " alice\t");
+        h.push("X-MiXeD", "Value");
+        let start = Start::Request("PEER".into());
+        let mut expected = AAD_LABEL.to_vec();
+        expected.push(b'Q');
+        expected.extend_from_slice(&4u64.to_be_bytes());
+        expected.extend_from_slice(b"PEER");
+        expected.extend_from_slice(&2u64.to_be_bytes());
+        for part in [&b"from"[..], b"alice", b"x-mixed", b"Value"] {
+            expected.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            expected.extend_from_slice(part);
+        }
+        expected.extend_from_slice(&7u64.to_be_bytes());
+        assert_eq!(aad(&start, &h, 7), expected);
     }
 
     #[test]

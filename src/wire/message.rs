@@ -53,17 +53,7 @@ impl Headers {
             is_token(name.as_bytes()),
             "header name {name:?} is not a token"
         );
-        let clean: String = value
-            .chars()
-            .map(|c| {
-                if c.is_ascii_graphic() || c == ' ' {
-                    c
-                } else {
-                    ' '
-                }
-            })
-            .collect();
-        self.0.push((name.to_owned(), clean));
+        self.0.push((name.to_owned(), printable(value)));
     }
 
     /// Appends a header already validated by the parser.
@@ -125,16 +115,7 @@ impl Message {
             (100..=999).contains(&code),
             "reply code {code} out of range"
         );
-        let reason = reason
-            .chars()
-            .map(|c| {
-                if c.is_ascii_graphic() || c == ' ' {
-                    c
-                } else {
-                    ' '
-                }
-            })
-            .collect();
+        let reason = printable(reason);
         Message {
             start: Start::Reply { code, reason },
             headers: Headers::new(),
@@ -254,6 +235,24 @@ impl Message {
     }
 }
 
+/// `s` with every character other than printable ASCII and space replaced
+/// by a space (one per character), so that no value can break a line.
+fn printable(s: &str) -> String {
+    let keep = |b: u8| b.is_ascii_graphic() || b == b' ';
+    if s.bytes().all(keep) {
+        return s.to_owned();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_ascii() && keep(c as u8) {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect()
+}
+
 /// Appends `n` in decimal without allocating.
 fn push_decimal(out: &mut Vec<u8>, n: usize) {
     let mut digits = [0u8; 20];
@@ -295,4 +294,30 @@ pub(crate) fn is_method(s: &[u8]) -> bool {
     matches!(s.first(), Some(b) if b.is_ascii_uppercase())
         && s.iter()
             .all(|&b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_and_reasons_lose_what_could_break_a_line() {
+        let mut h = Headers::new();
+        h.push("A", "plain value ~!");
+        h.push("B", "two\r\nInjected: yes");
+        h.push("C", "caf\u{e9} \u{1f600}\t!");
+        let values: Vec<&str> = h.iter().map(|(_, v)| v).collect();
+        assert_eq!(values, ["plain value ~!", "two  Injected: yes", "caf    !"]);
+        assert_eq!(Message::reply(200, "ok\nthen").reason(), Some("ok then"));
+    }
+
+    #[test]
+    fn decimals_are_written_without_allocating() {
+        for n in [0usize, 7, 10, 99, 100, 12345, usize::MAX] {
+            let mut out = Vec::new();
+            push_decimal(&mut out, n);
+            assert_eq!(out, n.to_string().into_bytes());
+            assert_eq!(decimal_len(n), out.len());
+        }
+    }
 }
