@@ -29,6 +29,7 @@
 use crate::crypto::{self, aes_gcm_open_in_place, aes_gcm_seal_in_place, hkdf_sha256_32};
 use crate::wire::{self, Headers, Limits, Message, Start};
 use std::fmt;
+use std::ops::Range;
 
 /// The outer header carrying the sender's direction.
 pub const DIR_HEADER: &str = "Dir";
@@ -255,6 +256,26 @@ impl Sealer {
         self.seal_outer(outer, clear, inner)
     }
 
+    /// Seals an inner message that the caller has already encoded into
+    /// `encoded` (exactly one whole message, as [`Message::encode`] makes
+    /// it), encrypting it where it is: the returned request `method`
+    /// carries `encoded` as its body, so a large inner body (a file chunk)
+    /// is neither copied into a [`Message`] nor encoded again. Keep
+    /// [`crypto::GCM_TAG_LEN`] bytes of spare capacity to spare a
+    /// reallocation; take the buffer back from the result's body to reuse
+    /// it. Refuses (and consumes no sequence number for) bytes that are not
+    /// exactly one message under the limits receivers apply.
+    pub fn seal_encoded(
+        &mut self,
+        method: &str,
+        clear: &[(&str, &str)],
+        encoded: Vec<u8>,
+    ) -> Result<Message, SealError> {
+        self.seal_body(Message::request(method), clear, encoded, |b| {
+            check_whole(b).map(|_| ())
+        })
+    }
+
     /// The sequence number the next sealed message will carry; `None`
     /// once they are exhausted.
     pub fn next_seq(&self) -> Option<u64> {
@@ -263,9 +284,30 @@ impl Sealer {
 
     fn seal_outer(
         &mut self,
-        mut outer: Message,
+        outer: Message,
         clear: &[(&str, &str)],
         inner: &Message,
+    ) -> Result<Message, SealError> {
+        let mut body = Vec::with_capacity(inner.encoded_len() + crypto::GCM_TAG_LEN);
+        inner.encode_into(&mut body);
+        self.seal_body(outer, clear, body, |body| {
+            match wire::parse_head(body, &inner_limits()) {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err(SealError::Malformed("inner message head incomplete")),
+                Err(e) => Err(SealError::Inner(e)),
+            }
+        })
+    }
+
+    /// Adds the clear headers, `Dir` and `Seq` to `outer` and encrypts the
+    /// encoded inner message `body` in place as its body, once `check`
+    /// accepted it.
+    fn seal_body(
+        &mut self,
+        mut outer: Message,
+        clear: &[(&str, &str)],
+        mut body: Vec<u8>,
+        check: impl FnOnce(&[u8]) -> Result<(), SealError>,
     ) -> Result<Message, SealError> {
         let seq = self.next.ok_or(SealError::Exhausted)?;
         for &(name, value) in clear {
@@ -278,16 +320,9 @@ impl Sealer {
         }
         outer.headers.push(DIR_HEADER, self.dir.label());
         outer.headers.push(SEQ_HEADER, &seq.to_string());
-
-        let mut body = Vec::with_capacity(inner.encoded_len() + crypto::GCM_TAG_LEN);
-        inner.encode_into(&mut body);
         // Refuse here what the receiver would refuse after decrypting, so
         // that an oversized inner message fails at the sender.
-        match wire::parse_head(&body, &inner_limits()) {
-            Ok(Some(_)) => {}
-            Ok(None) => return Err(SealError::Malformed("inner message head incomplete")),
-            Err(e) => return Err(SealError::Inner(e)),
-        }
+        check(&body)?;
         let aad = aad(
             &outer.start,
             &outer.headers,
@@ -336,11 +371,19 @@ impl Opener {
     pub fn open(&mut self, outer: &Message) -> Result<Message, SealError> {
         let (dir, seq) = self.check_header(outer)?;
         self.open_parts(dir, seq, &outer.start, &outer.headers, outer.body.clone())
+            .map(Inner::into_message)
     }
 
     /// As [`Opener::open`], but decrypts inside the outer message's body
     /// instead of copying it first: the cheaper call for file chunks.
     pub fn open_owned(&mut self, outer: Message) -> Result<Message, SealError> {
+        self.open_in_place(outer).map(Inner::into_message)
+    }
+
+    /// As [`Opener::open_owned`], but leaves the inner body where
+    /// decryption put it, behind the inner head, instead of moving it to
+    /// the front of the buffer: the cheapest call for file chunks.
+    pub fn open_in_place(&mut self, outer: Message) -> Result<Inner, SealError> {
         let (dir, seq) = self.check_header(&outer)?;
         self.open_parts(dir, seq, &outer.start, &outer.headers, outer.body)
     }
@@ -370,7 +413,7 @@ impl Opener {
         start: &Start,
         headers: &Headers,
         mut body: Vec<u8>,
-    ) -> Result<Message, SealError> {
+    ) -> Result<Inner, SealError> {
         let aad = aad(start, headers, body.len());
         match aes_gcm_open_in_place(&self.key, &dir.nonce(seq), &aad, &mut body) {
             Ok(()) => {}
@@ -463,7 +506,8 @@ fn aad(start: &Start, headers: &Headers, body_len: usize) -> Vec<u8> {
         out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
         out.extend_from_slice(bytes);
     }
-    let mut out = Vec::with_capacity(128);
+    let fields: usize = headers.iter().map(|(n, v)| n.len() + v.len() + 16).sum();
+    let mut out = Vec::with_capacity(AAD_LABEL.len() + 64 + fields);
     out.extend_from_slice(AAD_LABEL);
     match start {
         Start::Request(method) => {
@@ -478,34 +522,90 @@ fn aad(start: &Start, headers: &Headers, body_len: usize) -> Vec<u8> {
     }
     out.extend_from_slice(&(headers.len() as u64).to_be_bytes());
     for (name, value) in headers.iter() {
-        field(&mut out, name.to_ascii_lowercase().as_bytes());
+        out.extend_from_slice(&(name.len() as u64).to_be_bytes());
+        out.extend(name.bytes().map(|b| b.to_ascii_lowercase()));
         field(&mut out, value.trim_matches([' ', '\t']).as_bytes());
     }
     out.extend_from_slice(&(body_len as u64).to_be_bytes());
     out
 }
 
-/// Parses the decrypted bytes as exactly one message. Works in place: the
-/// body is moved to the front of the buffer rather than copied out.
-fn parse_inner(mut plain: Vec<u8>) -> Result<Message, SealError> {
+/// An opened inner message whose body is still inside the decrypted
+/// buffer, behind the inner head (see [`Opener::open_in_place`]).
+#[derive(Debug)]
+pub struct Inner {
+    /// The start line and headers; its own body is empty.
+    head: Message,
+    /// The whole decrypted inner message.
+    plain: Vec<u8>,
+    /// Where the body is in `plain`.
+    body: Range<usize>,
+}
+
+impl Inner {
+    /// The start line and headers (with an empty body).
+    pub fn head(&self) -> &Message {
+        &self.head
+    }
+
+    /// The body.
+    pub fn body(&self) -> &[u8] {
+        &self.plain[self.body.clone()]
+    }
+
+    /// The whole message, its body moved to the front of the buffer (in
+    /// place, not copied out).
+    pub fn into_message(self) -> Message {
+        let Inner {
+            mut head,
+            mut plain,
+            body,
+        } = self;
+        plain.truncate(body.end);
+        plain.drain(..body.start);
+        head.body = plain;
+        head
+    }
+
+    /// The head (with an empty body), the decrypted buffer, and where the
+    /// body is in it.
+    pub fn into_parts(self) -> (Message, Vec<u8>, Range<usize>) {
+        (self.head, self.plain, self.body)
+    }
+}
+
+/// Checks that `bytes` are exactly one whole message under the inner
+/// limits, as the receiver will check them after decrypting; returns the
+/// head and where the body is.
+fn check_whole(bytes: &[u8]) -> Result<(wire::Head, Range<usize>), SealError> {
     const INCOMPLETE: SealError = SealError::Malformed("inner message incomplete");
-    let head = wire::parse_head(&plain, &inner_limits())
+    let head = wire::parse_head(bytes, &inner_limits())
         .map_err(SealError::Inner)?
         .ok_or(INCOMPLETE)?;
     // content_length is bounded by the limits, so this cannot overflow.
     let body_end = head.len + head.content_length;
-    if plain.len() < body_end + 2 {
+    if bytes.len() < body_end + 2 {
         return Err(INCOMPLETE);
     }
-    if &plain[body_end..body_end + 2] != b"\r\n" {
+    if &bytes[body_end..body_end + 2] != b"\r\n" {
         return Err(SealError::Inner(wire::Error::MissingBodyTerminator));
     }
-    if plain.len() != body_end + 2 {
+    if bytes.len() != body_end + 2 {
         return Err(SealError::Malformed("bytes after the inner message"));
     }
-    plain.truncate(body_end);
-    plain.drain(..head.len);
-    Ok(head.into_message(plain))
+    let body = head.len..body_end;
+    Ok((head, body))
+}
+
+/// Parses the decrypted bytes as exactly one message, leaving the body
+/// where it is.
+fn parse_inner(plain: Vec<u8>) -> Result<Inner, SealError> {
+    let (head, body) = check_whole(&plain)?;
+    Ok(Inner {
+        head: head.into_message(Vec::new()),
+        plain,
+        body,
+    })
 }
 
 #[cfg(test)]
@@ -567,6 +667,97 @@ mod tests {
             reason: "X".into(),
         };
         assert_ne!(aad(&start, &h1, 0), aad(&reply, &h1, 0));
+    }
+
+    #[test]
+    fn aad_lowercases_names_and_trims_values() {
+        let mut h = Headers::new();
+        h.push("From", " alice\t");
+        h.push("X-MiXeD", "Value");
+        let start = Start::Request("PEER".into());
+        let mut expected = AAD_LABEL.to_vec();
+        expected.push(b'Q');
+        expected.extend_from_slice(&4u64.to_be_bytes());
+        expected.extend_from_slice(b"PEER");
+        expected.extend_from_slice(&2u64.to_be_bytes());
+        for part in [&b"from"[..], b"alice", b"x-mixed", b"Value"] {
+            expected.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            expected.extend_from_slice(part);
+        }
+        expected.extend_from_slice(&7u64.to_be_bytes());
+        assert_eq!(aad(&start, &h, 7), expected);
+    }
+
+    #[test]
+    fn sealing_encoded_bytes_is_sealing_the_message() {
+        let (mut a, mut b) = pair();
+        let (mut c, _) = pair();
+        let clear = [("From", "alice"), ("Channel", "file:1")];
+        let inners = [
+            Message::request("FILE-CHUNK")
+                .with_header("Id", 1)
+                .with_header("Offset", 0)
+                .with_body(vec![9u8; 100_000]),
+            Message::request("PING"),
+        ];
+        for inner in &inners {
+            let mut encoded = Vec::new();
+            inner.encode_head_for(inner.body.len(), &mut encoded);
+            encoded.extend_from_slice(&inner.body);
+            encoded.extend_from_slice(b"\r\n");
+            let from_bytes = a.send.seal_encoded("PEER", &clear, encoded).unwrap();
+            let from_message = c.send.seal("PEER", &clear, inner).unwrap();
+            assert_eq!(from_bytes, from_message);
+            let opened = b.recv.open_in_place(from_bytes).unwrap();
+            assert_eq!(opened.head().method(), inner.method());
+            assert_eq!(opened.head().headers, inner.headers);
+            assert!(opened.head().body.is_empty());
+            assert_eq!(opened.body(), &inner.body[..]);
+            assert_eq!(&opened.into_message(), inner);
+        }
+    }
+
+    #[test]
+    fn encoded_bytes_must_be_exactly_one_message() {
+        let (mut a, _) = pair();
+        let whole = Message::request("PING").with_body("x").encode();
+        let mut trailing = whole.clone();
+        trailing.extend_from_slice(b"more");
+        let mut unterminated = whole.clone();
+        unterminated.truncate(whole.len() - 2);
+        unterminated.extend_from_slice(b"xx");
+        let too_big = {
+            let m = Message::request("BIG").with_body(vec![0u8; 10]);
+            let mut v = Vec::new();
+            m.encode_head_for(Limits::DEFAULT.max_file_body + 1, &mut v);
+            v
+        };
+        assert!(matches!(
+            a.send.seal_encoded("DATA", &[], trailing),
+            Err(SealError::Malformed(_))
+        ));
+        assert!(matches!(
+            a.send
+                .seal_encoded("DATA", &[], whole[..whole.len() - 1].to_vec()),
+            Err(SealError::Malformed(_))
+        ));
+        assert_eq!(
+            a.send.seal_encoded("DATA", &[], unterminated),
+            Err(SealError::Inner(wire::Error::MissingBodyTerminator))
+        );
+        assert_eq!(
+            a.send.seal_encoded("DATA", &[], too_big),
+            Err(SealError::Inner(wire::Error::BodyTooLarge))
+        );
+        assert_eq!(
+            a.send
+                .seal_encoded("DATA", &[], b"not a message\r\n\r\n".to_vec()),
+            Err(SealError::Inner(wire::Error::InvalidStartLine))
+        );
+        // Nothing was consumed by the refusals.
+        assert_eq!(a.send.next_seq(), Some(0));
+        assert!(a.send.seal_encoded("DATA", &[], whole).is_ok());
+        assert_eq!(a.send.next_seq(), Some(1));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use log::{debug, error, warn};
 use super::server::{refuse, Shared};
 use super::stats::Counters;
 use super::{Outcome, Peer, Service};
-use crate::wire::io::{write_message, IoError, MessageReader};
+use crate::wire::io::{write_all_by, write_message, IoError, MessageReader};
 use crate::wire::{code, Message};
 
 /// Longest single wait for the first byte of a message; bounds how long
@@ -29,6 +29,12 @@ const WAIT_SLICE: Duration = Duration::from_millis(100);
 
 /// Longest time spent writing a `408` to a peer that was too slow.
 const TIMEOUT_REPLY_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Replies to pipelined requests wait, encoded, while the next request is
+/// already in the read buffer, and go out together before the worker next
+/// reads from the socket: one write for a burst of requests instead of one
+/// each. At most this many bytes wait; a larger reply is written at once.
+const MAX_HELD: usize = 64 * 1024;
 
 /// After an error reply, how long to read and discard what the peer still
 /// sends, and how much at most, so that closing does not reset the
@@ -199,6 +205,17 @@ fn converse<S: Service>(
     let counters = &shared.counters;
     let mut reader = MessageReader::new(stream);
     let mut requests = 0u64;
+    // Encoded replies held back while pipelined requests are buffered.
+    let mut held: Vec<u8> = Vec::new();
+    // Writes the held replies; why the connection must end if that failed.
+    let write_held = |stream: &mut TcpStream, held: &mut Vec<u8>| -> Result<(), End> {
+        if held.is_empty() {
+            return Ok(());
+        }
+        let result = write_all_by(stream, held, Instant::now() + config.write_deadline);
+        held.clear();
+        result.map_err(|e| write_failed(e, counters))
+    };
     loop {
         let limits = shared.service.limits(session).unwrap_or(config.limits);
         let deadline = if requests == 0 {
@@ -221,9 +238,13 @@ fn converse<S: Service>(
         } else {
             // Keep-alive: no new request is started once stopping.
             if shared.stopper.is_stopped() {
-                return (End::Stopped, requests);
+                let end = write_held(reader.get_mut(), &mut held).err();
+                return (end.unwrap_or(End::Stopped), requests);
             }
             if !reader.has_buffered() {
+                if let Err(end) = write_held(reader.get_mut(), &mut held) {
+                    return (end, requests);
+                }
                 let idle_end = Instant::now() + config.idle_timeout;
                 match wait_for_data(reader.get_ref(), idle_end, shared) {
                     Wait::Data => {}
@@ -240,7 +261,24 @@ fn converse<S: Service>(
             Instant::now() + config.message_deadline
         };
 
-        let request = match reader.read_message(&limits, deadline) {
+        // Held replies go out before the reader waits for more bytes.
+        let mut held_failed = None;
+        let read = reader.read_message_with(&limits, deadline, |stream| {
+            write_held(stream, &mut held).map_err(|end| {
+                held_failed = Some(end);
+                IoError::Io(io::ErrorKind::BrokenPipe.into())
+            })
+        });
+        if let Some(end) = held_failed {
+            return (end, requests);
+        }
+        // Replies to requests before a malformed one still go first.
+        if read.is_err() {
+            if let Err(end) = write_held(reader.get_mut(), &mut held) {
+                return (end, requests);
+            }
+        }
+        let request = match read {
             Ok(Some(request)) => request,
             Ok(None) => return (End::PeerClosed, requests),
             Err(IoError::Timeout) => {
@@ -266,6 +304,9 @@ fn converse<S: Service>(
             Outcome::Silent => (None, false),
             Outcome::Close => (None, true),
             Outcome::Takeover(take) => {
+                if let Err(end) = write_held(reader.get_mut(), &mut held) {
+                    return (end, requests);
+                }
                 let (stream, buffered) = reader.into_parts();
                 let _ = stream.set_read_timeout(None);
                 let _ = stream.set_write_timeout(None);
@@ -274,21 +315,43 @@ fn converse<S: Service>(
             }
         };
         if let Some(reply) = reply {
-            let write_end = Instant::now() + config.write_deadline;
-            match write_message(reader.get_mut(), &reply, write_end) {
-                Ok(()) => {}
-                Err(IoError::Timeout) => {
-                    Counters::bump(&counters.timed_out);
-                    return (End::WriteTimeout, requests);
+            let pipelined = !close && reader.has_buffered();
+            if (pipelined || !held.is_empty()) && reply.body.len() < MAX_HELD {
+                reply.encode_into(&mut held);
+                if !pipelined || held.len() >= MAX_HELD {
+                    if let Err(end) = write_held(reader.get_mut(), &mut held) {
+                        return (end, requests);
+                    }
                 }
-                Err(IoError::Io(e)) => return (End::Io(e), requests),
-                // Writing never parses; kept for completeness.
-                Err(IoError::Wire(e)) => return (End::Malformed(e), requests),
+            } else {
+                if let Err(end) = write_held(reader.get_mut(), &mut held) {
+                    return (end, requests);
+                }
+                let write_end = Instant::now() + config.write_deadline;
+                if let Err(e) = write_message(reader.get_mut(), &reply, write_end) {
+                    return (write_failed(e, counters), requests);
+                }
             }
         }
         if close {
+            if let Err(end) = write_held(reader.get_mut(), &mut held) {
+                return (end, requests);
+            }
             return (End::Closed, requests);
         }
+    }
+}
+
+/// Why a connection ends when a reply could not be written.
+fn write_failed(e: IoError, counters: &Counters) -> End {
+    match e {
+        IoError::Timeout => {
+            Counters::bump(&counters.timed_out);
+            End::WriteTimeout
+        }
+        IoError::Io(e) => End::Io(e),
+        // Writing never parses; kept for completeness.
+        IoError::Wire(e) => End::Malformed(e),
     }
 }
 
@@ -353,5 +416,99 @@ fn linger_close(stream: &mut TcpStream) {
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::TcpStream;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use crate::prethread::{Config, Outcome, Peer, Server, Service};
+    use crate::wire::io::MessageReader;
+    use crate::wire::{Limits, Message};
+
+    /// Echoes `N`; `CLOSE` gets a last reply and the connection closes.
+    struct Echo;
+
+    impl Service for Echo {
+        type Session = ();
+        fn open(&self, _peer: &Peer) {}
+        fn handle(&self, _session: &mut (), request: Message) -> Outcome {
+            let reply = Message::ok().with_header("N", request.header("N").unwrap_or("-"));
+            match request.method() {
+                Some("CLOSE") => Outcome::ReplyAndClose(reply),
+                Some("QUIET") => Outcome::Silent,
+                _ => Outcome::Reply(reply),
+            }
+        }
+    }
+
+    fn server() -> Server {
+        let config = Config {
+            name: "pipe".into(),
+            workers: 1,
+            queue: 1,
+            ..Config::default()
+        };
+        Server::bind("127.0.0.1:0", config, Arc::new(Echo)).unwrap()
+    }
+
+    fn read_n(reader: &mut MessageReader<TcpStream>) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let m = reader.read_message(&Limits::DEFAULT, deadline).unwrap()?;
+        Some(m.header("N").unwrap().to_owned())
+    }
+
+    #[test]
+    fn pipelined_requests_get_every_reply_in_order() {
+        let server = server();
+        let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+        // 300 requests in one write, a silent one among them, and the
+        // start of one more: the replies to the whole ones must come
+        // although the last one is still incomplete.
+        let mut burst = Vec::new();
+        for i in 0..300 {
+            let method = if i == 150 { "QUIET" } else { "ECHO" };
+            burst.extend(Message::request(method).with_header("N", i).encode());
+        }
+        let last = Message::request("CLOSE").with_header("N", "last").encode();
+        burst.extend_from_slice(&last[..10]);
+        stream.write_all(&burst).unwrap();
+        let mut reader = MessageReader::new(stream.try_clone().unwrap());
+        for i in (0..300).filter(|&i| i != 150) {
+            assert_eq!(read_n(&mut reader).as_deref(), Some(i.to_string().as_str()));
+        }
+        stream.write_all(&last[10..]).unwrap();
+        assert_eq!(read_n(&mut reader).as_deref(), Some("last"));
+        assert_eq!(read_n(&mut reader), None, "closed after CLOSE");
+        server.stopper().stop();
+        server.join();
+    }
+
+    #[test]
+    fn replies_before_a_malformed_request_come_first() {
+        let server = server();
+        let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+        let mut burst = Vec::new();
+        for i in 0..3 {
+            burst.extend(Message::request("ECHO").with_header("N", i).encode());
+        }
+        burst.extend_from_slice(b"bad request line\r\nContent-Length: 0\r\n\r\n\r\n");
+        stream.write_all(&burst).unwrap();
+        let mut reader = MessageReader::new(stream);
+        for i in 0..3 {
+            assert_eq!(read_n(&mut reader).as_deref(), Some(i.to_string().as_str()));
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let error = reader
+            .read_message(&Limits::DEFAULT, deadline)
+            .unwrap()
+            .unwrap();
+        assert_eq!(error.code(), Some(400));
+        server.stopper().stop();
+        server.join();
     }
 }

@@ -59,17 +59,7 @@ impl Headers {
             !name.eq_ignore_ascii_case("content-length"),
             "Content-Length is written by the encoder"
         );
-        let clean: String = value
-            .chars()
-            .map(|c| {
-                if c.is_ascii_graphic() || c == ' ' {
-                    c
-                } else {
-                    ' '
-                }
-            })
-            .collect();
-        self.0.push((name.to_owned(), clean));
+        self.0.push((name.to_owned(), printable(value)));
     }
 
     /// Appends a header already validated by the parser.
@@ -131,16 +121,7 @@ impl Message {
             (100..=999).contains(&code),
             "reply code {code} out of range"
         );
-        let reason = reason
-            .chars()
-            .map(|c| {
-                if c.is_ascii_graphic() || c == ' ' {
-                    c
-                } else {
-                    ' '
-                }
-            })
-            .collect();
+        let reason = printable(reason);
         Message {
             start: Start::Reply { code, reason },
             headers: Headers::new(),
@@ -208,10 +189,21 @@ impl Message {
 
     /// Appends the encoded message to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
+        self.encode_head_for(self.body.len(), out);
+        out.extend_from_slice(&self.body);
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// Appends what precedes the body: the start line, the headers and a
+    /// `Content-Length` of `body_len`, through the blank line. With the
+    /// message's own body length, followed by the body and a CRLF, this is
+    /// exactly [`Message::encode`]; with another length it lets a caller
+    /// supply a body held elsewhere without copying it into the message.
+    pub fn encode_head_for(&self, body_len: usize, out: &mut Vec<u8>) {
         match &self.start {
             Start::Request(m) => out.extend_from_slice(m.as_bytes()),
             Start::Reply { code, reason } => {
-                out.extend_from_slice(code.to_string().as_bytes());
+                push_decimal(out, usize::from(*code));
                 out.push(b' ');
                 out.extend_from_slice(reason.as_bytes());
             }
@@ -224,14 +216,17 @@ impl Message {
             out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b"Content-Length: ");
-        out.extend_from_slice(self.body.len().to_string().as_bytes());
+        push_decimal(out, body_len);
         out.extend_from_slice(b"\r\n\r\n");
-        out.extend_from_slice(&self.body);
-        out.extend_from_slice(b"\r\n");
     }
 
     /// Exact size of [`Message::encode`]'s output.
     pub fn encoded_len(&self) -> usize {
+        self.head_len_for(self.body.len()) + self.body.len() + 2
+    }
+
+    /// Exact size of [`Message::encode_head_for`]'s output.
+    pub fn head_len_for(&self, body_len: usize) -> usize {
         let start = match &self.start {
             Start::Request(m) => m.len(),
             Start::Reply { code, reason } => decimal_len(usize::from(*code)) + 1 + reason.len(),
@@ -241,9 +236,43 @@ impl Message {
             .iter()
             .map(|(n, v)| n.len() + v.len() + 4)
             .sum();
-        let cl = "Content-Length: ".len() + decimal_len(self.body.len()) + 2;
-        start + 2 + headers + cl + 2 + self.body.len() + 2
+        let cl = "Content-Length: ".len() + decimal_len(body_len) + 2;
+        start + 2 + headers + cl + 2
     }
+}
+
+/// `s` with every character other than printable ASCII and space replaced
+/// by a space (one per character), so that no value can break a line.
+fn printable(s: &str) -> String {
+    let keep = |b: u8| b.is_ascii_graphic() || b == b' ';
+    if s.bytes().all(keep) {
+        return s.to_owned();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_ascii() && keep(c as u8) {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect()
+}
+
+/// Appends `n` in decimal without allocating.
+fn push_decimal(out: &mut Vec<u8>, n: usize) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 fn decimal_len(mut n: usize) -> usize {
@@ -271,4 +300,30 @@ pub(crate) fn is_method(s: &[u8]) -> bool {
     matches!(s.first(), Some(b) if b.is_ascii_uppercase())
         && s.iter()
             .all(|&b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_and_reasons_lose_what_could_break_a_line() {
+        let mut h = Headers::new();
+        h.push("A", "plain value ~!");
+        h.push("B", "two\r\nInjected: yes");
+        h.push("C", "caf\u{e9} \u{1f600}\t!");
+        let values: Vec<&str> = h.iter().map(|(_, v)| v).collect();
+        assert_eq!(values, ["plain value ~!", "two  Injected: yes", "caf    !"]);
+        assert_eq!(Message::reply(200, "ok\nthen").reason(), Some("ok then"));
+    }
+
+    #[test]
+    fn decimals_are_written_without_allocating() {
+        for n in [0usize, 7, 10, 99, 100, 12345, usize::MAX] {
+            let mut out = Vec::new();
+            push_decimal(&mut out, n);
+            assert_eq!(out, n.to_string().into_bytes());
+            assert_eq!(decimal_len(n), out.len());
+        }
+    }
 }

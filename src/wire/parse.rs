@@ -116,8 +116,8 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Head>, Error> {
             content_length = Some(parse_length(value, limits)?);
         } else {
             // Both slices are checked ASCII above, so these cannot fail.
-            let name = String::from_utf8_lossy(name).into_owned();
-            let value = String::from_utf8_lossy(value).into_owned();
+            let name = ascii_string(name);
+            let value = ascii_string(value);
             headers.push_unchecked(name, value);
         }
     }
@@ -188,10 +188,10 @@ fn parse_start(line: &[u8]) -> Result<Start, Error> {
         }
         Ok(Start::Reply {
             code,
-            reason: String::from_utf8_lossy(reason).into_owned(),
+            reason: ascii_string(reason),
         })
     } else if is_method(line) {
-        Ok(Start::Request(String::from_utf8_lossy(line).into_owned()))
+        Ok(Start::Request(ascii_string(line)))
     } else {
         Err(Error::InvalidStartLine)
     }
@@ -224,6 +224,14 @@ fn parse_length(value: &[u8], limits: &Limits) -> Result<usize, Error> {
         return Err(Error::BodyTooLarge);
     }
     Ok(n as usize)
+}
+
+/// Bytes already checked to be ASCII as a string (lossy, should they not be).
+fn ascii_string(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_owned(),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
 }
 
 fn trim(mut s: &[u8]) -> &[u8] {
