@@ -33,7 +33,9 @@ run-cluster: release
 clean-cluster:
 	rm -rf $(RUN_DIR)
 
+# Benches do not build the binaries; the login bench runs the release ones.
 bench:
+	$(CARGO) build --release --bins
 	$(CARGO) bench
 
 # The parser fuzz targets, FUZZ_SECONDS each (needs a nightly toolchain and cargo-fuzz; installed if missing).
