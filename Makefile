@@ -33,7 +33,9 @@ run-cluster: release
 clean-cluster:
 	rm -rf $(RUN_DIR)
 
+# Benches do not build the binaries; the login bench runs the release ones.
 bench:
+	$(CARGO) build --release --bins
 	$(CARGO) bench
 
 # The long failure runs: 100 kill -9 cycles of the CRS during registrations.

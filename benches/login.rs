@@ -1,0 +1,998 @@
+//! Logins per second, presence latency, MS memory per online user and CRS
+//! disk per registered user, against the real release binaries: one CRS
+//! and two MSs, 10,000 registered users with 20 buddies each, and clients
+//! simulated with the library.
+//!
+//! Run with `make bench` or `cargo build --release --bins && cargo bench
+//! --bench login` (benches do not build the binaries). The binaries are
+//! looked up in `$IMS_BIN_DIR`, else `$CARGO_TARGET_DIR/release`, else
+//! `target/release` of this crate.
+//!
+//! What is measured, and how:
+//! - the data set is written straight into a sled database with
+//!   [`SledStore::bulk_load`] before the CRS starts. Every user has their
+//!   own salt and verifier (derived once, 1000 PBKDF2 iterations, kept in
+//!   memory so that simulated clients do no key derivation: the servers are
+//!   measured); a handful of RSA keys is shared, the servers do not care;
+//! - logins per second: many simulated clients at once, each login a full
+//!   `LOCATE` + `LOGIN-HELLO` + `LOGIN` of a distinct user, all of them
+//!   logged out after a round so the next round starts the same way; best
+//!   round. Twice: for users none of whose buddies is online (the login
+//!   path alone), and for users 0..8000 whose ring neighbours log in around
+//!   them (each login then pushes presence to about 10 online buddies, each
+//!   push a connection from the MS to the buddy's client);
+//! - presence latency: from the moment a client holds its login reply to
+//!   the moment each of its online buddies' clients holds the `online`
+//!   push (0 when the push came first), and from the moment it sent
+//!   `LOGIN`. Simulated clients share push listener ports and route each
+//!   `PUSH` by its clear `User` header to that user's push keys. Measured
+//!   with logins one at a time against a background of online users (light
+//!   load), and during the throughput rounds (saturation);
+//! - MS memory: the MSs' VmRSS before and after the first round's users
+//!   logged in, over the number of users;
+//! - CRS disk: the data directory's size over the number of users.
+//!
+//! Targets are reported, not asserted: >= 3,000 logins/s, presence p99
+//! <= 5 ms, <= 2 KB of MS memory per online user.
+//!
+//! Knobs (environment): `IMS_BENCH_CLIENTS` (simulated clients at once,
+//! 16), `IMS_BENCH_ROUNDS` (3), `IMS_BENCH_ROUND_USERS` (8000),
+//! `IMS_BENCH_MS_WORKERS` (the MSs' `--workers`), `IMS_BENCH_PUSH_THREADS`
+//! (the MSs' `push_threads`).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ims::crs::store::{SledStore, User, Verifier};
+use ims::crypto::{self, scram, KdfParams, KdfPolicy, RsaPrivateKey};
+use ims::proto;
+use ims::proto::crs::{EventKind, SEALED};
+use ims::proto::ms::{read_event, Challenge, MsRequest, PUSH};
+use ims::proto::Fields;
+use ims::seal::{Opener, Role, Sealer, SessionKeys};
+use ims::wire::io::{write_message, MessageReader};
+use ims::wire::{Limits, Message};
+use parking_lot::Mutex;
+
+/// Registered users.
+const USERS: usize = 10_000;
+/// Buddies of each: the 10 users before and the 10 after, on a ring.
+const BUDDIES: usize = 20;
+/// PBKDF2 iterations of the data set (derived once per user).
+const ITERATIONS: u32 = 1000;
+/// RSA key pairs shared by all users.
+const RSA_KEYS: usize = 4;
+/// Users logged in per throughput round.
+const ROUND_USERS: usize = 8_000;
+/// Throughput rounds; the best counts.
+const ROUNDS: usize = 3;
+/// Simulated clients logging in at once (override: IMS_BENCH_CLIENTS).
+const CLIENTS: usize = 16;
+/// Push listener ports (100 users share one), and threads serving each.
+/// Real clients each have their own address; sharing a few ports would
+/// make the MSs' connects search long for a free port among the
+/// TIME_WAIT connections to the same destination.
+const PUSH_PORTS: usize = 100;
+const PUSH_THREADS: usize = 1;
+/// Login path alone: users 11 apart on the ring (none is another's
+/// buddy, so no presence is pushed), logged in and out this many times.
+const SOLO_ROUNDS: usize = 6;
+/// Light-load presence phase: background users online, then this many
+/// logins one at a time.
+const LIGHT_BACKGROUND: usize = 4_000;
+const LIGHT_LOGINS: usize = 1_000;
+/// Bound on each exchange.
+const TIMEOUT: Duration = Duration::from_secs(10);
+const PASSWORD: &str = "bench password";
+
+fn name(i: usize) -> String {
+    format!("u{i:05}")
+}
+
+fn index(name: &str) -> Option<usize> {
+    name.strip_prefix('u')?.parse().ok().filter(|&i| i < USERS)
+}
+
+fn buddies(i: usize) -> impl Iterator<Item = usize> {
+    (1..=BUDDIES / 2).flat_map(move |d| [(i + d) % USERS, (i + USERS - d) % USERS])
+}
+
+fn now_ns(epoch: Instant) -> u64 {
+    epoch.elapsed().as_nanos() as u64
+}
+
+// ---------------------------------------------------------------- processes
+
+/// A child killed (SIGKILL) when dropped, also on panic.
+struct Proc {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("IMS_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("release")
+}
+
+fn binary(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    if !p.is_file() {
+        eprintln!(
+            "login bench: {} is missing. Benches do not build the binaries: run \
+             `cargo build --release --bins` first (`make bench` does), or point \
+             IMS_BIN_DIR at a directory holding ims-crs and ims-ms.",
+            p.display()
+        );
+        std::process::exit(1);
+    }
+    p
+}
+
+/// Starts a server and waits for its `listening on ADDR` line.
+fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
+    cmd.env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(fs::File::create(&log).expect("log file"));
+    let mut child = cmd.spawn().expect("spawn a server");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(l)) = lines.next() {
+            let _ = tx.send(l);
+        }
+        for _ in lines {}
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .ok()
+        .and_then(|l| l.strip_prefix("listening on ")?.trim().parse().ok());
+    match addr {
+        Some(addr) => Proc { child, addr, log },
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "a server did not start; its log:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn dir_size(p: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = fs::read_dir(p) {
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += dir_size(&e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+// ---------------------------------------------------------------- data set
+
+/// What a simulated client knows about its user without deriving anything.
+struct Account {
+    salt: Vec<u8>,
+    keys: scram::Keys,
+}
+
+/// Derives every user's keys (in parallel) and writes the store.
+fn make_data_set(db: &Path) -> Vec<Account> {
+    let started = Instant::now();
+    let rsa: Vec<(Vec<u8>, Vec<u8>)> = (0..RSA_KEYS)
+        .map(|_| {
+            let k = RsaPrivateKey::generate(crypto::DEFAULT_RSA_BITS).expect("rsa");
+            (
+                k.to_der().expect("der"),
+                k.public_key().to_der().expect("der"),
+            )
+        })
+        .collect();
+    let rsa = Arc::new(rsa);
+    let threads = thread::available_parallelism().map_or(2, |n| n.get());
+    let chunks: Vec<_> = (0..threads)
+        .map(|t| {
+            let rsa = rsa.clone();
+            thread::spawn(move || {
+                (t..USERS)
+                    .step_by(threads)
+                    .map(|i| {
+                        let params = KdfParams::generate(ITERATIONS);
+                        let salted = crypto::derive_salted_password(
+                            PASSWORD.as_bytes(),
+                            &params,
+                            KdfPolicy::Insecure,
+                        )
+                        .expect("kdf");
+                        let keys = scram::Keys::from_salted_password(&salted);
+                        let (private, public) = &rsa[i % RSA_KEYS];
+                        let wrapped = scram::wrap(
+                            &scram::wrap_key(&salted),
+                            private,
+                            &ims::client::account::wrap_aad(&name(i)),
+                        )
+                        .expect("wrap");
+                        let mut profile = BTreeMap::new();
+                        profile.insert("full_name".into(), format!("Bench User {i}"));
+                        profile.insert("company".into(), format!("Company {}", i % 100));
+                        let user = User {
+                            name: name(i),
+                            verifier: Verifier {
+                                salt: params.salt.clone(),
+                                iterations: ITERATIONS,
+                                stored_key: keys.stored_key.to_vec(),
+                                server_key: keys.server_key.to_vec(),
+                            },
+                            profile,
+                            public_key: public.clone(),
+                            wrapped_private_key: wrapped,
+                            contacts: buddies(i).map(name).collect(),
+                            requests: Vec::new(),
+                            created_unix: 1_700_000_000,
+                        };
+                        (
+                            i,
+                            user,
+                            Account {
+                                salt: params.salt,
+                                keys,
+                            },
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut all: Vec<(usize, User, Account)> = chunks
+        .into_iter()
+        .flat_map(|t| t.join().expect("data thread"))
+        .collect();
+    all.sort_by_key(|(i, _, _)| *i);
+    let derived = started.elapsed();
+    let (users, accounts): (Vec<User>, Vec<Account>) =
+        all.into_iter().map(|(_, u, a)| (u, a)).unzip();
+    let store = SledStore::open(db).expect("open the store");
+    store.bulk_load(users).expect("bulk load");
+    drop(store);
+    eprintln!(
+        "data set: {USERS} users x {BUDDIES} buddies: keys in {:.1?}, store written in {:.1?}",
+        derived,
+        started.elapsed() - derived
+    );
+    accounts
+}
+
+// ---------------------------------------------------------------- clients
+
+/// A logged-in simulated user.
+struct Session {
+    ms: SocketAddr,
+    login: String,
+    send: Sealer,
+    recv: Opener,
+}
+
+/// One user's client state.
+struct Slot {
+    /// Opens this user's pushes; set before `LOGIN` is sent, since pushes
+    /// may arrive before the login reply does.
+    push: Mutex<Option<Opener>>,
+    session: Mutex<Option<Session>>,
+    /// When the client sent `LOGIN` and when it got the reply (ns since
+    /// the epoch; 0: none).
+    login_sent: AtomicU64,
+    login_done: AtomicU64,
+}
+
+/// `online` pushes received: (subject, recipient, arrival ns).
+type Arrivals = Mutex<Vec<(u32, u32, u64)>>;
+
+struct World {
+    epoch: Instant,
+    crs: SocketAddr,
+    accounts: Vec<Account>,
+    slots: Vec<Slot>,
+    push_ports: Vec<u16>,
+    arrivals: Arrivals,
+    /// `online` pushes received about each user.
+    arrived: Vec<AtomicUsize>,
+    pushes: AtomicU64,
+    bad_pushes: AtomicU64,
+    /// Why pushes could not be opened, with counts.
+    push_failures: Mutex<BTreeMap<String, u64>>,
+    busy_retries: AtomicU64,
+}
+
+fn connect(addr: SocketAddr) -> std::io::Result<MessageReader<TcpStream>> {
+    let s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    s.set_nodelay(true)?;
+    Ok(MessageReader::new(s))
+}
+
+fn call(conn: &mut MessageReader<TcpStream>, m: &Message) -> Result<Message, String> {
+    write_message(conn.get_mut(), m, Instant::now() + TIMEOUT).map_err(|e| e.to_string())?;
+    conn.read_message(&Limits::DEFAULT, Instant::now() + TIMEOUT)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "closed".to_string())
+}
+
+/// Whether a reply says "busy, try again".
+fn busy(m: &Message) -> bool {
+    m.code() == Some(503)
+}
+
+impl World {
+    /// One full login of user `i`; the number of buddies the CRS reported
+    /// online in the welcome (each should get a push).
+    fn login(&self, i: usize) -> Result<usize, String> {
+        let user = name(i);
+        let acct = &self.accounts[i];
+        // LOCATE, retried while the CRS is busy.
+        let ms: SocketAddr = loop {
+            let mut crs = connect(self.crs).map_err(|e| format!("connect CRS: {e}"))?;
+            let r = call(&mut crs, &Message::request("LOCATE"))?;
+            if busy(&r) {
+                self.busy_retries.fetch_add(1, Ordering::Relaxed);
+                thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            break r
+                .req("Ms")
+                .map_err(|e| format!("LOCATE: {e}: {r:?}"))?
+                .parse()
+                .map_err(|_| "LOCATE: bad address".to_string())?;
+        };
+        let (mut conn, challenge, client_nonce) = loop {
+            let mut conn = connect(ms).map_err(|e| format!("connect MS: {e}"))?;
+            let client_nonce = crypto::random_array::<24>().to_vec();
+            let hello = MsRequest::LoginHello {
+                user: user.clone(),
+                client_nonce: client_nonce.clone(),
+            };
+            let r = call(&mut conn, &hello.to_message())?;
+            if busy(&r) {
+                self.busy_retries.fetch_add(1, Ordering::Relaxed);
+                thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            if !r.is_success() {
+                return Err(format!("LOGIN-HELLO: {r:?}"));
+            }
+            break (conn, r, client_nonce);
+        };
+        let ch = Challenge::from_message(&challenge).map_err(|e| e.to_string())?;
+        if ch.salt != acct.salt {
+            return Err("the MS sent another salt".into());
+        }
+        let auth = proto::login_auth_message(
+            &user,
+            &client_nonce,
+            &ch.server_nonce,
+            &ch.salt,
+            ch.iterations,
+        );
+        let proof = scram::client_proof(&acct.keys.client_key, &acct.keys.stored_key, &auth);
+        let mut context = client_nonce.clone();
+        context.extend_from_slice(&ch.server_nonce);
+        let link = SessionKeys::derive(&acct.keys.client_key, &context, Role::Initiator);
+        context.extend_from_slice(b"push");
+        let push = SessionKeys::derive(&acct.keys.client_key, &context, Role::Initiator);
+        let slot = &self.slots[i];
+        *slot.push.lock() = Some(push.recv);
+        let port = self.push_ports[i % self.push_ports.len()];
+        let login = MsRequest::Login {
+            proof: proof.to_vec(),
+            listen_port: port,
+        };
+        slot.login_sent.store(now_ns(self.epoch), Ordering::Release);
+        let reply = call(&mut conn, &login.to_message())?;
+        let done = now_ns(self.epoch);
+        if reply.method() != Some(SEALED) {
+            *slot.push.lock() = None;
+            return Err(format!(
+                "LOGIN: {} {}",
+                reply.code().unwrap_or(0),
+                reply.reason().unwrap_or("")
+            ));
+        }
+        slot.login_done.store(done, Ordering::Release);
+        let expected = scram::server_signature(&acct.keys.server_key, &auth);
+        let signature = reply.req_b64("Server-Signature").unwrap_or_default();
+        if !crypto::ct_eq(&expected, &signature) {
+            return Err("bad server signature".into());
+        }
+        let (send, mut recv) = (link.send, link.recv);
+        let welcome = recv.open(&reply).map_err(|e| format!("welcome: {e}"))?;
+        // Contacts serialize as {"user":..,"online":null} or with a
+        // presence object; counting beats parsing for a load generator.
+        let online = count(&welcome.body, br#""online":{"#);
+        *slot.session.lock() = Some(Session {
+            ms,
+            login: reply.req("Login").map_err(|e| e.to_string())?.to_owned(),
+            send,
+            recv,
+        });
+        Ok(online)
+    }
+
+    fn logout(&self, i: usize) -> Result<(), String> {
+        let slot = &self.slots[i];
+        let Some(mut s) = slot.session.lock().take() else {
+            return Ok(());
+        };
+        let sealed = s
+            .send
+            .seal(
+                SEALED,
+                &[("Login", &s.login)],
+                &MsRequest::Logout.to_message(),
+            )
+            .map_err(|e| e.to_string())?;
+        let mut conn = connect(s.ms).map_err(|e| format!("connect MS: {e}"))?;
+        let reply = call(&mut conn, &sealed)?;
+        let inner = if reply.method() == Some(SEALED) {
+            s.recv.open(&reply).map_err(|e| e.to_string())?
+        } else {
+            reply
+        };
+        *slot.push.lock() = None;
+        slot.login_done.store(0, Ordering::Release);
+        if inner.is_success() {
+            Ok(())
+        } else {
+            Err(format!("LOGOUT: {:?}", inner.reason()))
+        }
+    }
+
+    /// One pushed message for one of our users: open it and note an
+    /// `online` event's arrival.
+    fn on_push(&self, m: &Message) -> Message {
+        let at = now_ns(self.epoch);
+        self.pushes.fetch_add(1, Ordering::Relaxed);
+        let Some(r) = m.header("User").and_then(index) else {
+            self.bad_pushes.fetch_add(1, Ordering::Relaxed);
+            return Message::reply(404, "not this user");
+        };
+        let opened = self.slots[r].push.lock().as_mut().map(|o| o.open(m));
+        let inner = match opened {
+            Some(Ok(inner)) => inner,
+            failed => {
+                self.bad_pushes.fetch_add(1, Ordering::Relaxed);
+                let why = match failed {
+                    Some(Err(e)) => e.to_string(),
+                    _ => "not logged in".to_string(),
+                };
+                *self.push_failures.lock().entry(why).or_default() += 1;
+                return Message::reply(401, "unreadable push");
+            }
+        };
+        if let Ok(EventKind::Online { user, .. }) = read_event(&inner) {
+            if let Some(s) = index(&user) {
+                self.arrivals.lock().push((s as u32, r as u32, at));
+                self.arrived[s].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Message::ok()
+    }
+}
+
+fn count(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+/// Serves pushes on one listener until `stop`.
+fn push_server(world: Arc<World>, listener: TcpListener, stop: Arc<AtomicBool>) {
+    for stream in listener.incoming() {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(stream) = stream else { continue };
+        let _ = stream.set_nodelay(true);
+        let mut reader = MessageReader::new(stream);
+        while let Ok(Some(m)) = reader.read_message(&Limits::DEFAULT, Instant::now() + TIMEOUT) {
+            let reply = if m.method() == Some(PUSH) {
+                world.on_push(&m)
+            } else {
+                Message::reply(405, "unknown method")
+            };
+            if write_message(reader.get_mut(), &reply, Instant::now() + TIMEOUT).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// Runs `f` over `users` with `clients` threads; (wall time, errors).
+fn run_parallel<F>(users: &[usize], clients: usize, f: F) -> (Duration, Vec<String>)
+where
+    F: Fn(usize) -> Result<(), String> + Sync,
+{
+    let next = AtomicUsize::new(0);
+    let errors = Mutex::new(Vec::new());
+    let started = Instant::now();
+    thread::scope(|s| {
+        for _ in 0..clients {
+            s.spawn(|| loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&i) = users.get(k) else { break };
+                if let Err(e) = f(i) {
+                    errors.lock().push(format!("{}: {e}", name(i)));
+                }
+            });
+        }
+    });
+    (started.elapsed(), errors.into_inner())
+}
+
+/// Waits until no push has arrived for `quiet` (at most `max`).
+fn settle(world: &World, quiet: Duration, max: Duration) {
+    let end = Instant::now() + max;
+    let mut last = world.pushes.load(Ordering::Relaxed);
+    let mut since = Instant::now();
+    while Instant::now() < end {
+        thread::sleep(Duration::from_millis(20));
+        let now = world.pushes.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= quiet {
+            return;
+        }
+    }
+}
+
+/// Presence latencies of one phase, in µs, sorted.
+#[derive(Default)]
+struct Presence {
+    /// From the subject's login reply to the push (0 if the push came first).
+    from_reply: Vec<f64>,
+    /// From the subject's `LOGIN` request to the push.
+    from_request: Vec<f64>,
+    /// Pushes that arrived before the subject's login reply.
+    early: usize,
+    /// When the last push arrived (ns since the epoch).
+    last: u64,
+}
+
+impl Presence {
+    fn extend(&mut self, other: Presence) {
+        self.from_reply.extend(other.from_reply);
+        self.from_request.extend(other.from_request);
+        self.early += other.early;
+        self.last = self.last.max(other.last);
+        self.from_reply.sort_by(f64::total_cmp);
+        self.from_request.sort_by(f64::total_cmp);
+    }
+}
+
+/// Takes the `online` pushes received so far and measures each against its
+/// subject's login (`sent`, `done`: the slots' timestamps).
+fn latencies(world: &World, sent: &[u64], done: &[u64]) -> Presence {
+    let arrivals = std::mem::take(&mut *world.arrivals.lock());
+    let mut p = Presence::default();
+    for (subject, _recipient, at) in arrivals {
+        let (sent, done) = (sent[subject as usize], done[subject as usize]);
+        if done == 0 || sent == 0 {
+            continue;
+        }
+        p.last = p.last.max(at);
+        p.from_request.push(at.saturating_sub(sent) as f64 / 1000.0);
+        if at <= done {
+            p.early += 1;
+            p.from_reply.push(0.0);
+        } else {
+            p.from_reply.push((at - done) as f64 / 1000.0);
+        }
+    }
+    p.from_reply.sort_by(f64::total_cmp);
+    p.from_request.sort_by(f64::total_cmp);
+    p
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let k = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[k.min(sorted.len() - 1)]
+}
+
+/// Every slot's (LOGIN sent, reply received) timestamps.
+fn snapshot_logins(world: &World) -> (Vec<u64>, Vec<u64>) {
+    world
+        .slots
+        .iter()
+        .map(|s| {
+            (
+                s.login_sent.load(Ordering::Acquire),
+                s.login_done.load(Ordering::Acquire),
+            )
+        })
+        .unzip()
+}
+
+fn report_errors(what: &str, errors: &[String]) {
+    if !errors.is_empty() {
+        eprintln!(
+            "{what}: {} failed, e.g. {:?}",
+            errors.len(),
+            &errors[..errors.len().min(3)]
+        );
+    }
+}
+
+fn main() {
+    // `cargo bench` passes --bench; any other argument filters benches by
+    // name, as libtest would.
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    if !filter.is_empty() && !filter.iter().any(|f| "login".contains(f.as_str())) {
+        return;
+    }
+    let knob = |name: &str, default: usize| -> usize {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let clients = knob("IMS_BENCH_CLIENTS", CLIENTS);
+    let rounds = knob("IMS_BENCH_ROUNDS", ROUNDS).max(1);
+    let round_n = knob("IMS_BENCH_ROUND_USERS", ROUND_USERS).clamp(1, USERS);
+    let ms_workers: Option<String> = std::env::var("IMS_BENCH_MS_WORKERS").ok();
+    let crs_bin = binary("ims-crs");
+    let ms_bin = binary("ims-ms");
+    let total = Instant::now();
+
+    let dir = tempfile::Builder::new()
+        .prefix("ims-login-bench-")
+        .tempdir()
+        .expect("temp dir");
+    let key = dir.path().join("mskey");
+    let st = Command::new(&crs_bin)
+        .arg("genkey")
+        .arg(&key)
+        .status()
+        .expect("genkey");
+    assert!(st.success(), "genkey failed");
+    let data = dir.path().join("crs-data");
+    fs::create_dir_all(&data).expect("data dir");
+    let accounts = make_data_set(&data.join("db"));
+
+    let mut cmd = Command::new(&crs_bin);
+    cmd.args(["--listen", "127.0.0.1:0", "--min-iterations", "1000"])
+        .arg("--data")
+        .arg(&data)
+        .arg("--ms-key")
+        .arg(&key);
+    let crs = spawn(cmd, dir.path().join("crs.log"));
+    let ms: Vec<Proc> = (0..2)
+        .map(|n| {
+            let mut cmd = Command::new(&ms_bin);
+            cmd.args(["--listen", "127.0.0.1:0", "--fake-iterations", "1000"])
+                .arg("--crs")
+                .arg(crs.addr.to_string())
+                .arg("--ms-key")
+                .arg(&key);
+            if let Some(w) = &ms_workers {
+                cmd.args(["--workers", w]);
+            }
+            if let Ok(n) = std::env::var("IMS_BENCH_PUSH_THREADS") {
+                let conf = dir.path().join(format!("ms{n}.toml"));
+                fs::write(&conf, format!("push_threads = {n}\n")).expect("ms config");
+                cmd.arg("-c").arg(conf);
+            }
+            spawn(cmd, dir.path().join(format!("ms{n}.log")))
+        })
+        .collect();
+
+    // Push listeners.
+    let stop = Arc::new(AtomicBool::new(false));
+    let listeners: Vec<TcpListener> = (0..PUSH_PORTS)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a push listener"))
+        .collect();
+    let world = Arc::new(World {
+        epoch: Instant::now(),
+        crs: crs.addr,
+        accounts,
+        slots: (0..USERS)
+            .map(|_| Slot {
+                push: Mutex::new(None),
+                session: Mutex::new(None),
+                login_sent: AtomicU64::new(0),
+                login_done: AtomicU64::new(0),
+            })
+            .collect(),
+        push_ports: listeners
+            .iter()
+            .map(|l| l.local_addr().expect("addr").port())
+            .collect(),
+        arrivals: Mutex::new(Vec::new()),
+        arrived: (0..USERS).map(|_| AtomicUsize::new(0)).collect(),
+        pushes: AtomicU64::new(0),
+        bad_pushes: AtomicU64::new(0),
+        push_failures: Mutex::new(BTreeMap::new()),
+        busy_retries: AtomicU64::new(0),
+    });
+    let mut push_threads = Vec::new();
+    for l in &listeners {
+        for _ in 0..PUSH_THREADS {
+            let (w, l, s) = (
+                world.clone(),
+                l.try_clone().expect("clone listener"),
+                stop.clone(),
+            );
+            push_threads.push(thread::spawn(move || push_server(w, l, s)));
+        }
+    }
+
+    let rss = |procs: &[Proc]| -> u64 { procs.iter().map(|p| vm_rss_kib(p.pid())).sum() };
+
+    // The login path alone: no buddy of these users is online.
+    let solo: Vec<usize> = (0..USERS / (BUDDIES / 2 + 1))
+        .map(|k| k * (BUDDIES / 2 + 1))
+        .collect();
+    let mut solo_rates = Vec::new();
+    for _ in 0..SOLO_ROUNDS {
+        let (took, errors) = run_parallel(&solo, clients, |i| world.login(i).map(|_| ()));
+        report_errors("solo login", &errors);
+        solo_rates.push((solo.len() - errors.len()) as f64 / took.as_secs_f64());
+        let (_, errors) = run_parallel(&solo, clients, |i| world.logout(i));
+        report_errors("solo logout", &errors);
+    }
+    settle(&world, Duration::from_millis(300), Duration::from_secs(20));
+    world.arrivals.lock().clear();
+    let rss_before = rss(&ms);
+
+    // Throughput rounds (also presence under full load).
+    let round_users: Vec<usize> = (0..round_n).collect();
+    let mut rates = Vec::new();
+    let mut sustained = Vec::new();
+    let mut logout_rates = Vec::new();
+    let mut loaded = Presence::default();
+    let mut expected_loaded = 0usize;
+    let mut rss_after = 0;
+    for round in 0..rounds {
+        let expected = AtomicUsize::new(0);
+        world.arrivals.lock().clear();
+        let start = now_ns(world.epoch);
+        let (took, errors) = run_parallel(&round_users, clients, |i| {
+            world.login(i).map(|online| {
+                expected.fetch_add(online, Ordering::Relaxed);
+            })
+        });
+        report_errors("login", &errors);
+        let ok = round_users.len() - errors.len();
+        rates.push(ok as f64 / took.as_secs_f64());
+        settle(&world, Duration::from_millis(300), Duration::from_secs(30));
+        if round == 0 {
+            rss_after = rss(&ms);
+        }
+        let (sent, done) = snapshot_logins(&world);
+        let p = latencies(&world, &sent, &done);
+        // Until the last presence push of the round was delivered.
+        let all_in = (p.last.saturating_sub(start) as f64 / 1e9).max(took.as_secs_f64());
+        sustained.push(ok as f64 / all_in);
+        expected_loaded += expected.load(Ordering::Relaxed);
+        loaded.extend(p);
+        let (took_out, errors) = run_parallel(&round_users, clients, |i| world.logout(i));
+        report_errors("logout", &errors);
+        logout_rates.push((round_users.len() - errors.len()) as f64 / took_out.as_secs_f64());
+        settle(&world, Duration::from_millis(300), Duration::from_secs(30));
+        eprintln!(
+            "round {}: {ok} logins in {took:.2?} ({:.0}/s; {:.0}/s until their pushes were in), \
+             logouts {:.0}/s",
+            round + 1,
+            rates[round],
+            sustained[round],
+            logout_rates[round]
+        );
+    }
+    let online_users = round_n as f64;
+    let ms_bytes_per_user = (rss_after.saturating_sub(rss_before) * 1024) as f64 / online_users;
+
+    // Presence under light load: a background of online users (the even
+    // ones), then logins one at a time of users with about half their
+    // buddies online.
+    world.arrivals.lock().clear();
+    let background: Vec<usize> = (0..LIGHT_BACKGROUND).map(|k| 2 * k).collect();
+    let (_, errors) = run_parallel(&background, clients, |i| world.login(i).map(|_| ()));
+    report_errors("background login", &errors);
+    settle(&world, Duration::from_millis(300), Duration::from_secs(30));
+    world.arrivals.lock().clear();
+    let light_users: Vec<usize> = (0..LIGHT_LOGINS).map(|k| 2 * k + 1).collect();
+    let expected_light = AtomicUsize::new(0);
+    let (light_took, errors) = run_parallel(&light_users, 1, |i| {
+        let before = world.arrived[i].load(Ordering::Relaxed);
+        let online = world.login(i)?;
+        expected_light.fetch_add(online, Ordering::Relaxed);
+        // Let its pushes land before the next login starts.
+        let end = Instant::now() + Duration::from_millis(200);
+        while world.arrived[i].load(Ordering::Relaxed) < before + online && Instant::now() < end {
+            thread::sleep(Duration::from_micros(100));
+        }
+        Ok(())
+    });
+    report_errors("light login", &errors);
+    settle(&world, Duration::from_millis(300), Duration::from_secs(30));
+    let (sent, done) = snapshot_logins(&world);
+    let light = latencies(&world, &sent, &done);
+    let everyone: Vec<usize> = background.iter().chain(&light_users).copied().collect();
+    let (_, errors) = run_parallel(&everyone, clients, |i| world.logout(i));
+    report_errors("logout", &errors);
+
+    let disk = dir_size(&data);
+    stop.store(true, Ordering::Relaxed);
+    for l in &listeners {
+        for _ in 0..PUSH_THREADS {
+            let _ = TcpStream::connect(l.local_addr().expect("addr"));
+        }
+    }
+    for t in push_threads {
+        let _ = t.join();
+    }
+
+    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let ms_pair = |v: &[f64]| format!("{:.2} / {:.2}", pct(v, 0.5) / 1e3, pct(v, 0.99) / 1e3);
+    println!();
+    println!(
+        "login bench: {USERS} users x {BUDDIES} buddies, 1 CRS + 2 MSs (release), \
+         {clients} simulated clients, {rounds} rounds of {round_n} logins"
+    );
+    println!("{:<46} {:>18} {:>10}", "metric", "value", "target");
+    let row = |m: &str, v: String, t: &str| println!("{m:<46} {v:>18} {t:>10}");
+    row(
+        "logins/s, login path alone (no buddy online)",
+        format!("{:.0}", best(&solo_rates)),
+        ">= 3000",
+    );
+    row("  all rounds", list(&solo_rates), "");
+    row(
+        "logins/s with presence to buddies (best)",
+        format!("{:.0}", best(&rates)),
+        "",
+    );
+    row("  all rounds", list(&rates), "");
+    row("  until every presence push was in", list(&sustained), "");
+    row(
+        "logouts/s (best round)",
+        format!("{:.0}", best(&logout_rates)),
+        "",
+    );
+    row(
+        "presence p50 / p99, light load (ms)",
+        ms_pair(&light.from_reply),
+        "p99 <= 5",
+    );
+    row(
+        "  measured from the LOGIN request",
+        ms_pair(&light.from_request),
+        "",
+    );
+    row(
+        "  pushes received / expected",
+        format!(
+            "{} / {}",
+            light.from_reply.len(),
+            expected_light.load(Ordering::Relaxed)
+        ),
+        "",
+    );
+    row(
+        "  pushes in before the login reply",
+        format!("{}", light.early),
+        "",
+    );
+    row(
+        "  one login and its pushes, each (ms)",
+        format!(
+            "{:.2}",
+            light_took.as_secs_f64() * 1e3 / LIGHT_LOGINS as f64
+        ),
+        "",
+    );
+    row(
+        "presence p50 / p99, during the rounds (ms)",
+        ms_pair(&loaded.from_reply),
+        "",
+    );
+    row(
+        "  pushes received / expected",
+        format!("{} / {expected_loaded}", loaded.from_reply.len()),
+        "",
+    );
+    row(
+        "MS memory per online user (bytes)",
+        format!("{ms_bytes_per_user:.0}"),
+        "<= 2048",
+    );
+    row(
+        "  VmRSS of both MSs before / after (KiB)",
+        format!("{rss_before} / {rss_after}"),
+        "",
+    );
+    row(
+        "CRS disk per registered user (bytes)",
+        format!("{:.0}", disk as f64 / USERS as f64),
+        "",
+    );
+    row(
+        "push failures seen by clients",
+        format!("{}", world.bad_pushes.load(Ordering::Relaxed)),
+        "",
+    );
+    for (why, n) in world.push_failures.lock().iter() {
+        row(&format!("  {why}"), format!("{n}"), "");
+    }
+    row(
+        "busy (503) retries",
+        format!("{}", world.busy_retries.load(Ordering::Relaxed)),
+        "",
+    );
+    row(
+        "bench time (s)",
+        format!("{:.0}", total.elapsed().as_secs_f64()),
+        "",
+    );
+    for p in ms.iter().chain(std::iter::once(&crs)) {
+        let log = fs::read_to_string(&p.log).unwrap_or_default();
+        let warnings = log.lines().filter(|l| l.contains("WARN")).count();
+        if warnings > 0 {
+            eprintln!(
+                "{} logged {warnings} warnings, e.g. {:?}",
+                p.addr,
+                log.lines().find(|l| l.contains("WARN")).unwrap_or("")
+            );
+        }
+    }
+}
