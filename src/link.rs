@@ -75,6 +75,8 @@ pub struct CrsLink {
     timeout: Duration,
     /// The id the CRS gave this MS.
     pub ms_id: u64,
+    /// The CRS process's instance (a new one means it restarted).
+    pub crs_instance: String,
 }
 
 impl CrsLink {
@@ -132,14 +134,17 @@ impl CrsLink {
         let crs_proof = reply
             .req_b64("Proof")
             .map_err(|e| LinkError::Refused(e.to_string()))?;
-        let expected =
-            crypto::hmac_sha256(ms_key, &proto::enroll_crs_transcript(&ms_nonce, &crs_nonce));
-        if !crypto::ct_eq(&expected, &crs_proof) {
-            return Err(LinkError::BadCrsProof);
-        }
         let ms_id = reply
             .req_parse("Ms-Id")
             .map_err(|e| LinkError::Refused(e.to_string()))?;
+        let crs_instance = reply.header("Crs-Instance").unwrap_or_default().to_owned();
+        let expected = crypto::hmac_sha256(
+            ms_key,
+            &proto::enroll_crs_transcript(&ms_nonce, &crs_nonce, ms_id, &crs_instance),
+        );
+        if !crypto::ct_eq(&expected, &crs_proof) {
+            return Err(LinkError::BadCrsProof);
+        }
         let mut context = ms_nonce.to_vec();
         context.extend_from_slice(&crs_nonce);
         let keys = SessionKeys::derive(ms_key, &context, Role::Initiator);
@@ -149,6 +154,7 @@ impl CrsLink {
             recv: keys.recv,
             timeout,
             ms_id,
+            crs_instance,
         })
     }
 

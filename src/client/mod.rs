@@ -657,7 +657,7 @@ impl Client {
                 self.peers.clear();
                 self.files.clear();
                 self.emit(Event::Notice {
-                    text: "you logged in elsewhere; this client is logged out".into(),
+                    text: "the servers ended this login (you logged in elsewhere, or the account was removed)".into(),
                 });
                 self.emit(Event::LoggedOut { user });
                 return Message::ok();

@@ -115,6 +115,9 @@ pub struct Crs {
     live: Mutex<Live>,
     events_ready: Condvar,
     stopping: AtomicBool,
+    /// Random per process: tells an MS whether the CRS it reaches is the
+    /// one it enrolled with (and so still knows its users).
+    instance: String,
 }
 
 impl Crs {
@@ -135,6 +138,7 @@ impl Crs {
             live: Mutex::new(Live::default()),
             events_ready: Condvar::new(),
             stopping: AtomicBool::new(false),
+            instance: crate::keyfile::hex(&crypto::random_array::<8>()),
         }
     }
 

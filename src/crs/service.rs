@@ -289,16 +289,17 @@ impl Crs {
         let mut context = ms_nonce.to_vec();
         context.extend_from_slice(crs_nonce);
         let keys = SessionKeys::derive(&self.ms_key, &context, Role::Responder);
-        let crs_proof = crypto::hmac_sha256(
-            &self.ms_key,
-            &proto::enroll_crs_transcript(ms_nonce, crs_nonce),
-        );
         let id = match who {
             Peer2::Ms(id) => id,
             Peer2::Admin => 0,
         };
+        let crs_proof = crypto::hmac_sha256(
+            &self.ms_key,
+            &proto::enroll_crs_transcript(ms_nonce, crs_nonce, id, &self.instance),
+        );
         let reply = Message::ok()
             .with_header("Ms-Id", id)
+            .with_header("Crs-Instance", &self.instance)
             .with_header("Proof", crypto::b64_encode(&crs_proof));
         Ok((
             Enrolled {
@@ -450,6 +451,17 @@ impl Crs {
                 match self.store.delete_user(&name) {
                     Ok(true) => {
                         let mut live = self.live.lock();
+                        // A deleted user who is online is logged out at once.
+                        if let Some((ms, login)) = live.online(&name).map(|o| (o.ms, o.login)) {
+                            live.notify_ms(
+                                ms,
+                                vec![name.clone()],
+                                EventKind::Evicted {
+                                    user: name.clone(),
+                                    login,
+                                },
+                            );
+                        }
                         live.set_offline(&name, None);
                         live.notify(
                             contacts.iter().map(String::as_str),
@@ -457,6 +469,8 @@ impl Crs {
                                 buddy: name.clone(),
                             },
                         );
+                        drop(live);
+                        self.events_ready.notify_all();
                         info!("operator deleted {name}");
                         Message::ok()
                     }

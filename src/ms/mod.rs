@@ -214,19 +214,25 @@ impl Ms {
         let mut ack = 0u64;
         let mut backoff = Duration::from_millis(100);
         let mut link = None;
-        let mut broken = false;
+        // Which CRS (process) knows us, and as which MS.
+        let mut known: Option<(String, u64)> = None;
         while !self.stopping.load(Ordering::Relaxed) {
             let mut l = match link.take() {
                 Some(l) => l,
                 None => match self.crs.connect() {
                     Ok(l) => {
-                        if broken {
-                            info!("re-enrolled with the CRS");
-                            self.crs.clear();
-                            self.reannounce();
-                            broken = false;
+                        let now = (l.crs_instance.clone(), l.ms_id);
+                        if known.as_ref() != Some(&now) {
+                            // A restarted CRS, or one that gave up on us: it
+                            // no longer knows our users, and events start over.
+                            if known.is_some() {
+                                info!("re-enrolled with the CRS");
+                                self.crs.clear();
+                                self.reannounce();
+                            }
+                            known = Some(now);
+                            ack = 0;
                         }
-                        ack = 0;
                         backoff = Duration::from_millis(100);
                         l
                     }
@@ -234,7 +240,6 @@ impl Ms {
                         warn!("CRS unreachable: {e}; retrying in {backoff:?}");
                         std::thread::sleep(backoff);
                         backoff = (backoff * 2).min(Duration::from_secs(5));
-                        broken = true;
                         continue;
                     }
                 },
@@ -262,12 +267,9 @@ impl Ms {
                 },
                 Ok(r) => {
                     warn!("CRS refused the event poll: {}", r.reason().unwrap_or(""));
-                    broken = true;
+                    std::thread::sleep(backoff);
                 }
-                Err(e) => {
-                    warn!("event poll: {e}");
-                    broken = true;
-                }
+                Err(e) => warn!("event poll: {e}"),
             }
         }
     }

@@ -106,9 +106,23 @@ pub fn enroll_ms_transcript(
     )
 }
 
-/// What the CRS proves back at enrollment.
-pub fn enroll_crs_transcript(ms_nonce: &[u8], crs_nonce: &[u8]) -> Vec<u8> {
-    transcript("ims enroll crs v1", &[ms_nonce, crs_nonce])
+/// What the CRS proves back at enrollment, with the id and CRS instance
+/// it answers.
+pub fn enroll_crs_transcript(
+    ms_nonce: &[u8],
+    crs_nonce: &[u8],
+    ms_id: u64,
+    crs_instance: &str,
+) -> Vec<u8> {
+    transcript(
+        "ims enroll crs v1",
+        &[
+            ms_nonce,
+            crs_nonce,
+            &ms_id.to_be_bytes(),
+            crs_instance.as_bytes(),
+        ],
+    )
 }
 
 /// What a buddy request's sender signs.
