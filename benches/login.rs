@@ -713,11 +713,19 @@ fn main() {
     let ms: Vec<Proc> = (0..2)
         .map(|n| {
             let mut cmd = Command::new(&ms_bin);
-            cmd.args(["--listen", "127.0.0.1:0", "--fake-iterations", "1000"])
-                .arg("--crs")
-                .arg(crs.addr.to_string())
-                .arg("--ms-key")
-                .arg(&key);
+            // Every simulated client comes from 127.0.0.1: no per-source limit.
+            cmd.args([
+                "--listen",
+                "127.0.0.1:0",
+                "--fake-iterations",
+                "1000",
+                "--login-rate",
+                "0",
+            ])
+            .arg("--crs")
+            .arg(crs.addr.to_string())
+            .arg("--ms-key")
+            .arg(&key);
             if let Some(w) = &ms_workers {
                 cmd.args(["--workers", w]);
             }
