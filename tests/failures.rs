@@ -460,3 +460,39 @@ fn garbage_half_closes_and_lying_lengths_get_an_error_or_a_close_on_every_listen
         }
     }
 }
+
+#[test]
+fn wrong_passwords_slow_their_source_down() {
+    let c = Cluster::start(1);
+    c.register("gina", PW);
+    let guesser = c.client("gina", "not her password");
+    let mut refusals = Vec::new();
+    for _ in 0..5 {
+        guesser.send("/login gina");
+        refusals.push(guesser.wait_error("login"));
+    }
+    assert!(
+        refusals[..3].iter().all(|r| r.contains("password failure")),
+        "{refusals:?}"
+    );
+    assert!(
+        refusals[3..]
+            .iter()
+            .any(|r| r.contains("too many wrong passwords")),
+        "no delay after repeated wrong passwords: {refusals:?}"
+    );
+    // Once the delay has passed, the right password works from there too.
+    thread::sleep(Duration::from_secs(3));
+    let gina = c.client("gina", PW);
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        gina.send("/login gina");
+        let e = gina.wait_outcome("login");
+        if e["event"] == "logged-in" {
+            break;
+        }
+        assert!(field(&e, "reason").contains("too many"), "{e}");
+        assert!(Instant::now() < end, "never let in again");
+        thread::sleep(Duration::from_secs(1));
+    }
+}
