@@ -11,6 +11,9 @@
 //!    loopback TCP, and seal → TCP → open of 64 KiB records.
 //!
 //! `cargo bench --bench chat`; `IMS_BENCH_QUICK=1` for small sizes (seconds).
+//! Full sizes need the `--bench` argument that `cargo bench` passes (run
+//! the binary by hand with it); without it, as under `cargo test
+//! --all-targets`, the benchmark only runs once with tiny sizes, as a test.
 //! Temporary files go to /dev/shm when it exists (so the disk is not what
 //! is measured), else to the system's temporary directory; `IMS_BENCH_DIR`
 //! overrides; `IMS_BENCH_ONLY=messages|rtt|file` runs one part (profiling).
@@ -45,39 +48,49 @@ struct Sizes {
 }
 
 impl Sizes {
-    fn from_env() -> (Sizes, bool) {
+    /// The sizes for this run and what to call them.
+    fn from_env() -> (Sizes, &'static str) {
         let quick = std::env::var("IMS_BENCH_QUICK").is_ok_and(|v| v == "1");
-        let sizes = if quick {
-            Sizes {
+        let bench = std::env::args().any(|a| a == "--bench");
+        if !bench {
+            let smoke = Sizes {
+                messages: 2_000,
+                round_trips: 200,
+                file_bytes: 4 << 20,
+                baseline_bytes: 16 << 20,
+            };
+            (smoke, " [smoke test: no --bench argument, tiny sizes]")
+        } else if quick {
+            let quick = Sizes {
                 messages: 20_000,
                 round_trips: 2_000,
                 file_bytes: 64 << 20,
                 baseline_bytes: 256 << 20,
-            }
+            };
+            (quick, " [quick]")
         } else {
-            Sizes {
+            let full = Sizes {
                 messages: 200_000,
                 round_trips: 10_000,
                 file_bytes: 1 << 30,
                 baseline_bytes: 1 << 30,
-            }
-        };
-        (sizes, quick)
+            };
+            (full, "")
+        }
     }
 }
 
 fn main() {
     let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error"))
         .try_init();
-    let (sizes, quick) = Sizes::from_env();
+    let (sizes, mode) = Sizes::from_env();
     let base = bench_dir();
     let dir = tempfile::Builder::new()
         .prefix("ims-chat-bench-")
         .tempdir_in(&base)
         .expect("temporary directory");
     println!(
-        "ims chat benchmark{} (temporary files in {})",
-        if quick { " [quick]" } else { "" },
+        "ims chat benchmark{mode} (temporary files in {})",
         base.display()
     );
 
