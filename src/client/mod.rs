@@ -731,6 +731,11 @@ impl Service for Listener {
         }
     }
 
+    /// A transfer's connection carries file frames (PROTOCOL.md §1).
+    fn limits(&self, conn: &PeerConn) -> Option<Limits> {
+        matches!(conn, PeerConn::Receiving(_)).then(|| Limits::DEFAULT.for_files())
+    }
+
     fn close(&self, conn: PeerConn) {
         if let PeerConn::Receiving(r) = conn {
             self.0.close_receiving(*r);
