@@ -67,3 +67,11 @@ pub fn num<T: std::str::FromStr>(m: &Matches, name: &str) -> Result<Option<T>, S
             .map_err(|_| format!("--{name}: '{v}' is not a valid number")),
     }
 }
+
+/// Overrides `slot` with `value` when there is one: a config file's key
+/// over the default, a flag over the file.
+pub fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use getopts::Options;
-use ims::cli::{self, Parsed};
+use ims::cli::{self, set, Parsed};
 use ims::client::ui::{self, Passwords};
 use ims::client::ClientConfig;
 use ims::config::{self, ClientFile};
@@ -125,61 +125,42 @@ fn build_config(m: &getopts::Matches) -> Result<Built, String> {
     let (mut user, mut password_file) = (None, None);
     if let Some(path) = path {
         let f: ClientFile = config::load(&path).map_err(|e| e.to_string())?;
-        if let Some(v) = f.crs {
-            c.crs = v;
-        }
-        if let Some(v) = f.listen {
-            c.listen = v;
-        }
+        set(&mut c.crs, f.crs);
+        set(&mut c.listen, f.listen);
         if f.advertise_port.is_some() {
             c.advertise_port = f.advertise_port;
         }
         if f.crs_fingerprint.is_some() {
             c.crs_fingerprint = f.crs_fingerprint;
         }
-        if let Some(v) = f.kdf_iterations {
-            c.kdf_iterations = v;
-        }
-        if let Some(v) = f.insecure_kdf {
-            c.insecure_kdf = v;
-        }
-        if let Some(v) = f.rsa_bits {
-            c.rsa_bits = v;
-        }
-        if let Some(v) = f.download_dir {
-            c.download_dir = v;
-        }
-        if let Some(v) = f.auto_accept_files {
-            c.auto_accept_files = v;
-        }
-        if let Some(v) = f.keepalive_interval_secs {
-            c.keepalive_interval = config::secs(v);
-        }
+        set(&mut c.kdf_iterations, f.kdf_iterations);
+        set(&mut c.insecure_kdf, f.insecure_kdf);
+        set(&mut c.rsa_bits, f.rsa_bits);
+        set(&mut c.download_dir, f.download_dir);
+        set(&mut c.auto_accept_files, f.auto_accept_files);
+        set(
+            &mut c.keepalive_interval,
+            f.keepalive_interval_secs.map(config::secs),
+        );
         f.pool.apply(&mut c.pool);
         user = f.user;
         password_file = f.password_file;
     }
-    if let Some(v) = m.opt_str("crs") {
-        c.crs = v;
-    }
-    if let Some(v) = m.opt_str("listen") {
-        c.listen = v;
-    }
-    if let Some(v) = cli::num(m, "advertise-port")? {
-        c.advertise_port = Some(v);
-    }
-    if let Some(v) = cli::num(m, "kdf-iterations")? {
-        c.kdf_iterations = v;
-    }
+    set(&mut c.crs, m.opt_str("crs"));
+    set(&mut c.listen, m.opt_str("listen"));
+    set(
+        &mut c.advertise_port,
+        cli::num(m, "advertise-port")?.map(Some),
+    );
+    set(&mut c.kdf_iterations, cli::num(m, "kdf-iterations")?);
     if m.opt_present("insecure-kdf") {
         c.insecure_kdf = true;
     }
-    if let Some(v) = cli::num(m, "rsa-bits")? {
-        c.rsa_bits = v;
-    }
-    if let Some(v) = m.opt_str("download-dir") {
-        c.download_dir = v.into();
-    }
+    set(&mut c.rsa_bits, cli::num(m, "rsa-bits")?);
+    set(
+        &mut c.download_dir,
+        m.opt_str("download-dir").map(Into::into),
+    );
     if m.opt_present("auto-accept-files") {
         c.auto_accept_files = true;
     }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use getopts::Options;
-use ims::cli::{self, Parsed};
+use ims::cli::{self, set, Parsed};
 use ims::config::{self, CrsFile};
 use ims::crs::{self, CrsConfig};
 use ims::link::{CrsLink, Identity};
@@ -91,50 +91,28 @@ fn build_config(m: &getopts::Matches) -> Result<CrsConfig, String> {
     let mut c = CrsConfig::default();
     if let Some(path) = m.opt_str("config") {
         let f: CrsFile = config::load(&PathBuf::from(path)).map_err(|e| e.to_string())?;
-        if let Some(v) = f.listen {
-            c.listen = v;
-        }
-        if let Some(v) = f.data_dir {
-            c.data_dir = v;
-        }
-        if let Some(v) = f.ms_key {
-            c.ms_key_file = v;
-        }
-        if let Some(v) = f.registration_open {
-            c.registration_open = v;
-        }
-        if let Some(v) = f.heartbeat_timeout_secs {
-            c.heartbeat_timeout = config::secs(v);
-        }
-        if let Some(v) = f.lock_lease_secs {
-            c.lock_lease = config::secs(v);
-        }
-        if let Some(v) = f.min_iterations {
-            c.min_iterations = v;
-        }
-        if let Some(v) = f.max_search_results {
-            c.max_search_results = v;
-        }
+        set(&mut c.listen, f.listen);
+        set(&mut c.data_dir, f.data_dir);
+        set(&mut c.ms_key_file, f.ms_key);
+        set(&mut c.registration_open, f.registration_open);
+        set(
+            &mut c.heartbeat_timeout,
+            f.heartbeat_timeout_secs.map(config::secs),
+        );
+        set(&mut c.lock_lease, f.lock_lease_secs.map(config::secs));
+        set(&mut c.min_iterations, f.min_iterations);
+        set(&mut c.max_search_results, f.max_search_results);
         f.pool.apply(&mut c.pool);
     }
-    if let Some(v) = m.opt_str("listen") {
-        c.listen = v;
-    }
-    if let Some(v) = m.opt_str("data") {
-        c.data_dir = v.into();
-    }
-    if let Some(v) = m.opt_str("ms-key") {
-        c.ms_key_file = v.into();
-    }
-    if let Some(v) = cli::num(m, "workers")? {
-        c.pool.workers = v;
-    }
-    if let Some(v) = cli::num::<f64>(m, "message-deadline")? {
-        c.pool.message_deadline = config::secs(v);
-    }
-    if let Some(v) = cli::num(m, "min-iterations")? {
-        c.min_iterations = v;
-    }
+    set(&mut c.listen, m.opt_str("listen"));
+    set(&mut c.data_dir, m.opt_str("data").map(Into::into));
+    set(&mut c.ms_key_file, m.opt_str("ms-key").map(Into::into));
+    set(&mut c.pool.workers, cli::num(m, "workers")?);
+    set(
+        &mut c.pool.message_deadline,
+        cli::num::<f64>(m, "message-deadline")?.map(config::secs),
+    );
+    set(&mut c.min_iterations, cli::num(m, "min-iterations")?);
     if m.opt_present("close-registration") {
         c.registration_open = false;
     }

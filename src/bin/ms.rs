@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use getopts::Options;
-use ims::cli::{self, Parsed};
+use ims::cli::{self, set, Parsed};
 use ims::config::{self, MsFile};
 use ims::ms::{self, MsConfig};
 
@@ -104,73 +104,46 @@ fn build_config(m: &getopts::Matches) -> Result<MsConfig, String> {
     let mut c = MsConfig::default();
     if let Some(path) = m.opt_str("config") {
         let f: MsFile = config::load(&PathBuf::from(path)).map_err(|e| e.to_string())?;
-        if let Some(v) = f.listen {
-            c.listen = v;
-        }
+        set(&mut c.listen, f.listen);
         if f.advertise.is_some() {
             c.advertise = f.advertise;
         }
-        if let Some(v) = f.crs {
-            c.crs = v;
-        }
-        if let Some(v) = f.ms_key {
-            c.ms_key_file = v;
-        }
-        if let Some(v) = f.capacity {
-            c.capacity = v;
-        }
-        if let Some(v) = f.heartbeat_interval_secs {
-            c.heartbeat_interval = config::secs(v);
-        }
-        if let Some(v) = f.push_threads {
-            c.push_threads = v;
-        }
-        if let Some(v) = f.client_timeout_secs {
-            c.client_timeout = config::secs(v);
-        }
-        if let Some(v) = f.login_rate_per_sec {
-            c.login_rate = v;
-        }
-        if let Some(v) = f.login_burst {
-            c.login_burst = v;
-        }
-        if let Some(v) = f.search_rate_per_sec {
-            c.search_rate = v;
-        }
+        set(&mut c.crs, f.crs);
+        set(&mut c.ms_key_file, f.ms_key);
+        set(&mut c.capacity, f.capacity);
+        set(
+            &mut c.heartbeat_interval,
+            f.heartbeat_interval_secs.map(config::secs),
+        );
+        set(&mut c.push_threads, f.push_threads);
+        set(
+            &mut c.client_timeout,
+            f.client_timeout_secs.map(config::secs),
+        );
+        set(&mut c.login_rate, f.login_rate_per_sec);
+        set(&mut c.login_burst, f.login_burst);
+        set(&mut c.search_rate, f.search_rate_per_sec);
         f.pool.apply(&mut c.pool);
     }
-    if let Some(v) = m.opt_str("listen") {
-        c.listen = v;
-    }
-    if let Some(v) = m.opt_str("advertise") {
-        c.advertise = Some(v);
-    }
-    if let Some(v) = m.opt_str("crs") {
-        c.crs = v;
-    }
-    if let Some(v) = m.opt_str("ms-key") {
-        c.ms_key_file = v.into();
-    }
-    if let Some(v) = cli::num(m, "capacity")? {
-        c.capacity = v;
-    }
-    if let Some(v) = cli::num(m, "workers")? {
-        c.pool.workers = v;
-    }
-    if let Some(v) = cli::num::<f64>(m, "heartbeat-interval")? {
-        c.heartbeat_interval = config::secs(v);
-    }
-    if let Some(v) = cli::num::<f64>(m, "message-deadline")? {
-        c.pool.message_deadline = config::secs(v);
-    }
-    if let Some(v) = cli::num(m, "fake-iterations")? {
-        c.fake_iterations = v;
-    }
-    if let Some(v) = cli::num::<f64>(m, "client-timeout")? {
-        c.client_timeout = config::secs(v);
-    }
-    if let Some(v) = cli::num(m, "login-rate")? {
-        c.login_rate = v;
-    }
+    set(&mut c.listen, m.opt_str("listen"));
+    set(&mut c.advertise, m.opt_str("advertise").map(Some));
+    set(&mut c.crs, m.opt_str("crs"));
+    set(&mut c.ms_key_file, m.opt_str("ms-key").map(Into::into));
+    set(&mut c.capacity, cli::num(m, "capacity")?);
+    set(&mut c.pool.workers, cli::num(m, "workers")?);
+    set(
+        &mut c.heartbeat_interval,
+        cli::num::<f64>(m, "heartbeat-interval")?.map(config::secs),
+    );
+    set(
+        &mut c.pool.message_deadline,
+        cli::num::<f64>(m, "message-deadline")?.map(config::secs),
+    );
+    set(&mut c.fake_iterations, cli::num(m, "fake-iterations")?);
+    set(
+        &mut c.client_timeout,
+        cli::num::<f64>(m, "client-timeout")?.map(config::secs),
+    );
+    set(&mut c.login_rate, cli::num(m, "login-rate")?);
     Ok(c)
 }
