@@ -129,6 +129,36 @@ fn drop_request(user: &mut User, from: &str) -> bool {
     user.requests.len() != before
 }
 
+/// How long `open` waits for the database lock: a handle dropped in this
+/// process releases it only when sled's flusher thread has finished.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Whether sled refused to open because another handle holds the lock
+/// (sled reports it as an `Other` I/O error, so its text is all there is).
+fn is_locked(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
+/// Opens the database, waiting briefly for a lock that is being released.
+fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+    let start = std::time::Instant::now();
+    loop {
+        match sled::Config::new().path(dir).open() {
+            Ok(db) => return Ok(db),
+            Err(e) if is_locked(&e) && start.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) if is_locked(&e) => {
+                return Err(StoreError::Backend(format!(
+                    "{} is in use by another process (is a CRS already running?)",
+                    dir.display()
+                )));
+            }
+            Err(e) => return Err(backend(e)),
+        }
+    }
+}
+
 impl SledStore {
     /// Opens (creating if needed) the store in directory `dir`. Fails with
     /// `Backend` if the directory is unusable or already open (sled holds a
@@ -136,7 +166,7 @@ impl SledStore {
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
         // Default (LowSpace) mode: the CRS write rate is low, and durability
         // comes from the explicit flush after each mutation either way.
-        let db = sled::Config::new().path(dir).open().map_err(backend)?;
+        let db = open_db(dir)?;
         let users = db.open_tree("users").map_err(backend)?;
         let outbox = db.open_tree("outbox").map_err(backend)?;
         Ok(SledStore { db, users, outbox })
