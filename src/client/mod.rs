@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 
 use crate::crypto::{self, KdfPolicy};
 use crate::prethread::{self, Outcome, Peer, Server, Service};
-use crate::proto::crs::{EventKind, Hit, Profile};
+use crate::proto::crs::{Contact, EventKind, Hit, Profile};
 use crate::proto::ms::{read_event, MsRequest, PUSH};
 use crate::proto::peer::{INIT, PEER};
 use crate::proto::Fields;
@@ -176,6 +176,8 @@ pub struct Client {
     logging_in: std::sync::atomic::AtomicBool,
     /// Signalled when a login ends (installed or failed).
     session_ready: parking_lot::Condvar,
+    /// Signalled when the buddy list or a buddy's presence changes.
+    buddies_changed: parking_lot::Condvar,
 }
 
 /// The buddy list of a session as shown to people.
@@ -268,6 +270,7 @@ impl Client {
             last_peer: Mutex::new(None),
             logging_in: std::sync::atomic::AtomicBool::new(false),
             session_ready: parking_lot::Condvar::new(),
+            buddies_changed: parking_lot::Condvar::new(),
         }
     }
 
@@ -510,10 +513,15 @@ impl Client {
     /// Accepts `name`'s buddy request.
     pub fn accept(&self, name: &str) -> Result<(), AccountError> {
         let name = account::normalize_name(name)?;
-        self.ms_ok(&MsRequest::Accept(name.clone()))?;
+        let reply = self.ms_ok(&MsRequest::Accept(name.clone()))?;
+        let contact: Option<Contact> = reply.json().ok();
         if let Some(s) = self.session.lock().as_mut() {
             s.requests.remove(&name);
+            if let Some(c) = contact.filter(|c| c.user == name) {
+                s.buddies.insert(c.user, c.online);
+            }
         }
+        self.buddies_changed.notify_all();
         Ok(())
     }
 
@@ -664,6 +672,7 @@ impl Client {
             }
         };
         drop(guard);
+        self.buddies_changed.notify_all();
         self.emit(event);
         Message::ok()
     }

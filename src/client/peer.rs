@@ -31,6 +31,9 @@ use crate::wire::{code, Limits, Message};
 const MAX_CLOCK_SKEW_SECS: u64 = 300;
 /// Bytes of an INIT nonce.
 const NONCE_LEN: usize = 24;
+/// How long an INIT from someone not (yet) an online buddy waits for the
+/// push that would make them one.
+const BUDDY_GRACE: Duration = Duration::from_secs(2);
 /// Longest text message: well under the body limit once sealed.
 pub const MAX_TEXT_BYTES: usize = 64 * 1024;
 
@@ -230,6 +233,28 @@ impl Client {
                 p.public_key.clone(),
             )),
         }
+    }
+
+    /// Waits up to `grace` for `who` to be an online buddy; then as
+    /// [`Client::peer_target`].
+    fn wait_for_buddy(
+        &self,
+        who: &str,
+        grace: Duration,
+    ) -> Result<(String, crypto::RsaPrivateKey, SocketAddr, Vec<u8>), String> {
+        let end = Instant::now() + grace;
+        let mut guard = self.session.lock();
+        loop {
+            let ready = guard
+                .as_ref()
+                .is_some_and(|s| matches!(s.buddies.get(who), Some(Some(_))));
+            if ready || Instant::now() >= end {
+                break;
+            }
+            self.buddies_changed.wait_until(&mut guard, end);
+        }
+        drop(guard);
+        self.peer_target(who)
     }
 
     /// The session with `to`, opening one (INIT) if there is none.
@@ -449,7 +474,12 @@ impl Client {
             Ok(i) => i,
             Err(e) => return e.reply(),
         };
-        let (me, private, address, public) = match self.peer_target(&init.from) {
+        // A new buddy may write before the push that makes them one (or
+        // says they are online) has reached us: give it a moment.
+        let target = self
+            .peer_target(&init.from)
+            .or_else(|_| self.wait_for_buddy(&init.from, BUDDY_GRACE));
+        let (me, private, address, public) = match target {
             Ok(t) => t,
             Err(reason) => {
                 warn!("INIT from {} refused: {reason}", init.from);

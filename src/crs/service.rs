@@ -652,7 +652,7 @@ impl Crs {
             [user],
             &EventKind::BuddyAdded {
                 buddy: from.to_owned(),
-                online: from_p,
+                online: from_p.clone(),
             },
         );
         live.notify(
@@ -664,7 +664,12 @@ impl Crs {
         );
         drop(live);
         self.events_ready.notify_all();
-        Message::ok()
+        // The new buddy, so the accepting client can talk at once, without
+        // waiting for its own push.
+        pc::json_reply(&Contact {
+            user: from.to_owned(),
+            online: from_p,
+        })
     }
 
     fn deny(&self, user: &str, from: &str) -> Message {
