@@ -44,6 +44,27 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
+/// A running `scripts/run-cluster`: on drop (also when a test panics) it
+/// gets SIGTERM, which makes it stop everything it started.
+struct Script(std::process::Child);
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            Command::new("kill")
+                .args(["-TERM", &self.0.id().to_string()])
+                .status()
+                .ok();
+            let end = Instant::now() + Duration::from_secs(15);
+            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < end {
+                thread::sleep(Duration::from_millis(100));
+            }
+            self.0.kill().ok();
+            self.0.wait().ok();
+        }
+    }
+}
+
 /// `scripts/run-cluster` with the test's binaries, state directory and ports.
 fn run_cluster(run_dir: &Path, ports: &[u16]) -> Command {
     let mut cmd = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/run-cluster"));
@@ -64,14 +85,16 @@ fn run_cluster_chats_and_stops_cleanly() {
     let env = TestEnv::new();
     let run_dir = env.path().join("run");
     let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
-    let mut cluster = run_cluster(&run_dir, &ports)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start scripts/run-cluster");
+    let mut cluster = Script(
+        run_cluster(&run_dir, &ports)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start scripts/run-cluster"),
+    );
     // Its output, line by line, until it says how to open the clients.
     let (tx, rx) = mpsc::channel();
-    let out = cluster.stdout.take().unwrap();
+    let out = cluster.0.stdout.take().unwrap();
     thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
@@ -84,10 +107,7 @@ fn run_cluster_chats_and_stops_cleanly() {
     while !seen.iter().any(|l: &String| l.contains("ims-client -c")) {
         match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
             Ok(line) => seen.push(line),
-            Err(_) => {
-                cluster.kill().ok();
-                panic!("run-cluster never became ready:\n{}", seen.join("\n"));
-            }
+            Err(_) => panic!("run-cluster never became ready:\n{}", seen.join("\n")),
         }
     }
     for name in ["[crs]", "[ms1]", "[ms2]"] {
@@ -124,19 +144,19 @@ fn run_cluster_chats_and_stops_cleanly() {
 
     // Ctrl-C.
     let status = Command::new("kill")
-        .args(["-INT", &cluster.id().to_string()])
+        .args(["-INT", &cluster.0.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
     let end = Instant::now() + Duration::from_secs(30);
     let exit = loop {
-        if let Some(s) = cluster.try_wait().unwrap() {
+        if let Some(s) = cluster.0.try_wait().unwrap() {
             break s;
         }
-        if Instant::now() > end {
-            cluster.kill().ok();
-            panic!("run-cluster did not stop within 30 s of SIGINT");
-        }
+        assert!(
+            Instant::now() < end,
+            "run-cluster did not stop within 30 s of SIGINT"
+        );
         thread::sleep(Duration::from_millis(100));
     };
     assert!(exit.success(), "run-cluster exited with {exit}");
@@ -147,13 +167,15 @@ fn run_cluster_chats_and_stops_cleanly() {
     }
 
     // A second run keeps the users of the first.
-    let mut again = run_cluster(&run_dir, &ports)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut again = Script(
+        run_cluster(&run_dir, &ports)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let (tx, rx) = mpsc::channel();
-    let out = BufReader::new(again.stdout.take().unwrap());
+    let out = BufReader::new(again.0.stdout.take().unwrap());
     // Keep reading to the end: a closed pipe would kill the script.
     thread::spawn(move || {
         for line in out.lines().map_while(Result::ok) {
@@ -168,10 +190,10 @@ fn run_cluster_chats_and_stops_cleanly() {
         }
     }
     Command::new("kill")
-        .args(["-TERM", &again.id().to_string()])
+        .args(["-TERM", &again.0.id().to_string()])
         .status()
         .unwrap();
-    assert!(again.wait().unwrap().success());
+    assert!(again.0.wait().unwrap().success());
     assert!(exists, "the second run did not find alice");
 
     // A taken port is named, and nothing starts.
