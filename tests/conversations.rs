@@ -27,14 +27,6 @@ fn login_with(c: &Cluster, user: &str, args: &[&str]) -> Client {
     cl
 }
 
-fn befriend(a: &Client, an: &str, b: &Client, bn: &str) {
-    a.send(&format!("/add {bn}"));
-    b.wait_event("request", |e| e["from"] == an);
-    b.send(&format!("/accept {an}"));
-    a.wait_event("buddy-added", |e| e["user"] == bn && e["online"] == true);
-    b.wait_event("buddy-added", |e| e["user"] == an && e["online"] == true);
-}
-
 fn count(c: &Client, pred: impl Fn(&Value) -> bool) -> usize {
     c.events().iter().filter(|e| pred(e)).count()
 }
@@ -60,29 +52,6 @@ fn wait_count(
             matching.len()
         );
         thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The address a client's listener is bound to, from its log.
-fn listen_addr(c: &Client) -> SocketAddr {
-    let end = Instant::now() + WAIT;
-    loop {
-        if let Some(line) = c
-            .log_text()
-            .lines()
-            .find(|l| l.contains("client listening on "))
-        {
-            let addr = line.rsplit(' ').next().unwrap_or_default();
-            return addr
-                .parse()
-                .unwrap_or_else(|_| panic!("bad address in {line:?}"));
-        }
-        assert!(
-            Instant::now() < end,
-            "client {} never logged its address",
-            c.label
-        );
-        thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -278,7 +247,7 @@ fn the_wire_shows_no_plaintext_and_replays_and_forgeries_fail() {
             dl.to_str().unwrap(),
         ],
     );
-    let bob_addr = listen_addr(&bob);
+    let bob_addr = bob.listen_addr();
     *target.lock().unwrap() = Some(bob_addr);
     let alice = c.login("alice", PW);
     befriend(&alice, "alice", &bob, "bob");

@@ -40,14 +40,6 @@ fn cluster_with(n_ms: usize, crs_config: &str, ms_args: &[&str]) -> Cluster {
     Cluster { env, crs, ms }
 }
 
-fn befriend(a: &Client, an: &str, b: &Client, bn: &str) {
-    a.send(&format!("/add {bn}"));
-    b.wait_event("request", |e| e["from"] == an);
-    b.send(&format!("/accept {an}"));
-    a.wait_event("buddy-added", |e| e["user"] == bn && e["online"] == true);
-    b.wait_event("buddy-added", |e| e["user"] == an && e["online"] == true);
-}
-
 #[test]
 fn a_killed_client_goes_offline_and_its_user_logs_in_again_at_once() {
     let c = cluster_with(1, "", &["--client-timeout", "2"]);
@@ -361,15 +353,7 @@ fn slow_peers_cannot_starve_any_listener() {
     );
     alice.send("/login alice");
     alice.wait_event("logged-in", |_| true);
-    let alice_addr = {
-        let line = alice
-            .log_text()
-            .lines()
-            .find(|l| l.contains("client listening on "))
-            .map(str::to_owned)
-            .unwrap();
-        line.rsplit(' ').next().unwrap().parse().unwrap()
-    };
+    let alice_addr = alice.listen_addr();
     let bound = Duration::from_secs(8);
     let crs_took = {
         let _attack = slowloris(c.crs.addr, 12, 8);
@@ -402,14 +386,7 @@ fn garbage_half_closes_and_lying_lengths_get_an_error_or_a_close_on_every_listen
     let c = Cluster::start(1);
     c.register("alice", PW);
     let alice = c.login("alice", PW);
-    let alice_addr: std::net::SocketAddr = alice
-        .log_text()
-        .lines()
-        .find(|l| l.contains("client listening on "))
-        .and_then(|l| l.rsplit(' ').next().map(str::to_owned))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let alice_addr = alice.listen_addr();
     let abuse: Vec<Vec<u8>> = vec![
         b"\x00\x01\x02\xff garbage\r\n\r\n".to_vec(),
         b"LOCATE\r\nContent-Length: 99999999999999\r\n\r\n".to_vec(),

@@ -3,13 +3,12 @@
 //! registering with the CRS (PROTOCOL.md §4).
 
 use std::fmt;
-use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::crypto::{self, scram, KdfParams, KdfPolicy, RsaPrivateKey, RsaPublicKey};
 use crate::proto::crs::{ClientRequest, Profile, Registration, Verifier, REGISTER_AAD};
-use crate::wire::io::{write_message, IoError, MessageReader};
-use crate::wire::{Limits, Message};
+use crate::wire::io::IoError;
+use crate::wire::Message;
 
 /// Fewest characters of a password.
 pub const MIN_PASSWORD_LEN: usize = 8;
@@ -114,20 +113,7 @@ pub fn normalize_name(name: &str) -> Result<String, AccountError> {
 
 /// One request to a server and its reply, on a fresh connection.
 pub fn exchange(addr: &str, m: &Message, timeout: Duration) -> Result<Message, IoError> {
-    let stream = crate::client::connect(addr, timeout)?;
-    exchange_on(stream, m, timeout)
-}
-
-/// One request and its reply on `stream`.
-pub fn exchange_on(
-    mut stream: TcpStream,
-    m: &Message,
-    timeout: Duration,
-) -> Result<Message, IoError> {
-    write_message(&mut stream, m, Instant::now() + timeout)?;
-    MessageReader::new(stream)
-        .read_message(&Limits::DEFAULT, Instant::now() + timeout)?
-        .ok_or(IoError::Wire(crate::wire::Error::EofInHeaders))
+    crate::client::Conn::new(crate::client::connect(addr, timeout)?, timeout).call(m)
 }
 
 /// Everything `register` needs.

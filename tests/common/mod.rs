@@ -597,6 +597,29 @@ impl Client {
         self.proc.log_text()
     }
 
+    /// The address its listener is bound to, from its log.
+    pub fn listen_addr(&self) -> SocketAddr {
+        let end = Instant::now() + WAIT;
+        loop {
+            if let Some(line) = self
+                .log_text()
+                .lines()
+                .find(|l| l.contains("client listening on "))
+            {
+                let addr = line.rsplit(' ').next().unwrap_or_default();
+                return addr
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad address in {line:?}"));
+            }
+            assert!(
+                Instant::now() < end,
+                "client {} never logged its address",
+                self.label
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Sends one command line.
     pub fn send(&self, line: &str) {
         let mut g = self.stdin.lock().unwrap();
@@ -700,6 +723,16 @@ impl Client {
     pub fn kill9(&mut self) {
         self.proc.kill9();
     }
+}
+
+/// Makes `a` and `b` (both logged in) buddies: `a` asks, `b` accepts, and
+/// each sees the other added and online.
+pub fn befriend(a: &Client, an: &str, b: &Client, bn: &str) {
+    a.send(&format!("/add {bn}"));
+    b.wait_event("request", |e| e["from"] == an);
+    b.send(&format!("/accept {an}"));
+    a.wait_event("buddy-added", |e| e["user"] == bn && e["online"] == true);
+    b.wait_event("buddy-added", |e| e["user"] == an && e["online"] == true);
 }
 
 /// The event's `user` (or another string field).
