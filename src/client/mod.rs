@@ -1,6 +1,6 @@
 //! The client: registration, login, buddies and presence, and the
 //! pre-threaded listener that takes its MS's pushes (and, later, peers).
-//! [`ui`] puts a line-based terminal or JSON interface on top.
+//! [`ui`] puts a full-screen, a line-based or a JSON interface on top.
 
 pub mod account;
 pub mod events;
@@ -316,6 +316,11 @@ impl Client {
         self.session.lock().as_ref().map(|s| s.user.clone())
     }
 
+    /// The address of our MS, if logged in.
+    pub fn ms_addr(&self) -> Option<String> {
+        self.session.lock().as_ref().map(|s| s.ms.clone())
+    }
+
     /// Creates an account.
     pub fn register(
         &self,
@@ -559,13 +564,26 @@ impl Client {
         Ok(profile)
     }
 
-    /// Changes the password: a new verifier, our key re-wrapped.
-    pub fn passwd(&self, new_password: &str) -> Result<(), AccountError> {
-        let req = {
+    /// Changes the password, given the current one: a new verifier, our
+    /// key re-wrapped.
+    pub fn passwd(&self, current: &str, new_password: &str) -> Result<(), AccountError> {
+        let (req, check) = {
             let guard = self.session.lock();
             let s = guard.as_ref().ok_or_else(|| {
                 AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into())
             })?;
+            if !s.is_current_password(current, self.config.policy())? {
+                return Err(AccountError::Refused(
+                    code::AUTH_FAILED,
+                    "the current password is wrong".into(),
+                ));
+            }
+            if current == new_password {
+                return Err(AccountError::Refused(
+                    code::BAD_REQUEST,
+                    "the new password is the current one".into(),
+                ));
+            }
             s.rewrap(
                 new_password,
                 self.config.kdf_iterations,
@@ -573,6 +591,9 @@ impl Client {
             )?
         };
         self.ms_ok(&req)?;
+        if let Some(s) = self.session.lock().as_mut() {
+            s.password_changed(check);
+        }
         Ok(())
     }
 

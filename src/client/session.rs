@@ -10,7 +10,7 @@ use crate::proto::crs::{BuddyRequest, ClientRequest, Presence, Profile, Welcome,
 use crate::proto::ms::{Challenge, MsRequest};
 use crate::proto::{self, Fields};
 use crate::seal::{Opener, Role, Sealer, SessionKeys};
-use crate::wire::{code, Message};
+use crate::wire::Message;
 
 /// Bytes of our login nonce.
 const NONCE_LEN: usize = 24;
@@ -40,7 +40,14 @@ pub struct Session {
     pub requests: BTreeMap<String, BuddyRequest>,
     /// Our profile.
     pub profile: Profile,
+    /// The salt and iterations of the password this login used, and its
+    /// StoredKey: a password change first checks the current password
+    /// against them, without asking the servers.
+    password_check: PasswordCheck,
 }
+
+/// A password's salt and iterations and its StoredKey.
+pub type PasswordCheck = (KdfParams, [u8; 32]);
 
 /// Everything a login needs.
 pub struct Credentials<'a> {
@@ -121,8 +128,9 @@ impl Session {
         let expected = scram::server_signature(&keys.scram.server_key, &auth);
         let signature = reply.req_b64("Server-Signature").unwrap_or_default();
         if !crypto::ct_eq(&expected, &signature) {
+            // Not code::AUTH_FAILED: that one means a wrong name or password.
             return Err(AccountError::Refused(
-                code::AUTH_FAILED,
+                0,
                 "the messaging server failed to prove itself".into(),
             ));
         }
@@ -173,6 +181,7 @@ impl Session {
                 .collect(),
             requests,
             profile: welcome.profile,
+            password_check: (params, keys.scram.stored_key),
         })
     }
 
@@ -193,13 +202,29 @@ impl Session {
             .map_err(|e| AccountError::Refused(0, format!("unreadable reply: {e}")))
     }
 
+    /// The password is now the one `check` was made from.
+    pub fn password_changed(&mut self, check: PasswordCheck) {
+        self.password_check = check;
+    }
+
+    /// Whether `password` is the one this login was made with.
+    pub fn is_current_password(
+        &self,
+        password: &str,
+        policy: KdfPolicy,
+    ) -> Result<bool, AccountError> {
+        let (params, stored) = &self.password_check;
+        let keys = PasswordKeys::derive(password, params, policy)?;
+        Ok(crypto::ct_eq(&keys.scram.stored_key, stored))
+    }
+
     /// A new verifier and our private key re-wrapped for `password`.
     pub fn rewrap(
         &self,
         password: &str,
         iterations: u32,
         policy: KdfPolicy,
-    ) -> Result<MsRequest, AccountError> {
+    ) -> Result<(MsRequest, PasswordCheck), AccountError> {
         if password.chars().count() < account::MIN_PASSWORD_LEN {
             return Err(AccountError::WeakPassword);
         }
@@ -210,10 +235,11 @@ impl Session {
             &self.private_key.to_der()?,
             &wrap_aad(&self.user),
         )?;
-        Ok(MsRequest::Passwd {
+        let request = MsRequest::Passwd {
             verifier: keys.verifier(&params),
             wrapped_key,
-        })
+        };
+        Ok((request, (params, keys.scram.stored_key)))
     }
 
     /// A signed buddy request for `to`.

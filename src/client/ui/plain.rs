@@ -1,0 +1,120 @@
+//! Line mode (`--plain`, `--json`, or whenever stdin or stdout is not a
+//! terminal): commands are stdin lines, and each event is printed whole,
+//! ending with a newline, by one printer thread in the order the events
+//! happened. Nothing is drawn over anything else; logs go to stderr or to
+//! the log file, never between the parts of a line on stdout.
+
+use std::collections::HashMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::Receiver;
+
+use super::{needs_secret, prompt_twice, Commands, Passwords, Secret};
+use crate::client::events::Event;
+
+/// Percent steps between progress lines in text mode: a line every 250 ms
+/// would bury the conversation (JSON gets every event).
+const PROGRESS_STEP: u64 = 10;
+
+/// Runs line mode until `/quit` or end of input: the exit code, and the
+/// printer, which ends once every sender of events is gone.
+pub fn run(
+    commands: Commands,
+    rx: Receiver<Event>,
+    json: bool,
+    login: Option<String>,
+    passwords: Passwords,
+) -> (i32, JoinHandle<()>) {
+    let stdin = std::io::stdin();
+    let interactive = stdin.is_terminal();
+    if interactive && !json {
+        // Printed before anything else, so no prompt shares its line.
+        println!("type /help for commands");
+    }
+    let printer = std::thread::spawn(move || print_events(rx, json));
+    if let Some(user) = login {
+        let password = passwords.get(&format!("password for {user}: "), false);
+        if !commands.login(&user, password) {
+            // A script must be able to tell that it is not logged in.
+            return (1, printer);
+        }
+    }
+    let mut input = stdin.lock().lines();
+    while let Some(Ok(line)) = input.next() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line == "/quit" {
+            break;
+        }
+        match needs_secret(line) {
+            Some(Secret::Login(user)) => {
+                let password = passwords.get(&format!("password for {user}: "), false);
+                commands.login(&user, password);
+            }
+            Some(Secret::Passwd) if interactive => {
+                let current = rpassword::prompt_password("current password: ")
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| prompt_twice("new password: ", true).map(|n| (c, n)));
+                match current {
+                    Ok((current, new)) => commands.passwd(&current, &new),
+                    Err(e) => commands.error("passwd", e),
+                }
+            }
+            Some(Secret::Passwd) => {
+                // Scripts give the current password and the new one on
+                // the next two lines.
+                let mut next = || input.next().and_then(Result::ok).unwrap_or_default();
+                let current = next();
+                let new = next();
+                commands.passwd(&current, &new);
+            }
+            None => {
+                commands.command(line, None);
+            }
+        }
+    }
+    if commands.client.is_logged_in() {
+        commands.client.logout();
+    }
+    (0, printer)
+}
+
+/// Prints each event whole with its newline, flushing after each.
+fn print_events(rx: Receiver<Event>, json: bool) {
+    let stdout = std::io::stdout();
+    // Per transfer, the last percent step printed.
+    let mut steps: HashMap<(String, u64, String), u64> = HashMap::new();
+    for e in rx {
+        if !json {
+            if let Event::FileProgress {
+                peer,
+                id,
+                direction,
+                bytes,
+                size,
+                ..
+            } = &e
+            {
+                let pct = if *size == 0 {
+                    100
+                } else {
+                    bytes.saturating_mul(100) / size
+                };
+                let step = pct / PROGRESS_STEP;
+                let key = (peer.clone(), *id, direction.clone());
+                if steps.get(&key) == Some(&step) {
+                    continue;
+                }
+                steps.insert(key, step);
+            }
+        }
+        let line = if json { e.to_json() } else { e.to_text() };
+        let mut out = stdout.lock();
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            return;
+        }
+    }
+}
