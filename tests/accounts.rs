@@ -306,7 +306,9 @@ fn password_change_and_profile_search() {
     frank.send("/passwd");
     frank.send("not the password");
     frank.send("brand new password");
-    assert!(frank.wait_error("passwd").contains("current password is wrong"));
+    assert!(frank
+        .wait_error("passwd")
+        .contains("current password is wrong"));
     frank.send("/passwd");
     frank.send(PW);
     frank.send("brand new password");

@@ -65,6 +65,8 @@ impl History {
                 log::debug!("history {}: {e}", path.display());
             }
         }
+        // What was typed before the login (the /login itself) stays newest.
+        entries.append(&mut self.entries);
         self.entries = entries;
         self.file = Some(path);
         self.cursor = None;
