@@ -442,7 +442,14 @@ impl Client {
             return 0;
         }
         let lost = match self.ms_call(&MsRequest::Ping) {
-            Ok(_) => return 0,
+            Ok(_) => {
+                if failures > 0 {
+                    self.emit(Event::Notice {
+                        text: "the messaging server answers again".into(),
+                    });
+                }
+                return 0;
+            }
             Err(AccountError::Refused(code::FORBIDDEN, _)) => {
                 "the messaging server no longer knows this login"
             }
@@ -452,6 +459,12 @@ impl Client {
             }
             Err(e) => {
                 warn!("keepalive: {e}");
+                if failures == 0 {
+                    // The log has the details; people get one line.
+                    self.emit(Event::Notice {
+                        text: "lost contact with the messaging server; retrying...".into(),
+                    });
+                }
                 return failures + 1;
             }
         };

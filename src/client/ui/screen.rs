@@ -108,6 +108,9 @@ struct Window {
     spoken: bool,
     /// Rows scrolled back from the bottom.
     scroll: usize,
+    /// The first line that arrived while the window was not in view: a
+    /// marker row goes above it until the window is left again.
+    first_unread: Option<usize>,
 }
 
 impl Window {
@@ -118,6 +121,7 @@ impl Window {
             unread: 0,
             spoken: false,
             scroll: 0,
+            first_unread: None,
         }
     }
 
@@ -455,8 +459,12 @@ impl Screen {
         if win.lines.len() > MAX_LINES {
             let extra = win.lines.len() - MAX_LINES;
             win.lines.drain(..extra);
+            win.first_unread = win.first_unread.and_then(|i| i.checked_sub(extra));
         }
         if w != active {
+            if win.unread == 0 {
+                win.first_unread = Some(win.lines.len() - 1);
+            }
             win.unread += 1;
             win.spoken |= spoken;
         } else if win.scroll > 0 {
@@ -725,6 +733,13 @@ impl Screen {
     }
 
     fn switch_to(&mut self, i: usize) {
+        if i == self.active || i >= self.windows.len() {
+            return;
+        }
+        // The window left has been read: its marker goes.
+        if let Some(w) = self.windows.get_mut(self.active) {
+            w.first_unread = None;
+        }
         if let Some(w) = self.windows.get_mut(i) {
             w.unread = 0;
             w.spoken = false;
@@ -935,10 +950,17 @@ impl Screen {
         // Rows from the bottom up, as far as the view needs.
         let want = height + w.scroll;
         let mut rows: Vec<Vec<(String, Style)>> = Vec::new();
-        for l in w.lines.iter().rev() {
+        for (i, l) in w.lines.iter().enumerate().rev() {
             let mut wrapped = wrap(&self.styled(l), width);
             wrapped.reverse();
             rows.extend(wrapped);
+            if w.first_unread == Some(i) {
+                let rule = "-".repeat(width.saturating_sub(STAMP_WIDTH + 6).min(40));
+                rows.push(vec![(
+                    format!("{}{rule} new", " ".repeat(STAMP_WIDTH)),
+                    self.palette.fg(Color::Magenta),
+                )]);
+            }
             if rows.len() >= want {
                 break;
             }
