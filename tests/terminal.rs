@@ -47,6 +47,25 @@ impl Pane {
     /// Runs `ims-client ARGS` full screen in a `width`x`height` pane, with
     /// its state directory and log in the cluster's directory.
     fn client(c: &Cluster, label: &str, args: &[&str], width: u16, height: u16) -> Pane {
+        Pane::client_env(
+            c,
+            label,
+            args,
+            width,
+            height,
+            &[&format!("IMS_PASSWORD={PW}")],
+        )
+    }
+
+    /// [`Pane::client`] with `env` (`NAME=VALUE`) instead of the password.
+    fn client_env(
+        c: &Cluster,
+        label: &str,
+        args: &[&str],
+        width: u16,
+        height: u16,
+        env: &[&str],
+    ) -> Pane {
         tmux_version();
         let dir = c.env.path();
         let socket = dir.join(format!("tmux-{label}"));
@@ -54,9 +73,9 @@ impl Pane {
         let state = dir.join(format!("state-{label}"));
         let downloads = dir.join(format!("downloads-{label}"));
         std::fs::create_dir_all(&downloads).unwrap();
-        let mut cmd = vec![
-            "env".to_owned(),
-            format!("IMS_PASSWORD={PW}"),
+        let mut cmd = vec!["env".to_owned()];
+        cmd.extend(env.iter().map(|e| e.to_string()));
+        cmd.extend([
             format!("XDG_STATE_HOME={}", state.display()),
             format!("XDG_CONFIG_HOME={}", dir.join("xdg").display()),
             format!("HOME={}", dir.display()),
@@ -74,7 +93,7 @@ impl Pane {
             downloads.display().to_string(),
             "--log-file".to_owned(),
             log.display().to_string(),
-        ];
+        ]);
         cmd.extend(args.iter().map(|a| a.to_string()));
         // After the client exits, the pane stays for a last look.
         let line = format!(
@@ -824,4 +843,192 @@ fn history_keeps_commands_per_account() {
     again.wait_text("[main] /buddies");
     again.key("Up");
     again.wait_text("[main] /msg bob");
+}
+
+/// SGR colour parameters (30-37, 38, 40-47, 48, 90-97, 100-107) in text
+/// captured with its attributes (`capture-pane -e`).
+fn colours_in(captured: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for part in captured.split("\u{1b}[").skip(1) {
+        let Some(end) = part.find('m') else { continue };
+        let params = &part[..end];
+        if !params.chars().all(|c| c.is_ascii_digit() || c == ';') {
+            continue;
+        }
+        for p in params.split(';') {
+            if let Ok(n) = p.parse::<u32>() {
+                if matches!(n, 30..=38 | 40..=48 | 90..=97 | 100..=107) {
+                    found.push(params.to_owned());
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Tab completes commands, names and paths; `/passwd` asks at the input
+/// line for the current password and the new one twice, showing none of
+/// them; `NO_COLOR` leaves attributes only.
+#[test]
+fn completion_passwd_and_no_color() {
+    let c = Cluster::start(1);
+    c.register("alice", PW);
+    c.register("bob", PW);
+    let bob = c.login("bob", PW);
+    let alice = Pane::client_env(&c, "alice", &[], 100, 30, &["NO_COLOR=1"]);
+    alice.wait_text("ims: type /help");
+    // No password given: it is asked at the input line, shown as stars.
+    alice.line("/login alice");
+    alice.wait_text("password for alice:");
+    alice.type_text(PW);
+    alice.wait_text(&format!("password for alice: {}", "*".repeat(PW.len())));
+    alice.key("Enter");
+    alice.wait_text("logged in as alice");
+    alice.line("/add bob");
+    bob.wait_event("request", |e| e["from"] == "alice");
+    bob.send("/accept alice");
+    alice.wait_text("bob is now your buddy (online)");
+
+    alice.type_text("/que");
+    alice.key("Tab");
+    alice.wait_text("[main] /query");
+    alice.type_text("b");
+    alice.key("Tab");
+    alice.wait_text("[main] /query bob");
+    alice.key("Enter");
+    alice.wait("bob's window", WAIT, |s| {
+        s.last().is_some_and(|l| l.starts_with("[bob]"))
+    });
+    let dir = c.env.path().join("files");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("quarterly-report.pdf"), b"numbers").unwrap();
+    alice.type_text(&format!("/send bob {}/quar", dir.display()));
+    alice.key("Tab");
+    alice.wait_text("quarterly-report.pdf");
+    alice.key("C-u");
+    alice.wait("an empty input line", WAIT, |s| {
+        s.last().is_some_and(|l| l == "[bob]")
+    });
+
+    // The current password is checked; nothing typed shows.
+    let new = "a brand new password";
+    alice.line("/passwd");
+    alice.wait_text("current password:");
+    alice.line("wrong password");
+    alice.wait_text("new password:");
+    alice.line(new);
+    alice.wait_text("new password again:");
+    alice.line(new);
+    alice.wait_text("error (passwd): the current password is wrong");
+    alice.line("/passwd");
+    alice.wait_text("current password:");
+    alice.line(PW);
+    alice.wait_text("new password:");
+    alice.line(new);
+    alice.wait_text("new password again:");
+    alice.line(new);
+    let s = alice.wait_text("ok (passwd)");
+    let all = s.join("\n");
+    assert!(!all.contains(PW) && !all.contains(new), "{all}");
+
+    // Attributes only under NO_COLOR.
+    let captured = alice.tmux(&["capture-pane", "-p", "-e", "-t", "t"]);
+    assert!(captured.contains("\u{1b}["), "no attributes at all?");
+    assert_eq!(colours_in(&captured), Vec::<String>::new(), "{captured:?}");
+
+    // The new password is the one that works.
+    alice.line("/quit");
+    alice.wait_text("CLIENT-EXITED 0");
+    drop(bob);
+    let again = c.client("alice-again", new);
+    again.send("/login alice");
+    again.wait_event("logged-in", |e| e["user"] == "alice");
+}
+
+/// With colours (no `NO_COLOR`), there are some: the check above can fail.
+#[test]
+fn colours_without_no_color() {
+    let c = Cluster::start(1);
+    c.register("alice", PW);
+    let alice = Pane::client(&c, "alice", &["--user", "alice"], 100, 20);
+    alice.wait_text("logged in as alice");
+    alice.line("/nosuchcommand");
+    alice.wait_text("error (nosuchcommand)");
+    let captured = alice.tmux(&["capture-pane", "-p", "-e", "-t", "t"]);
+    assert!(!colours_in(&captured).is_empty(), "{captured:?}");
+}
+
+/// Line mode on a terminal: the hint, then the password prompt on a line
+/// of its own, then every event on its own line.
+#[test]
+fn plain_mode_on_a_terminal() {
+    let c = Cluster::start(1);
+    c.register("alice", PW);
+    let alice = Pane::client_env(&c, "alice", &["--plain", "--user", "alice"], 100, 20, &[]);
+    let s = alice.wait_text("password for alice:");
+    assert!(
+        s.iter().any(|l| l == "type /help for commands"),
+        "{}",
+        s.join("\n")
+    );
+    alice.line(PW);
+    alice.wait_text("logged in as alice");
+    alice.line("/profile set motto carpe diem");
+    alice.wait_text("  motto: carpe diem");
+    alice.line("/quit");
+    let s = alice.wait_text("CLIENT-EXITED 0");
+    let at = s.iter().position(|l| l == "logged in as alice").unwrap();
+    let rest: Vec<&str> = s[at..]
+        .iter()
+        .map(String::as_str)
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(
+        rest,
+        [
+            "logged in as alice",
+            "no buddies yet; find people with /search and /add",
+            "/profile set motto carpe diem",
+            "profile:",
+            "  motto: carpe diem",
+            "/quit",
+            "alice logged out",
+            "CLIENT-EXITED 0",
+        ],
+        "{}",
+        s.join("\n")
+    );
+}
+
+/// A cancelled transfer is reported once on each side.
+#[test]
+fn a_cancel_is_reported_once() {
+    let c = Cluster::start(1);
+    c.register("alice", PW);
+    c.register("bob", PW);
+    let alice = c.login("alice", PW);
+    let bob = c.login("bob", PW);
+    common::befriend(&alice, "alice", &bob, "bob");
+    let big = c.env.path().join("big.bin");
+    File::create(&big)
+        .and_then(|f| f.set_len(200 * 1024 * 1024))
+        .unwrap();
+    alice.send(&format!("/send bob {}", big.display()));
+    bob.wait_event("file-offer", |e| e["from"] == "alice");
+    bob.send("/accept alice");
+    bob.wait_event("file-progress", |e| e["direction"] == "receive");
+    alice.send("/cancel bob");
+    alice.wait_ok("cancel");
+    alice.wait_event("file-failed", |_| true);
+    bob.wait_event("file-failed", |_| true);
+    // Anything doubled would follow at once; give it a moment to show.
+    thread::sleep(Duration::from_secs(2));
+    let failed = |cl: &common::Client| {
+        cl.events()
+            .iter()
+            .filter(|e| e["event"] == "file-failed")
+            .count()
+    };
+    assert_eq!(failed(&alice), 1, "{:#?}", alice.events());
+    assert_eq!(failed(&bob), 1, "{:#?}", bob.events());
 }
