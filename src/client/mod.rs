@@ -580,17 +580,23 @@ impl Client {
     /// Changes the password, given the current one: a new verifier, our
     /// key re-wrapped.
     pub fn passwd(&self, current: &str, new_password: &str) -> Result<(), AccountError> {
+        let not_logged_in =
+            || AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into());
+        let current_check = self
+            .session
+            .lock()
+            .as_ref()
+            .map(Session::password_check)
+            .ok_or_else(not_logged_in)?;
+        if !session::is_password(&current_check, current, self.config.policy())? {
+            return Err(AccountError::Refused(
+                code::AUTH_FAILED,
+                "the current password is wrong".into(),
+            ));
+        }
         let (req, check) = {
             let guard = self.session.lock();
-            let s = guard.as_ref().ok_or_else(|| {
-                AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into())
-            })?;
-            if !s.is_current_password(current, self.config.policy())? {
-                return Err(AccountError::Refused(
-                    code::AUTH_FAILED,
-                    "the current password is wrong".into(),
-                ));
-            }
+            let s = guard.as_ref().ok_or_else(not_logged_in)?;
             if current == new_password {
                 return Err(AccountError::Refused(
                     code::BAD_REQUEST,

@@ -49,6 +49,18 @@ pub struct Session {
 /// A password's salt and iterations and its StoredKey.
 pub type PasswordCheck = (KdfParams, [u8; 32]);
 
+/// Whether `password` is the one `check` was made from (a PBKDF2
+/// derivation: done outside any lock).
+pub fn is_password(
+    check: &PasswordCheck,
+    password: &str,
+    policy: KdfPolicy,
+) -> Result<bool, AccountError> {
+    let (params, stored) = check;
+    let keys = PasswordKeys::derive(password, params, policy)?;
+    Ok(crypto::ct_eq(&keys.scram.stored_key, stored))
+}
+
 /// Everything a login needs.
 pub struct Credentials<'a> {
     /// The CRS's address.
@@ -207,15 +219,10 @@ impl Session {
         self.password_check = check;
     }
 
-    /// Whether `password` is the one this login was made with.
-    pub fn is_current_password(
-        &self,
-        password: &str,
-        policy: KdfPolicy,
-    ) -> Result<bool, AccountError> {
-        let (params, stored) = &self.password_check;
-        let keys = PasswordKeys::derive(password, params, policy)?;
-        Ok(crypto::ct_eq(&keys.scram.stored_key, stored))
+    /// What tells whether a password is the one this login was made with
+    /// (see [`is_password`]).
+    pub fn password_check(&self) -> PasswordCheck {
+        self.password_check.clone()
     }
 
     /// A new verifier and our private key re-wrapped for `password`.

@@ -223,6 +223,10 @@ struct Screen {
     /// Failures likewise.
     early_failed: HashSet<(String, u64)>,
     me: Option<String>,
+    /// Our MS and our buddies online, as of the last batch of events (the
+    /// drawing never waits on the client's locks).
+    ms: Option<String>,
+    online: Vec<String>,
     palette: Palette,
     quit: bool,
 }
@@ -264,6 +268,25 @@ pub fn run(
             }
         })
         .ok();
+    // SIGTERM and SIGHUP (the terminal went away) end the client as
+    // /quit does, so the terminal is put back as it was.
+    match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ]) {
+        Ok(mut signals) => {
+            let quit = notes_tx.clone();
+            std::thread::Builder::new()
+                .name("signals".into())
+                .spawn(move || {
+                    if signals.forever().next().is_some() {
+                        quit.send(Note::TermGone).ok();
+                    }
+                })
+                .ok();
+        }
+        Err(e) => log::warn!("signals: {e}"),
+    }
     let (jobs, job_rx) = unbounded();
     let worker = {
         let commands = commands.clone();
@@ -287,6 +310,8 @@ pub fn run(
         early: HashSet::new(),
         early_failed: HashSet::new(),
         me: None,
+        ms: None,
+        online: Vec::new(),
         palette: Palette {
             color: std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
         },
@@ -392,8 +417,21 @@ impl Screen {
                     break;
                 }
             }
+            self.refresh();
         }
         0
+    }
+
+    /// What the status bar shows of the client's state.
+    fn refresh(&mut self) {
+        let client = &self.commands.client;
+        self.ms = client.ms_addr();
+        self.online = client
+            .buddies()
+            .into_iter()
+            .filter(|b| b.online)
+            .map(|b| clean(&b.user))
+            .collect();
     }
 
     fn on_note(&mut self, n: Note, terminal: &mut DefaultTerminal) {
@@ -1008,8 +1046,8 @@ impl Screen {
         let bar = self.palette.bar();
         let mut spans = vec![Span::styled(format!("[{}] ", &stamp()[..5]), bar)];
         let who = match &self.me {
-            Some(me) => match self.commands.client.ms_addr() {
-                Some(ms) => format!("[{} @ {}] ", clean(me), clean(&ms)),
+            Some(me) => match &self.ms {
+                Some(ms) => format!("[{} @ {}] ", clean(me), clean(ms)),
                 None => format!("[{}] ", clean(me)),
             },
             None => "[not logged in] ".into(),
@@ -1035,18 +1073,12 @@ impl Screen {
         }
         spans.push(Span::styled("] ", bar));
         if self.me.is_some() {
-            let online: Vec<String> = self
-                .commands
-                .client
-                .buddies()
-                .into_iter()
-                .filter(|b| b.online)
-                .map(|b| clean(&b.user))
-                .collect();
-            spans.push(Span::styled(
-                format!("[online: {}] ", online.join(" ")),
-                bar,
-            ));
+            let online = if self.online.is_empty() {
+                "none".to_owned()
+            } else {
+                self.online.join(" ")
+            };
+            spans.push(Span::styled(format!("[online: {online}] "), bar));
         }
         if self.transfers.len() > MAX_TRANSFER_LINES {
             spans.push(Span::styled(
