@@ -317,10 +317,8 @@ pub fn run(
         },
         quit: false,
     };
-    s.info(
-        "ims: type /help for commands; Tab completes, Up/Down recall commands, \
-         Alt-1..9 or Ctrl-N/Ctrl-P switch windows, PageUp/PageDown scroll, /quit exits",
-    );
+    s.info("ims: type /help for commands, /quit to exit");
+    s.info("keys: Tab completes, Up/Down recall, Alt-1..9 switch windows, PageUp/PageDown scroll");
     if let Some(user) = login {
         s.submit_login(user);
     }
@@ -367,15 +365,58 @@ fn run_jobs(commands: Commands, jobs: Receiver<Job>, notes: Sender<Note>) {
     }
 }
 
-/// Now as `HH:MM:SS` (UTC: the standard library knows no time zones).
+/// How often the local time's offset from UTC is asked again (it moves
+/// twice a year).
+const OFFSET_EVERY: Duration = Duration::from_secs(600);
+
+/// The local offset from UTC in seconds. The standard library knows no
+/// time zones, and reading the zone database by hand is a library's job:
+/// the system's `date +%z` knows (and honours `TZ`). UTC if it cannot say.
+fn utc_offset() -> i64 {
+    static CACHE: parking_lot::Mutex<Option<(std::time::Instant, i64)>> =
+        parking_lot::Mutex::new(None);
+    let mut cache = CACHE.lock();
+    if let Some((when, offset)) = *cache {
+        if when.elapsed() < OFFSET_EVERY {
+            return offset;
+        }
+    }
+    let offset = std::process::Command::new("date")
+        .arg("+%z")
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| parse_offset(String::from_utf8_lossy(&o.stdout).trim()))
+        .unwrap_or(0);
+    *cache = Some((std::time::Instant::now(), offset));
+    offset
+}
+
+/// `+0530` or `-0800` as seconds.
+fn parse_offset(s: &str) -> Option<i64> {
+    let (sign, digits) = match s.as_bytes().first()? {
+        b'+' => (1, &s[1..]),
+        b'-' => (-1, &s[1..]),
+        _ => return None,
+    };
+    if digits.len() != 4 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let hours: i64 = digits[..2].parse().ok()?;
+    let minutes: i64 = digits[2..].parse().ok()?;
+    Some(sign * (hours * 3600 + minutes * 60))
+}
+
+/// Now as `HH:MM:SS`, local time.
 fn stamp() -> String {
-    let secs = SystemTime::now()
+    let utc = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    let secs = (i64::try_from(utc).unwrap_or(0) + utc_offset()).rem_euclid(86_400);
     format!(
         "{:02}:{:02}:{:02}",
-        (secs / 3600) % 24,
+        secs / 3600,
         (secs / 60) % 60,
         secs % 60
     )
@@ -1201,6 +1242,16 @@ fn paths(word: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn offsets() {
+        assert_eq!(parse_offset("+0000"), Some(0));
+        assert_eq!(parse_offset("+0530"), Some(5 * 3600 + 30 * 60));
+        assert_eq!(parse_offset("-0800"), Some(-8 * 3600));
+        assert_eq!(parse_offset("0800"), None);
+        assert_eq!(parse_offset("+08"), None);
+        assert_eq!(stamp().len(), 8);
+    }
 
     #[test]
     fn wrapped_rows_are_indented_and_keep_every_char() {
