@@ -210,43 +210,47 @@ impl Pane {
     }
 
     /// Every row of the active window from its first line to its last,
-    /// read page by page with PageUp and PageDown.
+    /// read page by page with PageUp and PageDown (the status bar says how
+    /// far back the view is, and when it shows the top).
     fn whole_window(&self) -> Vec<String> {
-        // To the top: PageUp until the screen stops changing.
-        let mut last = Vec::new();
-        for _ in 0..200 {
-            self.key("PageUp");
-            let s = self.settled();
-            if s == last {
+        let back = |s: &[String]| -> Option<String> {
+            let bar = s.iter().rev().find(|l| l.contains("] [")).cloned()?;
+            let at = bar.find("[back ")?;
+            Some(bar[at..].split(']').next()?.to_owned())
+        };
+        // Up to the top.
+        let mut s = self.screen();
+        for _ in 0..500 {
+            if back(&s).is_some_and(|b| b.contains("the top")) {
                 break;
             }
-            last = s;
+            let before = back(&s);
+            self.key("PageUp");
+            s = self.wait("the view to move back", WAIT, |now| back(now) != before);
         }
-        let mut rows: Vec<String> = Pane::conversation(&last);
-        for _ in 0..200 {
+        let mut rows: Vec<String> = Pane::conversation(&s);
+        // Down to the bottom, keeping what each page adds.
+        while let Some(before) = back(&s) {
             self.key("PageDown");
-            let s = self.settled();
+            s = self.wait("the view to move forward", WAIT, |now| {
+                back(now).as_ref() != Some(&before)
+            });
             let page = Pane::conversation(&s);
-            // Pages overlap; append what is below the overlap.
             let overlap = (0..=page.len().min(rows.len()))
                 .rev()
                 .find(|&n| rows[rows.len() - n..] == page[..n])
                 .unwrap_or(0);
             rows.extend_from_slice(&page[overlap..]);
-            if !s.iter().any(|l| l.contains("more below")) {
-                break;
-            }
         }
         rows
     }
 
-    /// The screen once two captures in a row agree.
+    /// The screen once two captures in a row agree (the clock aside).
     fn settled(&self) -> Vec<String> {
         let mut a = self.screen();
         for _ in 0..50 {
-            thread::sleep(Duration::from_millis(100));
+            thread::sleep(Duration::from_millis(200));
             let b = self.screen();
-            // The clock may tick; compare without the status bar.
             if Pane::conversation(&a) == Pane::conversation(&b) {
                 return b;
             }
@@ -521,6 +525,16 @@ fn a_paste_is_one_message() {
     // -p: as a terminal pastes (bracketed), which is what people do.
     alice.tmux(&["paste-buffer", "-p", "-t", "t"]);
     alice.key("Enter");
+    let end = Instant::now() + WAIT * 3;
+    while !bob.saw(|e| e["event"] == "message") {
+        assert!(
+            Instant::now() < end,
+            "no message reached bob; alice's screen:\n{}\nbob's events: {:#?}",
+            alice.screen().join("\n"),
+            bob.events()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
     let got = bob.wait_event("message", |e| e["from"] == "alice");
     let expected = format!("{} {}", &text[..1024], &text[1024..]);
     assert_eq!(field(&got, "text"), expected);

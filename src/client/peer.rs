@@ -406,7 +406,9 @@ impl Client {
         Err(format!("no answer from {to}"))
     }
 
-    /// Sends a text message; `delivered` or `send-failed` follows.
+    /// Sends a text message: its id, and `delivered` or `send-failed`
+    /// follows; or the id it was given and why it could not be sent (then
+    /// no event follows).
     pub fn send_message(self: &Arc<Self>, to: &str, text: &str) -> Result<u64, (u64, String)> {
         // The id comes first so that a failure names the message it is about.
         let id = self.next_id();

@@ -229,6 +229,10 @@ struct Screen {
     online: Vec<String>,
     palette: Palette,
     quit: bool,
+    /// As last drawn: rows the active window is scrolled back, whether
+    /// that shows its first line (PageUp stops there), and whether it is
+    /// scrolled back at all.
+    view: std::cell::Cell<(usize, bool, bool)>,
 }
 
 /// Runs full-screen mode until `/quit`; the exit code.
@@ -316,6 +320,7 @@ pub fn run(
             color: std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
         },
         quit: false,
+        view: std::cell::Cell::new((0, false, false)),
     };
     s.info("ims: type /help for commands, /quit to exit");
     s.info("keys: Tab completes, Up/Down recall, Alt-1..9 switch windows, PageUp/PageDown scroll");
@@ -789,16 +794,15 @@ impl Screen {
                 self.input = self.history.newer().unwrap_or("").chars().collect();
                 self.cursor = self.input.len();
             }
-            KeyCode::PageUp => {
-                let page = terminal.size().map(|s| s.height / 2).unwrap_or(10).max(1);
+            KeyCode::PageUp | KeyCode::PageDown => {
+                let page = terminal.size().map(|s| s.height / 2).unwrap_or(10).max(1) as usize;
+                let (shown, at_top, _) = self.view.get();
                 if let Some(w) = self.windows.get_mut(self.active) {
-                    w.scroll += page as usize;
-                }
-            }
-            KeyCode::PageDown => {
-                let page = terminal.size().map(|s| s.height / 2).unwrap_or(10).max(1);
-                if let Some(w) = self.windows.get_mut(self.active) {
-                    w.scroll = w.scroll.saturating_sub(page as usize);
+                    w.scroll = match k.code {
+                        KeyCode::PageUp if at_top => shown,
+                        KeyCode::PageUp => shown + page,
+                        _ => shown.saturating_sub(page),
+                    };
                 }
             }
             KeyCode::Tab if self.prompt.is_none() => self.complete(),
@@ -1029,6 +1033,7 @@ impl Screen {
         // Rows from the bottom up, as far as the view needs.
         let want = height + w.scroll;
         let mut rows: Vec<Vec<(String, Style)>> = Vec::new();
+        let mut every_line = true;
         for (i, l) in w.lines.iter().enumerate().rev() {
             let mut wrapped = wrap(&self.styled(l), width);
             wrapped.reverse();
@@ -1040,11 +1045,15 @@ impl Screen {
                     self.palette.fg(Color::Magenta),
                 )]);
             }
-            if rows.len() >= want {
+            if rows.len() >= want && i > 0 {
+                every_line = false;
                 break;
             }
         }
-        let scroll = w.scroll.min(rows.len().saturating_sub(height));
+        let max = rows.len().saturating_sub(height);
+        let scroll = w.scroll.min(max);
+        self.view
+            .set((scroll, every_line && scroll == max, w.scroll > 0));
         let visible: Vec<TextLine<'_>> = rows
             .iter()
             .skip(scroll)
@@ -1127,8 +1136,15 @@ impl Screen {
                 bar,
             ));
         }
-        if self.windows.get(self.active).is_some_and(|w| w.scroll > 0) {
-            spans.push(Span::styled("[more below: PageDown] ", bar));
+        match self.view.get() {
+            (_, _, false) => {}
+            (n, false, true) => {
+                spans.push(Span::styled(format!("[back {n} rows: PageDown] "), bar))
+            }
+            (n, true, true) => spans.push(Span::styled(
+                format!("[back {n} rows, the top: PageDown] "),
+                bar,
+            )),
         }
         f.render_widget(Paragraph::new(TextLine::from(spans)).style(bar), area);
     }
