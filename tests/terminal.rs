@@ -838,7 +838,15 @@ fn history_keeps_commands_per_account() {
     alice.line("another secret");
     alice.wait_text("no buddies yet");
     alice.line("/quit");
-    alice.wait_text("CLIENT-EXITED 0");
+    let s = alice.wait_text("CLIENT-EXITED 0");
+    // The screen is put back, and the logout that followed is printed.
+    let lines: Vec<&String> = s.iter().filter(|l| !l.is_empty()).collect();
+    assert_eq!(
+        lines,
+        ["alice logged out", "CLIENT-EXITED 0"],
+        "{}",
+        s.join("\n")
+    );
     let file = state_dir(&c, "alice").join("ims/history/alice");
     let h = std::fs::read_to_string(&file).unwrap();
     assert!(!h.contains("secret"), "{h}");

@@ -176,17 +176,12 @@ pub fn run(config: ClientConfig, mode: Mode, login: Option<String>, passwords: P
         tx,
     };
     let (code, printer) = match mode {
-        Mode::Screen => (screen::run(commands, rx, login, passwords), None),
-        Mode::Plain | Mode::Json => {
-            let (code, printer) = plain::run(commands, rx, mode == Mode::Json, login, passwords);
-            (code, Some(printer))
-        }
+        Mode::Screen => screen::run(commands, rx, login, passwords),
+        Mode::Plain | Mode::Json => plain::run(commands, rx, mode == Mode::Json, login, passwords),
     };
     running.shutdown();
     // Every sender is gone now, so the printer prints what is left and ends.
-    if let Some(p) = printer {
-        p.join().ok();
-    }
+    printer.join().ok();
     code
 }
 

@@ -83,7 +83,7 @@ pub fn run(
 }
 
 /// Prints each event whole with its newline, flushing after each.
-fn print_events(rx: Receiver<Event>, json: bool) {
+pub(super) fn print_events(rx: Receiver<Event>, json: bool) {
     let stdout = std::io::stdout();
     // Per transfer, the last percent step printed.
     let mut steps: HashMap<(String, u64, String), u64> = HashMap::new();

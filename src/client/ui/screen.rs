@@ -24,6 +24,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::Path;
+use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{select, unbounded, Receiver, Sender};
@@ -39,6 +40,7 @@ use ratatui::{DefaultTerminal, Frame};
 use unicode_width::UnicodeWidthChar;
 
 use super::history::History;
+use super::plain::print_events;
 use super::{command_words, needs_secret, Commands, Passwords, Secret, Sent};
 use crate::client::events::{action, clean, progress_text, Event};
 
@@ -236,17 +238,20 @@ struct Screen {
 }
 
 /// Runs full-screen mode until `/quit`; the exit code.
+/// Runs full-screen mode until `/quit`: the exit code, and a printer that
+/// prints what happens after the screen is gone (the logout) as line mode
+/// does, until every sender of events is gone.
 pub fn run(
     commands: Commands,
     rx: Receiver<Event>,
     login: Option<String>,
     passwords: Passwords,
-) -> i32 {
+) -> (i32, JoinHandle<()>) {
     let mut terminal = match ratatui::try_init() {
         Ok(t) => t,
         Err(e) => {
             eprintln!("ims-client: cannot use the terminal: {e}; try --plain");
-            return 1;
+            return (1, std::thread::spawn(move || drop(rx)));
         }
     };
     let mut stdout = std::io::stdout();
@@ -337,7 +342,7 @@ pub fn run(
     if let Some(w) = worker {
         w.join().ok();
     }
-    code
+    (code, std::thread::spawn(move || print_events(rx, false)))
 }
 
 /// The command thread: one command at a time, in the order typed.
