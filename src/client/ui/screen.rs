@@ -51,6 +51,9 @@ const MAX_TRANSFER_LINES: usize = 6;
 /// Width of a line's time stamp and the space after it; wrapped lines are
 /// indented by as much, so nothing can pass for a line of its own.
 const STAMP_WIDTH: usize = 9;
+/// Characters the input line holds: a message may have at most
+/// `MAX_TEXT_BYTES` bytes, so a longer line could never be sent.
+const MAX_INPUT: usize = crate::client::peer::MAX_TEXT_BYTES;
 /// The clock in the status bar moves this often.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -235,6 +238,8 @@ struct Screen {
     /// that shows its first line (PageUp stops there), and whether it is
     /// scrolled back at all.
     view: std::cell::Cell<(usize, bool, bool)>,
+    /// The conversation pane's width as last drawn.
+    width: std::cell::Cell<usize>,
 }
 
 /// Runs full-screen mode until `/quit`; the exit code.
@@ -326,6 +331,7 @@ pub fn run(
         },
         quit: false,
         view: std::cell::Cell::new((0, false, false)),
+        width: std::cell::Cell::new(80),
     };
     s.info("ims: type /help for commands, /quit to exit");
     s.info("keys: Tab completes, Up/Down recall, Alt-1..9 switch windows, PageUp/PageDown scroll");
@@ -541,6 +547,8 @@ impl Screen {
 
     fn push_line(&mut self, w: usize, line: Line, spoken: bool) {
         let active = self.active;
+        // Rows the line takes at the width last drawn.
+        let rows = wrap(&self.styled(&line), self.width.get().max(STAMP_WIDTH + 1)).len();
         let Some(win) = self.windows.get_mut(w) else {
             return;
         };
@@ -558,7 +566,7 @@ impl Screen {
             win.spoken |= spoken;
         } else if win.scroll > 0 {
             // Keep the text being read in place.
-            win.scroll += 1;
+            win.scroll += rows;
         }
     }
 
@@ -712,9 +720,26 @@ impl Screen {
             .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
             .collect();
         for c in clean(&text).chars() {
-            self.input.insert(self.cursor, c);
-            self.cursor += 1;
+            if !self.insert(c) {
+                break;
+            }
         }
+    }
+
+    /// Types `c` at the cursor; `false` (and a notice) when the line is
+    /// full: longer than any message may be.
+    fn insert(&mut self, c: char) -> bool {
+        if self.input.len() >= MAX_INPUT {
+            self.push_text(
+                self.active,
+                Kind::Error,
+                &format!("the input line is full ({MAX_INPUT} characters)"),
+            );
+            return false;
+        }
+        self.input.insert(self.cursor, c);
+        self.cursor += 1;
+        true
     }
 
     fn on_key(&mut self, k: KeyEvent, terminal: &mut DefaultTerminal) {
@@ -775,8 +800,7 @@ impl Screen {
                 self.switch_to((self.active + self.windows.len() - 1) % self.windows.len())
             }
             KeyCode::Char(c) if !ctrl => {
-                self.input.insert(self.cursor, c);
-                self.cursor += 1;
+                self.insert(c);
             }
             KeyCode::Backspace if self.cursor > 0 => {
                 self.cursor -= 1;
@@ -1032,6 +1056,7 @@ impl Screen {
         };
         let width = area.width as usize;
         let height = area.height as usize;
+        self.width.set(width);
         if width <= STAMP_WIDTH || height == 0 {
             return;
         }
@@ -1135,11 +1160,10 @@ impl Screen {
             };
             spans.push(Span::styled(format!("[online: {online}] "), bar));
         }
-        if self.transfers.len() > MAX_TRANSFER_LINES {
-            spans.push(Span::styled(
-                format!("[{} transfers] ", self.transfers.len()),
-                bar,
-            ));
+        match self.transfers.len() {
+            0 => {}
+            1 => spans.push(Span::styled("[1 transfer] ", bar)),
+            n => spans.push(Span::styled(format!("[{n} transfers] "), bar)),
         }
         match self.view.get() {
             (_, _, false) => {}
