@@ -369,8 +369,11 @@ fn nothing_is_lost_while_a_large_file_goes() {
     let mut expected_bob = Vec::new();
     for i in 0..8 {
         let a = format!("alice says {i} while hashing");
+        let b = format!("bob says {i} while alice hashes");
         alice.line(&a);
+        bob.line(&b);
         expected_alice.push(a);
+        expected_bob.push(b);
     }
     bob.wait_text("offers the file 'big.bin'");
     bob.line("/accept alice");
@@ -1036,6 +1039,10 @@ fn a_cancel_is_reported_once() {
         .and_then(|f| f.set_len(200 * 1024 * 1024))
         .unwrap();
     alice.send(&format!("/send bob {}", big.display()));
+    // Hashing before the offer reports its progress, to the end.
+    alice.wait_event("file-progress", |e| {
+        e["direction"] == "hash" && e["bytes"] == e["size"] && e["size"] == 200 * 1024 * 1024
+    });
     bob.wait_event("file-offer", |e| e["from"] == "alice");
     bob.send("/accept alice");
     bob.wait_event("file-progress", |e| e["direction"] == "receive");
