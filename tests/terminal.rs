@@ -550,6 +550,11 @@ fn a_paste_is_one_message() {
         .filter(|e| e["event"] == "message")
         .count();
     assert_eq!(n, 1);
+
+    // An action: sent as such, shown as one.
+    alice.line("/me waves");
+    alice.wait_text("* alice waves");
+    bob.wait_event("message", |e| e["text"] == "/me waves");
 }
 
 /// 3. A resize keeps every line, rewrapped, and the status bar.
