@@ -309,30 +309,7 @@ pub fn run(
             .spawn(move || run_jobs(commands, job_rx, notes_tx))
             .ok()
     };
-    let mut s = Screen {
-        commands,
-        passwords,
-        jobs,
-        windows: vec![Window::new(None)],
-        active: 0,
-        input: Vec::new(),
-        cursor: 0,
-        history: History::default(),
-        prompt: None,
-        completion: None,
-        transfers: BTreeMap::new(),
-        early: HashSet::new(),
-        early_failed: HashSet::new(),
-        me: None,
-        ms: None,
-        online: Vec::new(),
-        palette: Palette {
-            color: std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
-        },
-        quit: false,
-        view: std::cell::Cell::new((0, false, false)),
-        width: std::cell::Cell::new(80),
-    };
+    let mut s = Screen::new(commands, passwords, jobs);
     s.info("ims: type /help for commands, /quit to exit");
     s.info("keys: Tab completes, Up/Down recall, Alt-1..9 switch windows, PageUp/PageDown scroll");
     if let Some(user) = login {
@@ -439,6 +416,33 @@ fn stamp() -> String {
 }
 
 impl Screen {
+    fn new(commands: Commands, passwords: Passwords, jobs: Sender<Job>) -> Screen {
+        Screen {
+            commands,
+            passwords,
+            jobs,
+            windows: vec![Window::new(None)],
+            active: 0,
+            input: Vec::new(),
+            cursor: 0,
+            history: History::default(),
+            prompt: None,
+            completion: None,
+            transfers: BTreeMap::new(),
+            early: HashSet::new(),
+            early_failed: HashSet::new(),
+            me: None,
+            ms: None,
+            online: Vec::new(),
+            palette: Palette {
+                color: std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+            },
+            quit: false,
+            view: std::cell::Cell::new((0, false, false)),
+            width: std::cell::Cell::new(80),
+        }
+    }
+
     fn event_loop(
         &mut self,
         terminal: &mut DefaultTerminal,
@@ -498,34 +502,37 @@ impl Screen {
             // The next draw takes the new size.
             Note::Term(_) => {}
             Note::TermGone => self.quit = true,
-            Note::Sent(sent) => {
-                for m in sent {
-                    let delivered = if self.early.remove(&(m.to.clone(), m.id)) {
-                        Some(true)
-                    } else if self.early_failed.remove(&(m.to.clone(), m.id)) {
-                        Some(false)
-                    } else {
-                        None
-                    };
-                    let me = self.me.clone().unwrap_or_else(|| "me".into());
-                    let w = self.window_for(&m.to);
-                    let (nick, text) = match action(&m.text) {
-                        Some(act) => (None, format!("* {me} {}", clean(act))),
-                        None => (Some(me), clean(&m.text)),
-                    };
-                    self.push_line(
-                        w,
-                        Line {
-                            stamp: stamp(),
-                            kind: Kind::Ours,
-                            nick,
-                            text,
-                            sent: Some((m.id, delivered)),
-                        },
-                        false,
-                    );
-                }
-            }
+            Note::Sent(sent) => self.on_sent(sent),
+        }
+    }
+
+    /// Our messages, as the command thread handed them to the client.
+    fn on_sent(&mut self, sent: Vec<Sent>) {
+        for m in sent {
+            let delivered = if self.early.remove(&(m.to.clone(), m.id)) {
+                Some(true)
+            } else if self.early_failed.remove(&(m.to.clone(), m.id)) {
+                Some(false)
+            } else {
+                None
+            };
+            let me = self.me.clone().unwrap_or_else(|| "me".into());
+            let w = self.window_for(&m.to);
+            let (nick, text) = match action(&m.text) {
+                Some(act) => (None, format!("* {me} {}", clean(act))),
+                None => (Some(me), clean(&m.text)),
+            };
+            self.push_line(
+                w,
+                Line {
+                    stamp: stamp(),
+                    kind: Kind::Ours,
+                    nick,
+                    text,
+                    sent: Some((m.id, delivered)),
+                },
+                false,
+            );
         }
     }
 
@@ -1198,7 +1205,9 @@ impl Screen {
             .map(|c| c.width().unwrap_or(0).max(1))
             .collect();
         let mut first = 0;
-        while widths[first..self.cursor].iter().sum::<usize>() >= room && first < self.cursor {
+        let mut before_cursor: usize = widths[..self.cursor].iter().sum();
+        while before_cursor >= room && first < self.cursor {
+            before_cursor -= widths[first];
             first += 1;
         }
         let mut text = String::new();
@@ -1210,7 +1219,7 @@ impl Screen {
             used += w;
             text.push(if c.is_control() { '?' } else { *c });
         }
-        let cursor_x = label_w + widths[first..self.cursor].iter().sum::<usize>();
+        let cursor_x = label_w + before_cursor;
         f.render_widget(
             Paragraph::new(TextLine::from(vec![
                 Span::styled(label, Style::default().add_modifier(Modifier::BOLD)),
@@ -1287,6 +1296,147 @@ fn paths(word: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::client::{Client, ClientConfig};
+    use ratatui::backend::TestBackend;
+    use ratatui::Terminal;
+    use std::sync::Arc;
+
+    /// A screen on a client that is not started (no network).
+    fn screen() -> Screen {
+        let (tx, _) = unbounded();
+        let client = Arc::new(Client::new(ClientConfig::default(), 0, tx.clone()));
+        let (jobs, _) = unbounded();
+        let mut s = Screen::new(Commands { client, tx }, Passwords::default(), jobs);
+        s.palette.color = false;
+        s
+    }
+
+    fn render(s: &Screen, w: u16, h: u16) -> Vec<String> {
+        let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+        t.draw(|f| s.draw(f)).unwrap();
+        let buf = t.backend().buffer();
+        (0..h)
+            .map(|y| {
+                (0..w)
+                    .filter_map(|x| buf.cell((x, y)).map(|c| c.symbol().to_owned()))
+                    .collect::<String>()
+                    .trim_end()
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    fn message(from: &str, text: &str) -> Event {
+        Event::Message {
+            from: from.into(),
+            text: text.into(),
+            id: 1,
+        }
+    }
+
+    #[test]
+    fn messages_go_to_their_window_and_are_counted_until_read() {
+        let mut s = screen();
+        s.on_event(message("bob", "hi there"));
+        let rows = render(&s, 60, 10);
+        assert!(rows.iter().all(|r| !r.contains("hi there")), "{rows:#?}");
+        assert!(rows[8].contains("[1:main 2:bob(1)]"), "{rows:#?}");
+        s.switch_to(1);
+        let rows = render(&s, 60, 10);
+        assert!(
+            rows.iter().any(|r| r.ends_with("<bob> hi there")),
+            "{rows:#?}"
+        );
+        assert!(rows.iter().any(|r| r.ends_with("---- new")), "{rows:#?}");
+        assert_eq!(rows[9], "[bob]");
+        assert!(rows[8].contains("[1:main 2:bob]"), "{rows:#?}");
+    }
+
+    #[test]
+    fn a_delivery_marks_its_line_even_when_it_comes_first() {
+        let mut s = screen();
+        s.on_event(Event::Delivered {
+            to: "bob".into(),
+            id: 7,
+        });
+        s.on_sent(vec![Sent {
+            to: "bob".into(),
+            id: 7,
+            text: "hello".into(),
+        }]);
+        s.on_sent(vec![Sent {
+            to: "bob".into(),
+            id: 8,
+            text: "again".into(),
+        }]);
+        s.on_event(Event::SendFailed {
+            to: "bob".into(),
+            id: 8,
+            reason: "bob is offline".into(),
+        });
+        s.switch_to(1);
+        let rows = render(&s, 60, 10);
+        assert!(
+            rows.iter().any(|r| r.ends_with("<me> hello ✓")),
+            "{rows:#?}"
+        );
+        assert!(
+            rows.iter().any(|r| r.ends_with("<me> again ✗")),
+            "{rows:#?}"
+        );
+        assert!(
+            rows.iter().any(|r| r.contains("not delivered to bob (#8)")),
+            "{rows:#?}"
+        );
+    }
+
+    #[test]
+    fn a_transfer_is_one_line_that_changes_in_place() {
+        let mut s = screen();
+        let progress = |bytes| Event::FileProgress {
+            peer: "bob".into(),
+            id: 3,
+            direction: "send".into(),
+            bytes,
+            size: 1000,
+            rate: 100,
+        };
+        s.on_event(progress(100));
+        s.on_event(progress(500));
+        let rows = render(&s, 100, 10);
+        let bars: Vec<&String> = rows.iter().filter(|r| r.contains("% to bob")).collect();
+        assert_eq!(bars.len(), 1, "{rows:#?}");
+        assert!(bars[0].contains(" 50% to bob"), "{rows:#?}");
+        assert!(rows[8].contains("[1 transfer]"), "{rows:#?}");
+        s.on_event(progress(1000));
+        let rows = render(&s, 100, 10);
+        assert!(rows.iter().all(|r| !r.contains("% to bob")), "{rows:#?}");
+        // Progress never becomes lines of the conversation.
+        assert!(s
+            .windows
+            .iter()
+            .all(|w| w.lines.iter().all(|l| !l.text.contains('%'))));
+    }
+
+    #[test]
+    fn escapes_are_drawn_as_text_and_long_lines_wrap_indented() {
+        let mut s = screen();
+        s.on_event(message(
+            "bob",
+            "\u{1b}[2J\u{1b}]0;pwned\u{7} and a long tail that wraps around",
+        ));
+        s.switch_to(1);
+        let rows = render(&s, 40, 10);
+        let text = rows.join("\n");
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "{text}"
+        );
+        assert!(text.contains("<bob> ^[[2J^[]0;pwned^G"), "{text}");
+        let at = rows.iter().position(|r| r.contains("<bob>")).unwrap();
+        assert!(rows[at + 1].starts_with("         "), "{rows:#?}");
+    }
 
     #[test]
     fn offsets() {
