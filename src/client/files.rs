@@ -371,22 +371,24 @@ impl Client {
         let mut hashed = 0u64;
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = file
-                .read(&mut buf)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            if n == 0 {
-                break;
-            }
+        let read = loop {
+            let n = match file.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => n,
+                Err(e) => break Err(format!("{}: {e}", path.display())),
+            };
             hasher.update(&buf[..n]);
             hashed = hashed.saturating_add(n as u64);
             if let Some(e) = progress.event(&to, id, "hash", hashed, meta.len(), false) {
                 self.emit(e);
             }
-        }
+        };
+        // The end of hashing, also when reading failed: a progress line
+        // shown for it can go.
         if let Some(e) = progress.event(&to, id, "hash", hashed, hashed, true) {
             self.emit(e);
         }
+        read?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
