@@ -754,9 +754,14 @@ fn plain_mode_delivers_a_thousand_lines() {
         l == "bob is now your buddy (online)"
     });
 
+    // Half by /msg, half as plain lines to whom /query named.
     let mut script = String::new();
-    for i in 0..1000 {
+    for i in 0..500 {
         script.push_str(&format!("/msg bob line {i}\n"));
+    }
+    script.push_str("/query bob\n");
+    for i in 500..1000 {
+        script.push_str(&format!("line {i}\n"));
     }
     // Escapes, too: shown inert on the other side.
     script.push_str("/msg bob \u{1b}[2J\u{1b}]0;pwned\u{7}done\n");
@@ -937,6 +942,14 @@ fn completion_passwd_and_no_color() {
     alice.wait_text("quarterly-report.pdf");
     alice.key("C-u");
     alice.wait("an empty input line", WAIT, |s| {
+        s.last().is_some_and(|l| l == "[bob]")
+    });
+    alice.line("/window 1");
+    alice.wait("the main window", WAIT, |s| {
+        s.last().is_some_and(|l| l == "[main]")
+    });
+    alice.key("M-2");
+    alice.wait("bob's window again", WAIT, |s| {
         s.last().is_some_and(|l| l == "[bob]")
     });
 

@@ -89,10 +89,14 @@ pub const HELP: &[(&str, &str)] = &[
         "send an action (* you ACTION) to the same buddy",
     ),
     (
-        "/query NAME",
-        "open (or go to) NAME's window; /query alone goes to the main window",
+        "/query [NAME]",
+        "talk to NAME: go to (or open) their window; alone: the main window",
     ),
-    ("/close", "close this buddy window"),
+    ("/window N", "go to window N (full screen; also Alt-N)"),
+    (
+        "/close",
+        "close this buddy window (line mode: forget /query)",
+    ),
     ("/send NAME PATH", "offer a file to NAME"),
     ("/cancel NAME", "stop every file transfer with NAME"),
     ("/logout", "log out; buddies see you go offline"),

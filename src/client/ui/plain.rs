@@ -41,6 +41,8 @@ pub fn run(
         }
     }
     let mut input = stdin.lock().lines();
+    // Set by /query: whom plain lines go to.
+    let mut target: Option<String> = None;
     while let Some(Ok(line)) = input.next() {
         let line = line.trim();
         if line.is_empty() {
@@ -72,7 +74,30 @@ pub fn run(
                 commands.passwd(&current, &new);
             }
             None => {
-                commands.command(line, None);
+                let mut words = line.split_whitespace();
+                match (words.next(), words.next(), words.next()) {
+                    (Some("/query"), name, None) => {
+                        target = name.map(str::to_ascii_lowercase);
+                        let detail = match &target {
+                            Some(name) => format!("lines without / now go to {name}"),
+                            None => "lines without / go to whoever you last talked with".into(),
+                        };
+                        commands.emit(Event::Ok {
+                            command: "query".into(),
+                            detail: Some(detail),
+                        });
+                    }
+                    (Some("/close"), None, _) => {
+                        target = None;
+                        commands.emit(Event::Ok {
+                            command: "close".into(),
+                            detail: None,
+                        });
+                    }
+                    _ => {
+                        commands.command(line, target.as_deref());
+                    }
+                }
             }
         }
     }

@@ -889,6 +889,18 @@ impl Screen {
                 Kind::Error,
                 "error (query): usage: /query [NAME]",
             ),
+            (Some("/window"), Some(n), None) => match n.parse::<usize>() {
+                Ok(n) if (1..=self.windows.len()).contains(&n) => self.switch_to(n - 1),
+                _ => self.push_text(
+                    self.active,
+                    Kind::Error,
+                    &format!(
+                        "error (window): no window {}; there are {}",
+                        clean(n),
+                        self.windows.len()
+                    ),
+                ),
+            },
             (Some("/close"), ..) => {
                 if self.active == 0 {
                     self.push_text(
