@@ -1079,3 +1079,25 @@ fn a_cancel_is_reported_once() {
     assert_eq!(failed(&alice), 1, "{:#?}", alice.events());
     assert_eq!(failed(&bob), 1, "{:#?}", bob.events());
 }
+
+/// The MS goes away: the screen says so in a line for people, once, and no
+/// log line (they go to the log file) ever reaches the screen.
+#[test]
+fn a_lost_server_is_one_human_line_and_logs_stay_off_screen() {
+    let mut c = Cluster::start(1);
+    c.register("alice", PW);
+    let alice = Pane::client(&c, "alice", &["--user", "alice"], 120, 30);
+    alice.wait_text("logged in as alice");
+    c.ms[0].kill9();
+    alice.wait_text("lost contact with the messaging server; retrying...");
+    let s = alice.wait("the login to end", WAIT * 4, |s| {
+        s.iter().any(|l| l.contains("alice logged out"))
+    });
+    let all = s.join("\n");
+    assert_eq!(all.matches("lost contact").count(), 1, "{all}");
+    assert!(all.contains("log in again with /login alice"), "{all}");
+    assert!(!all.contains("WARN") && !all.contains("INFO"), "{all}");
+    assert!(broken_rows(&Pane::conversation(&s)).is_empty(), "{all}");
+    let log = std::fs::read_to_string(&alice.log).unwrap();
+    assert!(log.contains("WARN") && log.contains("keepalive"), "{log}");
+}
