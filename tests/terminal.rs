@@ -528,13 +528,17 @@ fn a_paste_is_one_message() {
     // -p: as a terminal pastes (bracketed), which is what people do.
     alice.tmux(&["paste-buffer", "-p", "-t", "t"]);
     alice.key("Enter");
-    let end = Instant::now() + WAIT * 3;
+    // The line shows at once, whole (wrapped), before anything else.
+    alice.wait_text(&format!("<alice> {}", &text[..40]));
+    let end = Instant::now() + LONG;
     while !bob.saw(|e| e["event"] == "message") {
         assert!(
             Instant::now() < end,
-            "no message reached bob; alice's screen:\n{}\nbob's events: {:#?}",
+            "no message reached bob; alice's screen:\n{}\nalice's log:\n{}\nbob's events: {:#?}\nbob's log:\n{}",
             alice.screen().join("\n"),
-            bob.events()
+            std::fs::read_to_string(&alice.log).unwrap_or_default(),
+            bob.events(),
+            bob.log_text()
         );
         thread::sleep(Duration::from_millis(100));
     }
@@ -573,8 +577,11 @@ fn a_resize_keeps_everything() {
     alice.wait_text("f4: value number 4");
     let before: Vec<String> = (0..5).map(|i| format!("f{i}: value number {i}")).collect();
     alice.tmux(&["resize-window", "-t", "t", "-x", "50", "-y", "30"]);
-    let s = alice.wait("a narrower screen", WAIT, |s| {
-        s.iter().all(|l| l.chars().count() <= 50) && s.iter().any(|l| l.contains("[alice @"))
+    // Redrawn: the input line at the bottom, long lines wrapped.
+    let s = alice.wait("a narrower screen redrawn", WAIT, |s| {
+        s.len() == 30
+            && s.last().is_some_and(|l| l.starts_with("[main]"))
+            && s.iter().any(|l| l.starts_with("         x"))
     });
     let rows = Pane::conversation(&s);
     assert_in_order("after narrowing", &rows, &before);
@@ -582,7 +589,9 @@ fn a_resize_keeps_everything() {
     alice.tmux(&["resize-window", "-t", "t", "-x", "140", "-y", "45"]);
     // The pane first shows the old picture; then the client redraws.
     let s = alice.wait("a wider screen redrawn", WAIT, |s| {
-        s.len() == 45 && s.iter().any(|r| r.contains("logged in as alice"))
+        s.len() == 45
+            && s.iter().any(|r| r.contains("logged in as alice"))
+            && s.last().is_some_and(|l| l.starts_with("[main]"))
     });
     let rows = Pane::conversation(&s);
     assert_in_order("after widening", &rows, &before);
@@ -850,6 +859,7 @@ fn history_keeps_commands_per_account() {
     alice.line("/buddies");
     alice.line("another secret");
     alice.wait_text("no buddies yet");
+    alice.wait_text("error (msg): who to?");
     alice.line("/quit");
     let s = alice.wait_text("CLIENT-EXITED 0");
     // The screen is put back, and the logout that followed is printed.

@@ -63,14 +63,16 @@ enum Note {
     Term(TermEvent),
     /// The terminal cannot be read any more.
     TermGone,
-    /// Messages a command handed to the client.
-    Sent(Vec<Sent>),
+    /// Messages a command handed to the client, for the lines shown with
+    /// `token` when it was typed (0: none were).
+    Sent(u64, Vec<Sent>),
 }
 
 /// What the command thread runs.
 enum Job {
-    /// A command line (or text for `to`).
-    Line(String, Option<String>),
+    /// A command line (or text for `to`), and the token of the lines that
+    /// show it already (0: none).
+    Line(String, Option<String>, u64),
     /// `/login NAME` with its password.
     Login(String, Result<String, String>),
     /// `/passwd` with the current and the new password.
@@ -99,9 +101,11 @@ struct Line {
     /// The sender, for messages (shown as `<nick>`).
     nick: Option<String>,
     text: String,
-    /// Our message: its id, and whether it was delivered (`Some(true)`),
-    /// failed (`Some(false)`) or is on its way.
+    /// Our message: its id (0 until the client took it), and whether it
+    /// was delivered (`Some(true)`), failed (`Some(false)`) or is on its way.
     sent: Option<(u64, Option<bool>)>,
+    /// Our message shown as it was typed: the token of its command (0: none).
+    token: u64,
 }
 
 /// A window: main (no buddy) or one buddy's conversation.
@@ -233,6 +237,8 @@ struct Screen {
     ms: Option<String>,
     online: Vec<String>,
     palette: Palette,
+    /// The last token of a typed message.
+    next_token: u64,
     quit: bool,
     /// As last drawn: rows the active window is scrolled back, whether
     /// that shows its first line (PageUp stops there), and whether it is
@@ -332,7 +338,7 @@ pub fn run(
 fn run_jobs(commands: Commands, jobs: Receiver<Job>, notes: Sender<Note>) {
     for job in jobs {
         match job {
-            Job::Line(line, to) => {
+            Job::Line(line, to, token) => {
                 if line.starts_with("/send ") {
                     // Hashing a large file must hold up neither the screen
                     // nor the commands typed after it.
@@ -346,7 +352,8 @@ fn run_jobs(commands: Commands, jobs: Receiver<Job>, notes: Sender<Note>) {
                     continue;
                 }
                 let sent = commands.command(&line, to.as_deref());
-                if !sent.is_empty() && notes.send(Note::Sent(sent)).is_err() {
+                if (token != 0 || !sent.is_empty()) && notes.send(Note::Sent(token, sent)).is_err()
+                {
                     return;
                 }
             }
@@ -437,6 +444,7 @@ impl Screen {
             palette: Palette {
                 color: std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
             },
+            next_token: 0,
             quit: false,
             view: std::cell::Cell::new((0, false, false)),
             width: std::cell::Cell::new(80),
@@ -502,12 +510,40 @@ impl Screen {
             // The next draw takes the new size.
             Note::Term(_) => {}
             Note::TermGone => self.quit = true,
-            Note::Sent(sent) => self.on_sent(sent),
+            Note::Sent(token, sent) => self.on_sent(token, sent),
         }
     }
 
-    /// Our messages, as the command thread handed them to the client.
-    fn on_sent(&mut self, sent: Vec<Sent>) {
+    /// Our messages, as the command thread handed them to the client: the
+    /// lines shown when they were typed get their ids (or a ✗ when the
+    /// client took none); any other is shown now.
+    fn on_sent(&mut self, token: u64, mut sent: Vec<Sent>) {
+        if token != 0 {
+            for w in &mut self.windows {
+                let Some(l) = w.lines.iter_mut().rev().find(|l| l.token == token) else {
+                    continue;
+                };
+                l.token = 0;
+                let Some(at) = sent
+                    .iter()
+                    .position(|m| w.buddy.as_deref() == Some(m.to.as_str()))
+                else {
+                    // Refused before it got an id: the failure follows.
+                    l.sent = Some((0, Some(false)));
+                    continue;
+                };
+                let m = sent.remove(at);
+                let key = (m.to, m.id);
+                let state = if self.early.remove(&key) {
+                    Some(true)
+                } else if self.early_failed.remove(&key) {
+                    Some(false)
+                } else {
+                    None
+                };
+                l.sent = Some((m.id, state));
+            }
+        }
         for m in sent {
             let delivered = if self.early.remove(&(m.to.clone(), m.id)) {
                 Some(true)
@@ -530,6 +566,7 @@ impl Screen {
                     nick,
                     text,
                     sent: Some((m.id, delivered)),
+                    token: 0,
                 },
                 false,
             );
@@ -589,6 +626,7 @@ impl Screen {
                     nick: None,
                     text: l.to_owned(),
                     sent: None,
+                    token: 0,
                 },
                 false,
             );
@@ -633,6 +671,7 @@ impl Screen {
                         nick,
                         text,
                         sent: None,
+                        token: 0,
                     },
                     true,
                 );
@@ -917,10 +956,64 @@ impl Screen {
                 Some(Secret::Login(user)) => self.submit_login(user),
                 Some(Secret::Passwd) => self.prompt = Some(Prompt::PasswdCurrent),
                 None => {
-                    self.jobs.send(Job::Line(line, to)).ok();
+                    let token = self.echo(&line, to.as_deref());
+                    self.jobs.send(Job::Line(line, to, token)).ok();
                 }
             },
         }
+    }
+
+    /// Shows a message as it is typed, in the window of each buddy it goes
+    /// to (its mark comes when the client has taken it); the token of the
+    /// lines, or 0 when `line` is no message or its buddy is not known yet.
+    fn echo(&mut self, line: &str, to: Option<&str>) -> u64 {
+        let someone = || {
+            to.map(str::to_owned)
+                .or_else(|| self.commands.client.last_peer())
+        };
+        let (names, text): (Vec<String>, String) = if let Some(rest) = line.strip_prefix("/msg ") {
+            let Some((names, text)) = rest.trim().split_once(' ') else {
+                return 0;
+            };
+            (
+                names
+                    .split(',')
+                    .map(|n| n.trim().to_ascii_lowercase())
+                    .filter(|n| !n.is_empty())
+                    .collect(),
+                text.trim().to_owned(),
+            )
+        } else if line.starts_with("/me ") || !line.starts_with('/') {
+            (someone().into_iter().collect(), line.to_owned())
+        } else {
+            return 0;
+        };
+        if names.is_empty() || text.is_empty() {
+            return 0;
+        }
+        self.next_token += 1;
+        let token = self.next_token;
+        let me = self.me.clone().unwrap_or_else(|| "me".into());
+        let (nick, shown) = match action(&text) {
+            Some(act) => (None, format!("* {} {}", clean(&me), clean(act))),
+            None => (Some(clean(&me)), clean(&text)),
+        };
+        for name in names {
+            let w = self.window_for(&name);
+            self.push_line(
+                w,
+                Line {
+                    stamp: stamp(),
+                    kind: Kind::Ours,
+                    nick: nick.clone(),
+                    text: shown.clone(),
+                    sent: Some((0, None)),
+                    token,
+                },
+                false,
+            );
+        }
+        token
     }
 
     fn submit_login(&mut self, user: String) {
@@ -1372,16 +1465,22 @@ mod tests {
             to: "bob".into(),
             id: 7,
         });
-        s.on_sent(vec![Sent {
-            to: "bob".into(),
-            id: 7,
-            text: "hello".into(),
-        }]);
-        s.on_sent(vec![Sent {
-            to: "bob".into(),
-            id: 8,
-            text: "again".into(),
-        }]);
+        s.on_sent(
+            0,
+            vec![Sent {
+                to: "bob".into(),
+                id: 7,
+                text: "hello".into(),
+            }],
+        );
+        s.on_sent(
+            0,
+            vec![Sent {
+                to: "bob".into(),
+                id: 8,
+                text: "again".into(),
+            }],
+        );
         s.on_event(Event::SendFailed {
             to: "bob".into(),
             id: 8,
@@ -1401,6 +1500,71 @@ mod tests {
             rows.iter().any(|r| r.contains("not delivered to bob (#8)")),
             "{rows:#?}"
         );
+    }
+
+    #[test]
+    fn a_typed_message_shows_at_once_and_is_marked_later() {
+        let mut s = screen();
+        s.me = Some("alice".into());
+        let bob = s.window_for("bob");
+        s.switch_to(bob);
+        s.submit("first".into());
+        s.submit("/msg bob,carol second".into());
+        let rows = render(&s, 60, 10);
+        assert!(
+            rows.iter().any(|r| r.ends_with("<alice> first")),
+            "{rows:#?}"
+        );
+        assert!(
+            rows.iter().any(|r| r.ends_with("<alice> second")),
+            "{rows:#?}"
+        );
+        // The delivery may come before the client's id reaches the screen.
+        s.on_event(Event::Delivered {
+            to: "bob".into(),
+            id: 11,
+        });
+        s.on_sent(
+            1,
+            vec![Sent {
+                to: "bob".into(),
+                id: 11,
+                text: "first".into(),
+            }],
+        );
+        // carol was refused at once: no id, a cross.
+        s.on_sent(
+            2,
+            vec![Sent {
+                to: "bob".into(),
+                id: 12,
+                text: "second".into(),
+            }],
+        );
+        let rows = render(&s, 60, 10);
+        assert!(
+            rows.iter().any(|r| r.ends_with("<alice> first ✓")),
+            "{rows:#?}"
+        );
+        s.on_event(Event::Delivered {
+            to: "bob".into(),
+            id: 12,
+        });
+        let rows = render(&s, 60, 10);
+        assert!(
+            rows.iter().any(|r| r.ends_with("<alice> second ✓")),
+            "{rows:#?}"
+        );
+        let carol = s.window_for("carol");
+        s.switch_to(carol);
+        let rows = render(&s, 60, 10);
+        assert!(
+            rows.iter().any(|r| r.ends_with("<alice> second ✗")),
+            "{rows:#?}"
+        );
+        // Each message is shown once.
+        let all: usize = s.windows.iter().map(|w| w.lines.len()).sum();
+        assert_eq!(all, 3 + s.windows[0].lines.len());
     }
 
     #[test]
