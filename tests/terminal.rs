@@ -1025,7 +1025,7 @@ fn plain_mode_on_a_terminal() {
         s.join("\n")
     );
     alice.line(PW);
-    alice.wait_text("logged in as alice");
+    alice.wait_text("no buddies yet");
     alice.line("/profile set motto carpe diem");
     alice.wait_text("  motto: carpe diem");
     alice.line("/quit");
