@@ -1615,6 +1615,31 @@ mod tests {
     }
 
     #[test]
+    fn tiny_screens_do_not_break_anything() {
+        let mut s = screen();
+        for i in 0..30 {
+            s.on_event(message("bob", &format!("line {i} {}", "y".repeat(i * 7))));
+        }
+        s.on_event(Event::FileProgress {
+            peer: "bob".into(),
+            id: 1,
+            direction: "receive".into(),
+            bytes: 1,
+            size: 2,
+            rate: 0,
+        });
+        s.switch_to(1);
+        s.input = "x".repeat(500).chars().collect();
+        s.cursor = 250;
+        for (w, h) in [(1, 1), (5, 2), (9, 3), (10, 4), (12, 30), (200, 3)] {
+            render(&s, w, h);
+        }
+        let rows = render(&s, 30, 8);
+        assert!(rows[7].chars().count() >= 29, "{rows:#?}");
+        assert!(rows[7].starts_with("[bob] x"), "{rows:#?}");
+    }
+
+    #[test]
     fn offsets() {
         assert_eq!(parse_offset("+0000"), Some(0));
         assert_eq!(parse_offset("+0530"), Some(5 * 3600 + 30 * 60));
