@@ -35,8 +35,9 @@ pub fn run(
     let printer = std::thread::spawn(move || print_events(rx, json));
     if let Some(user) = login {
         let password = passwords.get(&format!("password for {user}: "), false);
-        if !commands.login(&user, password) {
-            // A script must be able to tell that it is not logged in.
+        if !commands.login(&user, password) && (json || !interactive) {
+            // A script must be able to tell that it is not logged in (a
+            // person can try /login again).
             return (1, printer);
         }
     }
