@@ -872,6 +872,13 @@ fn history_keeps_commands_per_account() {
     );
     let file = state_dir(&c, "alice").join("ims/history/alice");
     let h = std::fs::read_to_string(&file).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "the history is readable by others: {mode:o}"
+    );
     assert!(!h.contains("secret"), "{h}");
     assert!(h.lines().any(|l| l == "/buddies"), "{h}");
     drop(alice);

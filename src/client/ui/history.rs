@@ -4,8 +4,9 @@
 //! do not see each other's commands. Before a login the history lives in
 //! memory only.
 
-use std::fs::OpenOptions;
+use std::fs::{DirBuilder, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::PathBuf;
 
 /// Entries kept (older ones are dropped when the file is read).
@@ -85,12 +86,19 @@ impl History {
             return;
         }
         if let Some(path) = &self.file {
+            // Only its owner may read what someone did (the directory and
+            // the file alike).
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).ok();
+                DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .ok();
             }
             let written = OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o600)
                 .open(path)
                 .and_then(|mut f| writeln!(f, "{entry}"));
             if let Err(e) = written {
