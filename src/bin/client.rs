@@ -1,6 +1,7 @@
 //! `ims-client`: the messenger client: full screen on a terminal, lines
 //! of text (`--plain`) or JSON (`--json`) otherwise.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -147,9 +148,11 @@ fn init_logging(file: Option<PathBuf>, mode: Mode) -> Result<(), String> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
+    // Logs name buddies and addresses: for their owner only.
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&path)
         .map_err(|e| format!("log file {}: {e}", path.display()))?;
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
