@@ -134,7 +134,12 @@ pub(super) fn print_events(rx: Receiver<Event>, json: bool) {
                 if steps.get(&key) == Some(&step) {
                     continue;
                 }
-                steps.insert(key, step);
+                if pct >= 100 {
+                    // Its last line: nothing more to remember.
+                    steps.remove(&key);
+                } else {
+                    steps.insert(key, step);
+                }
             }
         }
         let line = if json { e.to_json() } else { e.to_text() };
