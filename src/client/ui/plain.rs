@@ -108,44 +108,79 @@ pub fn run(
     (0, printer)
 }
 
+/// Per transfer, the last percent step printed.
+type Steps = HashMap<(String, u64, String), u64>;
+
+/// Whether line mode prints `e`: every event but progress, which is
+/// printed when it reaches the next [`PROGRESS_STEP`].
+fn worth_a_line(steps: &mut Steps, e: &Event) -> bool {
+    let Event::FileProgress {
+        peer,
+        id,
+        direction,
+        bytes,
+        size,
+        ..
+    } = e
+    else {
+        return true;
+    };
+    let pct = bytes.saturating_mul(100).checked_div(*size).unwrap_or(100);
+    let step = pct / PROGRESS_STEP;
+    let key = (peer.clone(), *id, direction.clone());
+    if steps.get(&key) == Some(&step) {
+        return false;
+    }
+    if pct >= 100 {
+        // Its last line: nothing more to remember.
+        steps.remove(&key);
+    } else {
+        steps.insert(key, step);
+    }
+    true
+}
+
 /// Prints each event whole with its newline, flushing after each.
 pub(super) fn print_events(rx: Receiver<Event>, json: bool) {
     let stdout = std::io::stdout();
-    // Per transfer, the last percent step printed.
-    let mut steps: HashMap<(String, u64, String), u64> = HashMap::new();
+    let mut steps = Steps::new();
     for e in rx {
-        if !json {
-            if let Event::FileProgress {
-                peer,
-                id,
-                direction,
-                bytes,
-                size,
-                ..
-            } = &e
-            {
-                let pct = if *size == 0 {
-                    100
-                } else {
-                    bytes.saturating_mul(100) / size
-                };
-                let step = pct / PROGRESS_STEP;
-                let key = (peer.clone(), *id, direction.clone());
-                if steps.get(&key) == Some(&step) {
-                    continue;
-                }
-                if pct >= 100 {
-                    // Its last line: nothing more to remember.
-                    steps.remove(&key);
-                } else {
-                    steps.insert(key, step);
-                }
-            }
+        if !json && !worth_a_line(&mut steps, &e) {
+            continue;
         }
         let line = if json { e.to_json() } else { e.to_text() };
         let mut out = stdout.lock();
         if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_prints_every_tenth_and_other_events_always() {
+        let mut steps = Steps::new();
+        let p = |bytes| Event::FileProgress {
+            peer: "bob".into(),
+            id: 1,
+            direction: "send".into(),
+            bytes,
+            size: 1000,
+            rate: 0,
+        };
+        let printed: Vec<u64> = (0..=40)
+            .map(|i| i * 25)
+            .filter(|&b| worth_a_line(&mut steps, &p(b)))
+            .collect();
+        assert_eq!(
+            printed,
+            [0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000]
+        );
+        assert!(steps.is_empty());
+        let note = Event::Notice { text: "x".into() };
+        assert!(worth_a_line(&mut steps, &note) && worth_a_line(&mut steps, &note));
     }
 }
