@@ -589,7 +589,12 @@ impl Screen {
         self.windows.len() - 1
     }
 
-    fn push_line(&mut self, w: usize, line: Line, spoken: bool) {
+    fn push_line(&mut self, w: usize, mut line: Line, spoken: bool) {
+        // Everything shown was cleaned where it came in; cleaning again
+        // changes nothing and makes sure of it (a local file name listed by
+        // completion, say).
+        line.text = clean(&line.text);
+        line.nick = line.nick.as_deref().map(clean);
         let active = self.active;
         // Rows the line takes at the width last drawn.
         let rows = wrap(&self.styled(&line), self.width.get().max(STAMP_WIDTH + 1)).len();
