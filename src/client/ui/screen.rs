@@ -1346,32 +1346,64 @@ impl Screen {
 }
 
 /// Splits a line's styled parts into rows of `width` columns; rows after
-/// the first are indented by [`STAMP_WIDTH`].
+/// the first are indented by [`STAMP_WIDTH`]. Rows break after a space
+/// when the word that follows fits on a row of its own, else anywhere.
 fn wrap(parts: &[(String, Style)], width: usize) -> Vec<Vec<(String, Style)>> {
-    let mut rows = vec![Vec::new()];
-    let mut col = 0;
-    for (text, style) in parts {
-        let mut cur = String::new();
-        for c in text.chars() {
-            let w = c.width().unwrap_or(0);
-            if col + w > width {
-                let row = rows.last_mut().expect("rows is never empty");
-                if !cur.is_empty() {
-                    row.push((std::mem::take(&mut cur), *style));
-                }
-                rows.push(vec![(" ".repeat(STAMP_WIDTH), Style::default())]);
-                col = STAMP_WIDTH;
-            }
-            cur.push(c);
-            col += w;
+    let cells: Vec<(char, usize, Style)> = parts
+        .iter()
+        .flat_map(|(t, s)| t.chars().map(move |c| (c, c.width().unwrap_or(0), *s)))
+        .collect();
+    let word_room = width.saturating_sub(STAMP_WIDTH).max(1);
+    // Columns of the word starting at `i`.
+    let word_at = |i: usize| -> usize {
+        cells[i..]
+            .iter()
+            .take_while(|c| c.0 != ' ')
+            .map(|c| c.1)
+            .sum()
+    };
+    let mut rows = Vec::new();
+    let mut start = 0;
+    loop {
+        let first = rows.is_empty();
+        let room = if first { width } else { word_room }.max(1);
+        let mut used = 0;
+        let mut end = start;
+        while end < cells.len() && used + cells[end].1 <= room {
+            used += cells[end].1;
+            end += 1;
         }
-        if !cur.is_empty() {
-            rows.last_mut()
-                .expect("rows is never empty")
-                .push((cur, *style));
+        if end == start && end < cells.len() {
+            // Wider than the row: alone on it.
+            end += 1;
+        }
+        if end < cells.len() {
+            // Not after the time stamp alone, and only before a word that
+            // then fits.
+            let least = if first { STAMP_WIDTH + 1 } else { 1 };
+            if let Some(b) = (start + least..=end)
+                .rev()
+                .find(|&b| cells[b - 1].0 == ' ' && word_at(b) <= word_room)
+            {
+                end = b;
+            }
+        }
+        let mut row: Vec<(String, Style)> = Vec::new();
+        if !first {
+            row.push((" ".repeat(STAMP_WIDTH), Style::default()));
+        }
+        for &(c, _, style) in &cells[start..end] {
+            match row.last_mut() {
+                Some((text, s)) if *s == style => text.push(c),
+                _ => row.push((c.to_string(), style)),
+            }
+        }
+        rows.push(row);
+        start = end;
+        if start >= cells.len() {
+            return rows;
         }
     }
-    rows
 }
 
 /// File paths starting with `word`, for `/send`.
@@ -1652,6 +1684,19 @@ mod tests {
         assert_eq!(parse_offset("0800"), None);
         assert_eq!(parse_offset("+08"), None);
         assert_eq!(stamp().len(), 8);
+    }
+
+    #[test]
+    fn rows_break_between_words_when_the_next_word_fits() {
+        let parts = vec![
+            ("12:00:00 ".to_owned(), Style::default()),
+            ("one two three four five six".to_owned(), Style::default()),
+        ];
+        let rows: Vec<String> = wrap(&parts, 24)
+            .iter()
+            .map(|r| r.iter().map(|(t, _)| t.as_str()).collect())
+            .collect();
+        assert_eq!(rows, ["12:00:00 one two three ", "         four five six"]);
     }
 
     #[test]
