@@ -90,6 +90,8 @@ pub struct CrsFile {
     pub min_iterations: Option<u32>,
     /// Most results of one search.
     pub max_search_results: Option<u32>,
+    /// Login attempts of one name from one address before each must wait.
+    pub free_login_attempts: Option<u32>,
     /// The worker pool.
     #[serde(default)]
     pub pool: PoolFile,

@@ -2,15 +2,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use getopts::Options;
 use ims::cli::{self, set, Parsed};
 use ims::config::{self, CrsFile};
 use ims::crs::{self, CrsConfig};
-use ims::link::{CrsLink, Identity};
-use ims::proto::crs::{CrsRequest, MsInfo};
-use ims::proto::Fields;
 
 const USAGE: &str = "Usage:
   ims-crs genkey FILE                       write a new random MSkey to FILE (mode 0600)
@@ -102,6 +98,7 @@ fn build_config(m: &getopts::Matches) -> Result<CrsConfig, String> {
         set(&mut c.lock_lease, f.lock_lease_secs.map(config::secs));
         set(&mut c.min_iterations, f.min_iterations);
         set(&mut c.max_search_results, f.max_search_results);
+        set(&mut c.free_login_attempts, f.free_login_attempts);
         f.pool.apply(&mut c.pool);
     }
     set(&mut c.listen, m.opt_str("listen"));
@@ -137,59 +134,6 @@ fn operator(
 ) -> Result<(), String> {
     let key = ims::keyfile::read_ms_key(&config.ms_key_file).map_err(|e| e.to_string())?;
     let crs = m.opt_str("crs").unwrap_or_else(|| config.listen.clone());
-    let me = Identity {
-        listen: "operator".into(),
-        capacity: 0,
-        role: "admin",
-        instance: String::new(),
-    };
-    let mut link = CrsLink::connect(&crs, &key, &me, Duration::from_secs(10))
-        .map_err(|e| format!("{e} (is the CRS running at {crs}?)"))?;
-    let req = match (what, rest) {
-        ("user", ["list"]) => CrsRequest::ListUsers {
-            after: None,
-            limit: 10_000,
-        },
-        ("user", ["show", name]) => CrsRequest::ShowUser {
-            user: name.to_string(),
-        },
-        ("user", ["delete", name]) => CrsRequest::DeleteUser {
-            user: name.to_string(),
-        },
-        ("ms", ["list"]) => CrsRequest::ListMs,
-        _ => {
-            return Err(format!(
-                "unknown command '{what} {}'; see ims-crs --help",
-                rest.join(" ")
-            ))
-        }
-    };
-    let reply = link.call(&req).map_err(|e| e.to_string())?;
-    if !reply.is_success() {
-        return Err(reply.reason().unwrap_or("refused").to_owned());
-    }
-    match req {
-        CrsRequest::ListUsers { .. } => {
-            let names: Vec<String> = reply.json().map_err(|e| e.to_string())?;
-            for n in names {
-                println!("{n}");
-            }
-        }
-        CrsRequest::ListMs => {
-            let list: Vec<MsInfo> = reply.json().map_err(|e| e.to_string())?;
-            println!(
-                "{:<4} {:<24} {:>8} {:>8} {:>10}",
-                "id", "address", "load", "capacity", "heartbeat"
-            );
-            for ms in list {
-                println!(
-                    "{:<4} {:<24} {:>8} {:>8} {:>9}s",
-                    ms.id, ms.address, ms.load, ms.capacity, ms.last_heartbeat_secs
-                );
-            }
-        }
-        CrsRequest::ShowUser { .. } => println!("{}", String::from_utf8_lossy(&reply.body)),
-        _ => println!("ok"),
-    }
+    print!("{}", crs::operator::run(&crs, &key, what, rest)?);
     Ok(())
 }

@@ -9,7 +9,7 @@ pub mod peer;
 pub mod session;
 pub mod ui;
 
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,14 +20,14 @@ use log::{debug, info, warn};
 use parking_lot::Mutex;
 
 use crate::crypto::{self, KdfPolicy};
+use crate::link::Conn;
 use crate::prethread::{self, Outcome, Peer, Server, Service};
-use crate::proto::crs::{Contact, EventKind, Hit, Profile};
-use crate::proto::ms::{read_event, MsRequest, PUSH};
+use crate::proto::crs::{EventKind, Hit, Profile};
+use crate::proto::ms::{read_event, MsReply, MsRequest, PUSH};
 use crate::proto::peer::{INIT, PEER};
-use crate::proto::Fields;
-use crate::wire::io::{write_message, IoError, MessageReader};
+use crate::proto::{Refusal, Refused};
 use crate::wire::{code, Limits, Message};
-use account::{refused, AccountError, NewAccount};
+use account::{AccountError, ClientError, NewAccount};
 use events::{BuddyView, Event};
 use session::{request_is_genuine, Credentials, Session};
 
@@ -115,49 +115,8 @@ impl ClientConfig {
     }
 }
 
-/// Connects to `addr` within `timeout`.
-pub fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, IoError> {
-    let mut last = None;
-    for a in addr.to_socket_addrs().map_err(IoError::Io)? {
-        match TcpStream::connect_timeout(&a, timeout) {
-            Ok(s) => {
-                // Small request/reply exchanges: do not wait for Nagle.
-                if let Err(e) = s.set_nodelay(true) {
-                    warn!("TCP_NODELAY: {e}");
-                }
-                return Ok(s);
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(IoError::Io(
-        last.unwrap_or_else(|| std::io::ErrorKind::NotFound.into()),
-    ))
-}
-
-/// A kept connection for a sequence of request/reply exchanges.
-pub struct Conn {
-    reader: MessageReader<TcpStream>,
-    timeout: Duration,
-}
-
-impl Conn {
-    /// Wraps a connected stream.
-    pub fn new(stream: TcpStream, timeout: Duration) -> Conn {
-        Conn {
-            reader: MessageReader::new(stream),
-            timeout,
-        }
-    }
-
-    /// Sends `m` and reads the reply.
-    pub fn call(&mut self, m: &Message) -> Result<Message, IoError> {
-        write_message(self.reader.get_mut(), m, Instant::now() + self.timeout)?;
-        self.reader
-            .read_message(&Limits::DEFAULT, Instant::now() + self.timeout)?
-            .ok_or(IoError::Wire(crate::wire::Error::EofInHeaders))
-    }
-}
+/// Connects to `addr` within `timeout` (peer links).
+pub use crate::link::connect;
 
 /// A running client.
 pub struct Client {
@@ -178,6 +137,13 @@ pub struct Client {
     session_ready: parking_lot::Condvar,
     /// Signalled when the buddy list or a buddy's presence changes.
     buddies_changed: parking_lot::Condvar,
+}
+
+/// A reply that does not fit its request.
+fn unexpected(reply: &MsReply) -> ClientError {
+    ClientError::Failed(format!(
+        "unexpected reply from the messaging server: {reply:?}"
+    ))
 }
 
 /// The buddy list of a session as shown to people.
@@ -339,12 +305,10 @@ impl Client {
     /// Logs in; the login, the buddy list and waiting requests are emitted.
     pub fn login(&self, user: &str, password: &str) -> Result<(), AccountError> {
         if let Some(me) = self.user() {
-            return Err(AccountError::Refused(
-                code::CONFLICT,
-                format!("already logged in as {me}; /logout first"),
-            ));
+            return Err(ClientError::AlreadyLoggedIn(me));
         }
         self.logging_in.store(true, Ordering::SeqCst);
+        let notice = |text: String| self.emit(Event::Notice { text });
         let result = Session::login(&Credentials {
             crs: &self.config.crs,
             user,
@@ -352,6 +316,8 @@ impl Client {
             policy: self.config.policy(),
             listen_port: self.listen_port,
             timeout: self.config.timeout,
+            usual_iterations: self.config.kdf_iterations,
+            notice: &notice,
         });
         let mut guard = self.session.lock();
         self.logging_in.store(false, Ordering::SeqCst);
@@ -401,32 +367,20 @@ impl Client {
         self.session.lock().as_ref().map(|s| s.profile.clone())
     }
 
-    /// One sealed request to our MS; the opened reply (any code).
-    fn ms_call(&self, req: &MsRequest) -> Result<Message, AccountError> {
+    /// One sealed request to our MS, on a fresh connection, and its
+    /// typed reply. The session is not held during the exchange (pushes
+    /// and peers need it meanwhile); `calls` keeps requests in sequence.
+    fn ms_call(&self, req: &MsRequest) -> Result<MsReply, ClientError> {
         let _serial = self.calls.lock();
         let (sealed, ms) = {
             let mut guard = self.session.lock();
-            let s = guard.as_mut().ok_or_else(|| {
-                AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into())
-            })?;
+            let s = guard.as_mut().ok_or(ClientError::NotLoggedIn)?;
             (s.seal_request(req)?, s.ms.clone())
         };
-        let reply = account::exchange(&ms, &sealed, self.config.timeout)?;
+        let reply = Conn::connect(&ms, self.config.timeout)?.exchange(&sealed)?;
         let mut guard = self.session.lock();
-        let s = guard
-            .as_mut()
-            .ok_or_else(|| AccountError::Refused(code::FORBIDDEN, "logged out meanwhile".into()))?;
-        s.open_reply(reply)
-    }
-
-    /// An `ms_call` that must succeed; the reply's reason otherwise.
-    fn ms_ok(&self, req: &MsRequest) -> Result<Message, AccountError> {
-        let reply = self.ms_call(req)?;
-        if reply.is_success() {
-            Ok(reply)
-        } else {
-            Err(refused(&reply))
-        }
+        let s = guard.as_mut().ok_or(ClientError::NotLoggedIn)?;
+        s.open_reply(req, &reply)
     }
 
     /// One keepalive to our MS; returns the failures in a row so far. An
@@ -438,9 +392,11 @@ impl Client {
         }
         let lost = match self.ms_call(&MsRequest::Ping) {
             Ok(_) => return 0,
-            Err(AccountError::Refused(code::FORBIDDEN, _)) => {
-                "the messaging server no longer knows this login"
-            }
+            Err(ClientError::NotLoggedIn) => return 0,
+            Err(ClientError::Refused(Refused {
+                refusal: Refusal::NotLoggedIn,
+                ..
+            })) => "the messaging server no longer knows this login",
             Err(e) if failures + 1 >= 3 => {
                 warn!("keepalive: {e}");
                 "the messaging server does not answer"
@@ -477,10 +433,10 @@ impl Client {
 
     /// Directory search.
     pub fn search(&self, text: &str) -> Result<Vec<Hit>, AccountError> {
-        let reply = self.ms_ok(&MsRequest::Search(text.to_owned()))?;
-        reply
-            .json()
-            .map_err(|e| AccountError::Refused(0, e.to_string()))
+        match self.ms_call(&MsRequest::Search(text.to_owned()))? {
+            MsReply::Hits(hits) => Ok(hits),
+            other => Err(unexpected(&other)),
+        }
     }
 
     /// Sends a signed buddy request; `true` if delivered now, `false` if
@@ -489,32 +445,29 @@ impl Client {
         let name = account::normalize_name(name)?;
         let req = {
             let guard = self.session.lock();
-            let s = guard.as_ref().ok_or_else(|| {
-                AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into())
-            })?;
+            let s = guard.as_ref().ok_or(ClientError::NotLoggedIn)?;
             if name == s.user {
-                return Err(AccountError::Refused(
-                    code::BAD_REQUEST,
-                    "you cannot add yourself".into(),
-                ));
+                return Err(Refused::new(Refusal::SameUser, "you cannot add yourself").into());
             }
             if s.buddies.contains_key(&name) {
-                return Err(AccountError::Refused(
-                    code::CONFLICT,
+                return Err(Refused::new(
+                    Refusal::AlreadyBuddies,
                     format!("{name} is already your buddy"),
-                ));
+                )
+                .into());
             }
             s.add_request(&name)?
         };
-        let reply = self.ms_ok(&req)?;
-        Ok(reply.code() == Some(code::OK))
+        Ok(matches!(self.ms_call(&req)?, MsReply::Done))
     }
 
     /// Accepts `name`'s buddy request.
     pub fn accept(&self, name: &str) -> Result<(), AccountError> {
         let name = account::normalize_name(name)?;
-        let reply = self.ms_ok(&MsRequest::Accept(name.clone()))?;
-        let contact: Option<Contact> = reply.json().ok();
+        let contact = match self.ms_call(&MsRequest::Accept(name.clone()))? {
+            MsReply::Contact(c) => Some(c),
+            _ => None,
+        };
         if let Some(s) = self.session.lock().as_mut() {
             s.requests.remove(&name);
             if let Some(c) = contact.filter(|c| c.user == name) {
@@ -528,7 +481,7 @@ impl Client {
     /// Denies `name`'s buddy request.
     pub fn deny(&self, name: &str) -> Result<(), AccountError> {
         let name = account::normalize_name(name)?;
-        self.ms_ok(&MsRequest::Deny(name.clone()))?;
+        self.ms_call(&MsRequest::Deny(name.clone()))?;
         if let Some(s) = self.session.lock().as_mut() {
             s.requests.remove(&name);
         }
@@ -538,21 +491,19 @@ impl Client {
     /// Removes `name` from both buddy lists.
     pub fn remove(&self, name: &str) -> Result<(), AccountError> {
         let name = account::normalize_name(name)?;
-        self.ms_ok(&MsRequest::Remove(name))?;
+        self.ms_call(&MsRequest::Remove(name))?;
         Ok(())
     }
 
     /// Sets (or with an empty value, clears) one profile field.
     pub fn set_profile_field(&self, field: &str, value: &str) -> Result<Profile, AccountError> {
-        let mut profile = self.profile().ok_or_else(|| {
-            AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into())
-        })?;
+        let mut profile = self.profile().ok_or(ClientError::NotLoggedIn)?;
         if value.is_empty() {
             profile.remove(field);
         } else {
             profile.insert(field.to_owned(), value.to_owned());
         }
-        self.ms_ok(&MsRequest::SetProfile(profile.clone()))?;
+        self.ms_call(&MsRequest::SetProfile(profile.clone()))?;
         if let Some(s) = self.session.lock().as_mut() {
             s.profile = profile.clone();
         }
@@ -563,16 +514,14 @@ impl Client {
     pub fn passwd(&self, new_password: &str) -> Result<(), AccountError> {
         let req = {
             let guard = self.session.lock();
-            let s = guard.as_ref().ok_or_else(|| {
-                AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into())
-            })?;
+            let s = guard.as_ref().ok_or(ClientError::NotLoggedIn)?;
             s.rewrap(
                 new_password,
                 self.config.kdf_iterations,
                 self.config.policy(),
             )?
         };
-        self.ms_ok(&req)?;
+        self.ms_call(&req)?;
         Ok(())
     }
 

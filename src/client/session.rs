@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::account::{self, exchange, refused, wrap_aad, AccountError, PasswordKeys};
+use super::account::{self, wrap_aad, ClientError, PasswordKeys};
 use crate::crypto::{self, scram, KdfParams, KdfPolicy, RsaPrivateKey, RsaPublicKey};
-use crate::proto::crs::{BuddyRequest, ClientRequest, Presence, Profile, Welcome, SEALED};
-use crate::proto::ms::{Challenge, MsRequest};
-use crate::proto::{self, Fields};
-use crate::seal::{Opener, Role, Sealer, SessionKeys};
-use crate::wire::{code, Message};
+use crate::link::{login_keys, push_keys, Channel, Conn, LinkError};
+use crate::proto::crs::{BuddyRequest, ClientReply, ClientRequest, Presence, Profile};
+use crate::proto::ms::{MsReply, MsRequest};
+use crate::proto::{self, Fields, ProtoError, Request};
+use crate::seal::{Opener, Role};
+use crate::wire::Message;
 
 /// Bytes of our login nonce.
 const NONCE_LEN: usize = 24;
@@ -28,10 +29,8 @@ pub struct Session {
     pub private_key: RsaPrivateKey,
     /// Our public key.
     pub public_key: RsaPublicKey,
-    /// The PBKDF2 parameters and password keys of this login (to re-wrap
-    /// on a password change we need the private key only).
-    send: Sealer,
-    recv: Opener,
+    /// Seals our requests to the MS and opens its replies.
+    link: Channel,
     /// Opens the MS's pushes.
     pub push: Opener,
     /// Buddies and, for those online, where they are.
@@ -56,6 +55,11 @@ pub struct Credentials<'a> {
     pub listen_port: u16,
     /// Bound on each exchange.
     pub timeout: Duration,
+    /// The iteration count this client uses for new passwords: a
+    /// challenge asking for more is derived only after telling the user.
+    pub usual_iterations: u32,
+    /// Tells the user something (before a long derivation).
+    pub notice: &'a dyn Fn(String),
 }
 
 /// Checks a buddy request's signature: `from` signed (from, to, nonce).
@@ -72,30 +76,32 @@ pub fn request_is_genuine(req: &BuddyRequest, to: &str) -> bool {
 
 impl Session {
     /// Asks the CRS for an MS and logs in there.
-    pub fn login(c: &Credentials<'_>) -> Result<Session, AccountError> {
+    pub fn login(c: &Credentials<'_>) -> Result<Session, ClientError> {
         let user = account::normalize_name(c.user)?;
-        let reply = exchange(c.crs, &ClientRequest::Locate.to_message(), c.timeout)?;
-        if !reply.is_success() {
-            return Err(refused(&reply));
-        }
-        let ms = reply
-            .req("Ms")
-            .map_err(|e| AccountError::Refused(0, e.to_string()))?
-            .to_owned();
-        let stream = super::connect(&ms, c.timeout)?;
-        let mut conn = super::Conn::new(stream, c.timeout);
+        let ms = match Conn::connect(c.crs, c.timeout)?.call(&ClientRequest::Locate)? {
+            ClientReply::Ms(ms) => ms,
+            _ => return Err(LinkError::Proto(ProtoError::Missing("Ms")).into()),
+        };
+        let mut conn = Conn::connect(&ms, c.timeout)?;
 
         let client_nonce = crypto::random_array::<NONCE_LEN>().to_vec();
         let hello = MsRequest::LoginHello {
             user: user.clone(),
             client_nonce: client_nonce.clone(),
         };
-        let reply = conn.call(&hello.to_message())?;
-        if !reply.is_success() {
-            return Err(refused(&reply));
+        let MsReply::Challenge(challenge) = conn.call(&hello)? else {
+            return Err(LinkError::Proto(ProtoError::NotAReply).into());
+        };
+        // The challenge is not authenticated: its count bounds our CPU.
+        if challenge.iterations > crypto::PBKDF2_MAX_ITERATIONS {
+            return Err(ClientError::TooManyIterations(challenge.iterations));
         }
-        let challenge =
-            Challenge::from_message(&reply).map_err(|e| AccountError::Refused(0, e.to_string()))?;
+        if challenge.iterations > c.usual_iterations {
+            (c.notice)(format!(
+                "this account's password uses {} iterations (this client uses {}); deriving its key takes longer",
+                challenge.iterations, c.usual_iterations
+            ));
+        }
         let params = KdfParams {
             salt: challenge.salt.clone(),
             iterations: challenge.iterations,
@@ -113,43 +119,42 @@ impl Session {
             proof: proof.to_vec(),
             listen_port: c.listen_port,
         };
-        let reply = conn.call(&login.to_message())?;
-        if reply.method() != Some(SEALED) {
-            return Err(refused(&reply));
+        let reply = conn.exchange(&login.to_message())?;
+        if let Some(r) = proto::Refused::from_message(&reply) {
+            return Err(r.into());
         }
         // The MS proves it holds our verifier: a fake MS stops here.
         let expected = scram::server_signature(&keys.scram.server_key, &auth);
         let signature = reply.req_b64("Server-Signature").unwrap_or_default();
         if !crypto::ct_eq(&expected, &signature) {
-            return Err(AccountError::Refused(
-                code::AUTH_FAILED,
-                "the messaging server failed to prove itself".into(),
-            ));
+            return Err(ClientError::ServerUnproven);
         }
         let login_id = reply
             .req("Login")
-            .map_err(|e| AccountError::Refused(0, e.to_string()))?
+            .map_err(|e| ClientError::Io(e.into()))?
             .to_owned();
-        let mut context = client_nonce.clone();
-        context.extend_from_slice(&challenge.server_nonce);
-        let link = SessionKeys::derive(&keys.scram.client_key, &context, Role::Initiator);
-        context.extend_from_slice(b"push");
-        let push = SessionKeys::derive(&keys.scram.client_key, &context, Role::Initiator);
-        let (send, mut recv) = (link.send, link.recv);
-        let inner = recv
-            .open(&reply)
-            .map_err(|e| AccountError::Refused(0, format!("unreadable welcome: {e}")))?;
-        let welcome: Welcome = inner
-            .json()
-            .map_err(|e| AccountError::Refused(0, e.to_string()))?;
+        let keys_link = login_keys(
+            &keys.scram.client_key,
+            &client_nonce,
+            &challenge.server_nonce,
+            Role::Initiator,
+        );
+        let push = push_keys(
+            &keys.scram.client_key,
+            &client_nonce,
+            &challenge.server_nonce,
+            Role::Initiator,
+        );
+        let mut link = Channel::new(keys_link, vec![("Login", login_id.clone())]);
+        let inner = link.open(&reply)?;
+        let MsReply::Welcome(welcome) = login.read_reply(&inner).map_err(LinkError::from)?? else {
+            return Err(LinkError::Proto(ProtoError::NotAReply).into());
+        };
         let private_der = scram::unwrap(&keys.wrap, &welcome.wrapped_key, &wrap_aad(&user))?;
         let private_key = RsaPrivateKey::from_der(&private_der)?;
         let public_key = RsaPublicKey::from_der(&welcome.public_key)?;
         if private_key.public_key().to_der()? != welcome.public_key {
-            return Err(AccountError::Refused(
-                0,
-                "the stored key pair does not match".into(),
-            ));
+            return Err(ClientError::KeyMismatch);
         }
         let requests = welcome
             .requests
@@ -163,8 +168,7 @@ impl Session {
             login: login_id,
             private_key,
             public_key,
-            send,
-            recv,
+            link,
             push: push.recv,
             buddies: welcome
                 .contacts
@@ -176,21 +180,16 @@ impl Session {
         })
     }
 
-    /// Seals `req` for the MS; the reply must go through [`Session::open_reply`].
-    pub fn seal_request(&mut self, req: &MsRequest) -> Result<Message, AccountError> {
-        self.send
-            .seal(SEALED, &[("Login", &self.login)], &req.to_message())
-            .map_err(|e| AccountError::Refused(0, e.to_string()))
+    /// Seals `req` for the MS; its reply goes through [`Session::open_reply`].
+    pub fn seal_request(&mut self, req: &MsRequest) -> Result<Message, ClientError> {
+        Ok(self.link.seal(&req.to_message())?)
     }
 
-    /// Opens the MS's sealed reply (an unsealed one is an error reply).
-    pub fn open_reply(&mut self, reply: Message) -> Result<Message, AccountError> {
-        if reply.method() != Some(SEALED) {
-            return Err(refused(&reply));
-        }
-        self.recv
-            .open(&reply)
-            .map_err(|e| AccountError::Refused(0, format!("unreadable reply: {e}")))
+    /// Opens and decodes the MS's reply to `req` (an unsealed one is a
+    /// refusal in the clear).
+    pub fn open_reply(&mut self, req: &MsRequest, reply: &Message) -> Result<MsReply, ClientError> {
+        let inner = self.link.open(reply)?;
+        Ok(req.read_reply(&inner).map_err(LinkError::from)??)
     }
 
     /// A new verifier and our private key re-wrapped for `password`.
@@ -199,9 +198,9 @@ impl Session {
         password: &str,
         iterations: u32,
         policy: KdfPolicy,
-    ) -> Result<MsRequest, AccountError> {
+    ) -> Result<MsRequest, ClientError> {
         if password.chars().count() < account::MIN_PASSWORD_LEN {
-            return Err(AccountError::WeakPassword);
+            return Err(ClientError::WeakPassword);
         }
         let params = KdfParams::generate(iterations);
         let keys = PasswordKeys::derive(password, &params, policy)?;
@@ -217,7 +216,7 @@ impl Session {
     }
 
     /// A signed buddy request for `to`.
-    pub fn add_request(&self, to: &str) -> Result<MsRequest, AccountError> {
+    pub fn add_request(&self, to: &str) -> Result<MsRequest, ClientError> {
         let nonce = crypto::random_array::<16>().to_vec();
         let signature = self
             .private_key
