@@ -47,9 +47,9 @@ pub struct PoolFile {
     /// Accepted connections that may wait for a worker.
     pub queue: Option<usize>,
     /// Seconds to receive one whole message.
-    pub message_deadline_secs: Option<f64>,
+    pub message_deadline_secs: Option<Secs>,
     /// Seconds a kept connection may stay idle.
-    pub idle_timeout_secs: Option<f64>,
+    pub idle_timeout_secs: Option<Secs>,
 }
 
 impl PoolFile {
@@ -61,11 +61,11 @@ impl PoolFile {
         if let Some(q) = self.queue {
             pool.queue = q;
         }
-        if let Some(s) = self.message_deadline_secs {
-            pool.message_deadline = secs(s);
+        if let Some(Secs(d)) = self.message_deadline_secs {
+            pool.message_deadline = d;
         }
-        if let Some(s) = self.idle_timeout_secs {
-            pool.idle_timeout = secs(s);
+        if let Some(Secs(d)) = self.idle_timeout_secs {
+            pool.idle_timeout = d;
         }
     }
 }
@@ -83,9 +83,9 @@ pub struct CrsFile {
     /// Whether clients may register themselves.
     pub registration_open: Option<bool>,
     /// Seconds of silence after which an MS is dropped.
-    pub heartbeat_timeout_secs: Option<f64>,
+    pub heartbeat_timeout_secs: Option<Secs>,
     /// Seconds a login lock lasts.
-    pub lock_lease_secs: Option<f64>,
+    pub lock_lease_secs: Option<Secs>,
     /// Fewest PBKDF2 iterations accepted at registration.
     pub min_iterations: Option<u32>,
     /// Most results of one search.
@@ -112,17 +112,17 @@ pub struct MsFile {
     /// Most users.
     pub capacity: Option<u32>,
     /// Seconds between heartbeats.
-    pub heartbeat_interval_secs: Option<f64>,
+    pub heartbeat_interval_secs: Option<Secs>,
     /// Pusher threads.
     pub push_threads: Option<usize>,
     /// Seconds of client silence before it is probed and logged out.
-    pub client_timeout_secs: Option<f64>,
+    pub client_timeout_secs: Option<Secs>,
     /// Login attempts a second from one address (0: no limit).
-    pub login_rate_per_sec: Option<f64>,
+    pub login_rate_per_sec: Option<Rate>,
     /// Login attempts one address may make at once.
     pub login_burst: Option<u32>,
     /// Searches a second per user.
-    pub search_rate_per_sec: Option<f64>,
+    pub search_rate_per_sec: Option<Rate>,
     /// The worker pool.
     #[serde(default)]
     pub pool: PoolFile,
@@ -155,15 +155,64 @@ pub struct ClientFile {
     /// Accept every file a buddy offers.
     pub auto_accept_files: Option<bool>,
     /// Seconds between keepalives to the MS.
-    pub keepalive_interval_secs: Option<f64>,
+    pub keepalive_interval_secs: Option<Secs>,
     /// The listener's worker pool.
     #[serde(default)]
     pub pool: PoolFile,
 }
 
-/// Seconds (possibly fractional) as a duration; negatives count as zero.
-pub fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s.max(0.0))
+/// The longest duration a configuration may set: a week. Longer is a
+/// typo, and would overflow deadlines computed from it.
+pub const MAX_CONFIG_SECS: f64 = 7.0 * 86_400.0;
+
+/// The most events a second a rate may allow.
+pub const MAX_RATE: f64 = 1e6;
+
+/// Seconds (possibly fractional) as a duration: finite, not negative, at
+/// most [`MAX_CONFIG_SECS`]; the error says which rule `s` breaks.
+pub fn duration(s: f64) -> Result<Duration, String> {
+    if !s.is_finite() {
+        return Err(format!("{s} is not a number of seconds"));
+    }
+    if s < 0.0 {
+        return Err(format!("{s}: a duration cannot be negative"));
+    }
+    if s > MAX_CONFIG_SECS {
+        return Err(format!("{s}: at most {MAX_CONFIG_SECS} seconds"));
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+/// A duration key of a configuration file, checked by [`duration`] as it
+/// is read (so the error names the file and the key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "f64")]
+pub struct Secs(pub Duration);
+
+impl TryFrom<f64> for Secs {
+    type Error = String;
+
+    fn try_from(s: f64) -> Result<Secs, String> {
+        duration(s).map(Secs)
+    }
+}
+
+/// A rate key (events a second) of a configuration file: finite, not
+/// negative, at most [`MAX_RATE`].
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(try_from = "f64")]
+pub struct Rate(pub f64);
+
+impl TryFrom<f64> for Rate {
+    type Error = String;
+
+    fn try_from(r: f64) -> Result<Rate, String> {
+        if r.is_finite() && (0.0..=MAX_RATE).contains(&r) {
+            Ok(Rate(r))
+        } else {
+            Err(format!("{r}: a rate is a number from 0 to {MAX_RATE}"))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -191,5 +240,39 @@ mod tests {
         std::fs::write(&p, "listen = \"0.0.0.0:1\"\n[pool]\nworkers = 3\n").unwrap();
         let f = load::<CrsFile>(&p).unwrap();
         assert_eq!(f.pool.workers, Some(3));
+    }
+
+    #[test]
+    fn bad_durations_and_rates_are_refused_naming_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ms.toml");
+        for (text, key) in [
+            ("heartbeat_interval_secs = inf\n", "heartbeat_interval_secs"),
+            ("heartbeat_interval_secs = nan\n", "heartbeat_interval_secs"),
+            ("client_timeout_secs = -1\n", "client_timeout_secs"),
+            ("client_timeout_secs = 1e300\n", "client_timeout_secs"),
+            ("[pool]\nidle_timeout_secs = -inf\n", "idle_timeout_secs"),
+            (
+                "[pool]\nmessage_deadline_secs = 1e19\n",
+                "message_deadline_secs",
+            ),
+            ("login_rate_per_sec = nan\n", "login_rate_per_sec"),
+            ("search_rate_per_sec = -2\n", "search_rate_per_sec"),
+        ] {
+            std::fs::write(&p, text).unwrap();
+            let e = load::<MsFile>(&p).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("ms.toml"), "{text}: {e}");
+        }
+        std::fs::write(
+            &p,
+            "heartbeat_interval_secs = 2.5\nclient_timeout_secs = 0\n",
+        )
+        .unwrap();
+        let f = load::<MsFile>(&p).unwrap();
+        assert_eq!(
+            f.heartbeat_interval_secs,
+            Some(Secs(Duration::from_millis(2500)))
+        );
+        assert_eq!(f.client_timeout_secs, Some(Secs(Duration::ZERO)));
     }
 }

@@ -140,7 +140,7 @@ fn build_config(m: &getopts::Matches) -> Result<Built, String> {
         set(&mut c.auto_accept_files, f.auto_accept_files);
         set(
             &mut c.keepalive_interval,
-            f.keepalive_interval_secs.map(config::secs),
+            f.keepalive_interval_secs.map(|s| s.0),
         );
         f.pool.apply(&mut c.pool);
         user = f.user;

@@ -93,9 +93,9 @@ fn build_config(m: &getopts::Matches) -> Result<CrsConfig, String> {
         set(&mut c.registration_open, f.registration_open);
         set(
             &mut c.heartbeat_timeout,
-            f.heartbeat_timeout_secs.map(config::secs),
+            f.heartbeat_timeout_secs.map(|s| s.0),
         );
-        set(&mut c.lock_lease, f.lock_lease_secs.map(config::secs));
+        set(&mut c.lock_lease, f.lock_lease_secs.map(|s| s.0));
         set(&mut c.min_iterations, f.min_iterations);
         set(&mut c.max_search_results, f.max_search_results);
         set(&mut c.free_login_attempts, f.free_login_attempts);
@@ -107,7 +107,7 @@ fn build_config(m: &getopts::Matches) -> Result<CrsConfig, String> {
     set(&mut c.pool.workers, cli::num(m, "workers")?);
     set(
         &mut c.pool.message_deadline,
-        cli::num::<f64>(m, "message-deadline")?.map(config::secs),
+        cli::secs(m, "message-deadline")?,
     );
     set(&mut c.min_iterations, cli::num(m, "min-iterations")?);
     if m.opt_present("close-registration") {

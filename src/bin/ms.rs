@@ -113,16 +113,13 @@ fn build_config(m: &getopts::Matches) -> Result<MsConfig, String> {
         set(&mut c.capacity, f.capacity);
         set(
             &mut c.heartbeat_interval,
-            f.heartbeat_interval_secs.map(config::secs),
+            f.heartbeat_interval_secs.map(|s| s.0),
         );
         set(&mut c.push_threads, f.push_threads);
-        set(
-            &mut c.client_timeout,
-            f.client_timeout_secs.map(config::secs),
-        );
-        set(&mut c.login_rate, f.login_rate_per_sec);
+        set(&mut c.client_timeout, f.client_timeout_secs.map(|s| s.0));
+        set(&mut c.login_rate, f.login_rate_per_sec.map(|r| r.0));
         set(&mut c.login_burst, f.login_burst);
-        set(&mut c.search_rate, f.search_rate_per_sec);
+        set(&mut c.search_rate, f.search_rate_per_sec.map(|r| r.0));
         f.pool.apply(&mut c.pool);
     }
     set(&mut c.listen, m.opt_str("listen"));
@@ -133,17 +130,14 @@ fn build_config(m: &getopts::Matches) -> Result<MsConfig, String> {
     set(&mut c.pool.workers, cli::num(m, "workers")?);
     set(
         &mut c.heartbeat_interval,
-        cli::num::<f64>(m, "heartbeat-interval")?.map(config::secs),
+        cli::secs(m, "heartbeat-interval")?,
     );
     set(
         &mut c.pool.message_deadline,
-        cli::num::<f64>(m, "message-deadline")?.map(config::secs),
+        cli::secs(m, "message-deadline")?,
     );
     set(&mut c.fake_iterations, cli::num(m, "fake-iterations")?);
-    set(
-        &mut c.client_timeout,
-        cli::num::<f64>(m, "client-timeout")?.map(config::secs),
-    );
+    set(&mut c.client_timeout, cli::secs(m, "client-timeout")?);
     set(&mut c.login_rate, cli::num(m, "login-rate")?);
     Ok(c)
 }

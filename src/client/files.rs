@@ -315,6 +315,10 @@ pub struct Receiving {
     written: u64,
     progress: Progress,
     done: bool,
+    /// A frame of this connection opened under the transfer's keys: only
+    /// then does the transfer count as receiving, so that a forged first
+    /// frame cannot end an accepted transfer.
+    started: bool,
 }
 
 impl Client {
@@ -692,12 +696,9 @@ impl Client {
             .find(|t| t.peer == from && t.id == id)
             .cloned()
             .ok_or_else(|| Message::reply(code::NOT_FOUND, "no such transfer"))?;
-        {
-            let mut state = transfer.state.lock();
-            if *state != InState::Accepted {
-                return Err(Message::reply(code::FORBIDDEN, "transfer not accepted"));
-            }
-            *state = InState::Receiving;
+        // The state changes when a frame opens (see `on_file_message`).
+        if *transfer.state.lock() != InState::Accepted {
+            return Err(Message::reply(code::FORBIDDEN, "transfer not accepted"));
         }
         let me = self
             .user()
@@ -735,6 +736,7 @@ impl Client {
             written: 0,
             progress: Progress::new(),
             done: false,
+            started: false,
         })
     }
 
@@ -753,6 +755,15 @@ impl Client {
                 return Some((Message::reply(code::BAD_REQUEST, "unreadable chunk"), true));
             }
         };
+        if !r.started {
+            let mut state = t.state.lock();
+            if *state != InState::Accepted {
+                // Another connection is receiving it: this one goes, alone.
+                return Some((Message::reply(code::CONFLICT, "already receiving"), true));
+            }
+            *state = InState::Receiving;
+            r.started = true;
+        }
         let cannot_write = || {
             Some((
                 Message::reply(code::INTERNAL, "cannot write the file"),
@@ -762,7 +773,8 @@ impl Client {
         match PeerRequest::from_message(inner) {
             Ok(PeerRequest::FileChunk { id, offset, .. }) if id == t.id => {
                 let len = data.len() as u64;
-                if offset != r.written || r.written + len > t.size {
+                let past_end = r.written.checked_add(len).is_none_or(|end| end > t.size);
+                if offset != r.written || past_end {
                     return Some((
                         Message::reply(code::BAD_REQUEST, "chunk out of place"),
                         true,
@@ -864,6 +876,16 @@ impl Client {
 
     /// A transfer's connection ended: unless it finished, nothing stays.
     pub(super) fn close_receiving(&self, mut r: Receiving) {
+        if !r.started {
+            // No frame of this connection opened: the transfer is untouched
+            // (still accepted, waiting for its real sender); only this
+            // connection's partial file goes.
+            let _ = r.sink.finish();
+            if let Err(e) = fs::remove_file(&r.temp) {
+                warn!("removing {}: {e}", r.temp.display());
+            }
+            return;
+        }
         if !r.done {
             let reason = if r.transfer.cancelled.load(Ordering::Relaxed) {
                 "cancelled".to_owned()

@@ -228,3 +228,86 @@ impl Session {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::ms::Challenge;
+    use crate::wire::io::{write_message, MessageReader};
+    use crate::wire::Limits;
+    use std::net::TcpListener;
+    use std::time::Instant;
+
+    /// A server answering each request on each connection with `answer`.
+    fn serve(answer: impl Fn(&Message) -> Message + Send + 'static) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else { return };
+                let mut r = MessageReader::new(s);
+                let deadline = || Instant::now() + Duration::from_secs(5);
+                while let Ok(Some(m)) = r.read_message(&Limits::DEFAULT, deadline()) {
+                    if write_message(r.get_mut(), &answer(&m), deadline()).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        addr
+    }
+
+    fn login_against(iterations: u32) -> (Result<Session, ClientError>, Vec<String>) {
+        let ms = serve(move |_| {
+            Challenge {
+                salt: vec![1; 16],
+                iterations,
+                server_nonce: vec![2; 24],
+            }
+            .to_message()
+        });
+        let crs = serve(move |_| ClientReply::Ms(ms.clone()).to_message());
+        let notices = std::sync::Mutex::new(Vec::new());
+        let notice = |t: String| notices.lock().unwrap().push(t);
+        let r = Session::login(&Credentials {
+            crs: &crs,
+            user: "joe",
+            password: "correct horse",
+            policy: KdfPolicy::Insecure,
+            listen_port: 7300,
+            timeout: Duration::from_secs(5),
+            usual_iterations: 10,
+            notice: &notice,
+        });
+        (r, notices.into_inner().unwrap())
+    }
+
+    #[test]
+    fn a_challenge_past_the_iteration_maximum_is_refused_at_once() {
+        let t = Instant::now();
+        let (r, notices) = login_against(4_000_000_000);
+        match r {
+            Err(ClientError::TooManyIterations(4_000_000_000)) => {}
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("logged in"),
+        }
+        assert!(notices.is_empty(), "{notices:?}");
+        // Refused before deriving anything (four billion would take hours).
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        let e = login_against(crypto::PBKDF2_MAX_ITERATIONS + 1)
+            .0
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("iterations"), "{e}");
+    }
+
+    #[test]
+    fn an_unusual_count_is_told_before_deriving() {
+        // 500 is more than the usual 10: the user hears of it; the fake MS
+        // then fails the login, which is not what is tested here.
+        let (r, notices) = login_against(500);
+        assert!(r.is_err());
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert!(notices[0].contains("500"), "{notices:?}");
+    }
+}
