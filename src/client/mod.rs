@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{RecvTimeoutError, Sender};
 use log::{debug, info, warn};
 use parking_lot::Mutex;
 
@@ -29,7 +29,7 @@ use crate::proto::{Refusal, Refused};
 use crate::wire::{code, Limits, Message};
 use account::{AccountError, ClientError, NewAccount};
 use events::{BuddyView, Event};
-use session::{request_is_genuine, Credentials, Session};
+use session::{request_is_genuine, Credentials, Session, State};
 
 /// The well-known port of the client's listener (one client per host, as
 /// the design has it); tests and several clients on one host use port 0.
@@ -122,7 +122,8 @@ pub use crate::link::connect;
 pub struct Client {
     config: ClientConfig,
     listen_port: u16,
-    session: Mutex<Option<Session>>,
+    /// Logged out, logging in, or logged in.
+    state: Mutex<State>,
     /// Serializes requests to the MS so their sequence numbers stay in order.
     calls: Mutex<()>,
     events: Sender<Event>,
@@ -131,12 +132,9 @@ pub struct Client {
     next_id: AtomicU64,
     /// Whom we last wrote to or heard from: plain lines go there.
     last_peer: Mutex<Option<String>>,
-    /// A login is between its LOGIN and the session being installed.
-    logging_in: std::sync::atomic::AtomicBool,
-    /// Signalled when a login ends (installed or failed).
-    session_ready: parking_lot::Condvar,
-    /// Signalled when the buddy list or a buddy's presence changes.
-    buddies_changed: parking_lot::Condvar,
+    /// Signalled when `state` changes: a login ends (installed or
+    /// failed), the buddy list or a buddy's presence changes.
+    changed: parking_lot::Condvar,
 }
 
 /// A reply that does not fit its request.
@@ -162,6 +160,8 @@ pub struct Running {
     /// The client.
     pub client: Arc<Client>,
     server: Server,
+    /// Dropped with `Running`: the timer threads end.
+    _stop: Sender<()>,
 }
 
 impl Running {
@@ -192,15 +192,30 @@ pub fn start(config: ClientConfig, events: Sender<Event>) -> std::io::Result<Run
         Arc::new(Listener(client.clone())),
     )?;
     info!("client listening on {}", server.local_addr());
-    let weak = Arc::downgrade(&client);
+    // The timers: each sleeps until its next deadline or until `stop`
+    // says the client is going (its sender drops with `Running`).
+    let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+    let (weak, until) = (Arc::downgrade(&client), stopped.clone());
     std::thread::Builder::new()
         .name("client-acks".into())
         .spawn(move || {
-            // Fails messages whose acknowledgement is overdue; ends with the client.
+            // Fails messages whose acknowledgement is overdue.
             while let Some(c) = weak.upgrade() {
                 c.expire_pending();
+                // A request sent from now on is due no earlier than this.
+                let latest = Instant::now() + c.config.ack_timeout;
+                let next = c
+                    .peers
+                    .pending
+                    .lock()
+                    .values()
+                    .map(|p| p.deadline)
+                    .min()
+                    .map_or(latest, |d| d.min(latest));
                 drop(c);
-                std::thread::sleep(Duration::from_millis(100));
+                if !matches!(until.recv_deadline(next), Err(RecvTimeoutError::Timeout)) {
+                    return;
+                }
             }
         })?;
     let weak = Arc::downgrade(&client);
@@ -208,17 +223,20 @@ pub fn start(config: ClientConfig, events: Sender<Event>) -> std::io::Result<Run
         .name("client-keepalive".into())
         .spawn(move || {
             let mut failures = 0u32;
-            let mut next = Instant::now();
             while let Some(c) = weak.upgrade() {
-                if Instant::now() >= next {
-                    next = Instant::now() + c.config.keepalive_interval;
-                    failures = c.keepalive(failures);
-                }
+                let next = Instant::now() + c.config.keepalive_interval;
+                failures = c.keepalive(failures);
                 drop(c);
-                std::thread::sleep(Duration::from_millis(100));
+                if !matches!(stopped.recv_deadline(next), Err(RecvTimeoutError::Timeout)) {
+                    return;
+                }
             }
         })?;
-    Ok(Running { client, server })
+    Ok(Running {
+        client,
+        server,
+        _stop: stop,
+    })
 }
 
 impl Client {
@@ -227,16 +245,14 @@ impl Client {
         Client {
             config,
             listen_port,
-            session: Mutex::new(None),
+            state: Mutex::new(State::LoggedOut),
             calls: Mutex::new(()),
             events,
             peers: peer::Peers::default(),
             files: files::Files::default(),
             next_id: AtomicU64::new(1),
             last_peer: Mutex::new(None),
-            logging_in: std::sync::atomic::AtomicBool::new(false),
-            session_ready: parking_lot::Condvar::new(),
-            buddies_changed: parking_lot::Condvar::new(),
+            changed: parking_lot::Condvar::new(),
         }
     }
 
@@ -274,12 +290,12 @@ impl Client {
 
     /// Whether a login is active.
     pub fn is_logged_in(&self) -> bool {
-        self.session.lock().is_some()
+        self.state.lock().session().is_some()
     }
 
     /// Our name, if logged in.
     pub fn user(&self) -> Option<String> {
-        self.session.lock().as_ref().map(|s| s.user.clone())
+        self.state.lock().session().map(|s| s.user.clone())
     }
 
     /// Creates an account.
@@ -304,10 +320,14 @@ impl Client {
 
     /// Logs in; the login, the buddy list and waiting requests are emitted.
     pub fn login(&self, user: &str, password: &str) -> Result<(), AccountError> {
-        if let Some(me) = self.user() {
-            return Err(ClientError::AlreadyLoggedIn(me));
+        {
+            let mut state = self.state.lock();
+            match &*state {
+                State::LoggedIn(s) => return Err(ClientError::AlreadyLoggedIn(s.user.clone())),
+                State::LoggingIn => return Err(ClientError::Failed("a login is under way".into())),
+                State::LoggedOut => *state = State::LoggingIn,
+            }
         }
-        self.logging_in.store(true, Ordering::SeqCst);
         let notice = |text: String| self.emit(Event::Notice { text });
         let result = Session::login(&Credentials {
             crs: &self.config.crs,
@@ -319,19 +339,19 @@ impl Client {
             usual_iterations: self.config.kdf_iterations,
             notice: &notice,
         });
-        let mut guard = self.session.lock();
-        self.logging_in.store(false, Ordering::SeqCst);
+        let mut guard = self.state.lock();
         let session = match result {
             Ok(s) => s,
             Err(e) => {
-                self.session_ready.notify_all();
+                *guard = State::LoggedOut;
+                self.changed.notify_all();
                 return Err(e);
             }
         };
         let user = session.user.clone();
         let requests: Vec<String> = session.requests.keys().cloned().collect();
         let buddies = buddy_views(&session);
-        *guard = Some(session);
+        *guard = State::LoggedIn(Box::new(session));
         // Pushes that raced the end of the login wait for this, so they
         // are never lost and print after these.
         self.emit(Event::LoggedIn { user });
@@ -339,32 +359,32 @@ impl Client {
         for from in requests {
             self.emit(Event::Request { from });
         }
-        self.session_ready.notify_all();
+        self.changed.notify_all();
         drop(guard);
         Ok(())
     }
 
     /// The buddy list with presence.
     pub fn buddies(&self) -> Vec<BuddyView> {
-        self.session
+        self.state
             .lock()
-            .as_ref()
+            .session()
             .map(buddy_views)
             .unwrap_or_default()
     }
 
     /// Names with a buddy request waiting for our answer.
     pub fn pending_requests(&self) -> Vec<String> {
-        self.session
+        self.state
             .lock()
-            .as_ref()
+            .session()
             .map(|s| s.requests.keys().cloned().collect())
             .unwrap_or_default()
     }
 
     /// Our profile as of login (and our own changes since).
     pub fn profile(&self) -> Option<Profile> {
-        self.session.lock().as_ref().map(|s| s.profile.clone())
+        self.state.lock().session().map(|s| s.profile.clone())
     }
 
     /// One sealed request to our MS, on a fresh connection, and its
@@ -373,13 +393,13 @@ impl Client {
     fn ms_call(&self, req: &MsRequest) -> Result<MsReply, ClientError> {
         let _serial = self.calls.lock();
         let (sealed, ms) = {
-            let mut guard = self.session.lock();
-            let s = guard.as_mut().ok_or(ClientError::NotLoggedIn)?;
+            let mut guard = self.state.lock();
+            let s = guard.session_mut().ok_or(ClientError::NotLoggedIn)?;
             (s.seal_request(req)?, s.ms.clone())
         };
         let reply = Conn::connect(&ms, self.config.timeout)?.exchange(&sealed)?;
-        let mut guard = self.session.lock();
-        let s = guard.as_mut().ok_or(ClientError::NotLoggedIn)?;
+        let mut guard = self.state.lock();
+        let s = guard.session_mut().ok_or(ClientError::NotLoggedIn)?;
         s.open_reply(req, &reply)
     }
 
@@ -408,7 +428,7 @@ impl Client {
         };
         self.peers.clear();
         self.files.clear();
-        if let Some(s) = self.session.lock().take() {
+        if let Some(s) = self.state.lock().log_out() {
             self.emit(Event::Notice {
                 text: format!("{lost}; log in again with /login {}", s.user),
             });
@@ -423,7 +443,7 @@ impl Client {
         // Sessions with buddies end with the login.
         self.peers.clear();
         self.files.clear();
-        if let Some(s) = self.session.lock().take() {
+        if let Some(s) = self.state.lock().log_out() {
             if let Err(e) = result {
                 warn!("logout: {e}");
             }
@@ -444,8 +464,8 @@ impl Client {
     pub fn add(&self, name: &str) -> Result<bool, AccountError> {
         let name = account::normalize_name(name)?;
         let req = {
-            let guard = self.session.lock();
-            let s = guard.as_ref().ok_or(ClientError::NotLoggedIn)?;
+            let guard = self.state.lock();
+            let s = guard.session().ok_or(ClientError::NotLoggedIn)?;
             if name == s.user {
                 return Err(Refused::new(Refusal::SameUser, "you cannot add yourself").into());
             }
@@ -468,13 +488,13 @@ impl Client {
             MsReply::Contact(c) => Some(c),
             _ => None,
         };
-        if let Some(s) = self.session.lock().as_mut() {
+        if let Some(s) = self.state.lock().session_mut() {
             s.requests.remove(&name);
             if let Some(c) = contact.filter(|c| c.user == name) {
                 s.buddies.insert(c.user, c.online);
             }
         }
-        self.buddies_changed.notify_all();
+        self.changed.notify_all();
         Ok(())
     }
 
@@ -482,7 +502,7 @@ impl Client {
     pub fn deny(&self, name: &str) -> Result<(), AccountError> {
         let name = account::normalize_name(name)?;
         self.ms_call(&MsRequest::Deny(name.clone()))?;
-        if let Some(s) = self.session.lock().as_mut() {
+        if let Some(s) = self.state.lock().session_mut() {
             s.requests.remove(&name);
         }
         Ok(())
@@ -504,7 +524,7 @@ impl Client {
             profile.insert(field.to_owned(), value.to_owned());
         }
         self.ms_call(&MsRequest::SetProfile(profile.clone()))?;
-        if let Some(s) = self.session.lock().as_mut() {
+        if let Some(s) = self.state.lock().session_mut() {
             s.profile = profile.clone();
         }
         Ok(profile)
@@ -513,8 +533,8 @@ impl Client {
     /// Changes the password: a new verifier, our key re-wrapped.
     pub fn passwd(&self, new_password: &str) -> Result<(), AccountError> {
         let req = {
-            let guard = self.session.lock();
-            let s = guard.as_ref().ok_or(ClientError::NotLoggedIn)?;
+            let guard = self.state.lock();
+            let s = guard.session().ok_or(ClientError::NotLoggedIn)?;
             s.rewrap(
                 new_password,
                 self.config.kdf_iterations,
@@ -529,17 +549,16 @@ impl Client {
     /// The session, waiting for a login in progress to finish: our MS
     /// (and buddies who heard we are online) may reach us before our
     /// login is complete here.
-    fn settled_session(&self) -> parking_lot::MutexGuard<'_, Option<Session>> {
-        let mut guard = self.session.lock();
-        if guard.is_none() && self.logging_in.load(Ordering::SeqCst) {
-            self.session_ready.wait_for(&mut guard, self.config.timeout);
-        }
+    fn settled_session(&self) -> parking_lot::MutexGuard<'_, State> {
+        let mut guard = self.state.lock();
+        let end = Instant::now() + self.config.timeout;
+        while guard.logging_in() && !self.changed.wait_until(&mut guard, end).timed_out() {}
         guard
     }
 
     fn on_push(&self, m: &Message) -> Message {
         let mut guard = self.settled_session();
-        let Some(s) = guard.as_mut() else {
+        let Some(s) = guard.session_mut() else {
             return Message::reply(code::FORBIDDEN, "not logged in");
         };
         if m.header("User") != Some(s.user.as_str()) {
@@ -609,7 +628,7 @@ impl Client {
                 if user != s.user {
                     return Message::ok();
                 }
-                guard.take();
+                guard.log_out();
                 drop(guard);
                 self.peers.clear();
                 self.files.clear();
@@ -621,7 +640,7 @@ impl Client {
             }
         };
         drop(guard);
-        self.buddies_changed.notify_all();
+        self.changed.notify_all();
         self.emit(event);
         Message::ok()
     }

@@ -222,7 +222,7 @@ impl Client {
         to: &str,
     ) -> Result<(String, crypto::RsaPrivateKey, SocketAddr, Vec<u8>), String> {
         let guard = self.settled_session();
-        let s = guard.as_ref().ok_or("not logged in; /login NAME first")?;
+        let s = guard.session().ok_or("not logged in; /login NAME first")?;
         match s.buddies.get(to) {
             None => Err(format!("{to} is not your buddy; /add {to} first")),
             Some(None) => Err(format!("{to} is offline")),
@@ -243,15 +243,15 @@ impl Client {
         grace: Duration,
     ) -> Result<(String, crypto::RsaPrivateKey, SocketAddr, Vec<u8>), String> {
         let end = Instant::now() + grace;
-        let mut guard = self.session.lock();
+        let mut guard = self.state.lock();
         loop {
             let ready = guard
-                .as_ref()
+                .session()
                 .is_some_and(|s| matches!(s.buddies.get(who), Some(Some(_))));
             if ready || Instant::now() >= end {
                 break;
             }
-            self.buddies_changed.wait_until(&mut guard, end);
+            self.changed.wait_until(&mut guard, end);
         }
         drop(guard);
         self.peer_target(who)

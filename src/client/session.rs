@@ -41,6 +41,54 @@ pub struct Session {
     pub profile: Profile,
 }
 
+/// Where the client is: the one place its login lives. A push or a peer
+/// that arrives while a login is under way waits for it to end.
+#[derive(Default)]
+pub enum State {
+    /// No login.
+    #[default]
+    LoggedOut,
+    /// A login between its `LOGIN-HELLO` and its outcome.
+    LoggingIn,
+    /// Logged in.
+    LoggedIn(Box<Session>),
+}
+
+impl State {
+    /// The login, if logged in.
+    pub fn session(&self) -> Option<&Session> {
+        match self {
+            State::LoggedIn(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The login, if logged in, to change.
+    pub fn session_mut(&mut self) -> Option<&mut Session> {
+        match self {
+            State::LoggedIn(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Whether a login is under way.
+    pub fn logging_in(&self) -> bool {
+        matches!(self, State::LoggingIn)
+    }
+
+    /// Ends a login (logged out); the session it ended, if any. A login
+    /// under way is left to end by itself.
+    pub fn log_out(&mut self) -> Option<Box<Session>> {
+        match std::mem::take(self) {
+            State::LoggedIn(s) => Some(s),
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
+}
+
 /// Everything a login needs.
 pub struct Credentials<'a> {
     /// The CRS's address.
