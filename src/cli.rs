@@ -56,33 +56,3 @@ pub fn announce(addr: std::net::SocketAddr) {
         log::warn!("stdout is closed");
     }
 }
-
-/// A numeric flag, or a usage error naming it.
-pub fn num<T: std::str::FromStr>(m: &Matches, name: &str) -> Result<Option<T>, String> {
-    match m.opt_str(name) {
-        None => Ok(None),
-        Some(v) => v
-            .parse()
-            .map(Some)
-            .map_err(|_| format!("--{name}: '{v}' is not a valid number")),
-    }
-}
-
-/// A flag of seconds, checked as a configuration file's are, or a usage
-/// error naming it.
-pub fn secs(m: &Matches, name: &str) -> Result<Option<std::time::Duration>, String> {
-    match num::<f64>(m, name)? {
-        None => Ok(None),
-        Some(s) => crate::config::duration(s)
-            .map(Some)
-            .map_err(|e| format!("--{name}: {e}")),
-    }
-}
-
-/// Overrides `slot` with `value` when there is one: a config file's key
-/// over the default, a flag over the file.
-pub fn set<T>(slot: &mut T, value: Option<T>) {
-    if let Some(v) = value {
-        *slot = v;
-    }
-}

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use getopts::Options;
-use ims::cli::{self, set, Parsed};
-use ims::config::{self, CrsFile};
+use ims::cli::{self, Parsed};
+use ims::config;
 use ims::crs::{self, CrsConfig};
 
 const USAGE: &str = "Usage:
@@ -20,32 +20,11 @@ fn main() -> ExitCode {
     opts.optopt("c", "config", "configuration file (TOML)", "FILE");
     opts.optopt(
         "",
-        "listen",
-        "address to listen on (default 127.0.0.1:7100)",
-        "ADDR",
-    );
-    opts.optopt("", "data", "data directory (default ./ims-crs-data)", "DIR");
-    opts.optopt("", "ms-key", "MSkey file (default ./mskey)", "FILE");
-    opts.optopt(
-        "",
         "crs",
         "for operator commands: the running CRS (default: the listen address)",
         "ADDR",
     );
-    opts.optopt("", "workers", "worker threads", "N");
-    opts.optopt(
-        "",
-        "message-deadline",
-        "seconds within which one whole request must arrive (default 10)",
-        "SECS",
-    );
-    opts.optopt(
-        "",
-        "min-iterations",
-        "fewest PBKDF2 iterations a registration may use",
-        "N",
-    );
-    opts.optflag("", "close-registration", "refuse self-registration");
+    config::add_flags(&mut opts, &config::crs_settings());
     let m = match cli::parse("ims-crs", USAGE, opts, &args) {
         Parsed::Run(m) => m,
         Parsed::Done => return ExitCode::SUCCESS,
@@ -84,35 +63,12 @@ fn main() -> ExitCode {
 }
 
 fn build_config(m: &getopts::Matches) -> Result<CrsConfig, String> {
+    let table = config::crs_settings();
     let mut c = CrsConfig::default();
     if let Some(path) = m.opt_str("config") {
-        let f: CrsFile = config::load(&PathBuf::from(path)).map_err(|e| e.to_string())?;
-        set(&mut c.listen, f.listen);
-        set(&mut c.data_dir, f.data_dir);
-        set(&mut c.ms_key_file, f.ms_key);
-        set(&mut c.registration_open, f.registration_open);
-        set(
-            &mut c.heartbeat_timeout,
-            f.heartbeat_timeout_secs.map(|s| s.0),
-        );
-        set(&mut c.lock_lease, f.lock_lease_secs.map(|s| s.0));
-        set(&mut c.min_iterations, f.min_iterations);
-        set(&mut c.max_search_results, f.max_search_results);
-        set(&mut c.free_login_attempts, f.free_login_attempts);
-        f.pool.apply(&mut c.pool);
+        config::load(&PathBuf::from(path), &table, &mut c).map_err(|e| e.to_string())?;
     }
-    set(&mut c.listen, m.opt_str("listen"));
-    set(&mut c.data_dir, m.opt_str("data").map(Into::into));
-    set(&mut c.ms_key_file, m.opt_str("ms-key").map(Into::into));
-    set(&mut c.pool.workers, cli::num(m, "workers")?);
-    set(
-        &mut c.pool.message_deadline,
-        cli::secs(m, "message-deadline")?,
-    );
-    set(&mut c.min_iterations, cli::num(m, "min-iterations")?);
-    if m.opt_present("close-registration") {
-        c.registration_open = false;
-    }
+    config::apply_flags(m, &table, &mut c)?;
     Ok(c)
 }
 
