@@ -164,11 +164,9 @@ fn every_link_has_an_example_and_each_decodes() {
                 assert!(r.is_success());
             }),
             "peer" => pairs(&ms, |q, r| {
-                let PeerRequest::Msg { id, .. } = PeerRequest::from_message(q.clone()).unwrap()
-                else {
-                    panic!("a MSG")
-                };
-                assert_eq!(r.header("Id"), Some(id.to_string().as_str()));
+                let req = PeerRequest::from_message(q.clone()).unwrap();
+                let id = req.id();
+                assert_eq!(typed(req, r), id);
             }),
             "enroll" => check_enrollment(&ms),
             "login" => check_login(&ms),

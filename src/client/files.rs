@@ -25,7 +25,8 @@ use super::peer::{PeerSession, PendingKind};
 use super::Client;
 use crate::crypto::{self, Sha256};
 use crate::keyfile::hex;
-use crate::proto::peer::{PeerRequest, PEER};
+use crate::proto::peer::{Ack, PeerRequest, PEER};
+use crate::proto::{Refusal, Request};
 use crate::seal::{Opener, Role, Sealer};
 use crate::wire::io::{write_message, MessageReader};
 use crate::wire::{code, Limits, Message};
@@ -474,9 +475,9 @@ impl Client {
         size: u64,
         content_type: String,
         sha256: String,
-    ) -> Message {
+    ) -> Ack {
         if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Message::reply(code::BAD_REQUEST, "bad Sha256").with_header("Id", id);
+            return Ack::refused(id, Refusal::BadRequest, "bad Sha256");
         }
         let t = Arc::new(InTransfer {
             id,
@@ -507,10 +508,10 @@ impl Client {
                 }
             });
         }
-        Message::ok().with_header("Id", id)
+        Ack::done(id)
     }
 
-    pub(super) fn on_file_answer(self: &Arc<Self>, from: &str, id: u64, accept: bool) -> Message {
+    pub(super) fn on_file_answer(self: &Arc<Self>, from: &str, id: u64, accept: bool) -> Ack {
         let Some(t) = self
             .files
             .outgoing
@@ -518,7 +519,7 @@ impl Client {
             .get(&(from.to_owned(), id))
             .cloned()
         else {
-            return Message::reply(code::NOT_FOUND, "no such offer").with_header("Id", id);
+            return Ack::refused(id, Refusal::NoSuchTransfer, "no such offer");
         };
         if !accept {
             self.files.outgoing.lock().remove(&(from.to_owned(), id));
@@ -528,7 +529,7 @@ impl Client {
                 name: t.name.clone(),
                 reason: format!("{from} declined"),
             });
-            return Message::ok().with_header("Id", id);
+            return Ack::done(id);
         }
         let client = self.clone();
         let spawned = std::thread::Builder::new()
@@ -551,14 +552,12 @@ impl Client {
                 }
             });
         match spawned {
-            Ok(_) => Message::ok().with_header("Id", id),
-            Err(_) => {
-                Message::reply(code::INTERNAL, "cannot start the transfer").with_header("Id", id)
-            }
+            Ok(_) => Ack::done(id),
+            Err(_) => Ack::refused(id, Refusal::Internal, "cannot start the transfer"),
         }
     }
 
-    pub(super) fn on_file_cancel(&self, from: &str, id: u64, from_sender: bool) -> Message {
+    pub(super) fn on_file_cancel(&self, from: &str, id: u64, from_sender: bool) -> Ack {
         if from_sender {
             let found = self
                 .files
@@ -588,7 +587,7 @@ impl Client {
                 reason: format!("cancelled by {from}"),
             });
         }
-        Message::ok().with_header("Id", id)
+        Ack::done(id)
     }
 
     /// The sending side of an accepted transfer, on its own connection.
@@ -663,14 +662,10 @@ impl Client {
             ));
         }
         let inner = recv.open(&reply).map_err(|e| broke(&e))?;
-        if inner.is_success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{}: {}",
-                t.peer,
-                inner.reason().unwrap_or("refused")
-            ))
+        match (PeerRequest::FileEnd { id: t.id }).read_reply(&inner) {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(refused)) => Err(format!("{}: {refused}", t.peer)),
+            Err(e) => Err(format!("{}: bad answer: {e}", t.peer)),
         }
     }
 
@@ -803,9 +798,10 @@ impl Client {
                     Err(_) => return cannot_write(),
                 };
                 let reply = match self.finish(r, file, hasher) {
-                    Ok(()) => Message::ok().with_header("Id", id),
-                    Err(reason) => Message::reply(code::BAD_REQUEST, &reason).with_header("Id", id),
-                };
+                    Ok(()) => Ack::done(id),
+                    Err(reason) => Ack::refused(id, Refusal::BadRequest, reason),
+                }
+                .to_message();
                 let clear = r.session.clear(&r.me, "");
                 let chan = format!("file:{id}");
                 let clear = [clear[0], clear[1], clear[2], ("Channel", chan.as_str())];

@@ -26,7 +26,7 @@ use crate::proto::crs::{EventKind, Hit, Profile};
 use crate::proto::ms::{read_event, MsReply, MsRequest, PUSH};
 use crate::proto::peer::{INIT, PEER};
 use crate::proto::{Refusal, Refused};
-use crate::wire::{code, Limits, Message};
+use crate::wire::{Limits, Message};
 use account::{AccountError, ClientError, NewAccount};
 use events::{BuddyView, Event};
 use session::{request_is_genuine, Credentials, Session, State};
@@ -559,16 +559,16 @@ impl Client {
     fn on_push(&self, m: &Message) -> Message {
         let mut guard = self.settled_session();
         let Some(s) = guard.session_mut() else {
-            return Message::reply(code::FORBIDDEN, "not logged in");
+            return Refused::new(Refusal::NotLoggedIn, "not logged in").to_message();
         };
         if m.header("User") != Some(s.user.as_str()) {
-            return Message::reply(code::NOT_FOUND, "not this user");
+            return Refused::new(Refusal::NoSuchUser, "not this user").to_message();
         }
         let inner = match s.push.open(m) {
             Ok(i) => i,
             Err(e) => {
                 warn!("refused a push: {e}");
-                return Message::reply(code::AUTH_FAILED, "unreadable push");
+                return Refused::new(Refusal::BadProof, "unreadable push").to_message();
             }
         };
         let kind = match read_event(&inner) {
@@ -679,7 +679,7 @@ impl Service for Listener {
             Some("PROBE") => {
                 Outcome::ReplyAndClose(match (client.user(), request.header("User")) {
                     (Some(me), Some(asked)) if me == asked => Message::ok().with_header("User", me),
-                    _ => Message::reply(code::NOT_FOUND, "not logged in here"),
+                    _ => Refused::new(Refusal::NoSuchUser, "not logged in here").to_message(),
                 })
             }
             Some(INIT) => Outcome::Reply(client.on_init(&request)),
@@ -698,12 +698,13 @@ impl Service for Listener {
                     }
                     Err(reply) => Outcome::ReplyAndClose(reply),
                 },
-                _ => Outcome::ReplyAndClose(Message::reply(code::BAD_REQUEST, "unknown channel")),
+                _ => Outcome::ReplyAndClose(
+                    Refused::new(Refusal::BadRequest, "unknown channel").to_message(),
+                ),
             },
-            Some(m) => Outcome::ReplyAndClose(Message::reply(
-                code::UNKNOWN_METHOD,
-                &format!("unknown method {m}"),
-            )),
+            Some(m) => Outcome::ReplyAndClose(
+                crate::proto::ProtoError::UnknownMethod(m.to_owned()).reply(),
+            ),
             None => Outcome::Close,
         }
     }

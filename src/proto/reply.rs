@@ -44,6 +44,8 @@ pub enum Refusal {
     NoSuchRequest,
     /// `404 not-a-buddy`.
     NotABuddy,
+    /// `404 no-such-transfer`: no file offer or transfer with that id.
+    NoSuchTransfer,
     /// `409 logged-in`: the user is logged in; where their client listens,
     /// when the CRS knows it (the MS may probe it and take over).
     AlreadyLoggedIn {
@@ -87,7 +89,7 @@ impl Refusal {
             PasswordFailure | BadProof | BadSignature => code::AUTH_FAILED,
             SameUser => code::BAD_REQUEST,
             NotLoggedIn | RegistrationClosed | NotEnrolled | WrongLink => code::FORBIDDEN,
-            NoSuchUser | NoSuchRequest | NotABuddy => code::NOT_FOUND,
+            NoSuchUser | NoSuchRequest | NotABuddy | NoSuchTransfer => code::NOT_FOUND,
             AlreadyLoggedIn { .. }
             | AlreadyLoggingIn
             | NameTaken
@@ -117,6 +119,7 @@ impl Refusal {
             NoSuchUser => "no-such-user",
             NoSuchRequest => "no-such-request",
             NotABuddy => "not-a-buddy",
+            NoSuchTransfer => "no-such-transfer",
             AlreadyLoggedIn { .. } => "logged-in",
             AlreadyLoggingIn => "logging-in",
             NameTaken => "name-taken",
@@ -147,6 +150,7 @@ impl Refusal {
         ("no-such-user", code::NOT_FOUND),
         ("no-such-request", code::NOT_FOUND),
         ("not-a-buddy", code::NOT_FOUND),
+        ("no-such-transfer", code::NOT_FOUND),
         ("logged-in", code::CONFLICT),
         ("logging-in", code::CONFLICT),
         ("name-taken", code::CONFLICT),
@@ -175,6 +179,7 @@ impl Refusal {
             "no-such-user" => NoSuchUser,
             "no-such-request" => NoSuchRequest,
             "not-a-buddy" => NotABuddy,
+            "no-such-transfer" => NoSuchTransfer,
             "logged-in" => AlreadyLoggedIn {
                 address: m.header("Address").and_then(|a| a.parse().ok()),
             },
