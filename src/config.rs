@@ -136,6 +136,8 @@ const fn int(max: u64) -> Kind {
 }
 
 const U16: Kind = int(u16::MAX as u64);
+/// PBKDF2 iteration counts: a count a client refuses is a typo.
+const ITERATIONS: Kind = int(crate::crypto::PBKDF2_MAX_ITERATIONS as u64);
 const U32: Kind = int(u32::MAX as u64);
 /// Threads, queue places: more than a machine could run is a typo.
 const COUNT: Kind = int(1 << 20);
@@ -196,7 +198,7 @@ pub fn crs_settings() -> Vec<Setting<CrsConfig>> {
         key("lock_lease_secs", Kind::Secs, |c: &mut C, v| {
             c.lock_lease = v.secs()
         }),
-        key("min_iterations", U32, |c: &mut C, v| {
+        key("min_iterations", ITERATIONS, |c: &mut C, v| {
             c.min_iterations = v.int()
         })
         .flag(
@@ -279,7 +281,7 @@ pub fn ms_settings() -> Vec<Setting<MsConfig>> {
             "SECS",
             "seconds of client silence before a probe and logout (default 15)",
         ),
-        key("fake_iterations", U32, |c: &mut C, v| {
+        key("fake_iterations", ITERATIONS, |c: &mut C, v| {
             c.fake_iterations = v.int()
         })
         .flag(
@@ -372,7 +374,7 @@ pub fn client_settings() -> Vec<Setting<ClientProgram>> {
         key("crs_fingerprint", Kind::Text, |c: &mut C, v| {
             c.client.crs_fingerprint = Some(v.text())
         }),
-        key("kdf_iterations", U32, |c: &mut C, v| {
+        key("kdf_iterations", ITERATIONS, |c: &mut C, v| {
             c.client.kdf_iterations = v.int()
         })
         .flag("kdf-iterations", "N", "PBKDF2 iterations for new passwords"),

@@ -8,12 +8,14 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ims::client::account::{wrap_aad, PasswordKeys};
-use ims::crs::service::Peer2;
+use ims::crs::service::{CrsService, Peer2};
 use ims::crs::store::MemStore;
 use ims::crs::{Crs, CrsConfig};
 use ims::crypto::{self, scram, KdfParams, KdfPolicy, RsaPrivateKey};
 use ims::link::{login_keys, Channel, CrsCalls, LinkError};
+use ims::ms::login::MsService;
 use ims::ms::{Ms, MsConfig};
+use ims::prethread::{Outcome, Peer, Service};
 use ims::proto::crs::{
     ClientReply, ClientRequest, CrsReply, CrsRequest, Profile, Registration, Verifier,
     MAX_PROFILE_BYTES, MAX_PROFILE_FIELDS, REGISTER_AAD,
@@ -761,4 +763,184 @@ fn ms_user_request_handlers() {
         Ok(MsReply::Done)
     );
     assert!(ms.user("alice").is_none());
+}
+
+fn reply(o: Outcome) -> (Message, bool) {
+    match o {
+        Outcome::Reply(m) => (m, false),
+        Outcome::ReplyAndClose(m) => (m, true),
+        other => panic!("no reply: {other:?}"),
+    }
+}
+
+fn peer() -> Peer {
+    Peer {
+        remote: "127.0.0.1:50000".parse().unwrap(),
+        local: "127.0.0.1:7100".parse().unwrap(),
+    }
+}
+
+#[test]
+fn crs_service_enrollment_and_sealed_requests_as_connection_states() {
+    let crs = new_crs(crs_config());
+    let svc = CrsService(crs.clone());
+    let enroll = |key: &[u8]| {
+        let mut conn = svc.open(&peer());
+        let ms_nonce = [0x11u8; 32];
+        let hello =
+            Message::request("ENROLL-HELLO").with_header("Ms-Nonce", crypto::b64_encode(&ms_nonce));
+        let (r, closed) = reply(svc.handle(&mut conn, hello));
+        assert!(r.is_success() && !closed, "{r:?}");
+        let crs_nonce = crypto::b64_decode(r.header("Crs-Nonce").unwrap()).unwrap();
+        let proof = crypto::hmac_sha256(
+            key,
+            &proto::enroll_ms_transcript(&ms_nonce, &crs_nonce, "10.0.0.9:7101", 5, "ms", "x1"),
+        );
+        let m = Message::request("ENROLL")
+            .with_header("Listen", "10.0.0.9:7101")
+            .with_header("Capacity", 5)
+            .with_header("Role", "ms")
+            .with_header("Instance", "x1")
+            .with_header("Proof", crypto::b64_encode(&proof));
+        let (r, closed) = reply(svc.handle(&mut conn, m));
+        (conn, r, closed, ms_nonce, crs_nonce)
+    };
+    // A wrong MSkey: a typed refusal, and the connection closes.
+    let (_, r, closed, _, _) = enroll(&[9; 32]);
+    assert!(closed);
+    assert_eq!(
+        Refused::from_message(&r).unwrap().refusal,
+        Refusal::BadProof
+    );
+    // The right one: the CRS proves itself back, then requests are sealed.
+    let (mut conn, r, closed, ms_nonce, crs_nonce) = enroll(MS_KEY);
+    assert!(r.is_success() && !closed, "{r:?}");
+    let id: u64 = r.header("Ms-Id").unwrap().parse().unwrap();
+    let expected = crypto::hmac_sha256(
+        MS_KEY,
+        &proto::enroll_crs_transcript(&ms_nonce, &crs_nonce, id, r.header("Crs-Instance").unwrap()),
+    );
+    assert_eq!(
+        crypto::b64_decode(r.header("Proof").unwrap()).unwrap(),
+        expected
+    );
+    let mut ch = Channel::new(
+        ims::link::enrollment_keys(MS_KEY, &ms_nonce, &crs_nonce, Role::Initiator),
+        Vec::new(),
+    );
+    for (req, want) in [
+        (CrsRequest::Heartbeat { load: 3 }, Ok(CrsReply::Done)),
+        (CrsRequest::ListMs, Err(Refusal::WrongLink)),
+    ] {
+        let (outer, closed) = reply(svc.handle(&mut conn, ch.seal(&req.to_message()).unwrap()));
+        assert!(!closed);
+        let got = req.read_reply(&ch.open(&outer).unwrap()).unwrap();
+        assert_eq!(got.map_err(|r| r.refusal), want);
+    }
+    // A message that does not open ends the link.
+    let mut forged = ch
+        .seal(&CrsRequest::Heartbeat { load: 1 }.to_message())
+        .unwrap();
+    forged.body[0] ^= 1;
+    assert!(matches!(svc.handle(&mut conn, forged), Outcome::Close));
+}
+
+#[test]
+fn ms_service_login_as_connection_states() {
+    let (_crs, ms) = ms_with_crs();
+    let svc = MsService(ms.clone());
+    let mut conn = svc.open(&peer());
+    let client_nonce = vec![3u8; 24];
+    let hello = MsRequest::LoginHello {
+        user: "alice".into(),
+        client_nonce: client_nonce.clone(),
+    };
+    let (r, closed) = reply(svc.handle(&mut conn, hello.to_message()));
+    assert!(!closed);
+    let Ok(Ok(MsReply::Challenge(ch))) = hello.read_reply(&r) else {
+        panic!("{r:?}")
+    };
+    let keys = PasswordKeys::derive(
+        PW,
+        &KdfParams {
+            salt: ch.salt.clone(),
+            iterations: ch.iterations,
+        },
+        KdfPolicy::Insecure,
+    )
+    .unwrap();
+    let auth = proto::login_auth_message(
+        "alice",
+        &client_nonce,
+        &ch.server_nonce,
+        &ch.salt,
+        ch.iterations,
+    );
+    let proof = scram::client_proof(&keys.scram.client_key, &keys.scram.stored_key, &auth);
+    // Anything but LOGIN now is refused and the connection closes.
+    let (r, closed) = reply(svc.handle(&mut conn, MsRequest::Ping.to_message()));
+    assert!(closed);
+    assert_eq!(
+        Refused::from_message(&r).unwrap().refusal,
+        Refusal::BadRequest
+    );
+    // Again, properly.
+    let mut conn = svc.open(&peer());
+    let (r, _) = reply(svc.handle(&mut conn, hello.to_message()));
+    let Ok(Ok(MsReply::Challenge(ch))) = hello.read_reply(&r) else {
+        panic!("{r:?}")
+    };
+    let auth = proto::login_auth_message(
+        "alice",
+        &client_nonce,
+        &ch.server_nonce,
+        &ch.salt,
+        ch.iterations,
+    );
+    let proof2 = scram::client_proof(&keys.scram.client_key, &keys.scram.stored_key, &auth);
+    assert_ne!(proof, proof2, "a fresh server nonce");
+    let login = MsRequest::Login {
+        proof: proof2.to_vec(),
+        listen_port: 1,
+    };
+    let (welcome, closed) = reply(svc.handle(&mut conn, login.to_message()));
+    assert!(closed, "the login connection ends with the welcome");
+    let login_id = welcome.header("Login").unwrap().to_owned();
+    let mut ch_keys = Channel::new(
+        login_keys(
+            &keys.scram.client_key,
+            &client_nonce,
+            &ch.server_nonce,
+            Role::Initiator,
+        ),
+        vec![("Login", login_id)],
+    );
+    assert!(matches!(
+        login.read_reply(&ch_keys.open(&welcome).unwrap()),
+        Ok(Ok(MsReply::Welcome(_)))
+    ));
+    // A sealed request on a new connection.
+    let mut conn = svc.open(&peer());
+    let (outer, _) = reply(svc.handle(
+        &mut conn,
+        ch_keys.seal(&MsRequest::Ping.to_message()).unwrap(),
+    ));
+    assert_eq!(
+        MsRequest::Ping.read_reply(&ch_keys.open(&outer).unwrap()),
+        Ok(Ok(MsReply::Done))
+    );
+    // A login the MS does not know: refused in the clear.
+    let mut other = Channel::new(
+        login_keys(&[1; 32], &client_nonce, &ch.server_nonce, Role::Initiator),
+        vec![("Login", "0000".into())],
+    );
+    let (r, closed) = reply(svc.handle(
+        &mut conn,
+        other.seal(&MsRequest::Ping.to_message()).unwrap(),
+    ));
+    assert!(closed);
+    assert_eq!(
+        Refused::from_message(&r).unwrap().refusal,
+        Refusal::NotLoggedIn
+    );
 }
