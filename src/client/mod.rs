@@ -124,6 +124,8 @@ pub struct Client {
     listen_port: u16,
     /// Logged out, logging in, or logged in.
     state: Mutex<State>,
+    /// Each user's salt and iteration count at their last login here.
+    known_kdf: Mutex<std::collections::HashMap<String, crypto::KdfParams>>,
     /// Serializes requests to the MS so their sequence numbers stay in order.
     calls: Mutex<()>,
     events: Sender<Event>,
@@ -246,6 +248,7 @@ impl Client {
             config,
             listen_port,
             state: Mutex::new(State::LoggedOut),
+            known_kdf: Mutex::new(std::collections::HashMap::new()),
             calls: Mutex::new(()),
             events,
             peers: peer::Peers::default(),
@@ -329,6 +332,9 @@ impl Client {
             }
         }
         let notice = |text: String| self.emit(Event::Notice { text });
+        let known = account::normalize_name(user)
+            .ok()
+            .and_then(|u| self.known_kdf.lock().get(&u).cloned());
         let result = Session::login(&Credentials {
             crs: &self.config.crs,
             user,
@@ -337,6 +343,7 @@ impl Client {
             listen_port: self.listen_port,
             timeout: self.config.timeout,
             usual_iterations: self.config.kdf_iterations,
+            known: known.as_ref(),
             notice: &notice,
         });
         let mut guard = self.state.lock();
@@ -349,6 +356,9 @@ impl Client {
             }
         };
         let user = session.user.clone();
+        self.known_kdf
+            .lock()
+            .insert(user.clone(), session.kdf.clone());
         let requests: Vec<String> = session.requests.keys().cloned().collect();
         let buddies = buddy_views(&session);
         *guard = State::LoggedIn(Box::new(session));
@@ -532,16 +542,27 @@ impl Client {
 
     /// Changes the password: a new verifier, our key re-wrapped.
     pub fn passwd(&self, new_password: &str) -> Result<(), AccountError> {
-        let req = {
+        let (req, user) = {
             let guard = self.state.lock();
             let s = guard.session().ok_or(ClientError::NotLoggedIn)?;
-            s.rewrap(
+            let req = s.rewrap(
                 new_password,
                 self.config.kdf_iterations,
                 self.config.policy(),
-            )?
+            )?;
+            (req, s.user.clone())
         };
         self.ms_call(&req)?;
+        // The next login here expects the new parameters.
+        if let MsRequest::Passwd { verifier, .. } = req {
+            self.known_kdf.lock().insert(
+                user,
+                crypto::KdfParams {
+                    salt: verifier.salt,
+                    iterations: verifier.iterations,
+                },
+            );
+        }
         Ok(())
     }
 

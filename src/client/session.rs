@@ -39,6 +39,8 @@ pub struct Session {
     pub requests: BTreeMap<String, BuddyRequest>,
     /// Our profile.
     pub profile: Profile,
+    /// The salt and iteration count this login derived with.
+    pub kdf: KdfParams,
 }
 
 /// Where the client is: the one place its login lives. A push or a peer
@@ -106,6 +108,9 @@ pub struct Credentials<'a> {
     /// The iteration count this client uses for new passwords: a
     /// challenge asking for more is derived only after telling the user.
     pub usual_iterations: u32,
+    /// The salt and count of this user's last login from this client, if
+    /// any: a challenge with others is derived only after telling the user.
+    pub known: Option<&'a KdfParams>,
     /// Tells the user something (before a long derivation).
     pub notice: &'a dyn Fn(String),
 }
@@ -154,6 +159,12 @@ impl Session {
             salt: challenge.salt.clone(),
             iterations: challenge.iterations,
         };
+        if c.known.is_some_and(|k| *k != params) {
+            (c.notice)(format!(
+                "the server gives {user} other password parameters than at the last login here \
+                 (a changed password, or not your servers)"
+            ));
+        }
         let keys = PasswordKeys::derive(c.password, &params, c.policy)?;
         let auth = proto::login_auth_message(
             &user,
@@ -225,6 +236,7 @@ impl Session {
                 .collect(),
             requests,
             profile: welcome.profile,
+            kdf: params,
         })
     }
 
@@ -306,6 +318,13 @@ mod tests {
     }
 
     fn login_against(iterations: u32) -> (Result<Session, ClientError>, Vec<String>) {
+        login_knowing(iterations, None)
+    }
+
+    fn login_knowing(
+        iterations: u32,
+        known: Option<KdfParams>,
+    ) -> (Result<Session, ClientError>, Vec<String>) {
         let ms = serve(move |_| {
             Challenge {
                 salt: vec![1; 16],
@@ -325,6 +344,7 @@ mod tests {
             listen_port: 7300,
             timeout: Duration::from_secs(5),
             usual_iterations: 10,
+            known: known.as_ref(),
             notice: &notice,
         });
         (r, notices.into_inner().unwrap())
@@ -357,5 +377,21 @@ mod tests {
         assert!(r.is_err());
         assert_eq!(notices.len(), 1, "{notices:?}");
         assert!(notices[0].contains("500"), "{notices:?}");
+        // Other parameters than this user's last login here: told too.
+        let known = KdfParams {
+            salt: vec![9; 16],
+            iterations: 5,
+        };
+        let (_, notices) = login_knowing(5, Some(known));
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert!(
+            notices[0].contains("other password parameters"),
+            "{notices:?}"
+        );
+        let same = KdfParams {
+            salt: vec![1; 16],
+            iterations: 5,
+        };
+        assert!(login_knowing(5, Some(same)).1.is_empty());
     }
 }
