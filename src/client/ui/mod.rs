@@ -25,7 +25,7 @@ use super::account::AccountError;
 use super::events::Event;
 use super::{start, Client, ClientConfig};
 use crate::proto::crs::Profile;
-use crate::wire::code;
+use crate::proto::Refusal;
 
 /// Where passwords come from when not typed at a prompt.
 #[derive(Clone, Debug, Default)]
@@ -268,7 +268,7 @@ impl Commands {
         };
         match self.client.login(user, &password) {
             Ok(()) => true,
-            Err(AccountError::Refused(code::AUTH_FAILED, _)) => {
+            Err(e) if e.refusal() == Some(&Refusal::PasswordFailure) => {
                 self.error("login", "wrong name or password");
                 false
             }
@@ -309,7 +309,7 @@ impl Commands {
                 path.display()
             ))
         });
-        self.outcome("send", r.map_err(|e| AccountError::Refused(0, e)));
+        self.outcome("send", r.map_err(AccountError::Failed));
     }
 
     /// Runs one command line (one that needs no secret); a line without
@@ -384,7 +384,7 @@ impl Commands {
                     let r = c
                         .accept_file(&name)
                         .map(|_| Some(format!("receiving the file from {name}")));
-                    self.outcome("accept", r.map_err(|e| AccountError::Refused(0, e)));
+                    self.outcome("accept", r.map_err(AccountError::Failed));
                 } else {
                     let r = c
                         .accept(&name)
@@ -400,7 +400,7 @@ impl Commands {
                     let r = c
                         .deny_file(&name)
                         .map(|_| Some(format!("declined the file from {name}")));
-                    self.outcome("deny", r.map_err(|e| AccountError::Refused(0, e)));
+                    self.outcome("deny", r.map_err(AccountError::Failed));
                 } else {
                     let r = c
                         .deny(&name)
