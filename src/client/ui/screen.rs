@@ -32,11 +32,12 @@ use crossterm::event::{
     DisableBracketedPaste, EnableBracketedPaste, Event as TermEvent, KeyCode, KeyEvent,
     KeyEventKind, KeyModifiers,
 };
+use ratatui::backend::Backend;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line as TextLine, Span};
 use ratatui::widgets::Paragraph;
-use ratatui::{DefaultTerminal, Frame};
+use ratatui::{DefaultTerminal, Frame, Terminal};
 use unicode_width::UnicodeWidthChar;
 
 use super::history::History;
@@ -317,7 +318,7 @@ pub fn run(
     };
     let mut s = Screen::new(commands, passwords, jobs);
     s.info("ims: type /help for commands, /quit to exit");
-    s.info("keys: Tab completes, Up/Down recall, Alt-1..9 switch windows, PageUp/PageDown scroll");
+    s.info("keys: Tab completes, Up/Down recall, Alt-1..9 and Alt-A switch windows, PageUp/PageDown scroll");
     if let Some(user) = login {
         s.submit_login(user);
     }
@@ -503,7 +504,7 @@ impl Screen {
             .collect();
     }
 
-    fn on_note(&mut self, n: Note, terminal: &mut DefaultTerminal) {
+    fn on_note<B: Backend>(&mut self, n: Note, terminal: &mut Terminal<B>) {
         match n {
             Note::Term(TermEvent::Key(k)) => self.on_key(k, terminal),
             Note::Term(TermEvent::Paste(text)) => self.on_paste(&text),
@@ -793,7 +794,7 @@ impl Screen {
         true
     }
 
-    fn on_key(&mut self, k: KeyEvent, terminal: &mut DefaultTerminal) {
+    fn on_key<B: Backend>(&mut self, k: KeyEvent, terminal: &mut Terminal<B>) {
         if k.kind == KeyEventKind::Release {
             return;
         }
@@ -803,6 +804,14 @@ impl Screen {
         let ctrl = k.modifiers.contains(KeyModifiers::CONTROL);
         let alt = k.modifiers.contains(KeyModifiers::ALT);
         match k.code {
+            KeyCode::Char('a') if alt => {
+                // To where a buddy spoke, else to any unread lines.
+                let next = (self.windows.iter().position(|w| w.spoken))
+                    .or_else(|| self.windows.iter().position(|w| w.unread > 0));
+                if let Some(i) = next {
+                    self.switch_to(i);
+                }
+            }
             KeyCode::Char(c) if alt && c.is_ascii_digit() => {
                 let n = c.to_digit(10).unwrap_or(1) as usize;
                 self.switch_to(if n == 0 { 9 } else { n - 1 });
@@ -1441,7 +1450,6 @@ mod tests {
 
     use crate::client::{Client, ClientConfig};
     use ratatui::backend::TestBackend;
-    use ratatui::Terminal;
     use std::sync::Arc;
 
     /// A screen on a client that is not started (no network).
@@ -1493,6 +1501,20 @@ mod tests {
         assert!(rows.iter().any(|r| r.ends_with("---- new")), "{rows:#?}");
         assert_eq!(rows[9], "[bob]");
         assert!(rows[8].contains("[1:main 2:bob]"), "{rows:#?}");
+    }
+
+    #[test]
+    fn alt_a_goes_where_a_buddy_spoke() {
+        let mut s = screen();
+        let carol = s.window_for("carol");
+        s.push_text(carol, Kind::Info, "a notice");
+        s.on_event(message("bob", "psst"));
+        let alt_a = KeyEvent::new(KeyCode::Char('a'), KeyModifiers::ALT);
+        let mut t = Terminal::new(TestBackend::new(40, 10)).unwrap();
+        s.on_key(alt_a, &mut t);
+        assert_eq!(s.windows[s.active].buddy.as_deref(), Some("bob"));
+        s.on_key(alt_a, &mut t);
+        assert_eq!(s.windows[s.active].buddy.as_deref(), Some("carol"));
     }
 
     #[test]
