@@ -408,8 +408,9 @@ fn is_control(ch: char) -> bool {
 
 /// `s` made harmless for a terminal and kept on one line: a tab becomes a
 /// space, other C0 controls and DEL are shown in caret notation (`^[` for
-/// ESC, `^J` for a newline), and C1 controls and the format characters of
-/// [`is_control`] as `<U+XXXX>`. Everything else is kept as it is.
+/// ESC, `^J` for a newline), and C1 controls and the format characters
+/// that reorder or hide text (bidirectional overrides, zero-width and
+/// line-separator characters) as `<U+XXXX>`. Everything else is kept.
 pub fn clean(s: &str) -> String {
     if !s.chars().any(is_control) {
         return s.to_owned();
