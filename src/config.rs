@@ -154,6 +154,10 @@ pub struct ClientFile {
     pub auto_accept_files: Option<bool>,
     /// Seconds between keepalives to the MS.
     pub keepalive_interval_secs: Option<f64>,
+    /// Re-key a conversation after this many messages (0: by time only).
+    pub rekey_messages: Option<u64>,
+    /// Re-key a conversation whose keys are this many seconds old.
+    pub rekey_interval_secs: Option<f64>,
     /// The listener's worker pool.
     #[serde(default)]
     pub pool: PoolFile,

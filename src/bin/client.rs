@@ -142,6 +142,11 @@ fn build_config(m: &getopts::Matches) -> Result<Built, String> {
             &mut c.keepalive_interval,
             f.keepalive_interval_secs.map(config::secs),
         );
+        set(&mut c.rekey_messages, f.rekey_messages);
+        set(
+            &mut c.rekey_interval,
+            f.rekey_interval_secs.map(config::secs),
+        );
         f.pool.apply(&mut c.pool);
         user = f.user;
         password_file = f.password_file;
