@@ -245,9 +245,11 @@ pub fn start(config: ClientConfig, events: Sender<Event>) -> std::io::Result<Run
     std::thread::Builder::new()
         .name("client-acks".into())
         .spawn(move || {
-            // Fails messages whose acknowledgement is overdue; ends with the client.
+            // Fails messages whose acknowledgement is overdue and erases retired
+            // session keys; ends with the client.
             while let Some(c) = weak.upgrade() {
                 c.expire_pending();
+                c.peers.tidy();
                 drop(c);
                 std::thread::sleep(Duration::from_millis(100));
             }

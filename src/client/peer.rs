@@ -100,6 +100,12 @@ struct Epoch {
     incoming: Option<(Opener, Sealer)>,
     /// When a retired epoch is erased whatever remains of it.
     erase_at: Option<Instant>,
+    /// Requests we sealed in this epoch, once our channel left it: when
+    /// that many acknowledgements opened, `acks` goes.
+    sent: Option<u64>,
+    /// Requests the buddy sealed in this epoch, once they said (in their
+    /// answer to our REKEYED): when that many opened, `incoming` goes.
+    their_sent: Option<u64>,
 }
 
 impl Epoch {
@@ -112,6 +118,25 @@ impl Epoch {
             acks: Some(out.recv),
             incoming: Some((inc.recv, inc.send)),
             erase_at: None,
+            sent: None,
+            their_sent: None,
+        }
+    }
+
+    /// Drops the halves that nothing more can arrive for.
+    fn drain(&mut self) {
+        let done = |opener: &Opener, n: Option<u64>| {
+            n.is_some_and(|n| n == 0 || opener.highest_seq().is_some_and(|h| h + 1 >= n))
+        };
+        if self.acks.as_ref().is_some_and(|o| done(o, self.sent)) {
+            self.acks = None;
+        }
+        if self
+            .incoming
+            .as_ref()
+            .is_some_and(|(o, _)| done(o, self.their_sent))
+        {
+            self.incoming = None;
         }
     }
 
@@ -146,6 +171,9 @@ struct Epochs {
     rekey: Rekey,
     /// Messages sent and received in the current epoch.
     messages: u64,
+    /// The id of our last REKEYED, whose answer says how much the buddy
+    /// still has in flight in the old epoch.
+    rekeyed: Option<u64>,
     /// When the current epoch began.
     since: Instant,
 }
@@ -189,13 +217,19 @@ impl Epochs {
                 warn!("a re-key was never confirmed; keeping the old keys");
             }
         }
-        let keep_current_sender = matches!(self.rekey, Rekey::Answered { .. });
+        // While a re-key we answered is unconfirmed, our channel still
+        // seals in the newest retired epoch: it stays whole.
+        let keep_newest = matches!(self.rekey, Rekey::Answered { .. });
+        for e in self.retired.iter_mut().skip(usize::from(keep_newest)) {
+            e.drain();
+        }
+        let mut index = 0;
         self.retired.retain(|e| {
+            let kept = keep_newest && index == 0;
+            index += 1;
             let expired = e.erase_at.is_some_and(|t| t <= now);
             let empty = e.acks.is_none() && e.incoming.is_none();
-            // While our channel still seals in the newest retired epoch
-            // (an answered re-key not yet confirmed), its keys stay.
-            !(expired || empty) || (keep_current_sender && e.send.is_some())
+            kept || !(expired || empty)
         });
     }
 
@@ -224,6 +258,7 @@ impl PeerSession {
                 retired: Vec::new(),
                 rekey: Rekey::Idle,
                 messages: 0,
+                rekeyed: None,
                 since: Instant::now(),
             }),
         }
@@ -361,6 +396,16 @@ impl Peers {
             s.close();
         }
         self.pending.lock().clear();
+    }
+
+    /// Erases what every session no longer needs (retired epochs past
+    /// their time, re-keys that went unanswered); called periodically so
+    /// that this happens on idle sessions too.
+    pub fn tidy(&self) {
+        let all: Vec<_> = self.sessions.lock().values().cloned().collect();
+        for s in all {
+            s.epochs.lock().tidy();
+        }
     }
 
     fn install(&self, s: Arc<PeerSession>) {
@@ -663,14 +708,21 @@ impl Client {
         let Some(send) = epochs.current.send.take() else {
             return;
         };
-        out.send = send;
+        let old = std::mem::replace(&mut out.send, send);
+        if let Some(retired) = epochs.retired.first_mut() {
+            retired.sent = Some(old.next_seq().unwrap_or(u64::MAX));
+        }
+        drop(old);
         out.epoch = epochs.current.id().to_owned();
-        drop(epochs);
-        let epoch = out.epoch.clone();
         let rekeyed = PeerRequest::Rekeyed {
             id: self.next_id(),
             confirm,
         };
+        if let PeerRequest::Rekeyed { id, .. } = &rekeyed {
+            epochs.rekeyed = Some(*id);
+        }
+        drop(epochs);
+        let epoch = out.epoch.clone();
         let sealed = out.send.seal(
             PEER,
             &session.clear(&session.me, &epoch, "msg"),
@@ -903,6 +955,7 @@ impl Client {
                 }
                 epochs.messages += 1;
             }
+            epochs.tidy();
             opened
         };
         let inner = match opened {
@@ -1002,12 +1055,23 @@ impl Client {
                 .with_header("Id", id);
         }
         epochs.rekey = Rekey::Idle;
+        let mut sent = 0;
         if let Some(send) = epochs.current.send.take() {
-            out.send = send;
+            let old = std::mem::replace(&mut out.send, send);
+            sent = old.next_seq().unwrap_or(u64::MAX);
             out.epoch = epochs.current.id().to_owned();
+            if let Some(retired) = epochs.retired.first_mut() {
+                retired.sent = Some(sent);
+                retired.drain();
+            }
         }
+        epochs.tidy();
         info!("session with {} re-keyed (epoch {sid})", session.peer);
-        Message::ok().with_header("Id", id)
+        // How many requests we sealed in the old epoch: the buddy keeps
+        // its keys until that many arrived, then erases them.
+        Message::ok()
+            .with_header("Id", id)
+            .with_header("Sent", sent)
     }
 
     fn on_peer_request(self: &Arc<Self>, from: &str, req: PeerRequest) -> Message {
@@ -1107,8 +1171,20 @@ fn read_acks(client: std::sync::Weak<Client>, session: Arc<PeerSession>, stream:
         let Ok(id) = inner.req_parse::<u64>("Id") else {
             continue;
         };
-        let is_rekey =
-            matches!(&session.epochs.lock().rekey, Rekey::Started { id: r, .. } if *r == id);
+        let is_rekey = {
+            let mut epochs = session.epochs.lock();
+            if epochs.rekeyed == Some(id) {
+                // The answer to our REKEYED: what the buddy still has in
+                // flight in the old epoch.
+                epochs.rekeyed = None;
+                let sent = inner.req_parse::<u64>("Sent").ok();
+                if let Some(retired) = epochs.retired.first_mut() {
+                    retired.their_sent = sent;
+                }
+            }
+            epochs.tidy();
+            matches!(&epochs.rekey, Rekey::Started { id: r, .. } if *r == id)
+        };
         if is_rekey {
             client.finish_rekey(&session, id, &inner);
             continue;
