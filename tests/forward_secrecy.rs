@@ -145,6 +145,10 @@ struct Peer {
 
 impl Net {
     fn start() -> Net {
+        // IMS_TEST_LOG=debug shows the clients' logs.
+        let _ = env_logger::Builder::from_env(env_logger::Env::new().filter("IMS_TEST_LOG"))
+            .is_test(true)
+            .try_init();
         let dir = tempfile::Builder::new()
             .prefix("ims-fs-test-")
             .tempdir()
@@ -694,5 +698,70 @@ impl Raw {
             .read_message(&Limits::DEFAULT, Instant::now() + WAIT)
             .ok()
             .flatten()
+    }
+}
+
+#[test]
+fn both_sides_re_keying_at_once_lose_nothing() {
+    const N: usize = 3_000;
+    const REKEY: u64 = 250;
+    let net = Net::start();
+    let tap = Tap::start();
+    let mut bob = net.client("bob", true, Some(&tap), REKEY);
+    let mut alice = net.client("alice", true, None, REKEY);
+    befriend(&mut alice, "alice", &mut bob, "bob");
+    // The session first (a simultaneous open is another matter).
+    say(&mut alice, &mut bob, "bob", "alice", "hello");
+    say(&mut bob, &mut alice, "alice", "bob", "hi");
+    // Both write at once, so that both reach the threshold together and
+    // their REKEYs cross (the smaller name's wins).
+    let sender = |from: &Peer, to: &'static str| {
+        let client = from.client().clone();
+        thread::spawn(move || {
+            for i in 0..N {
+                client.send_message(to, &format!("{to} {i}")).expect("send");
+                if i % 100 == 99 {
+                    // Let the answers catch up now and then.
+                    thread::sleep(Duration::from_millis(20));
+                }
+            }
+        })
+    };
+    let (a, b) = (sender(&alice, "bob"), sender(&bob, "alice"));
+    a.join().unwrap();
+    b.join().unwrap();
+    for (p, me) in [(&mut bob, "bob"), (&mut alice, "alice")] {
+        for i in 0..N {
+            let want = format!("{me} {i}");
+            match p.wait("message", |e| matches!(e, Event::Message { .. })) {
+                Event::Message { text, .. } => assert_eq!(text, want, "out of order or lost"),
+                _ => unreachable!(),
+            }
+        }
+        let mut delivered = 0;
+        while delivered < N {
+            p.wait("delivered", |e| matches!(e, Event::Delivered { .. }));
+            delivered += 1;
+        }
+    }
+    let up = tap.up();
+    let mut order: Vec<&str> = Vec::new();
+    for f in frames(&up, None) {
+        let e = f.header("Session").unwrap();
+        if order.last() != Some(&e) {
+            order.push(e);
+        }
+    }
+    println!("alice>bob crossed {} epochs", order.len());
+    assert!(order.len() >= 3, "only {} epochs", order.len());
+    // Both ends end in the same single epoch.
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (a, b) = (alice.secrets("bob"), bob.secrets("alice"));
+        if a.len() == 1 && a == b {
+            break;
+        }
+        assert!(Instant::now() < end, "alice {a:?} / bob {b:?}");
+        thread::sleep(Duration::from_millis(50));
     }
 }

@@ -51,9 +51,13 @@ pub const MAX_TEXT_BYTES: usize = 64 * 1024;
 /// a re-key may wait for its answer or its confirmation before it is
 /// abandoned (the old epoch then stays).
 pub const EPOCH_GRACE: Duration = Duration::from_secs(30);
-/// Retired epochs kept at most: re-keys come thousands of messages apart,
-/// so more than this means a peer re-keying abusively.
-const MAX_RETIRED: usize = 2;
+/// Retired epochs kept at most: each is erased as soon as nothing more can
+/// arrive under it, so more than this means a peer re-keying abusively.
+const MAX_RETIRED: usize = 4;
+/// How long opening a session waits for the buddy's own INIT, answered a
+/// moment ago, to be confirmed, rather than opening a second session that
+/// would replace it (and lose what the buddy sends on it meanwhile).
+const CONFIRM_WAIT: Duration = Duration::from_secs(2);
 
 /// The label of the message channel from `from` to `to`.
 fn msg_label(from: &str, to: &str) -> String {
@@ -104,7 +108,7 @@ struct Epoch {
     /// that many acknowledgements opened, `acks` goes.
     sent: Option<u64>,
     /// Requests the buddy sealed in this epoch, once they said (in their
-    /// answer to our REKEYED): when that many opened, `incoming` goes.
+    /// answer to our REKEYED): when that many were answered, `incoming` goes.
     their_sent: Option<u64>,
 }
 
@@ -131,10 +135,15 @@ impl Epoch {
         if self.acks.as_ref().is_some_and(|o| done(o, self.sent)) {
             self.acks = None;
         }
+        // Their requests: gone once all of them were answered (each gets
+        // exactly one reply, sealed here).
+        let answered = |replies: &Sealer, n: Option<u64>| {
+            n.is_some_and(|n| replies.next_seq().is_none_or(|next| next >= n))
+        };
         if self
             .incoming
             .as_ref()
-            .is_some_and(|(o, _)| done(o, self.their_sent))
+            .is_some_and(|(_, r)| answered(r, self.their_sent))
         {
             self.incoming = None;
         }
@@ -374,6 +383,12 @@ pub struct Peers {
     seen: Mutex<HashMap<(String, Vec<u8>), u64>>,
     /// (peer, request id) → waiting.
     pub pending: Mutex<HashMap<(String, u64), Pending>>,
+    /// Signalled when a session is installed (a simultaneous open waits
+    /// for the other side's).
+    installed: parking_lot::Condvar,
+    /// Buddies whose INIT we answered and whose CONFIRM has not come yet,
+    /// with when we answered.
+    accepting: Mutex<HashMap<String, Instant>>,
 }
 
 impl Peers {
@@ -409,9 +424,32 @@ impl Peers {
     }
 
     fn install(&self, s: Arc<PeerSession>) {
-        if let Some(old) = self.sessions.lock().insert(s.peer.clone(), s) {
+        let old = self.sessions.lock().insert(s.peer.clone(), s);
+        self.installed.notify_all();
+        if let Some(old) = old {
             old.close();
         }
+    }
+
+    /// Waits until `until` for a session with `peer` to be installed.
+    fn wait_installed(&self, peer: &str, until: Instant) -> Option<Arc<PeerSession>> {
+        let mut sessions = self.sessions.lock();
+        loop {
+            if let Some(s) = sessions.get(peer) {
+                return Some(s.clone());
+            }
+            if self.installed.wait_until(&mut sessions, until).timed_out() {
+                return sessions.get(peer).cloned();
+            }
+        }
+    }
+
+    /// Whether we are opening a session with `peer` right now.
+    fn opening(&self, peer: &str) -> bool {
+        self.opening
+            .lock()
+            .get(peer)
+            .is_some_and(|gate| gate.is_locked())
     }
 }
 
@@ -490,6 +528,13 @@ impl Client {
         if let Some(s) = self.peers.get(to) {
             return Ok(s);
         }
+        // The buddy is opening one with us right now: use theirs.
+        let answered = self.peers.accepting.lock().get(to).copied();
+        if let Some(at) = answered.filter(|at| at.elapsed() < CONFIRM_WAIT) {
+            if let Some(s) = self.peers.wait_installed(to, at + CONFIRM_WAIT) {
+                return Ok(s);
+            }
+        }
         let (me, private, address, public) = self.peer_target(to)?;
         let their_key = RsaPublicKey::from_der(&public)
             .map_err(|_| format!("{to}'s public key is unusable"))?;
@@ -509,6 +554,16 @@ impl Client {
             .read_message(&Limits::DEFAULT, Instant::now() + timeout)
             .map_err(|e| format!("no answer from {to}: {e}"))?
             .ok_or_else(|| format!("{to} closed the connection"))?;
+        if reply.code() == Some(code::CONFLICT) {
+            // Both opened at once and theirs wins (PROTOCOL.md §7): use
+            // the session their INIT is opening with us.
+            return self
+                .peers
+                .wait_installed(to, Instant::now() + timeout)
+                .ok_or_else(|| {
+                    format!("{to} opened a session at the same time and did not finish it")
+                });
+        }
         if !reply.is_success() {
             return Err(format!(
                 "{to} refused the session: {}",
@@ -646,11 +701,19 @@ impl Client {
                 return;
             }
         };
-        session.epochs.lock().rekey = Rekey::Started {
-            id,
-            at: Instant::now(),
-            rekeying,
-        };
+        {
+            // The buddy may have started one meanwhile (we answered it):
+            // theirs stands, and this REKEY is never sent.
+            let mut epochs = session.epochs.lock();
+            if !matches!(epochs.rekey, Rekey::Idle) || epochs.current.id() != epoch {
+                return;
+            }
+            epochs.rekey = Rekey::Started {
+                id,
+                at: Instant::now(),
+                rekeying,
+            };
+        }
         if let Some(stream) = out.stream.as_mut() {
             if let Err(e) = write_message(stream, &sealed, Instant::now() + self.config.timeout) {
                 debug!("writing a re-key to {}: {e}", session.peer);
@@ -876,8 +939,18 @@ impl Client {
                 return (Message::reply(code::AUTH_FAILED, "replayed INIT"), None);
             }
         }
+        // Both opening at once: the session the smaller name opens wins,
+        // so that both end up with the same one.
+        if me < init.from && self.peers.opening(&init.from) {
+            debug!("simultaneous open with {}: ours wins", init.from);
+            return (Message::reply(code::CONFLICT, "simultaneous open"), None);
+        }
         match handshake::respond(&init, &private, &their_key) {
             Ok((ack, tentative)) => {
+                self.peers
+                    .accepting
+                    .lock()
+                    .insert(init.from.clone(), Instant::now());
                 debug!(
                     "INIT {} from {} answered; waiting for its confirmation",
                     tentative.id(),
@@ -911,6 +984,7 @@ impl Client {
         let Some(a) = accepting else {
             return Some(Message::reply(code::BAD_REQUEST, "CONFIRM without INIT"));
         };
+        self.peers.accepting.lock().remove(&a.peer);
         let confirmed = Confirm::from_message(m)
             .map_err(|e| e.to_string())
             .and_then(|c| a.tentative.confirm(&c).map_err(|e| e.to_string()));
@@ -944,6 +1018,11 @@ impl Client {
             epochs.tidy();
             let current = epochs.current.id() == sid;
             let Some((opener, _)) = epochs.find(sid).and_then(|e| e.incoming.as_mut()) else {
+                debug!(
+                    "message from {from} in epoch {sid}, which is not (or no longer) open: current {}, retired {:?}",
+                    epochs.current.id(),
+                    epochs.retired.iter().map(|e| (e.id(), e.incoming.is_some())).collect::<Vec<_>>()
+                );
                 return Message::reply(code::NOT_FOUND, "unknown session");
             };
             let opened = opener.open(m);
