@@ -114,6 +114,17 @@ impl EpochKeys {
     }
 }
 
+#[cfg(test)]
+impl EpochKeys {
+    /// Epoch keys from given bytes, for unit tests of what holds them.
+    pub(crate) fn fixed(id: &str, secret: [u8; 32]) -> EpochKeys {
+        EpochKeys {
+            id: id.to_owned(),
+            secret: Secret::new(secret),
+        }
+    }
+}
+
 impl fmt::Debug for EpochKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EpochKeys")

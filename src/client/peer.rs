@@ -113,18 +113,27 @@ struct Epoch {
 }
 
 impl Epoch {
+    /// A new epoch whose sealer for our channel it keeps until we switch.
     fn new(keys: EpochKeys, me: &str, peer: &str) -> Epoch {
+        let (mut epoch, send) = Epoch::with_sender(keys, me, peer);
+        epoch.send = Some(send);
+        epoch
+    }
+
+    /// A new epoch and, apart, the sealer for our channel in it.
+    fn with_sender(keys: EpochKeys, me: &str, peer: &str) -> (Epoch, Sealer) {
         let out = keys.channel(&msg_label(me, peer), Role::Initiator);
         let inc = keys.channel(&msg_label(peer, me), Role::Responder);
-        Epoch {
+        let epoch = Epoch {
             keys,
-            send: Some(out.send),
+            send: None,
             acks: Some(out.recv),
             incoming: Some((inc.recv, inc.send)),
             erase_at: None,
             sent: None,
             their_sent: None,
-        }
+        };
+        (epoch, out.send)
     }
 
     /// Drops the halves that nothing more can arrive for.
@@ -251,8 +260,7 @@ impl Epochs {
 
 impl PeerSession {
     fn new(me: &str, peer: &str, address: SocketAddr, keys: EpochKeys) -> PeerSession {
-        let mut first = Epoch::new(keys, me, peer);
-        let send = first.send.take().expect("a new epoch has its sealer");
+        let (first, send) = Epoch::with_sender(keys, me, peer);
         PeerSession {
             peer: peer.to_owned(),
             address,
@@ -1317,5 +1325,134 @@ fn fail_all(client: &Client, peer: &str, reason: &str) {
     };
     for (id, p) in lost {
         client.settle(peer, id, p.kind, Err(reason.to_owned()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn epochs() -> Epochs {
+        Epochs {
+            current: Epoch::new(EpochKeys::fixed("e0", [0; 32]), "joe", "alice"),
+            retired: Vec::new(),
+            rekey: Rekey::Idle,
+            messages: 0,
+            rekeyed: None,
+            since: Instant::now(),
+        }
+    }
+
+    /// Seals `n` requests with alice's sealer `theirs` of epoch `e` and
+    /// opens them with joe's keys of it, answering each.
+    fn traffic(theirs: &mut Sealer, e: &mut Epoch, n: u64) {
+        let (opener, replies) = e.incoming.as_mut().unwrap();
+        for _ in 0..n {
+            let m = theirs.seal(PEER, &[], &Message::request("MSG")).unwrap();
+            opener.open(&m).unwrap();
+            replies.seal(PEER, &[], &Message::ok()).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_retired_epoch_goes_once_drained() {
+        let mut e = epochs();
+        e.current.send = None;
+        let mut alice = e
+            .current
+            .keys
+            .channel("msg:alice>joe", Role::Initiator)
+            .send;
+        traffic(&mut alice, &mut e.current, 3);
+        e.advance(EpochKeys::fixed("e1", [1; 32]), "joe", "alice");
+        assert_eq!(e.current.id(), "e1");
+        assert_eq!(e.retired.len(), 1);
+        assert!(e.find("e0").is_some() && e.find("e1").is_some());
+        // Nothing known yet about what is in flight: kept.
+        e.tidy();
+        assert_eq!(e.retired.len(), 1);
+        // They sent 5 in e0, we have answered 3: their half stays.
+        e.retired[0].their_sent = Some(5);
+        e.retired[0].sent = Some(0);
+        e.tidy();
+        assert_eq!(e.retired.len(), 1);
+        assert!(e.retired[0].acks.is_none(), "nothing of ours to wait for");
+        assert!(e.retired[0].incoming.is_some());
+        traffic(&mut alice, &mut e.retired[0], 2);
+        e.tidy();
+        assert!(e.retired.is_empty(), "all answered: erased");
+        assert!(e.find("e0").is_none());
+    }
+
+    #[test]
+    fn an_answered_rekey_keeps_the_old_epoch_and_rolls_back_unconfirmed() {
+        let mut e = epochs();
+        e.current.send = None;
+        e.advance(EpochKeys::fixed("e1", [1; 32]), "joe", "alice");
+        let (_, answered) = {
+            let (start, nonce, share) = Rekeying::start().unwrap();
+            drop(start);
+            handshake::rekey_respond(
+                &EpochKeys::fixed("x", [2; 32]),
+                "joe",
+                "alice",
+                1,
+                &nonce,
+                &share,
+            )
+            .unwrap()
+        };
+        e.rekey = Rekey::Answered {
+            at: Instant::now(),
+            confirm: answered.confirmation(),
+        };
+        // Even empty and past its time, the epoch our channel still seals
+        // in stays while the re-key is unconfirmed.
+        e.retired[0].acks = None;
+        e.retired[0].incoming = None;
+        e.retired[0].erase_at = Some(Instant::now());
+        e.tidy();
+        assert_eq!(e.retired.len(), 1);
+        // Unconfirmed past the grace period: back to the old epoch.
+        e.rekey = Rekey::Answered {
+            at: Instant::now() - EPOCH_GRACE,
+            confirm: answered.confirmation(),
+        };
+        e.tidy();
+        assert_eq!(e.current.id(), "e0");
+        assert!(e.retired.is_empty());
+        assert!(matches!(e.rekey, Rekey::Idle));
+    }
+
+    #[test]
+    fn retired_epochs_are_bounded_and_expire() {
+        let mut e = epochs();
+        for i in 1..10u8 {
+            e.advance(EpochKeys::fixed(&format!("e{i}"), [i; 32]), "joe", "alice");
+        }
+        assert_eq!(e.retired.len(), MAX_RETIRED);
+        for r in e.retired.iter_mut() {
+            r.erase_at = Some(Instant::now());
+        }
+        e.tidy();
+        assert!(e.retired.is_empty());
+        assert_eq!(e.current.id(), "e9");
+    }
+
+    #[test]
+    fn rekeys_are_due_by_count_or_age() {
+        let mut e = epochs();
+        assert!(!e.due(10, Duration::from_secs(60)));
+        e.messages = 10;
+        assert!(e.due(10, Duration::from_secs(60)));
+        assert!(!e.due(0, Duration::from_secs(60)), "0: by time only");
+        e.since = Instant::now() - Duration::from_secs(61);
+        assert!(e.due(0, Duration::from_secs(60)));
+        e.rekey = Rekey::Started {
+            id: 1,
+            at: Instant::now(),
+            rekeying: Rekeying::start().unwrap().0,
+        };
+        assert!(!e.due(10, Duration::from_secs(60)), "one at a time");
     }
 }
