@@ -765,3 +765,57 @@ fn both_sides_re_keying_at_once_lose_nothing() {
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn both_sides_opening_at_once_end_in_one_session_and_lose_nothing() {
+    const N: usize = 50;
+    let net = Net::start();
+    let mut bob = net.client("bob", true, None, 0);
+    let mut alice = net.client("alice", true, None, 0);
+    befriend(&mut alice, "alice", &mut bob, "bob");
+    for round in 0..5 {
+        // No session: both write first, at once.
+        let start = Arc::new(std::sync::Barrier::new(2));
+        let sender = |from: &Peer, to: &'static str| {
+            let (client, start) = (from.client().clone(), start.clone());
+            thread::spawn(move || {
+                start.wait();
+                for i in 0..N {
+                    client
+                        .send_message(to, &format!("{round} {to} {i}"))
+                        .expect("send");
+                }
+            })
+        };
+        let (a, b) = (sender(&alice, "bob"), sender(&bob, "alice"));
+        a.join().unwrap();
+        b.join().unwrap();
+        for (p, me) in [(&mut bob, "bob"), (&mut alice, "alice")] {
+            for i in 0..N {
+                let want = format!("{round} {me} {i}");
+                match p.wait("message", |e| matches!(e, Event::Message { .. })) {
+                    Event::Message { text, .. } => {
+                        assert_eq!(text, want, "out of order or lost")
+                    }
+                    _ => unreachable!(),
+                }
+            }
+            for _ in 0..N {
+                p.wait("delivered", |e| matches!(e, Event::Delivered { .. }));
+            }
+        }
+        let (a, b) = (alice.secrets("bob"), bob.secrets("alice"));
+        assert_eq!(a, b, "round {round}: two different sessions");
+        // Next round: a new login ends the session on both sides.
+        alice.client().logout();
+        bob.wait(
+            "offline",
+            |e| matches!(e, Event::Offline { user } if user == "alice"),
+        );
+        alice.client().login("alice", PW).expect("login");
+        bob.wait(
+            "online",
+            |e| matches!(e, Event::Online { user } if user == "alice"),
+        );
+    }
+}

@@ -397,6 +397,9 @@ pub struct Peers {
     /// Buddies whose INIT we answered and whose CONFIRM has not come yet,
     /// with when we answered.
     accepting: Mutex<HashMap<String, Instant>>,
+    /// When our last INIT to each buddy succeeded: an INIT of theirs
+    /// that crossed it is refused as a simultaneous open.
+    opened: Mutex<HashMap<String, Instant>>,
 }
 
 impl Peers {
@@ -419,6 +422,8 @@ impl Peers {
             s.close();
         }
         self.pending.lock().clear();
+        self.accepting.lock().clear();
+        self.opened.lock().clear();
     }
 
     /// Erases what every session no longer needs (retired epochs past
@@ -450,14 +455,6 @@ impl Peers {
                 return sessions.get(peer).cloned();
             }
         }
-    }
-
-    /// Whether we are opening a session with `peer` right now.
-    fn opening(&self, peer: &str) -> bool {
-        self.opening
-            .lock()
-            .get(peer)
-            .is_some_and(|gate| gate.is_locked())
     }
 }
 
@@ -536,8 +533,14 @@ impl Client {
         if let Some(s) = self.peers.get(to) {
             return Ok(s);
         }
-        // The buddy is opening one with us right now: use theirs.
-        let answered = self.peers.accepting.lock().get(to).copied();
+        // The buddy is opening one with us right now: use theirs. Checked
+        // under the `opening` lock, which on_init holds while it decides
+        // between answering and refusing, so that one of the two sides
+        // always sees the other.
+        let answered = {
+            let _decisions = self.peers.opening.lock();
+            self.peers.accepting.lock().get(to).copied()
+        };
         if let Some(at) = answered.filter(|at| at.elapsed() < CONFIRM_WAIT) {
             if let Some(s) = self.peers.wait_installed(to, at + CONFIRM_WAIT) {
                 return Ok(s);
@@ -587,19 +590,30 @@ impl Client {
                 return Err(format!("{to}'s answer was not signed by {to} ({e})"));
             }
         };
-        // Our key confirmation; the callee answers only a bad one (and
-        // closes). Our first message follows on the same connection.
-        write_message(
-            reader.get_mut(),
-            &confirm.to_message(),
-            Instant::now() + timeout,
-        )
-        .map_err(|e| format!("{to} does not answer: {e}"))?;
         let session = Arc::new(PeerSession::new(&me, to, address, keys));
         // The INIT connection becomes our message channel's connection.
         let (stream, _) = reader.into_parts();
-        self.attach(&session, stream)?;
+        let mut out = session.out.lock();
+        self.attach_to(&session, &mut out, stream)?;
+        // Installed before our CONFIRM goes: once the buddy has it, it may
+        // write to us in the session at once. Our key confirmation is the
+        // first thing on our channel (the callee answers only a bad one,
+        // and closes); our first message follows it.
         self.peers.install(session.clone());
+        self.peers
+            .opened
+            .lock()
+            .insert(to.to_owned(), Instant::now());
+        let written = match out.stream.as_mut() {
+            Some(s) => write_message(s, &confirm.to_message(), Instant::now() + timeout)
+                .map_err(|e| e.to_string()),
+            None => Err("connection lost".to_owned()),
+        };
+        drop(out);
+        if let Err(e) = written {
+            self.peers.drop_session(to);
+            return Err(format!("{to} does not answer: {e}"));
+        }
         debug!("session {} with {to} open", session.id());
         Ok(session)
     }
@@ -611,8 +625,19 @@ impl Client {
         session: &Arc<PeerSession>,
         stream: TcpStream,
     ) -> Result<(), String> {
+        let mut out = session.out.lock();
+        self.attach_to(session, &mut out, stream)
+    }
+
+    /// As [`Client::attach`], with the session's `out` already locked.
+    fn attach_to(
+        self: &Arc<Self>,
+        session: &Arc<PeerSession>,
+        out: &mut Outgoing,
+        stream: TcpStream,
+    ) -> Result<(), String> {
         let reader = stream.try_clone().map_err(|e| e.to_string())?;
-        session.out.lock().stream = Some(stream);
+        out.stream = Some(stream);
         let client = Arc::downgrade(self);
         let session = session.clone();
         std::thread::Builder::new()
@@ -948,17 +973,29 @@ impl Client {
             }
         }
         // Both opening at once: the session the smaller name opens wins,
-        // so that both end up with the same one.
-        if me < init.from && self.peers.opening(&init.from) {
-            debug!("simultaneous open with {}: ours wins", init.from);
-            return (Message::reply(code::CONFLICT, "simultaneous open"), None);
+        // so that both end up with the same one. Otherwise, mark the
+        // answer as under way (in the same critical section: see
+        // session_with) so that we do not open a second one meanwhile.
+        {
+            let opening = self.peers.opening.lock();
+            let ours = opening.get(&init.from).is_some_and(|gate| gate.is_locked())
+                || self
+                    .peers
+                    .opened
+                    .lock()
+                    .get(&init.from)
+                    .is_some_and(|at| at.elapsed() < CONFIRM_WAIT);
+            if me < init.from && ours {
+                debug!("simultaneous open with {}: ours wins", init.from);
+                return (Message::reply(code::CONFLICT, "simultaneous open"), None);
+            }
+            self.peers
+                .accepting
+                .lock()
+                .insert(init.from.clone(), Instant::now());
         }
         match handshake::respond(&init, &private, &their_key) {
             Ok((ack, tentative)) => {
-                self.peers
-                    .accepting
-                    .lock()
-                    .insert(init.from.clone(), Instant::now());
                 debug!(
                     "INIT {} from {} answered; waiting for its confirmation",
                     tentative.id(),
@@ -975,10 +1012,12 @@ impl Client {
                 )
             }
             Err(HandshakeError::BadShare) => {
+                self.peers.accepting.lock().remove(&init.from);
                 warn!("INIT from {} has an unusable key share", init.from);
                 (Message::reply(code::AUTH_FAILED, "bad key share"), None)
             }
             Err(e) => {
+                self.peers.accepting.lock().remove(&init.from);
                 warn!("INIT from {} refused: {e}", init.from);
                 (Message::reply(code::AUTH_FAILED, &e.to_string()), None)
             }
