@@ -190,6 +190,7 @@ impl Net {
             insecure_kdf: true,
             download_dir: self.dir.path().join(format!("{name}-dl")),
             ack_timeout: Duration::from_secs(60),
+            auto_accept_files: true,
             rekey_messages: rekey,
             rekey_interval: Duration::from_secs(86_400),
             ..ClientConfig::default()
@@ -818,4 +819,63 @@ fn both_sides_opening_at_once_end_in_one_session_and_lose_nothing() {
             |e| matches!(e, Event::Online { user } if user == "alice"),
         );
     }
+}
+
+#[test]
+fn files_cross_re_keys_whole() {
+    const FILES: usize = 3;
+    let net = Net::start();
+    let mut bob = net.client("bob", true, None, 20);
+    let mut alice = net.client("alice", true, None, 20);
+    befriend(&mut alice, "alice", &mut bob, "bob");
+    let content: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let path = net.dir.path().join("plan.bin");
+    std::fs::write(&path, &content).unwrap();
+    // Messages both ways keep re-keying the session (every 20) while the
+    // files are offered, accepted and streamed on their own channels.
+    for f in 0..FILES {
+        alice.client().send_file("bob", &path).expect("send file");
+        for i in 0..30 {
+            alice
+                .client()
+                .send_message("bob", &format!("{f} a {i}"))
+                .expect("send");
+            bob.client()
+                .send_message("alice", &format!("{f} b {i}"))
+                .expect("send");
+        }
+    }
+    for _ in 0..FILES {
+        match bob.wait("file-received", |e| matches!(e, Event::FileReceived { .. })) {
+            Event::FileReceived { path, .. } => {
+                assert_eq!(std::fs::read(path).unwrap(), content, "file damaged")
+            }
+            _ => unreachable!(),
+        }
+    }
+    for _ in 0..FILES {
+        alice.wait("file-sent", |e| matches!(e, Event::FileSent { .. }));
+    }
+    for f in 0..FILES {
+        for i in 0..30 {
+            let want = format!("{f} a {i}");
+            bob.wait(
+                "message",
+                |e| matches!(e, Event::Message { text, .. } if *text == want),
+            );
+            let want = format!("{f} b {i}");
+            alice.wait(
+                "message",
+                |e| matches!(e, Event::Message { text, .. } if *text == want),
+            );
+        }
+    }
+    assert!(
+        !alice
+            .seen
+            .iter()
+            .chain(bob.seen.iter())
+            .any(|e| matches!(e, Event::FileFailed { .. })),
+        "a transfer failed"
+    );
 }
