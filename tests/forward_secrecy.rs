@@ -657,9 +657,10 @@ fn ten_thousand_messages_across_five_rekeys() {
         "secrets of only {checked} re-keyed epochs caught"
     );
 
-    // Retired keys are erased once nothing more can arrive under them
-    // (well before the grace period ends).
-    let end = Instant::now() + Duration::from_secs(10);
+    // Retired keys are erased once nothing more can arrive under them and
+    // a file transfer could no longer start in them (10 s), well before
+    // the 30 s grace period ends.
+    let end = Instant::now() + Duration::from_secs(25);
     while alice.secrets("bob").len() > 1 || bob.secrets("alice").len() > 1 {
         assert!(
             Instant::now() < end,
@@ -756,7 +757,7 @@ fn both_sides_re_keying_at_once_lose_nothing() {
     println!("alice>bob crossed {} epochs", order.len());
     assert!(order.len() >= 3, "only {} epochs", order.len());
     // Both ends end in the same single epoch.
-    let end = Instant::now() + Duration::from_secs(10);
+    let end = Instant::now() + Duration::from_secs(25);
     loop {
         let (a, b) = (alice.secrets("bob"), bob.secrets("alice"));
         if a.len() == 1 && a == b {
@@ -846,6 +847,32 @@ fn files_cross_re_keys_whole() {
         }
     }
     for _ in 0..FILES {
+        let end = Instant::now() + WAIT;
+        while !bob
+            .seen
+            .iter()
+            .any(|e| matches!(e, Event::FileReceived { .. }))
+        {
+            if let Ok(e) = bob.events.recv_timeout(Duration::from_millis(100)) {
+                bob.seen.push(e);
+            }
+            while let Ok(e) = alice.events.try_recv() {
+                alice.seen.push(e);
+            }
+            let failed: Vec<&Event> = alice
+                .seen
+                .iter()
+                .chain(bob.seen.iter())
+                .filter(|e| {
+                    matches!(
+                        e,
+                        Event::FileFailed { .. } | Event::SendFailed { .. } | Event::Error { .. }
+                    )
+                })
+                .collect();
+            assert!(failed.is_empty(), "{failed:?}");
+            assert!(Instant::now() < end, "no file within {WAIT:?}");
+        }
         match bob.wait("file-received", |e| matches!(e, Event::FileReceived { .. })) {
             Event::FileReceived { path, .. } => {
                 assert_eq!(std::fs::read(path).unwrap(), content, "file damaged")

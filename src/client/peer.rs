@@ -53,7 +53,11 @@ pub const MAX_TEXT_BYTES: usize = 64 * 1024;
 pub const EPOCH_GRACE: Duration = Duration::from_secs(30);
 /// Retired epochs kept at most: each is erased as soon as nothing more can
 /// arrive under it, so more than this means a peer re-keying abusively.
-const MAX_RETIRED: usize = 4;
+const MAX_RETIRED: usize = 8;
+/// How long a retired epoch's secret outlives its drained channels: a file
+/// transfer whose sender derived its channel in that epoch just before the
+/// switch opens it with the secret when its first chunk arrives.
+const DRAINED_HOLD: Duration = Duration::from_secs(10);
 /// How long opening a session waits for the buddy's own INIT, answered a
 /// moment ago, to be confirmed, rather than opening a second session that
 /// would replace it (and lose what the buddy sends on it meanwhile).
@@ -241,13 +245,17 @@ impl Epochs {
         for e in self.retired.iter_mut().skip(usize::from(keep_newest)) {
             e.drain();
         }
+        for e in self.retired.iter_mut() {
+            if e.acks.is_none() && e.incoming.is_none() {
+                let hold = now + DRAINED_HOLD;
+                e.erase_at = Some(e.erase_at.map_or(hold, |t| t.min(hold)));
+            }
+        }
         let mut index = 0;
         self.retired.retain(|e| {
             let kept = keep_newest && index == 0;
             index += 1;
-            let expired = e.erase_at.is_some_and(|t| t <= now);
-            let empty = e.acks.is_none() && e.incoming.is_none();
-            kept || !(expired || empty)
+            kept || e.erase_at.is_none_or(|t| t > now)
         });
     }
 
@@ -546,90 +554,89 @@ impl Client {
                 return Ok(s);
             }
         }
-        let (me, private, address, public) = self.peer_target(to)?;
-        let their_key = RsaPublicKey::from_der(&public)
-            .map_err(|_| format!("{to}'s public key is unusable"))?;
-        let (starting, init) =
-            Initiating::start(&me, to, now_unix(), &private).map_err(|e| e.to_string())?;
-        let timeout = self.config.timeout;
-        let stream = super::connect(&address.to_string(), timeout)
+        // A second attempt only after a simultaneous open whose winning
+        // session never came (the buddy had one it had just opened).
+        for attempt in 0..2 {
+            let (me, private, address, public) = self.peer_target(to)?;
+            let their_key = RsaPublicKey::from_der(&public)
+                .map_err(|_| format!("{to}'s public key is unusable"))?;
+            let (starting, init) =
+                Initiating::start(&me, to, now_unix(), &private).map_err(|e| e.to_string())?;
+            let timeout = self.config.timeout;
+            let stream = super::connect(&address.to_string(), timeout)
+                .map_err(|e| format!("{to} does not answer: {e}"))?;
+            let mut reader = MessageReader::new(stream);
+            write_message(
+                reader.get_mut(),
+                &init.to_message(),
+                Instant::now() + timeout,
+            )
             .map_err(|e| format!("{to} does not answer: {e}"))?;
-        let mut reader = MessageReader::new(stream);
-        write_message(
-            reader.get_mut(),
-            &init.to_message(),
-            Instant::now() + timeout,
-        )
-        .map_err(|e| format!("{to} does not answer: {e}"))?;
-        let reply = reader
-            .read_message(&Limits::DEFAULT, Instant::now() + timeout)
-            .map_err(|e| format!("no answer from {to}: {e}"))?
-            .ok_or_else(|| format!("{to} closed the connection"))?;
-        if reply.code() == Some(code::CONFLICT) {
-            // Both opened at once and theirs wins (PROTOCOL.md §7): use
-            // the session their INIT is opening with us.
-            return self
-                .peers
-                .wait_installed(to, Instant::now() + timeout)
-                .ok_or_else(|| {
-                    format!("{to} opened a session at the same time and did not finish it")
-                });
-        }
-        if !reply.is_success() {
-            return Err(format!(
-                "{to} refused the session: {}",
-                reply.reason().unwrap_or("")
-            ));
-        }
-        let ack =
-            InitAck::from_message(&reply).map_err(|e| format!("bad INIT-ACK from {to}: {e}"))?;
-        let (keys, confirm) = match starting.finish(&ack, &their_key) {
-            Ok(done) => done,
-            Err(e) => {
-                warn!("INIT-ACK from {to} refused: {e}");
-                return Err(format!("{to}'s answer was not signed by {to} ({e})"));
+            let reply = reader
+                .read_message(&Limits::DEFAULT, Instant::now() + timeout)
+                .map_err(|e| format!("no answer from {to}: {e}"))?
+                .ok_or_else(|| format!("{to} closed the connection"))?;
+            if reply.code() == Some(code::CONFLICT) {
+                // Both opened at once and theirs wins (PROTOCOL.md §7): use
+                // the session their INIT is opening with us.
+                if let Some(s) = self.peers.wait_installed(to, Instant::now() + CONFIRM_WAIT) {
+                    return Ok(s);
+                }
+                if attempt == 0 {
+                    continue;
+                }
+                return Err(format!(
+                    "{to} opened a session at the same time and did not finish it"
+                ));
             }
-        };
-        let session = Arc::new(PeerSession::new(&me, to, address, keys));
-        // The INIT connection becomes our message channel's connection.
-        let (stream, _) = reader.into_parts();
-        let mut out = session.out.lock();
-        self.attach_to(&session, &mut out, stream)?;
-        // Installed before our CONFIRM goes: once the buddy has it, it may
-        // write to us in the session at once. Our key confirmation is the
-        // first thing on our channel (the callee answers only a bad one,
-        // and closes); our first message follows it.
-        self.peers.install(session.clone());
-        self.peers
-            .opened
-            .lock()
-            .insert(to.to_owned(), Instant::now());
-        let written = match out.stream.as_mut() {
-            Some(s) => write_message(s, &confirm.to_message(), Instant::now() + timeout)
-                .map_err(|e| e.to_string()),
-            None => Err("connection lost".to_owned()),
-        };
-        drop(out);
-        if let Err(e) = written {
-            self.peers.drop_session(to);
-            return Err(format!("{to} does not answer: {e}"));
+            if !reply.is_success() {
+                return Err(format!(
+                    "{to} refused the session: {}",
+                    reply.reason().unwrap_or("")
+                ));
+            }
+            let ack = InitAck::from_message(&reply)
+                .map_err(|e| format!("bad INIT-ACK from {to}: {e}"))?;
+            let (keys, confirm) = match starting.finish(&ack, &their_key) {
+                Ok(done) => done,
+                Err(e) => {
+                    warn!("INIT-ACK from {to} refused: {e}");
+                    return Err(format!("{to}'s answer was not signed by {to} ({e})"));
+                }
+            };
+            let session = Arc::new(PeerSession::new(&me, to, address, keys));
+            // The INIT connection becomes our message channel's connection.
+            let (stream, _) = reader.into_parts();
+            let mut out = session.out.lock();
+            self.attach_to(&session, &mut out, stream)?;
+            // Installed before our CONFIRM goes: once the buddy has it, it may
+            // write to us in the session at once. Our key confirmation is the
+            // first thing on our channel (the callee answers only a bad one,
+            // and closes); our first message follows it.
+            self.peers.install(session.clone());
+            self.peers
+                .opened
+                .lock()
+                .insert(to.to_owned(), Instant::now());
+            let written = match out.stream.as_mut() {
+                Some(s) => write_message(s, &confirm.to_message(), Instant::now() + timeout)
+                    .map_err(|e| e.to_string()),
+                None => Err("connection lost".to_owned()),
+            };
+            drop(out);
+            if let Err(e) = written {
+                self.peers.drop_session(to);
+                return Err(format!("{to} does not answer: {e}"));
+            }
+            debug!("session {} with {to} open", session.id());
+            return Ok(session);
         }
-        debug!("session {} with {to} open", session.id());
-        Ok(session)
+        Err(format!("{to} keeps refusing the session"))
     }
 
-    /// Makes `stream` the session's outgoing connection and starts the
-    /// thread that reads the acknowledgements arriving on it.
-    fn attach(
-        self: &Arc<Self>,
-        session: &Arc<PeerSession>,
-        stream: TcpStream,
-    ) -> Result<(), String> {
-        let mut out = session.out.lock();
-        self.attach_to(session, &mut out, stream)
-    }
-
-    /// As [`Client::attach`], with the session's `out` already locked.
+    /// Makes `stream` the session's outgoing connection (the caller holds
+    /// its lock) and starts the thread that reads the acknowledgements
+    /// arriving on it.
     fn attach_to(
         self: &Arc<Self>,
         session: &Arc<PeerSession>,
@@ -663,11 +670,12 @@ impl Client {
             let timeout = self.config.timeout;
             let mut out = session.out.lock();
             if out.stream.is_none() {
-                drop(out);
+                // Connected under the lock: two senders must not each open
+                // a connection, whose messages the buddy would then read
+                // in parallel and so out of order.
                 let stream = super::connect(&session.address.to_string(), timeout)
                     .map_err(|e| format!("{to} does not answer: {e}"))?;
-                self.attach(&session, stream)?;
-                out = session.out.lock();
+                self.attach_to(&session, &mut out, stream)?;
             }
             let epoch = out.epoch.clone();
             let sealed = out
@@ -760,7 +768,7 @@ impl Client {
     /// The answer to our REKEY `id` (opened by the acknowledgement
     /// reader): switches our channel to the new epoch and sends REKEYED,
     /// its first message.
-    fn finish_rekey(&self, session: &PeerSession, id: u64, inner: &Message) {
+    fn finish_rekey(&self, session: &Arc<PeerSession>, id: u64, inner: &Message) {
         let mut out = session.out.lock();
         let mut epochs = session.epochs.lock();
         let rekeying = match std::mem::replace(&mut epochs.rekey, Rekey::Idle) {
@@ -818,23 +826,41 @@ impl Client {
             epochs.rekeyed = Some(*id);
         }
         drop(epochs);
-        let epoch = out.epoch.clone();
-        let sealed = out.send.seal(
-            PEER,
-            &session.clear(&session.me, &epoch, "msg"),
-            &rekeyed.to_message(),
+        info!(
+            "session with {} re-keyed (epoch {})",
+            session.peer, out.epoch
         );
-        match (sealed, out.stream.as_mut()) {
-            (Ok(sealed), Some(stream)) => {
-                if let Err(e) = write_message(stream, &sealed, Instant::now() + self.config.timeout)
-                {
-                    debug!("writing REKEYED to {}: {e}", session.peer);
+        drop(out);
+        // Written by another thread: this one reads the acknowledgements,
+        // and a writer that stopped reading could block on a buddy that is
+        // itself blocked writing acknowledgements to us. Sealed and written
+        // under one lock, so that sequence numbers go out in order.
+        let session = session.clone();
+        let timeout = self.config.timeout;
+        let spawned = std::thread::Builder::new()
+            .name(format!("rekeyed-{}", session.peer))
+            .spawn(move || {
+                let mut out = session.out.lock();
+                let epoch = out.epoch.clone();
+                let sealed = out.send.seal(
+                    PEER,
+                    &session.clear(&session.me, &epoch, "msg"),
+                    &rekeyed.to_message(),
+                );
+                match (sealed, out.stream.as_mut()) {
+                    (Ok(sealed), Some(stream)) => {
+                        if let Err(e) = write_message(stream, &sealed, Instant::now() + timeout) {
+                            debug!("writing REKEYED to {}: {e}", session.peer);
+                            out.stream = None;
+                        }
+                    }
+                    (Err(e), _) => warn!("cannot seal REKEYED for {}: {e}", session.peer),
+                    (Ok(_), None) => {}
                 }
-            }
-            (Err(e), _) => warn!("cannot seal REKEYED for {}: {e}", session.peer),
-            (Ok(_), None) => {}
+            });
+        if let Err(e) = spawned {
+            warn!("cannot send REKEYED: {e}");
         }
-        info!("session with {} re-keyed (epoch {epoch})", session.peer);
     }
 
     /// Every open epoch's id and secret of the session with `peer` (tests
@@ -1419,7 +1445,14 @@ mod tests {
         assert!(e.retired[0].incoming.is_some());
         traffic(&mut alice, &mut e.retired[0], 2);
         e.tidy();
-        assert!(e.retired.is_empty(), "all answered: erased");
+        // All answered: the channels go at once, the secret (for a file
+        // transfer that started in e0) within DRAINED_HOLD.
+        assert!(e.retired[0].incoming.is_none() && e.retired[0].acks.is_none());
+        let hold = e.retired[0].erase_at.unwrap();
+        assert!(hold <= Instant::now() + DRAINED_HOLD);
+        e.retired[0].erase_at = Some(Instant::now());
+        e.tidy();
+        assert!(e.retired.is_empty(), "erased");
         assert!(e.find("e0").is_none());
     }
 
