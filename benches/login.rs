@@ -701,6 +701,11 @@ fn main() {
     assert!(st.success(), "genkey failed");
     let data = dir.path().join("crs-data");
     fs::create_dir_all(&data).expect("data dir");
+    // The CRS refuses a data directory others can read.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).expect("data dir mode");
+    }
     let accounts = make_data_set(&data.join("db"));
 
     let mut cmd = Command::new(&crs_bin);

@@ -31,8 +31,8 @@ use super::handshake::{
 };
 use super::Client;
 use crate::crypto::{self, RsaPublicKey};
-use crate::proto::peer::{Confirm, Init, InitAck, PeerRequest, RekeyAck, PEER};
-use crate::proto::Fields;
+use crate::proto::peer::{Ack, Confirm, Init, InitAck, PeerRequest, RekeyAck, PEER};
+use crate::proto::{Fields, Refusal};
 use crate::seal::{Opener, Role, Sealer, SessionKeys};
 use crate::wire::io::{write_message, IoError, MessageReader};
 use crate::wire::{code, Limits, Message};
@@ -489,7 +489,7 @@ impl Client {
         to: &str,
     ) -> Result<(String, crypto::RsaPrivateKey, SocketAddr, Vec<u8>), String> {
         let guard = self.settled_session();
-        let s = guard.as_ref().ok_or("not logged in; /login NAME first")?;
+        let s = guard.session().ok_or("not logged in; /login NAME first")?;
         match s.buddies.get(to) {
             None => Err(format!("{to} is not your buddy; /add {to} first")),
             Some(None) => Err(format!("{to} is offline")),
@@ -510,15 +510,15 @@ impl Client {
         grace: Duration,
     ) -> Result<(String, crypto::RsaPrivateKey, SocketAddr, Vec<u8>), String> {
         let end = Instant::now() + grace;
-        let mut guard = self.session.lock();
+        let mut guard = self.state.lock();
         loop {
             let ready = guard
-                .as_ref()
+                .session()
                 .is_some_and(|s| matches!(s.buddies.get(who), Some(Some(_))));
             if ready || Instant::now() >= end {
                 break;
             }
-            self.buddies_changed.wait_until(&mut guard, end);
+            self.changed.wait_until(&mut guard, end);
         }
         drop(guard);
         self.peer_target(who)
@@ -877,7 +877,7 @@ impl Client {
     /// Our long-term private key (tests only, as above).
     #[cfg(feature = "test-hooks")]
     pub fn private_key_for_test(&self) -> Option<crypto::RsaPrivateKey> {
-        self.session.lock().as_ref().map(|s| s.private_key.clone())
+        self.state.lock().session().map(|s| s.private_key.clone())
     }
 
     /// Sends a text message; `delivered` or `send-failed` follows.
@@ -1124,7 +1124,7 @@ impl Client {
             Ok(PeerRequest::Rekeyed { id, confirm }) => {
                 self.on_rekeyed(&session, sid, id, &confirm)
             }
-            Ok(req) => self.on_peer_request(&session.peer, req),
+            Ok(req) => self.on_peer_request(&session.peer, req).to_message(),
             Err(e) => e.reply(),
         };
         // The reply is sealed in the request's epoch.
@@ -1226,7 +1226,7 @@ impl Client {
             .with_header("Sent", sent)
     }
 
-    fn on_peer_request(self: &Arc<Self>, from: &str, req: PeerRequest) -> Message {
+    fn on_peer_request(self: &Arc<Self>, from: &str, req: PeerRequest) -> Ack {
         match req {
             PeerRequest::Msg { id, text } => {
                 self.set_last_peer(from);
@@ -1235,7 +1235,7 @@ impl Client {
                     text,
                     id,
                 });
-                Message::ok().with_header("Id", id)
+                Ack::done(id)
             }
             PeerRequest::FileOffer {
                 id,
@@ -1248,17 +1248,17 @@ impl Client {
             PeerRequest::FileCancel { id, from_sender } => {
                 self.on_file_cancel(from, id, from_sender)
             }
-            PeerRequest::FileChunk { id, .. } | PeerRequest::FileEnd { id } => Message::reply(
-                code::BAD_REQUEST,
+            PeerRequest::FileChunk { id, .. } | PeerRequest::FileEnd { id } => Ack::refused(
+                id,
+                Refusal::BadRequest,
                 "file data belongs on the transfer's channel",
-            )
-            .with_header("Id", id),
+            ),
             // Handled by on_peer_msg, which holds the session.
-            PeerRequest::Rekey { id, .. } | PeerRequest::Rekeyed { id, .. } => Message::reply(
-                code::BAD_REQUEST,
+            PeerRequest::Rekey { id, .. } | PeerRequest::Rekeyed { id, .. } => Ack::refused(
+                id,
+                Refusal::BadRequest,
                 "re-keying belongs on the message channel",
-            )
-            .with_header("Id", id),
+            ),
         }
     }
 }
@@ -1320,7 +1320,7 @@ fn read_acks(client: std::sync::Weak<Client>, session: Arc<PeerSession>, stream:
                 continue;
             }
         };
-        let Ok(id) = inner.req_parse::<u64>("Id") else {
+        let Ok(Ack { id, answer }) = Ack::from_message(&inner) else {
             continue;
         };
         let is_rekey = {
@@ -1349,11 +1349,7 @@ fn read_acks(client: std::sync::Weak<Client>, session: Arc<PeerSession>, stream:
         else {
             continue;
         };
-        let outcome = if inner.is_success() {
-            Ok(())
-        } else {
-            Err(inner.reason().unwrap_or("refused").to_owned())
-        };
+        let outcome = answer.map_err(|refused| refused.reason);
         client.settle(&session.peer, id, p.kind, outcome);
     }
     // The connection ended: requests still waiting on it will not be answered.

@@ -2,7 +2,9 @@
 //! [`store`]), enrolled MSs, who is online where, and login locks (in
 //! volatile [`live`] state), served on one pre-threaded port.
 
+pub mod guesses;
 pub mod live;
+pub mod operator;
 pub mod service;
 pub mod store;
 
@@ -47,6 +49,8 @@ pub struct CrsConfig {
     pub min_iterations: u32,
     /// Most results of one directory search.
     pub max_search_results: u32,
+    /// Login attempts of one name from one address before each must wait.
+    pub free_login_attempts: u32,
     /// The worker pool.
     pub pool: prethread::Config,
 }
@@ -63,6 +67,7 @@ impl Default for CrsConfig {
             poll_timeout: Duration::from_secs(5),
             min_iterations: crypto::PBKDF2_MIN_ITERATIONS,
             max_search_results: 50,
+            free_login_attempts: guesses::FREE_ATTEMPTS,
             // Every MS keeps links open for good (its event long poll, its
             // heartbeat and a pool of up to its workers + 2 request links),
             // and a kept connection holds a worker while idle. Sized by the
@@ -86,6 +91,8 @@ pub enum CrsError {
     MsKey(keyfile::KeyFileError),
     /// The database could not be opened.
     Store(store::StoreError),
+    /// The data directory could not be made private, or others can read it.
+    DataDir(String),
     /// The CRS's own key could not be read or made.
     Identity(String),
     /// The listener could not be bound.
@@ -97,6 +104,7 @@ impl fmt::Display for CrsError {
         match self {
             CrsError::MsKey(e) => write!(f, "MSkey: {e}"),
             CrsError::Store(e) => write!(f, "database: {e}"),
+            CrsError::DataDir(e) => write!(f, "data directory: {e}"),
             CrsError::Identity(e) => write!(f, "CRS key: {e}"),
             CrsError::Listen(e) => write!(f, "cannot listen: {e}"),
         }
@@ -113,6 +121,8 @@ pub struct Crs {
     identity: RsaPrivateKey,
     identity_public: RsaPublicKey,
     live: Mutex<Live>,
+    /// Login attempts per (name, source), for every MS.
+    guesses: guesses::Guesses,
     events_ready: Condvar,
     stopping: AtomicBool,
     /// Random per process: tells an MS whether the CRS it reaches is the
@@ -129,6 +139,7 @@ impl Crs {
         identity: RsaPrivateKey,
     ) -> Crs {
         let identity_public = identity.public_key();
+        let guesses = guesses::Guesses::new(config.free_login_attempts);
         Crs {
             config,
             store,
@@ -136,6 +147,7 @@ impl Crs {
             identity,
             identity_public,
             live: Mutex::new(Live::default()),
+            guesses,
             events_ready: Condvar::new(),
             stopping: AtomicBool::new(false),
             instance: crate::keyfile::hex(&crypto::random_array::<8>()),
@@ -173,6 +185,62 @@ fn identity(dir: &Path) -> Result<RsaPrivateKey, CrsError> {
     }
 }
 
+/// Makes the data directory (mode 0700 whatever the umask), or checks
+/// that an existing one is not open to others: it holds salts, verifier
+/// keys and wrapped private keys, enough to guess passwords offline.
+pub fn private_data_dir(dir: &Path) -> Result<(), CrsError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let show = |e: std::io::Error| CrsError::DataDir(format!("{}: {e}", dir.display()));
+    match std::fs::metadata(dir) {
+        Ok(meta) => {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(CrsError::DataDir(format!(
+                    "{}: mode {mode:o} lets others read the database; run chmod 700 on it",
+                    dir.display()
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(show)?;
+            }
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(dir)
+                .map_err(show)?;
+            // The mode given to mkdir is masked by the umask: set it again.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(show)
+        }
+        Err(e) => Err(show(e)),
+    }
+}
+
+/// Sets every directory under `dir` to 0700 and every file to 0600.
+fn make_private(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
+        let path = entry.path();
+        let kind = entry
+            .file_type()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let mode = if kind.is_dir() {
+            make_private(&path)?;
+            0o700
+        } else if kind.is_file() {
+            0o600
+        } else {
+            continue;
+        };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// A started CRS: its address, and the means to stop it.
 pub struct Running {
     crs: Arc<Crs>,
@@ -208,9 +276,10 @@ pub fn start(mut config: CrsConfig) -> Result<Running, CrsError> {
     // heartbeat) well within the heartbeat timeout.
     config.poll_timeout = config.poll_timeout.min(config.heartbeat_timeout / 3);
     let ms_key = keyfile::read_ms_key(&config.ms_key_file).map_err(CrsError::MsKey)?;
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| CrsError::Store(store::StoreError::Backend(e.to_string())))?;
+    private_data_dir(&config.data_dir)?;
     let store = SledStore::open(&config.data_dir.join("db")).map_err(CrsError::Store)?;
+    // Whatever the umask made of the database's files: ours alone.
+    make_private(&config.data_dir).map_err(CrsError::DataDir)?;
     let identity = identity(&config.data_dir)?;
     let crs = Arc::new(Crs::new(config.clone(), Arc::new(store), ms_key, identity));
     let server = Server::bind(
