@@ -57,11 +57,11 @@ const MAX_RETIRED: usize = 8;
 /// How long a retired epoch's secret outlives its drained channels: a file
 /// transfer whose sender derived its channel in that epoch just before the
 /// switch opens it with the secret when its first chunk arrives.
-const DRAINED_HOLD: Duration = Duration::from_secs(10);
+pub const DRAINED_HOLD: Duration = Duration::from_secs(10);
 /// How long opening a session waits for the buddy's own INIT, answered a
 /// moment ago, to be confirmed, rather than opening a second session that
 /// would replace it (and lose what the buddy sends on it meanwhile).
-const CONFIRM_WAIT: Duration = Duration::from_secs(2);
+pub const CONFIRM_WAIT: Duration = Duration::from_secs(2);
 
 /// The label of the message channel from `from` to `to`.
 fn msg_label(from: &str, to: &str) -> String {
