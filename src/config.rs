@@ -411,6 +411,14 @@ pub fn client_settings() -> Vec<Setting<ClientProgram>> {
         })
         .flag("auto-accept-files", "", "accept every file a buddy offers")
         .flag_only(),
+        key("resume_keep_secs", Kind::Secs, |c: &mut C, v| {
+            c.client.resume_keep = v.secs()
+        })
+        .flag(
+            "resume-keep-secs",
+            "N",
+            "keep a broken-off download's prefix this long for a resumption (default 86400)",
+        ),
         key("keepalive_interval_secs", Kind::Secs, |c: &mut C, v| {
             c.client.keepalive_interval = v.secs()
         }),

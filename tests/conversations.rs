@@ -409,12 +409,21 @@ fn a_hundred_mib_file_arrives_whole_with_bounded_memory() {
 }
 
 #[test]
-fn a_killed_sender_leaves_no_partial_file() {
+fn a_killed_senders_partial_file_goes_after_the_keep_time() {
     let c = Cluster::start(1);
     c.register("alice", PW);
     c.register("bob", PW);
     let dl = c.env.path().join("dl");
-    let bob = login_with(&c, "bob", &["--download-dir", dl.to_str().unwrap()]);
+    let bob = login_with(
+        &c,
+        "bob",
+        &[
+            "--download-dir",
+            dl.to_str().unwrap(),
+            "--resume-keep-secs",
+            "2",
+        ],
+    );
     let mut alice = c.login("alice", PW);
     befriend(&alice, "alice", &bob, "bob");
     // Sparse: big enough that the transfer is surely under way when it dies.
@@ -435,10 +444,139 @@ fn a_killed_sender_leaves_no_partial_file() {
         Duration::from_secs(30),
     );
     assert!(field(&e, "reason").contains("broke off"), "{e}");
+    let listing = || -> Vec<_> {
+        fs::read_dir(&dl)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default()
+    };
+    // Kept, hidden, for a resumption...
+    let kept = listing();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(kept[0].to_string_lossy().starts_with(".ims-resume-"));
+    // ...and gone once the keep time has passed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !listing().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "still in the download directory: {:?}",
+            listing()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Writes `mib` MiB of varied bytes to `path`; their SHA-256.
+fn write_varied(path: &Path, mib: u32) -> String {
+    let mut f = fs::File::create(path).unwrap();
+    let mut block = vec![0u8; 1 << 20];
+    let mut sha = crypto::Sha256::new();
+    for i in 0..mib {
+        for (j, b) in block.iter_mut().enumerate() {
+            *b = (j as u32 ^ i.wrapping_mul(2_654_435_761)) as u8;
+        }
+        sha.update(&block);
+        f.write_all(&block).unwrap();
+    }
+    ims::keyfile::hex(&sha.finish())
+}
+
+#[test]
+fn a_killed_transfer_resumes_where_it_broke_off() {
+    const MIB: u32 = 256;
+    let size = u64::from(MIB) << 20;
+    let c = Cluster::start(1);
+    c.register("alice", PW);
+    c.register("bob", PW);
+    let dl = c.env.path().join("dl");
+    let bob = login_with(&c, "bob", &["--download-dir", dl.to_str().unwrap()]);
+    let mut alice = c.login("alice", PW);
+    befriend(&alice, "alice", &bob, "bob");
+    let path = c.env.path().join("big.bin");
+    let want = write_varied(&path, MIB);
+
+    alice.send(&format!("/send bob {}", path.display()));
+    bob.wait_for(
+        "file-offer",
+        |e| e["event"] == "file-offer",
+        Duration::from_secs(120),
+    );
+    bob.send("/accept alice");
+    // The sender dies at about 60 %.
+    let seen = bob.wait_for(
+        "60 % received",
+        |e| {
+            e["event"] == "file-progress"
+                && e["direction"] == "receive"
+                && e["bytes"].as_u64().unwrap_or(0) * 10 >= size * 6
+        },
+        Duration::from_secs(300),
+    );
+    alice.kill9();
+    let seen = seen["bytes"].as_u64().unwrap();
+    let e = bob.wait_for(
+        "file-failed",
+        |e| e["event"] == "file-failed",
+        Duration::from_secs(30),
+    );
+    assert!(field(&e, "reason").contains("kept to resume"), "{e}");
+
+    // Back again, the same file offered again.
+    let alice = c.login("alice", PW);
+    alice.send(&format!("/send bob {}", path.display()));
+    bob.wait_for(
+        "the second offer",
+        |e| e["event"] == "file-offer",
+        Duration::from_secs(120),
+    );
+    bob.send("/accept alice");
+    let got = bob.wait_for(
+        "file-received",
+        |e| e["event"] == "file-received",
+        Duration::from_secs(300),
+    );
+    assert_eq!(field(&got, "sha256"), want);
+    let sent = alice.wait_for(
+        "file-sent",
+        |e| e["event"] == "file-sent",
+        Duration::from_secs(60),
+    );
+    let resumed = sent["resumed"].as_u64().unwrap();
+    println!(
+        "resumed a {MIB} MiB file at {resumed} bytes ({:.1} %): {} bytes ({:.1} %) sent the second time",
+        resumed as f64 * 100.0 / size as f64,
+        size - resumed,
+        (size - resumed) as f64 * 100.0 / size as f64
+    );
+    assert!(
+        resumed >= seen && resumed < size,
+        "resumed at {resumed}, though {seen} of {size} had arrived"
+    );
+    // Both sides report where it resumed.
+    assert!(bob.saw(|e| e["event"] == "file-progress"
+        && e["direction"] == "receive"
+        && e["resumed"] == resumed));
+    assert!(alice.saw(|e| e["event"] == "file-progress"
+        && e["direction"] == "send"
+        && e["resumed"] == resumed
+        && e["bytes"] == resumed));
+    // The stored file is whole, and nothing else is left.
+    let mut check = crypto::Sha256::new();
+    let mut r = fs::File::open(field(&got, "path")).unwrap();
+    let mut block = vec![0u8; 1 << 20];
+    loop {
+        let n = r.read(&mut block).unwrap();
+        if n == 0 {
+            break;
+        }
+        check.update(&block[..n]);
+    }
+    assert_eq!(ims::keyfile::hex(&check.finish()), want);
     let left: Vec<_> = fs::read_dir(&dl)
-        .map(|d| d.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "left in the download directory: {left:?}");
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
 }
 
 #[test]

@@ -155,6 +155,9 @@ pub enum Event {
         size: u64,
         /// Bytes per second so far.
         rate: u64,
+        /// Where the transfer started: the bytes the receiver kept from
+        /// a transfer of the same file that broke off (0: from the start).
+        resumed: u64,
     },
     /// A file arrived, checked, in the download directory.
     FileReceived {
@@ -177,8 +180,12 @@ pub enum Event {
         name: String,
         /// Bytes.
         size: u64,
+        /// Bytes the receiver already had from a transfer that broke off
+        /// (not sent again).
+        resumed: u64,
     },
-    /// A transfer failed or was cancelled; no partial file is left.
+    /// A transfer failed or was cancelled; no partial file is left, but
+    /// for the data of one that broke off, kept (hidden) to resume.
     FileFailed {
         /// The other side.
         peer: String,
@@ -330,7 +337,7 @@ impl Event {
                     c(path)
                 )
             }
-            Event::FileSent { to, name, size } => {
+            Event::FileSent { to, name, size, .. } => {
                 format!("sent '{}' ({}) to {}", c(name), human_size(*size), c(to))
             }
             Event::FileFailed {

@@ -4,10 +4,16 @@
 //! time); the receiver writes to a temporary file in the download
 //! directory, checks the sender's SHA-256, and only then gives it a safe,
 //! unused name.
+//!
+//! A transfer that breaks off keeps what arrived (every chunk opened under
+//! the transfer's keys, so it is the sender's own data) in a temporary
+//! file named after the sender, name, size and SHA-256, for
+//! `resume_keep`. When the same file is offered again, the answer asks for
+//! the rest only (`Offset`); the whole file is still hashed at the end.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -78,6 +84,94 @@ pub struct InTransfer {
     sha256: String,
     state: Mutex<InState>,
     cancelled: AtomicBool,
+    /// Set on accepting: the file the data goes to, and how much of it
+    /// was kept from an earlier transfer (where the sender starts).
+    part: Mutex<Option<Part>>,
+}
+
+/// Where an accepted transfer's data goes.
+#[derive(Clone, Debug)]
+struct Part {
+    path: PathBuf,
+    /// Bytes already there, from a transfer that broke off.
+    offset: u64,
+    /// Kept when the transfer breaks off (the file is this transfer's
+    /// resumption file, not a one-off temporary file).
+    keep: bool,
+}
+
+/// Prefix of the temporary files that keep a broken-off transfer's data.
+const RESUME_PREFIX: &str = ".ims-resume-";
+
+/// The resumption file of `peer`'s file `name` of `size` bytes with this
+/// SHA-256: the same offer again finds it, nobody else's does.
+fn resume_path(dir: &Path, peer: &str, name: &str, size: u64, sha256: &str) -> PathBuf {
+    let mut h = Sha256::new();
+    for part in [
+        peer.as_bytes(),
+        name.as_bytes(),
+        &size.to_be_bytes(),
+        sha256.as_bytes(),
+    ] {
+        h.update(&(part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    let key = hex(&h.finish());
+    dir.join(format!("{RESUME_PREFIX}{}.part", &key[..32]))
+}
+
+/// Whether the file was last written longer than `keep` ago.
+fn expired(meta: &fs::Metadata, keep: Duration) -> bool {
+    meta.modified()
+        .ok()
+        .and_then(|m| m.elapsed().ok())
+        .is_some_and(|age| age >= keep)
+}
+
+/// Deletes the resumption files in `dir` kept longer than `keep`.
+fn sweep(dir: &Path, keep: Duration) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with(RESUME_PREFIX) && name.ends_with(".part")) {
+            continue;
+        }
+        if e.metadata().is_ok_and(|m| m.is_file() && expired(&m, keep)) {
+            if let Err(err) = fs::remove_file(e.path()) {
+                warn!("removing {}: {err}", e.path().display());
+            }
+        }
+    }
+}
+
+/// Deletes `path` once it has not been written for `keep` (a resumption
+/// that started meanwhile keeps it fresh).
+fn expire_later(path: PathBuf, keep: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("resume-expiry".into())
+        .spawn(move || loop {
+            let wait = match fs::metadata(&path) {
+                Err(_) => return,
+                Ok(m) if expired(&m, keep) => {
+                    if let Err(e) = fs::remove_file(&path) {
+                        warn!("removing {}: {e}", path.display());
+                    }
+                    return;
+                }
+                Ok(m) => m
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .map_or(keep, |age| keep.saturating_sub(age)),
+            };
+            std::thread::sleep(wait.max(Duration::from_millis(50)));
+        });
+    if let Err(e) = spawned {
+        warn!("cannot schedule the expiry of a kept transfer: {e}");
+    }
 }
 
 /// Every transfer under way.
@@ -202,6 +296,8 @@ const RATE_SETTLE: Duration = Duration::from_millis(900);
 
 /// Throttled progress reports with the rate over a sliding window.
 struct Progress {
+    /// Where the transfer started: the offset it resumed from, or 0.
+    resumed: u64,
     started: Instant,
     last: Instant,
     /// (when, bytes so far), oldest first, spanning at most [`RATE_WINDOW`].
@@ -210,10 +306,16 @@ struct Progress {
 
 impl Progress {
     fn new() -> Progress {
+        Progress::from(0)
+    }
+
+    /// Progress of a transfer that starts at `resumed` bytes.
+    fn from(resumed: u64) -> Progress {
         let now = Instant::now();
         let mut samples = std::collections::VecDeque::new();
-        samples.push_back((now, 0));
+        samples.push_back((now, resumed));
         Progress {
+            resumed,
             started: now,
             last: now - PROGRESS_EVERY,
             samples,
@@ -266,6 +368,7 @@ impl Progress {
             bytes,
             size,
             rate,
+            resumed: self.resumed,
         })
     }
 }
@@ -285,7 +388,9 @@ struct Sink {
 }
 
 impl Sink {
-    fn start(mut file: File, temp: PathBuf) -> std::io::Result<Sink> {
+    /// The first `prefix` bytes of `file` are already there (a resumed
+    /// transfer): they are hashed first, and the chunks written after them.
+    fn start(mut file: File, temp: PathBuf, prefix: u64) -> std::io::Result<Sink> {
         let (chunks, queue) = crossbeam_channel::bounded::<Chunk>(SINK_DEPTH);
         let failed = Arc::new(AtomicBool::new(false));
         let flag = failed.clone();
@@ -293,7 +398,13 @@ impl Sink {
             .name("file-sink".into())
             .spawn(move || {
                 let mut hasher = Sha256::new();
-                let mut result = Ok(());
+                // Anything behind the prefix (from a connection that
+                // wrote on after the offset was answered) goes.
+                let mut result =
+                    hash_prefix(&mut file, prefix, &mut hasher).and_then(|()| file.set_len(prefix));
+                if result.is_err() {
+                    flag.store(true, Ordering::Relaxed);
+                }
                 for (buf, data) in queue {
                     if result.is_ok() {
                         let data = &buf[data];
@@ -333,6 +444,25 @@ impl Sink {
     }
 }
 
+/// Hashes the first `len` bytes of `file` and leaves it positioned
+/// behind them.
+fn hash_prefix(file: &mut File, len: u64, hasher: &mut Sha256) -> std::io::Result<()> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut buf = vec![0u8; if len > 0 { CHUNK } else { 0 }];
+    let mut left = len;
+    while left > 0 {
+        let want = left.min(CHUNK as u64) as usize;
+        let n = file.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        hasher.update(&buf[..n]);
+        left -= n as u64;
+    }
+    file.seek(SeekFrom::Start(len))?;
+    Ok(())
+}
+
 impl Drop for Sink {
     fn drop(&mut self) {
         self.chunks = None;
@@ -352,6 +482,8 @@ pub struct Receiving {
     recv: Opener,
     send: Sealer,
     temp: PathBuf,
+    /// Kept (for a resumption) if the transfer breaks off.
+    keep: bool,
     sink: Sink,
     written: u64,
     progress: Progress,
@@ -442,7 +574,11 @@ impl Client {
         let Some(t) = self.files.take_offer(&peer) else {
             return Ok(false);
         };
+        let mut offset = 0;
         if accept {
+            let part = self.resume_point(&t);
+            offset = part.offset;
+            *t.part.lock() = Some(part);
             *t.state.lock() = InState::Accepted;
         } else {
             self.files.remove_in(&peer, t.id);
@@ -450,13 +586,55 @@ impl Client {
         let id = self.next_id();
         self.send_request(
             &peer,
-            &PeerRequest::FileAnswer { id: t.id, accept },
+            &PeerRequest::FileAnswer {
+                id: t.id,
+                accept,
+                offset,
+            },
             id,
             PendingKind::Control(if accept { "accept" } else { "deny" }.into()),
         )?;
         // FILE-ANSWER's acknowledgement carries the transfer id, not ours.
         self.peers.pending.lock().remove(&(peer, id));
         Ok(true)
+    }
+
+    /// Where an accepted transfer's data goes: its resumption file, and
+    /// the prefix kept there by an earlier transfer of the same file.
+    fn resume_point(&self, t: &Arc<InTransfer>) -> Part {
+        let dir = &self.config.download_dir;
+        let keep = self.config.resume_keep;
+        sweep(dir, keep);
+        let path = resume_path(dir, &t.peer, &t.name, t.size, &t.sha256);
+        // The same file accepted twice at once: the second one writes a
+        // file of its own, from the start.
+        let busy = self.files.incoming.lock().iter().any(|o| {
+            !Arc::ptr_eq(o, t)
+                && *o.state.lock() != InState::Offered
+                && o.part.lock().as_ref().is_some_and(|p| p.path == path)
+        });
+        if busy {
+            return Part {
+                path: dir.join(format!(".ims-{}.part", hex(&crypto::random_array::<8>()))),
+                offset: 0,
+                keep: false,
+            };
+        }
+        let offset = match fs::metadata(&path) {
+            Ok(m) if m.is_file() && m.len() <= t.size && !expired(&m, keep) => m.len(),
+            Ok(_) => {
+                if let Err(e) = fs::remove_file(&path) {
+                    warn!("removing {}: {e}", path.display());
+                }
+                0
+            }
+            Err(_) => 0,
+        };
+        Part {
+            path,
+            offset,
+            keep: true,
+        }
     }
 
     /// Stops every transfer with `peer`, either direction; how many.
@@ -540,6 +718,7 @@ impl Client {
             sha256: sha256.to_ascii_lowercase(),
             state: Mutex::new(InState::Offered),
             cancelled: AtomicBool::new(false),
+            part: Mutex::new(None),
         });
         self.files.incoming.lock().push(t);
         self.emit(Event::FileOffer {
@@ -564,7 +743,13 @@ impl Client {
         Ack::done(id)
     }
 
-    pub(super) fn on_file_answer(self: &Arc<Self>, from: &str, id: u64, accept: bool) -> Ack {
+    pub(super) fn on_file_answer(
+        self: &Arc<Self>,
+        from: &str,
+        id: u64,
+        accept: bool,
+        offset: u64,
+    ) -> Ack {
         let Some(t) = self
             .files
             .outgoing
@@ -584,17 +769,21 @@ impl Client {
             });
             return Ack::done(id);
         }
+        if offset > t.size {
+            return Ack::refused(id, Refusal::BadRequest, "offset past the end");
+        }
         let client = self.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("send-{id}"))
             .spawn(move || {
-                let result = client.stream_file(&t);
+                let result = client.stream_file(&t, offset);
                 client.files.outgoing.lock().remove(&(t.peer.clone(), t.id));
                 match result {
                     Ok(()) => client.emit(Event::FileSent {
                         to: t.peer.clone(),
                         name: t.name.clone(),
                         size: t.size,
+                        resumed: offset,
                     }),
                     // A cancel here was reported by `cancel_transfers`.
                     Err(_) if t.cancelled.load(Ordering::Relaxed) => {}
@@ -645,8 +834,9 @@ impl Client {
         Ack::done(id)
     }
 
-    /// The sending side of an accepted transfer, on its own connection.
-    fn stream_file(self: &Arc<Self>, t: &OutTransfer) -> Result<(), String> {
+    /// The sending side of an accepted transfer, on its own connection,
+    /// from `start` (the prefix the receiver kept) to the end.
+    fn stream_file(self: &Arc<Self>, t: &OutTransfer, start: u64) -> Result<(), String> {
         let me = self.user().ok_or("logged out")?;
         let session = self.session_with(&t.peer)?;
         let (keys, epoch) = session.file_channel(t.id, &me, &t.peer, Role::Initiator);
@@ -657,12 +847,17 @@ impl Client {
             .map_err(|e| format!("{} does not answer: {e}", t.peer))?;
         let mut reader = MessageReader::new(stream);
         let mut file = File::open(&t.path).map_err(|e| format!("{}: {e}", t.path.display()))?;
+        file.seek(SeekFrom::Start(start))
+            .map_err(|e| format!("{}: {e}", t.path.display()))?;
         // One buffer for every chunk: the inner FILE-CHUNK is encoded into
         // it, the file read straight behind its head, then it is sealed in
         // place and written from there.
         let mut buf: Vec<u8> = Vec::with_capacity(CHUNK + CHUNK_HEAD_ROOM);
-        let mut offset = 0u64;
-        let mut progress = Progress::new();
+        let mut offset = start;
+        let mut progress = Progress::from(start);
+        if let Some(e) = progress.event(&t.peer, t.id, "send", offset, t.size, true) {
+            self.emit(e);
+        }
         let broke = |e: &dyn std::fmt::Display| format!("the transfer broke off: {e}");
         while offset < t.size {
             if t.cancelled.load(Ordering::Relaxed) {
@@ -765,22 +960,23 @@ impl Client {
             warn!("cannot receive into {}: {e}", dir.display());
             Message::reply(code::INTERNAL, "cannot write the file")
         };
+        let part = transfer
+            .part
+            .lock()
+            .clone()
+            .ok_or_else(|| Message::reply(code::FORBIDDEN, "transfer not accepted"))?;
         fs::create_dir_all(dir).map_err(fail)?;
-        let temp = dir.join(format!(".ims-{}.part", hex(&crypto::random_array::<8>())));
+        let temp = part.path.clone();
+        // Not yet started (no frame opened): the file is only opened, and
+        // a forged connection neither truncates nor deletes what was kept.
         let file = OpenOptions::new()
+            .read(true)
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(false)
             .open(&temp)
             .map_err(fail)?;
-        let sink = match Sink::start(file, temp.clone()) {
-            Ok(sink) => sink,
-            Err(e) => {
-                if let Err(e) = fs::remove_file(&temp) {
-                    warn!("removing {}: {e}", temp.display());
-                }
-                return Err(fail(e));
-            }
-        };
+        let sink = Sink::start(file, temp.clone(), part.offset).map_err(fail)?;
         Ok(Receiving {
             transfer,
             session,
@@ -789,9 +985,10 @@ impl Client {
             recv: keys.recv,
             send: keys.send,
             temp,
+            keep: part.keep,
             sink,
-            written: 0,
-            progress: Progress::new(),
+            written: part.offset,
+            progress: Progress::from(part.offset),
             done: false,
             started: false,
         })
@@ -936,23 +1133,35 @@ impl Client {
     pub(super) fn close_receiving(&self, mut r: Receiving) {
         if !r.started {
             // No frame of this connection opened: the transfer is untouched
-            // (still accepted, waiting for its real sender); only this
-            // connection's partial file goes.
+            // (still accepted, waiting for its real sender), and so is its
+            // file.
             let _ = r.sink.finish();
-            if let Err(e) = fs::remove_file(&r.temp) {
-                warn!("removing {}: {e}", r.temp.display());
-            }
             return;
         }
-        if !r.done {
-            let reason = if r.transfer.cancelled.load(Ordering::Relaxed) {
-                "cancelled".to_owned()
-            } else {
-                format!(
-                    "the transfer broke off ({} of {} bytes)",
+        if r.done {
+            return;
+        }
+        if r.transfer.cancelled.load(Ordering::Relaxed) {
+            self.abandon(&mut r, "cancelled");
+        } else if r.keep && r.sink.finish().is_ok() {
+            // What arrived stays for a resumption of the same file.
+            r.done = true;
+            self.files.remove_in(&r.transfer.peer, r.transfer.id);
+            expire_later(r.temp.clone(), self.config.resume_keep);
+            self.emit(Event::FileFailed {
+                peer: r.transfer.peer.clone(),
+                id: r.transfer.id,
+                name: r.transfer.name.clone(),
+                reason: format!(
+                    "the transfer broke off ({} of {} bytes, kept to resume)",
                     r.written, r.transfer.size
-                )
-            };
+                ),
+            });
+        } else {
+            let reason = format!(
+                "the transfer broke off ({} of {} bytes)",
+                r.written, r.transfer.size
+            );
             self.abandon(&mut r, &reason);
         }
     }

@@ -69,6 +69,9 @@ pub struct ClientConfig {
     pub download_dir: PathBuf,
     /// Accept every file a buddy offers without asking.
     pub auto_accept_files: bool,
+    /// How long the received prefix of a broken-off transfer is kept for
+    /// a resumption before it is deleted.
+    pub resume_keep: Duration,
     /// How often a logged-in client tells its MS it is alive; the MS logs
     /// out a client silent for a few of these.
     pub keepalive_interval: Duration,
@@ -107,6 +110,7 @@ impl Default for ClientConfig {
             ack_timeout: Duration::from_secs(10),
             download_dir: default_download_dir(),
             auto_accept_files: false,
+            resume_keep: Duration::from_secs(24 * 3600),
             keepalive_interval: Duration::from_secs(5),
             rekey_messages: DEFAULT_REKEY_MESSAGES,
             rekey_interval: DEFAULT_REKEY_INTERVAL,

@@ -1251,7 +1251,9 @@ impl Client {
                 content_type,
                 sha256,
             } => self.on_file_offer(from, id, name, size, content_type, sha256),
-            PeerRequest::FileAnswer { id, accept } => self.on_file_answer(from, id, accept),
+            PeerRequest::FileAnswer { id, accept, offset } => {
+                self.on_file_answer(from, id, accept, offset)
+            }
             PeerRequest::FileCancel { id, from_sender } => {
                 self.on_file_cancel(from, id, from_sender)
             }

@@ -278,6 +278,10 @@ pub enum PeerRequest {
         id: u64,
         /// Accepted?
         accept: bool,
+        /// Where the sender starts: the length of the prefix the receiver
+        /// kept from an earlier, broken-off transfer of the same file (0:
+        /// from the start). Sent as `Offset` only when not 0.
+        offset: u64,
     },
     /// One chunk, on the transfer's own channel; no reply.
     FileChunk {
@@ -342,9 +346,16 @@ impl PeerRequest {
                 .with_header("Sha256", sha256)
                 // The name may be any UTF-8: it travels in the body.
                 .with_body(name.as_bytes().to_vec()),
-            PeerRequest::FileAnswer { id, accept } => Message::request("FILE-ANSWER")
-                .with_header("Id", id)
-                .with_header("Answer", if *accept { "accept" } else { "deny" }),
+            PeerRequest::FileAnswer { id, accept, offset } => {
+                let m = Message::request("FILE-ANSWER")
+                    .with_header("Id", id)
+                    .with_header("Answer", if *accept { "accept" } else { "deny" });
+                if *offset > 0 {
+                    m.with_header("Offset", offset)
+                } else {
+                    m
+                }
+            }
             PeerRequest::FileChunk { id, offset, data } => Message::request("FILE-CHUNK")
                 .with_header("Id", id)
                 .with_header("Offset", offset)
@@ -385,6 +396,10 @@ impl PeerRequest {
                     "accept" => true,
                     "deny" => false,
                     _ => return Err(ProtoError::Invalid("Answer")),
+                },
+                offset: match m.header("Offset") {
+                    Some(_) => m.req_parse("Offset")?,
+                    None => 0,
                 },
             },
             "FILE-CHUNK" => PeerRequest::FileChunk {
@@ -517,6 +532,12 @@ mod tests {
             PeerRequest::FileAnswer {
                 id: 1,
                 accept: true,
+                offset: 0,
+            },
+            PeerRequest::FileAnswer {
+                id: 1,
+                accept: true,
+                offset: 1 << 40,
             },
             PeerRequest::FileChunk {
                 id: 1,

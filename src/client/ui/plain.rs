@@ -170,6 +170,7 @@ mod tests {
             bytes,
             size: 1000,
             rate: 0,
+            resumed: 0,
         };
         let printed: Vec<u64> = (0..=40)
             .map(|i| i * 25)

@@ -701,6 +701,7 @@ impl Screen {
                 bytes,
                 size,
                 rate,
+                ..
             } => {
                 let key = (peer.clone(), *id, direction.clone());
                 if bytes >= size {
@@ -1636,6 +1637,7 @@ mod tests {
             bytes,
             size: 1000,
             rate: 100,
+            resumed: 0,
         };
         s.on_event(progress(100));
         s.on_event(progress(500));
@@ -1686,6 +1688,7 @@ mod tests {
             bytes: 1,
             size: 2,
             rate: 0,
+            resumed: 0,
         });
         s.switch_to(1);
         s.input = "x".repeat(500).chars().collect();
