@@ -411,6 +411,9 @@ pub fn client_settings() -> Vec<Setting<ClientProgram>> {
         })
         .flag("auto-accept-files", "", "accept every file a buddy offers")
         .flag_only(),
+        key("typing_notifications", Kind::Switch, |c: &mut C, v| {
+            c.client.typing_notifications = v.on()
+        }),
         key("resume_keep_secs", Kind::Secs, |c: &mut C, v| {
             c.client.resume_keep = v.secs()
         })

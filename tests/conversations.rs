@@ -776,3 +776,39 @@ fn a_forged_first_frame_does_not_end_an_accepted_transfer() {
     assert_eq!(fs::read(field(&got, "path")).unwrap(), content);
     assert!(*forged.lock().unwrap() >= 1, "the relay forged nothing");
 }
+
+#[test]
+fn typing_reaches_the_buddy_and_a_flood_is_cut() {
+    let c = Cluster::start(1);
+    c.register("alice", PW);
+    c.register("bob", PW);
+    let alice = c.login("alice", PW);
+    let bob = c.login("bob", PW);
+    befriend(&alice, "alice", &bob, "bob");
+
+    alice.send("/typing bob on");
+    bob.wait_event("typing", |e| e["from"] == "alice" && e["state"] == "on");
+    alice.send("/typing bob off");
+    bob.wait_event("typing", |e| e["from"] == "alice" && e["state"] == "off");
+
+    // A flood: every one answered, few sent.
+    const FLOOD: usize = 200;
+    for i in 0..FLOOD {
+        alice.send(&format!(
+            "/typing bob {}",
+            if i % 2 == 0 { "on" } else { "off" }
+        ));
+    }
+    wait_count(&alice, "typing answers", FLOOD + 2, WAIT, |e| {
+        e["command"] == "typing"
+    });
+    // A last message marks the end: typing events sent before it are in.
+    alice.send("/msg bob done");
+    bob.wait_event("message", |e| e["text"] == "done");
+    let shown = count(&bob, |e| e["event"] == "typing");
+    println!("a flood of {FLOOD} typing changes showed {shown} at the buddy");
+    assert!(
+        shown <= 2 + 12,
+        "{shown} typing events of a flood of {FLOOD} reached the buddy"
+    );
+}

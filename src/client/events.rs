@@ -112,6 +112,13 @@ pub enum Event {
         /// The sender's id of the message.
         id: u64,
     },
+    /// A buddy started or stopped typing to us.
+    Typing {
+        /// Who.
+        from: String,
+        /// `on` or `off`.
+        state: String,
+    },
     /// A message we sent arrived.
     Delivered {
         /// To whom.
@@ -305,6 +312,8 @@ impl Event {
                 Some(act) => format!("* {} {}", c(from), c(act)),
                 None => format!("<{}> {}", c(from), c(text)),
             },
+            Event::Typing { from, state } if state == "on" => format!("  {} is typing…", c(from)),
+            Event::Typing { from, .. } => format!("  {} stopped typing", c(from)),
             Event::Delivered { to, id } => format!("  (delivered to {}, #{id})", c(to)),
             Event::SendFailed { to, id, reason } => {
                 format!("! not delivered to {} (#{id}): {}", c(to), c(reason))

@@ -8,6 +8,7 @@ pub mod files;
 pub mod handshake;
 pub mod peer;
 pub mod session;
+pub mod typing;
 pub mod ui;
 
 use std::net::SocketAddr;
@@ -72,6 +73,9 @@ pub struct ClientConfig {
     /// How long the received prefix of a broken-off transfer is kept for
     /// a resumption before it is deleted.
     pub resume_keep: Duration,
+    /// Tell the buddy of the current conversation when we type (and
+    /// allow `/typing`).
+    pub typing_notifications: bool,
     /// How often a logged-in client tells its MS it is alive; the MS logs
     /// out a client silent for a few of these.
     pub keepalive_interval: Duration,
@@ -111,6 +115,7 @@ impl Default for ClientConfig {
             download_dir: default_download_dir(),
             auto_accept_files: false,
             resume_keep: Duration::from_secs(24 * 3600),
+            typing_notifications: true,
             keepalive_interval: Duration::from_secs(5),
             rekey_messages: DEFAULT_REKEY_MESSAGES,
             rekey_interval: DEFAULT_REKEY_INTERVAL,
@@ -150,6 +155,7 @@ pub struct Client {
     events: Sender<Event>,
     peers: peer::Peers,
     files: files::Files,
+    typing: typing::Typing,
     next_id: AtomicU64,
     /// Whom we last wrote to or heard from: plain lines go there.
     last_peer: Mutex<Option<String>>,
@@ -274,10 +280,16 @@ impl Client {
             events,
             peers: peer::Peers::default(),
             files: files::Files::default(),
+            typing: typing::Typing::default(),
             next_id: AtomicU64::new(1),
             last_peer: Mutex::new(None),
             changed: parking_lot::Condvar::new(),
         }
+    }
+
+    /// Whether typing notifications are on (`typing_notifications`).
+    pub fn typing_enabled(&self) -> bool {
+        self.config.typing_notifications
     }
 
     /// Whom we last wrote to or heard from.
@@ -477,6 +489,7 @@ impl Client {
         };
         self.peers.clear();
         self.files.clear();
+        self.typing.clear();
         if let Some(s) = self.state.lock().log_out() {
             self.emit(Event::Notice {
                 text: format!("{lost}; log in again with /login {}", s.user),
@@ -492,6 +505,7 @@ impl Client {
         // Sessions with buddies end with the login.
         self.peers.clear();
         self.files.clear();
+        self.typing.clear();
         if let Some(s) = self.state.lock().log_out() {
             if let Err(e) = result {
                 warn!("logout: {e}");
@@ -710,6 +724,7 @@ impl Client {
                 drop(guard);
                 self.peers.clear();
                 self.files.clear();
+                self.typing.clear();
                 self.emit(Event::Notice {
                     text: "the servers ended this login (you logged in elsewhere, or the account was removed)".into(),
                 });

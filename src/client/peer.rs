@@ -1251,6 +1251,7 @@ impl Client {
                 content_type,
                 sha256,
             } => self.on_file_offer(from, id, name, size, content_type, sha256),
+            PeerRequest::Typing { id, on } => self.on_typing(from, id, on),
             PeerRequest::FileAnswer { id, accept, offset } => {
                 self.on_file_answer(from, id, accept, offset)
             }

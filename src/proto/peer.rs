@@ -259,6 +259,14 @@ pub enum PeerRequest {
         /// UTF-8 text.
         text: String,
     },
+    /// The sender started (`on`) or stopped (`off`) typing to the
+    /// receiver; answered like any request, shown for a while only.
+    Typing {
+        /// Request id.
+        id: u64,
+        /// Typing now?
+        on: bool,
+    },
     /// Offer of a file.
     FileOffer {
         /// Transfer id (unique per sender).
@@ -371,6 +379,9 @@ impl PeerRequest {
             PeerRequest::Rekeyed { id, confirm } => Message::request("REKEYED")
                 .with_header("Id", id)
                 .with_header("Confirm", crypto::b64_encode(confirm)),
+            PeerRequest::Typing { id, on } => Message::request("TYPING")
+                .with_header("Id", id)
+                .with_header("State", if *on { "on" } else { "off" }),
         }
     }
 
@@ -420,6 +431,14 @@ impl PeerRequest {
             "REKEYED" => PeerRequest::Rekeyed {
                 id,
                 confirm: exact(m.req_b64("Confirm")?, CONFIRM_LEN, "Confirm")?,
+            },
+            "TYPING" => PeerRequest::Typing {
+                id,
+                on: match m.req("State")? {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(ProtoError::Invalid("State")),
+                },
             },
             other => return Err(ProtoError::UnknownMethod(other.to_owned())),
         })
@@ -485,7 +504,8 @@ impl PeerRequest {
             | PeerRequest::FileEnd { id }
             | PeerRequest::FileCancel { id, .. }
             | PeerRequest::Rekey { id, .. }
-            | PeerRequest::Rekeyed { id, .. } => *id,
+            | PeerRequest::Rekeyed { id, .. }
+            | PeerRequest::Typing { id, .. } => *id,
         }
     }
 }
@@ -545,6 +565,8 @@ mod tests {
                 data: vec![0, 1, 13, 10],
             },
             PeerRequest::FileEnd { id: 1 },
+            PeerRequest::Typing { id: 3, on: true },
+            PeerRequest::Typing { id: 4, on: false },
             PeerRequest::FileCancel {
                 id: 1,
                 from_sender: false,

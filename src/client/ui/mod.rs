@@ -99,6 +99,10 @@ pub const HELP: &[(&str, &str)] = &[
     ),
     ("/send NAME PATH", "offer a file to NAME"),
     ("/cancel NAME", "stop every file transfer with NAME"),
+    (
+        "/typing NAME on|off",
+        "tell NAME you started or stopped typing",
+    ),
     ("/logout", "log out; buddies see you go offline"),
     ("/buddies", "list your buddies and who is online"),
     ("/search TEXT", "find people by name prefix or profile text"),
@@ -440,6 +444,21 @@ impl Commands {
                         Ok(Some(format!("cancelled {n} transfer(s) with {name}"))),
                     ),
                 }
+            }
+            "/typing" => {
+                let on = match rest.split_once(' ') {
+                    Some((name, "on")) => Some((name, true)),
+                    Some((name, "off")) => Some((name, false)),
+                    _ => None,
+                };
+                let Some((name, on)) = on else {
+                    self.usage("typing", "/typing NAME on|off");
+                    return Vec::new();
+                };
+                let r = c.send_typing(name, on).map(|sent| {
+                    (!sent).then(|| "not sent: no change, or too many at once".to_owned())
+                });
+                self.outcome("typing", r.map_err(AccountError::Failed));
             }
             "/remove" => {
                 let Some(name) = arg("/remove NAME") else {

@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::Path;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{select, unbounded, Receiver, Sender};
 use crossterm::event::{
@@ -78,7 +78,17 @@ enum Job {
     Login(String, Result<String, String>),
     /// `/passwd` with the current and the new password.
     Passwd(String, String),
+    /// Tell a buddy we started (true) or stopped typing to them.
+    Typing(String, bool),
 }
+
+/// Typing stops counting after this long without a key: the buddy is
+/// told so.
+const TYPING_IDLE: Duration = Duration::from_secs(5);
+/// A buddy shown typing who has said nothing more for this long is taken
+/// to have stopped (their `off` may have been lost to the rate limit or
+/// the network; an `on` is repeated every few seconds while typing).
+const TYPIST_FORGOTTEN: Duration = Duration::from_secs(12);
 
 /// How a line looks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -247,6 +257,10 @@ struct Screen {
     view: std::cell::Cell<(usize, bool, bool)>,
     /// The conversation pane's width as last drawn.
     width: std::cell::Cell<usize>,
+    /// Buddies typing to us, and when they last said so.
+    typists: BTreeMap<String, Instant>,
+    /// The buddy we told we are typing to, and when we last typed.
+    typing_to: Option<(String, Instant)>,
 }
 
 /// Runs full-screen mode until `/quit`; the exit code.
@@ -362,6 +376,12 @@ fn run_jobs(commands: Commands, jobs: Receiver<Job>, notes: Sender<Note>) {
                 commands.login(&user, password);
             }
             Job::Passwd(current, new) => commands.passwd(&current, &new),
+            Job::Typing(to, on) => {
+                // Nobody asked for it: a failure is only logged.
+                if let Err(e) = commands.client.send_typing(&to, on) {
+                    log::debug!("typing notification to {to}: {e}");
+                }
+            }
         }
     }
 }
@@ -449,6 +469,8 @@ impl Screen {
             quit: false,
             view: std::cell::Cell::new((0, false, false)),
             width: std::cell::Cell::new(80),
+            typists: BTreeMap::new(),
+            typing_to: None,
         }
     }
 
@@ -488,8 +510,45 @@ impl Screen {
                 }
             }
             self.refresh();
+            self.typing_check(false);
         }
         0
+    }
+
+    /// Tells the buddy of the active window when we start and stop typing
+    /// to them (called after every key and every tick): typing is text in
+    /// the input line of a buddy's window that is no command.
+    fn typing_check(&mut self, keyed: bool) {
+        if !self.commands.client.typing_enabled() {
+            return;
+        }
+        let now = Instant::now();
+        let buddy = self.windows.get(self.active).and_then(|w| w.buddy.clone());
+        let typing = !self.input.is_empty() && self.input.first() != Some(&'/');
+        let want = buddy.filter(|_| typing && self.prompt.is_none());
+        match (&mut self.typing_to, want) {
+            (Some((to, last)), Some(b)) if *to == b => {
+                if keyed {
+                    *last = now;
+                    // The client repeats `on` only when due.
+                    self.jobs.send(Job::Typing(b, true)).ok();
+                } else if now.duration_since(*last) >= TYPING_IDLE {
+                    self.jobs.send(Job::Typing(b, false)).ok();
+                    self.typing_to = None;
+                }
+            }
+            (current, want) => {
+                if let Some((to, _)) = current.take() {
+                    self.jobs.send(Job::Typing(to, false)).ok();
+                }
+                if let Some(b) = want.filter(|_| keyed) {
+                    self.jobs.send(Job::Typing(b.clone(), true)).ok();
+                    self.typing_to = Some((b, now));
+                }
+            }
+        }
+        self.typists
+            .retain(|_, at| now.duration_since(*at) < TYPIST_FORGOTTEN);
     }
 
     /// What the status bar shows of the client's state.
@@ -506,7 +565,10 @@ impl Screen {
 
     fn on_note<B: Backend>(&mut self, n: Note, terminal: &mut Terminal<B>) {
         match n {
-            Note::Term(TermEvent::Key(k)) => self.on_key(k, terminal),
+            Note::Term(TermEvent::Key(k)) => {
+                self.on_key(k, terminal);
+                self.typing_check(true);
+            }
             Note::Term(TermEvent::Paste(text)) => self.on_paste(&text),
             // The next draw takes the new size.
             Note::Term(_) => {}
@@ -663,7 +725,15 @@ impl Screen {
     fn on_event(&mut self, e: Event) {
         let active = self.active;
         match &e {
+            Event::Typing { from, state } => {
+                if state == "on" {
+                    self.typists.insert(clean(from), Instant::now());
+                } else {
+                    self.typists.remove(&clean(from));
+                }
+            }
             Event::Message { from, text, .. } => {
+                self.typists.remove(&clean(from));
                 let w = self.window_for(from);
                 let (nick, text) = match action(text) {
                     Some(act) => (None, format!("* {} {}", clean(from), clean(act))),
@@ -1287,6 +1357,9 @@ impl Screen {
             };
             spans.push(Span::styled(format!("[online: {online}] "), bar));
         }
+        for who in self.typists.keys() {
+            spans.push(Span::styled(format!("[{who} is typing…] "), bar));
+        }
         match self.transfers.len() {
             0 => {}
             1 => spans.push(Span::styled("[1 transfer] ", bar)),
@@ -1625,6 +1698,23 @@ mod tests {
         // Each message is shown once.
         let all: usize = s.windows.iter().map(|w| w.lines.len()).sum();
         assert_eq!(all, 3 + s.windows[0].lines.len());
+    }
+
+    #[test]
+    fn the_status_bar_shows_who_is_typing() {
+        let mut s = screen();
+        let typing = |state: &str| Event::Typing {
+            from: "alice".into(),
+            state: state.into(),
+        };
+        let shown = |s: &Screen| render(s, 120, 10).join("\n").contains("alice is typing…");
+        s.on_event(typing("on"));
+        assert!(shown(&s));
+        s.on_event(typing("off"));
+        assert!(!shown(&s));
+        s.on_event(typing("on"));
+        s.on_event(message("alice", "hi"));
+        assert!(!shown(&s), "a message ends the typing");
     }
 
     #[test]
