@@ -272,6 +272,7 @@ fn make_data_set(db: &Path) -> Vec<Account> {
                             contacts: buddies(i).map(name).collect(),
                             requests: Vec::new(),
                             created_unix: 1_700_000_000,
+                            blocked: Default::default(),
                         };
                         (
                             i,

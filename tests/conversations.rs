@@ -812,3 +812,74 @@ fn typing_reaches_the_buddy_and_a_flood_is_cut() {
         "{shown} typing events of a flood of {FLOOD} reached the buddy"
     );
 }
+
+#[test]
+fn a_blocked_user_gets_nothing_through_and_sees_you_offline_until_unblocked() {
+    let c = Cluster::start(2);
+    for u in ["alice", "bob", "carol"] {
+        c.register(u, PW);
+    }
+    let alice = c.login("alice", PW);
+    let bob = c.login("bob", PW);
+    let carol = c.login("carol", PW);
+    befriend(&alice, "alice", &bob, "bob");
+
+    alice.send("/block bob");
+    assert_eq!(alice.wait_outcome("block")["event"], "ok");
+    alice.send("/block carol");
+    assert_eq!(alice.wait_outcome("block")["event"], "ok");
+    // Alice looks offline to bob.
+    bob.wait_event("offline", |e| e["user"] == "alice");
+    // His message and his file go nowhere, with no reason given.
+    bob.send("/msg alice are you there?");
+    let failed = bob.wait_event("send-failed", |e| e["to"] == "alice");
+    let reason = field(&failed, "reason");
+    assert!(
+        reason == "alice is offline" || reason == "not delivered",
+        "{failed}"
+    );
+    let path = c.env.path().join("note.txt");
+    fs::write(&path, b"hello").unwrap();
+    bob.send(&format!("/send alice {}", path.display()));
+    assert_eq!(bob.wait_outcome("send")["event"], "error");
+    // A buddy request from carol is dropped at the CRS; to her it looks
+    // as if alice were offline.
+    carol.send("/add alice");
+    let e = carol.wait_outcome("add");
+    assert_eq!(e["event"], "ok", "{e}");
+    assert!(field(&e, "detail").contains("offline"), "{e}");
+    // Alice's block list holds across logins.
+    alice.send("/blocked");
+    alice.wait_event("notice", |e| field(e, "text") == "blocked: bob carol");
+    drop(alice);
+    let alice = c.login("alice", PW);
+    alice.send("/blocked");
+    alice.wait_event("notice", |e| field(e, "text") == "blocked: bob carol");
+    // Bob still sees her offline after her new login (a message to her
+    // still fails, and by then the CRS's push would have come).
+    bob.send("/msg alice hello?");
+    bob.wait_event("send-failed", |e| e["to"] == "alice");
+    assert!(!bob.saw(|e| e["event"] == "online" && e["user"] == "alice"));
+    bob.send("/buddies");
+    let b = bob.wait_event("buddies", |e| {
+        e["buddies"].as_array().is_some_and(|b| !b.is_empty())
+    });
+    assert_eq!(b["buddies"][0]["online"], false, "{b}");
+    assert!(!alice.saw(|e| e["event"] == "message" || e["event"] == "request"));
+
+    // Unblocked: everything goes through again.
+    alice.send("/unblock bob");
+    assert_eq!(alice.wait_outcome("unblock")["event"], "ok");
+    alice.send("/unblock carol");
+    assert_eq!(alice.wait_outcome("unblock")["event"], "ok");
+    bob.wait_event("online", |e| e["user"] == "alice");
+    bob.send("/msg alice back again");
+    alice.wait_event("message", |e| {
+        e["from"] == "bob" && e["text"] == "back again"
+    });
+    bob.wait_event("delivered", |e| e["to"] == "alice");
+    carol.send("/add alice");
+    alice.wait_event("request", |e| e["from"] == "carol");
+    alice.send("/blocked");
+    alice.wait_event("notice", |e| field(e, "text") == "you block nobody");
+}

@@ -58,6 +58,7 @@ fn user(name: &str, seed: u8) -> User {
         contacts: BTreeSet::new(),
         requests: Vec::new(),
         created_unix: 1_700_000_000 + u64::from(seed),
+        blocked: BTreeSet::new(),
     }
 }
 
@@ -334,6 +335,28 @@ fn check_semantics(s: &dyn Store) {
     assert_eq!(names(s.search("acme", 1).expect("s")), vec!["carol"]);
     assert_eq!(names(s.search("", 2).expect("s")), vec!["alice", "carol"]);
     assert!(s.search("nothing-matches", 10).expect("s").is_empty());
+
+    // Blocking: a set per user, kept in the record, changes reported.
+    assert_eq!(s.set_blocked("alice", "Dave", true), Ok(true));
+    assert_eq!(s.set_blocked("alice", "dave", true), Ok(false));
+    assert_eq!(s.set_blocked("alice", "nobody-yet", true), Ok(true));
+    let blocked = |s: &dyn Store| s.get_user("alice").expect("get").expect("alice").blocked;
+    assert_eq!(
+        blocked(s),
+        BTreeSet::from(["dave".to_string(), "nobody-yet".to_string()])
+    );
+    assert_eq!(s.set_blocked("alice", "dave", false), Ok(true));
+    assert_eq!(s.set_blocked("alice", "dave", false), Ok(false));
+    assert_eq!(blocked(s), BTreeSet::from(["nobody-yet".to_string()]));
+    assert_eq!(
+        s.set_blocked("alice", "alice", true),
+        Err(StoreError::SameUser)
+    );
+    assert_eq!(
+        s.set_blocked("no-such", "alice", true),
+        Err(StoreError::NoSuchUser)
+    );
+    assert_eq!(s.set_blocked("alice", "nobody-yet", false), Ok(true));
 }
 
 #[test]
@@ -365,6 +388,7 @@ fn reopen_keeps_everything() {
         s.set_profile("judy", BTreeMap::from([("x".into(), "y".into())]))
             .expect("profile");
         s.delete_user("ivan").expect("delete");
+        s.set_blocked("bob", "grace", true).expect("block");
         snapshot(&s)
     };
     let s = SledStore::open(dir.path()).expect("reopen");

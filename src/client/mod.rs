@@ -544,6 +544,47 @@ impl Client {
         Ok(matches!(self.ms_call(&req)?, MsReply::Done))
     }
 
+    /// Whether we block `name`.
+    pub fn is_blocked(&self, name: &str) -> bool {
+        self.state
+            .lock()
+            .session()
+            .is_some_and(|s| s.blocked.contains(&name.to_ascii_lowercase()))
+    }
+
+    /// The users we block.
+    pub fn blocked(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .session()
+            .map(|s| s.blocked.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Blocks (`on`) or unblocks `name`, at the CRS (so it holds across
+    /// logins): their requests are dropped there, we look offline to
+    /// them, and our client refuses their messages, sessions and files.
+    pub fn block(self: &Arc<Self>, name: &str, on: bool) -> Result<(), AccountError> {
+        let name = account::normalize_name(name)?;
+        self.ms_call(&MsRequest::Block {
+            who: name.clone(),
+            on,
+        })?;
+        if let Some(s) = self.state.lock().session_mut() {
+            if on {
+                s.blocked.insert(name.clone());
+            } else {
+                s.blocked.remove(&name);
+            }
+        }
+        if on {
+            // What is under way with them stops.
+            self.peers.drop_session(&name);
+            self.cancel_transfers(&name);
+        }
+        Ok(())
+    }
+
     /// Accepts `name`'s buddy request.
     pub fn accept(&self, name: &str) -> Result<(), AccountError> {
         let name = account::normalize_name(name)?;

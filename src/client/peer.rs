@@ -589,6 +589,10 @@ impl Client {
                     "{to} opened a session at the same time and did not finish it"
                 ));
             }
+            if reply.code() == Some(code::FORBIDDEN) {
+                // Not an online buddy of theirs, or blocked: they do not say which.
+                return Err("not delivered".into());
+            }
             if !reply.is_success() {
                 return Err(format!(
                     "{to} refused the session: {}",
@@ -959,6 +963,10 @@ impl Client {
         };
         // A new buddy may write before the push that makes them one (or
         // says they are online) has reached us: give it a moment.
+        if self.is_blocked(&init.from) {
+            // Told nothing more than anyone who is not an online buddy.
+            return (Message::reply(code::FORBIDDEN, "not delivered"), None);
+        }
         let target = self
             .peer_target(&init.from)
             .or_else(|_| self.wait_for_buddy(&init.from, BUDDY_GRACE));
@@ -1234,6 +1242,9 @@ impl Client {
     }
 
     fn on_peer_request(self: &Arc<Self>, from: &str, req: PeerRequest) -> Ack {
+        if self.is_blocked(from) {
+            return Ack::refused(req.id(), Refusal::NotABuddy, "not delivered");
+        }
         match req {
             PeerRequest::Msg { id, text } => {
                 self.set_last_peer(from);

@@ -39,6 +39,8 @@ pub struct Session {
     pub requests: BTreeMap<String, BuddyRequest>,
     /// Our profile.
     pub profile: Profile,
+    /// The users we block, as kept at the CRS.
+    pub blocked: std::collections::BTreeSet<String>,
     /// The salt and iteration count this login derived with.
     pub kdf: KdfParams,
     /// The StoredKey of this login's password: with `kdf`, a password
@@ -254,6 +256,7 @@ impl Session {
                 .collect(),
             requests,
             profile: welcome.profile,
+            blocked: welcome.blocked.into_iter().collect(),
             kdf: params,
             stored_key: keys.scram.stored_key,
         })

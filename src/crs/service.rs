@@ -4,6 +4,7 @@
 //! A connection starts [`Conn::Fresh`]; only a proven MSkey turns it into
 //! [`Conn::Enrolled`], the only state whose requests touch accounts.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -478,6 +479,9 @@ impl Crs {
             Remove { user, buddy } => {
                 self.remove(&store::canonical(&user), &store::canonical(&buddy))
             }
+            Block { user, who, on } => {
+                self.block(&store::canonical(&user), &store::canonical(&who), on)
+            }
             Events { ack } => self.poll_events(ms, ack),
             ListUsers { .. } | ShowUser { .. } | DeleteUser { .. } | ListMs => refuse(
                 Refusal::WrongLink,
@@ -567,6 +571,13 @@ impl Crs {
             address,
             public_key: record.public_key.clone(),
         };
+        // A buddy who blocks this user looks offline to them.
+        let blocked_by: BTreeSet<String> = record
+            .contacts
+            .iter()
+            .filter(|c| self.blocks(c, user))
+            .cloned()
+            .collect();
         let mut live = self.live.lock();
         if !live.holds_lock(user, ms) {
             return lost_lock();
@@ -576,12 +587,19 @@ impl Crs {
             .iter()
             .map(|c| Contact {
                 user: c.clone(),
-                online: live.online(c).map(|o| o.presence.clone()),
+                online: live
+                    .online(c)
+                    .filter(|_| !blocked_by.contains(c))
+                    .map(|o| o.presence.clone()),
             })
             .collect();
         let login = live.set_online(user, ms, presence.clone());
         live.notify(
-            record.contacts.iter().map(String::as_str),
+            record
+                .contacts
+                .iter()
+                .filter(|c| !record.blocked.contains(*c))
+                .map(String::as_str),
             &EventKind::Online {
                 user: user.to_owned(),
                 presence,
@@ -598,9 +616,48 @@ impl Crs {
                 contacts,
                 requests,
                 profile: record.profile,
+                blocked: record.blocked.iter().cloned().collect(),
             },
             login,
         })
+    }
+
+    /// Whether `by` blocks `whom` (false when unknown).
+    fn blocks(&self, by: &str, whom: &str) -> bool {
+        matches!(self.store.get_user(by), Ok(Some(u)) if u.blocked.contains(whom))
+    }
+
+    /// `user` blocks or unblocks `who`; a buddy among them sees `user` go
+    /// offline or come back.
+    fn block(&self, user: &str, who: &str, on: bool) -> Answer<CrsReply> {
+        let changed = match self.store.set_blocked(user, who, on) {
+            Ok(c) => c,
+            Err(StoreError::SameUser) => {
+                return refuse(Refusal::SameUser, "you cannot block yourself")
+            }
+            Err(e) => return Err(user_err(e)),
+        };
+        if !changed || !self.store.contacts(user).is_ok_and(|c| c.contains(who)) {
+            return Ok(CrsReply::Done);
+        }
+        let mut live = self.live.lock();
+        let Some(presence) = live.online(user).map(|o| o.presence.clone()) else {
+            return Ok(CrsReply::Done);
+        };
+        let event = if on {
+            EventKind::Offline {
+                user: user.to_owned(),
+            }
+        } else {
+            EventKind::Online {
+                user: user.to_owned(),
+                presence,
+            }
+        };
+        live.notify([who], &event);
+        drop(live);
+        self.events_ready.notify_all();
+        Ok(CrsReply::Done)
     }
 
     fn pending_requests(&self, record: &store::User) -> Vec<BuddyRequest> {
@@ -674,6 +731,12 @@ impl Crs {
         };
         if sender.contacts.contains(&to) {
             return refuse(Refusal::AlreadyBuddies, "already buddies");
+        }
+        if self.blocks(&to, &from) {
+            // Dropped, answered as for a recipient who is offline: the
+            // sender learns nothing.
+            info!("buddy request {from} -> {to} dropped: blocked");
+            return Ok(CrsReply::Stored);
         }
         let signed = RsaPublicKey::from_der(&sender.public_key)
             .and_then(|k| k.verify_pss(&proto::add_transcript(&from, &to, &nonce), &signature));

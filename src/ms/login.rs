@@ -406,6 +406,11 @@ impl Ms {
             MsRequest::Accept(from) => CrsRequest::Accept { user: name, from },
             MsRequest::Deny(from) => CrsRequest::Deny { user: name, from },
             MsRequest::Remove(buddy) => CrsRequest::Remove { user: name, buddy },
+            MsRequest::Block { who, on } => CrsRequest::Block {
+                user: name,
+                who,
+                on,
+            },
         };
         match self.crs.call(&to_crs) {
             Ok(CrsReply::Done) => Ok(MsReply::Done),

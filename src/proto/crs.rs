@@ -160,6 +160,9 @@ pub struct Welcome {
     /// Profile fields.
     #[serde(default)]
     pub profile: Profile,
+    /// The users this user blocks.
+    #[serde(default)]
+    pub blocked: Vec<String>,
 }
 
 /// One directory search result.
@@ -390,6 +393,16 @@ pub enum CrsRequest {
         /// Whose request.
         from: String,
     },
+    /// `user` blocks (`on`) or unblocks `who`: a blocked user's buddy
+    /// requests are dropped and `user` looks offline to them.
+    Block {
+        /// Who blocks.
+        user: String,
+        /// Whom.
+        who: String,
+        /// Block (true) or unblock.
+        on: bool,
+    },
     /// `user` drops `buddy` (both directions).
     Remove {
         /// Who.
@@ -471,6 +484,10 @@ impl CrsRequest {
             Remove { user, buddy } => Message::request("REMOVE")
                 .with_header("User", user)
                 .with_header("Buddy", buddy),
+            Block { user, who, on } => Message::request("BLOCK")
+                .with_header("User", user)
+                .with_header("Who", who)
+                .with_header("Block", if *on { "on" } else { "off" }),
             Events { ack } => Message::request("EVENTS").with_header("Ack", ack),
             ListUsers { after, limit } => {
                 let m = Message::request("LIST-USERS").with_header("Limit", limit);
@@ -537,6 +554,15 @@ impl CrsRequest {
                 "REMOVE" => Remove {
                     user: user()?,
                     buddy: m.req("Buddy")?.to_owned(),
+                },
+                "BLOCK" => Block {
+                    user: user()?,
+                    who: m.req("Who")?.to_owned(),
+                    on: match m.req("Block")? {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(ProtoError::Invalid("Block")),
+                    },
                 },
                 "EVENTS" => Events {
                     ack: m.req_parse("Ack")?,
@@ -702,6 +728,7 @@ impl Request for CrsRequest {
             | SetProfile { .. }
             | Deny { .. }
             | Remove { .. }
+            | Block { .. }
             | DeleteUser { .. } => map(done_answer(m), |()| CrsReply::Done),
             Add { .. } => map(done_answer(m), |()| {
                 if m.code() == Some(code::STORED) {

@@ -55,6 +55,13 @@ pub enum MsRequest {
     Deny(String),
     /// Remove a buddy.
     Remove(String),
+    /// Block (`on`) or unblock a user.
+    Block {
+        /// Whom.
+        who: String,
+        /// Block or unblock.
+        on: bool,
+    },
     /// Still here (also answers the MS's question whether we are alive).
     Ping,
 }
@@ -90,6 +97,9 @@ impl MsRequest {
             Accept(from) => Message::request("ACCEPT").with_header("From", from),
             Deny(from) => Message::request("DENY").with_header("From", from),
             Remove(buddy) => Message::request("REMOVE").with_header("Buddy", buddy),
+            Block { who, on } => Message::request("BLOCK")
+                .with_header("Who", who)
+                .with_header("Block", if *on { "on" } else { "off" }),
             Ping => Message::request("PING"),
         }
     }
@@ -124,6 +134,14 @@ impl MsRequest {
                 "ACCEPT" => Accept(m.req("From")?.to_owned()),
                 "DENY" => Deny(m.req("From")?.to_owned()),
                 "REMOVE" => Remove(m.req("Buddy")?.to_owned()),
+                "BLOCK" => Block {
+                    who: m.req("Who")?.to_owned(),
+                    on: match m.req("Block")? {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(ProtoError::Invalid("Block")),
+                    },
+                },
                 "PING" => Ping,
                 other => return Err(ProtoError::UnknownMethod(other.to_owned())),
             },
@@ -214,7 +232,7 @@ impl Request for MsRequest {
                 None => Challenge::from_message(m).map(|c| Ok(MsReply::Challenge(c))),
             },
             Login { .. } => map(json_answer(m), |w| MsReply::Welcome(Box::new(w))),
-            Logout | Passwd { .. } | SetProfile(_) | Deny(_) | Remove(_) | Ping => {
+            Logout | Passwd { .. } | SetProfile(_) | Deny(_) | Remove(_) | Block { .. } | Ping => {
                 map(done_answer(m), |()| MsReply::Done)
             }
             Add { .. } => map(done_answer(m), |()| {

@@ -103,6 +103,12 @@ pub const HELP: &[(&str, &str)] = &[
         "/typing NAME on|off",
         "tell NAME you started or stopped typing",
     ),
+    (
+        "/block NAME",
+        "refuse everything from NAME and look offline to them",
+    ),
+    ("/unblock NAME", "stop blocking NAME"),
+    ("/blocked", "list whom you block"),
     ("/logout", "log out; buddies see you go offline"),
     ("/buddies", "list your buddies and who is online"),
     ("/search TEXT", "find people by name prefix or profile text"),
@@ -459,6 +465,26 @@ impl Commands {
                     (!sent).then(|| "not sent: no change, or too many at once".to_owned())
                 });
                 self.outcome("typing", r.map_err(AccountError::Failed));
+            }
+            "/block" | "/unblock" => {
+                let on = cmd == "/block";
+                let Some(name) = arg(if on { "/block NAME" } else { "/unblock NAME" }) else {
+                    return Vec::new();
+                };
+                self.outcome(&cmd[1..], c.block(&name, on).map(|()| None));
+            }
+            "/blocked" => {
+                if c.is_logged_in() {
+                    let list = c.blocked();
+                    let text = if list.is_empty() {
+                        "you block nobody".to_owned()
+                    } else {
+                        format!("blocked: {}", list.join(" "))
+                    };
+                    self.emit(Event::Notice { text });
+                } else {
+                    not_logged_in("blocked");
+                }
             }
             "/remove" => {
                 let Some(name) = arg("/remove NAME") else {

@@ -96,6 +96,21 @@ impl Store for MemStore {
         Ok(())
     }
 
+    fn set_blocked(&self, name: &str, who: &str, on: bool) -> Result<bool, StoreError> {
+        let name = checked(name)?;
+        let who = checked(who)?;
+        if name == who {
+            return Err(StoreError::SameUser);
+        }
+        let mut users = self.users.lock();
+        let user = user_mut(&mut users, &name)?;
+        Ok(if on {
+            user.blocked.insert(who)
+        } else {
+            user.blocked.remove(&who)
+        })
+    }
+
     fn set_profile(&self, name: &str, profile: BTreeMap<String, String>) -> Result<(), StoreError> {
         let name = checked(name)?;
         let mut users = self.users.lock();

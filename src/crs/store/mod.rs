@@ -153,6 +153,9 @@ pub struct User {
     pub requests: Vec<BuddyRequest>,
     /// Registration time, seconds since the Unix epoch.
     pub created_unix: u64,
+    /// Canonical names of the users this user blocks.
+    #[serde(default)]
+    pub blocked: BTreeSet<String>,
 }
 
 /// One result of [`Store::search`].
@@ -265,6 +268,11 @@ pub trait Store: Send + Sync {
 
     /// The user's buddies.
     fn contacts(&self, name: &str) -> Result<BTreeSet<String>, StoreError>;
+
+    /// `name` blocks (`on`) or unblocks `who` (who need not exist: a
+    /// block outlives an account's deletion); whether that changed
+    /// anything. `NoSuchUser` if `name` does not exist.
+    fn set_blocked(&self, name: &str, who: &str, on: bool) -> Result<bool, StoreError>;
 }
 
 /// The search predicate shared by both implementations. `needle` must

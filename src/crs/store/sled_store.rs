@@ -373,6 +373,24 @@ impl Store for SledStore {
         })
     }
 
+    fn set_blocked(&self, name: &str, who: &str, on: bool) -> Result<bool, StoreError> {
+        let name = checked(name)?;
+        let who = checked(who)?;
+        if name == who {
+            return Err(StoreError::SameUser);
+        }
+        self.write(|users, _| {
+            let mut user = tx_need_user(users, &name)?;
+            let changed = if on {
+                user.blocked.insert(who.clone())
+            } else {
+                user.blocked.remove(&who)
+            };
+            tx_put_user(users, &user)?;
+            Ok(changed)
+        })
+    }
+
     fn set_profile(&self, name: &str, profile: BTreeMap<String, String>) -> Result<(), StoreError> {
         let name = checked(name)?;
         self.write(|users, _| {
