@@ -78,6 +78,8 @@ pub struct CrsFile {
     pub listen: Option<String>,
     /// Data directory.
     pub data_dir: Option<PathBuf>,
+    /// Where the data lives: `sled:DIR` or a `postgres://` URL.
+    pub store: Option<String>,
     /// MSkey file.
     pub ms_key: Option<PathBuf>,
     /// Whether clients may register themselves.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use getopts::Options;
 use ims::cli::{self, set, Parsed};
 use ims::config::{self, CrsFile};
+use ims::crs::store::StoreSpec;
 use ims::crs::{self, CrsConfig};
 use ims::link::{CrsLink, Identity};
 use ims::proto::crs::{CrsRequest, MsInfo};
@@ -29,6 +30,12 @@ fn main() -> ExitCode {
         "ADDR",
     );
     opts.optopt("", "data", "data directory (default ./ims-crs-data)", "DIR");
+    opts.optopt(
+        "",
+        "store",
+        "where the data lives: sled:DIR (default: sled in --data) or postgres://USER@HOST/DB",
+        "STORE",
+    );
     opts.optopt("", "ms-key", "MSkey file (default ./mskey)", "FILE");
     opts.optopt(
         "",
@@ -93,6 +100,9 @@ fn build_config(m: &getopts::Matches) -> Result<CrsConfig, String> {
         let f: CrsFile = config::load(&PathBuf::from(path)).map_err(|e| e.to_string())?;
         set(&mut c.listen, f.listen);
         set(&mut c.data_dir, f.data_dir);
+        if let Some(store) = f.store {
+            c.store = Some(StoreSpec::parse(&store)?);
+        }
         set(&mut c.ms_key_file, f.ms_key);
         set(&mut c.registration_open, f.registration_open);
         set(
@@ -106,6 +116,9 @@ fn build_config(m: &getopts::Matches) -> Result<CrsConfig, String> {
     }
     set(&mut c.listen, m.opt_str("listen"));
     set(&mut c.data_dir, m.opt_str("data").map(Into::into));
+    if let Some(store) = m.opt_str("store") {
+        c.store = Some(StoreSpec::parse(&store)?);
+    }
     set(&mut c.ms_key_file, m.opt_str("ms-key").map(Into::into));
     set(&mut c.pool.workers, cli::num(m, "workers")?);
     set(

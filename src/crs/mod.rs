@@ -1,8 +1,14 @@
 //! The central repository server: registered users (in a durable
 //! [`store`]), enrolled MSs, who is online where, and login locks (in
-//! volatile [`live`] state), served on one pre-threaded port.
+//! [`live`] state), served on one pre-threaded port.
+//!
+//! Two ways to run: on sled (the default), with the live state in this
+//! process; or on PostgreSQL, where the live state and the CRS's own key
+//! pair live in the database too, so several instances serve one directory.
 
+pub mod identity;
 pub mod live;
+pub mod live_pg;
 pub mod service;
 pub mod store;
 
@@ -14,13 +20,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use log::{info, warn};
-use parking_lot::{Condvar, Mutex};
 
 use crate::crypto::{self, RsaPrivateKey, RsaPublicKey};
 use crate::keyfile;
 use crate::prethread::{self, Server};
-use live::Live;
-use store::{SledStore, Store};
+use live::{LiveState, MemLive, Wakeup};
+use store::{PgStore, SledStore, Store, StoreSpec};
 
 /// Default CRS workers: enough for the kept links of a dozen MSs (each
 /// holds up to its workers + 3) with room left for clients.
@@ -31,8 +36,11 @@ pub const CRS_WORKERS: usize = 96;
 pub struct CrsConfig {
     /// Where to listen (port 0: any free port).
     pub listen: String,
-    /// The sled database and the CRS's own key live here.
+    /// The sled database and the CRS's own key live here (with the default
+    /// store); local files only with a PostgreSQL store.
     pub data_dir: PathBuf,
+    /// Where the data lives; `None`: sled in `data_dir`.
+    pub store: Option<StoreSpec>,
     /// The pre-shared MSkey.
     pub ms_key_file: PathBuf,
     /// Whether clients may register themselves.
@@ -56,6 +64,7 @@ impl Default for CrsConfig {
         CrsConfig {
             listen: "127.0.0.1:7100".into(),
             data_dir: PathBuf::from("ims-crs-data"),
+            store: None,
             ms_key_file: PathBuf::from("mskey"),
             registration_open: true,
             heartbeat_timeout: Duration::from_secs(15),
@@ -112,11 +121,12 @@ pub struct Crs {
     ms_key: Vec<u8>,
     identity: RsaPrivateKey,
     identity_public: RsaPublicKey,
-    live: Mutex<Live>,
-    events_ready: Condvar,
+    live: Box<dyn LiveState>,
+    events_ready: Arc<Wakeup>,
     stopping: AtomicBool,
-    /// Random per process: tells an MS whether the CRS it reaches is the
-    /// one it enrolled with (and so still knows its users).
+    /// Tells an MS whether the CRS it reaches is the one it enrolled with
+    /// (and so still knows its users): random per process with live state
+    /// in memory, the directory's with live state in PostgreSQL.
     instance: String,
 }
 
@@ -128,17 +138,40 @@ impl Crs {
         ms_key: Vec<u8>,
         identity: RsaPrivateKey,
     ) -> Crs {
+        Crs::with_live(
+            config,
+            store,
+            ms_key,
+            identity,
+            Box::new(MemLive::default()),
+            Arc::new(Wakeup::default()),
+        )
+    }
+
+    /// A CRS over `store` with its live state in `live`, whose wake-ups
+    /// come through `wakeup`.
+    pub fn with_live(
+        config: CrsConfig,
+        store: Arc<dyn Store>,
+        ms_key: Vec<u8>,
+        identity: RsaPrivateKey,
+        live: Box<dyn LiveState>,
+        wakeup: Arc<Wakeup>,
+    ) -> Crs {
         let identity_public = identity.public_key();
+        let instance = live
+            .shared_instance()
+            .unwrap_or_else(|| crate::keyfile::hex(&crypto::random_array::<8>()));
         Crs {
             config,
             store,
             ms_key,
             identity,
             identity_public,
-            live: Mutex::new(Live::default()),
-            events_ready: Condvar::new(),
+            live,
+            events_ready: wakeup,
             stopping: AtomicBool::new(false),
-            instance: crate::keyfile::hex(&crypto::random_array::<8>()),
+            instance,
         }
     }
 
@@ -208,11 +241,42 @@ pub fn start(mut config: CrsConfig) -> Result<Running, CrsError> {
     // heartbeat) well within the heartbeat timeout.
     config.poll_timeout = config.poll_timeout.min(config.heartbeat_timeout / 3);
     let ms_key = keyfile::read_ms_key(&config.ms_key_file).map_err(CrsError::MsKey)?;
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| CrsError::Store(store::StoreError::Backend(e.to_string())))?;
-    let store = SledStore::open(&config.data_dir.join("db")).map_err(CrsError::Store)?;
-    let identity = identity(&config.data_dir)?;
-    let crs = Arc::new(Crs::new(config.clone(), Arc::new(store), ms_key, identity));
+    let crs = match &config.store {
+        None | Some(StoreSpec::Sled(_)) => {
+            // `sled:DIR` is the same as `--data DIR`.
+            let dir = match &config.store {
+                Some(StoreSpec::Sled(dir)) => dir.clone(),
+                _ => config.data_dir.clone(),
+            };
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| CrsError::Store(store::StoreError::Backend(e.to_string())))?;
+            let store = SledStore::open(&dir.join("db")).map_err(CrsError::Store)?;
+            let identity = identity(&dir)?;
+            Crs::new(config.clone(), Arc::new(store), ms_key, identity)
+        }
+        Some(StoreSpec::Postgres(url)) => {
+            let store = PgStore::open(url).map_err(CrsError::Store)?;
+            info!(
+                "database {} (schema version {})",
+                store.pool().shown(),
+                store::schema::CURRENT
+            );
+            let (key, instance) =
+                identity::shared(store.pool(), &ms_key).map_err(CrsError::Identity)?;
+            let wakeup = Arc::new(Wakeup::default());
+            let live = live_pg::PgLive::start(url, instance, wakeup.clone())
+                .map_err(|e| CrsError::Store(store::StoreError::Backend(e)))?;
+            Crs::with_live(
+                config.clone(),
+                Arc::new(store),
+                ms_key,
+                key,
+                Box::new(live),
+                wakeup,
+            )
+        }
+    };
+    let crs = Arc::new(crs);
     let server = Server::bind(
         config.listen.as_str(),
         config.pool.clone(),

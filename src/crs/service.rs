@@ -274,7 +274,12 @@ impl Crs {
         let who = if role == "admin" {
             Peer2::Admin
         } else {
-            let (id, lost) = self.live.lock().enroll(&listen, capacity, &instance);
+            let mut live = self.live.lock();
+            let (id, lost) = live.enroll(&listen, capacity, &instance);
+            if let Err(e) = live.commit() {
+                warn!("enrollment of {listen}: {e}");
+                return Err(err(code::INTERNAL, "live state unavailable"));
+            }
             if lost.is_empty() {
                 debug!("MS {listen} (#{id}) opened a link");
             } else {
@@ -343,7 +348,10 @@ impl Crs {
                 let user = store::canonical(&user);
                 let mut live = self.live.lock();
                 match live.lock(&user, ms, self.config.lock_lease) {
-                    Ok(()) => Message::ok(),
+                    Ok(()) => match live.commit() {
+                        Ok(()) => Message::ok(),
+                        Err(_) => err(code::INTERNAL, "live state unavailable"),
+                    },
                     Err(LockError::LoggingIn) => err(code::CONFLICT, "already logging in"),
                     // The MS may probe the old client and take over if it is gone.
                     Err(LockError::LoggedIn) => match live.address(&user) {
@@ -517,7 +525,9 @@ impl Crs {
                 presence,
             },
         );
-        drop(live);
+        if live.commit().is_err() {
+            return err(code::INTERNAL, "live state unavailable");
+        }
         self.events_ready.notify_all();
         info!("{user} online at {address}");
         pc::json_reply(&Welcome {
@@ -569,7 +579,7 @@ impl Crs {
         let limit = limit.clamp(1, self.config.max_search_results) as usize;
         match self.store.search(text, limit) {
             Ok(found) => {
-                let live = self.live.lock();
+                let mut live = self.live.lock();
                 let hits: Vec<Hit> = found
                     .into_iter()
                     .map(|h| Hit {
@@ -718,9 +728,10 @@ impl Crs {
     /// some (or the poll timeout, an empty batch doubling as a heartbeat).
     fn poll_events(&self, ms: u64, ack: u64) -> Message {
         let deadline = Instant::now() + self.config.poll_timeout;
-        let mut live = self.live.lock();
         loop {
-            match live.events(ms, ack) {
+            // Read before looking, so a wake in between is not missed.
+            let seen = self.events_ready.generation();
+            match self.live.lock().events(ms, ack) {
                 None => return err(code::FORBIDDEN, "not enrolled"),
                 Some(batch)
                     if !batch.events.is_empty()
@@ -730,11 +741,10 @@ impl Crs {
                     return pc::json_reply(&batch);
                 }
                 Some(_) => {
-                    // Wake at least every 100 ms so a stopping server answers promptly.
                     let wait = deadline
                         .saturating_duration_since(Instant::now())
-                        .min(std::time::Duration::from_millis(100));
-                    self.events_ready.wait_for(&mut live, wait);
+                        .min(self.live.recheck());
+                    self.events_ready.wait_past(seen, wait);
                 }
             }
         }

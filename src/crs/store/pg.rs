@@ -1,0 +1,743 @@
+//! `PgStore`: the [`Store`] on PostgreSQL, for directories served by several
+//! CRS instances (see `schema` for the tables).
+//!
+//! Connections: a small pool of synchronous `postgres::Client`s ([`PgPool`]),
+//! one taken per call and given back after; a connection found broken is
+//! dropped and a new one made on the next call, so the CRS reconnects by
+//! itself after the database restarts (the call that met the failure gets
+//! `Backend`, and the client retries as for any storage error).
+//!
+//! Atomicity: every mutation is one transaction. Calls that touch two users
+//! first lock both user rows (`FOR UPDATE`, in name order so two calls cannot
+//! wait on each other), which serializes them against each other and against
+//! deletion exactly as sled's transactions do. A serialization failure or a
+//! deadlock the server detects anyway is retried a few times.
+//! Durability: a commit returns once PostgreSQL has the change in its WAL on
+//! disk (`synchronous_commit` as the server is set; on by default).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use log::{info, warn};
+use parking_lot::Mutex;
+use postgres::error::SqlState;
+use postgres::{Client, NoTls, Transaction};
+
+use super::schema;
+use super::{checked, search_matches, BuddyRequest, SearchHit, Store, StoreError, User, Verifier};
+
+/// Most idle connections kept; more may be open while calls are in flight.
+pub const POOL_IDLE: usize = 16;
+
+/// Times a transaction is retried after a serialization failure or deadlock.
+const RETRIES: usize = 8;
+
+/// How long a new connection may take to establish.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Users read per round trip by scans (`search`).
+const SCAN_BATCH: i64 = 512;
+
+/// A pool of connections to one database.
+pub struct PgPool {
+    config: postgres::Config,
+    url_shown: String,
+    idle: Mutex<Vec<Client>>,
+    /// Set after a connection failed, so the next success says "reconnected".
+    lost: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for PgPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PgPool({})", self.url_shown)
+    }
+}
+
+/// The URL without its password, for logs.
+fn shown(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let cred = &url[s + 3..at];
+            match cred.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &cred[..c], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+pub(crate) fn pg_err(e: postgres::Error) -> StoreError {
+    StoreError::Backend(format!("postgres: {e}"))
+}
+
+/// Whether the error is one a retry of the whole transaction can cure.
+fn retryable(e: &postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+    )
+}
+
+/// A pooled connection, given back to the pool when dropped unless broken.
+pub struct PgConn<'a> {
+    pool: &'a PgPool,
+    client: Option<Client>,
+}
+
+impl PgConn<'_> {
+    /// The connection.
+    pub fn client(&mut self) -> &mut Client {
+        // Present from creation until drop.
+        self.client
+            .as_mut()
+            .expect("a pooled connection is present")
+    }
+}
+
+impl Drop for PgConn<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            if c.is_closed() {
+                self.pool.note_lost();
+                return;
+            }
+            let mut idle = self.pool.idle.lock();
+            if idle.len() < POOL_IDLE {
+                idle.push(c);
+            }
+        }
+    }
+}
+
+impl PgPool {
+    /// A pool for `url` (`postgres://USER[:PASSWORD]@HOST[:PORT]/DB`, or the
+    /// key=value form); no connection is made yet.
+    pub fn new(url: &str) -> Result<PgPool, StoreError> {
+        let mut config: postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Backend(format!("bad database URL: {e}")))?;
+        config.connect_timeout(CONNECT_TIMEOUT);
+        if config.get_application_name().is_none() {
+            config.application_name("ims-crs");
+        }
+        Ok(PgPool {
+            config,
+            url_shown: shown(url),
+            idle: Mutex::new(Vec::new()),
+            lost: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// The URL, password hidden.
+    pub fn shown(&self) -> &str {
+        &self.url_shown
+    }
+
+    fn note_lost(&self) {
+        if !self.lost.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            warn!("lost a connection to the database {}", self.url_shown);
+        }
+    }
+
+    /// A fresh connection, not from the pool (for `LISTEN`).
+    pub fn connect(&self) -> Result<Client, StoreError> {
+        match self.config.connect(NoTls) {
+            Ok(c) => {
+                if self.lost.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    info!("reconnected to the database {}", self.url_shown);
+                }
+                Ok(c)
+            }
+            Err(e) => {
+                self.note_lost();
+                Err(pg_err(e))
+            }
+        }
+    }
+
+    /// A connection: an idle one if any, else a new one.
+    pub fn get(&self) -> Result<PgConn<'_>, StoreError> {
+        loop {
+            let Some(c) = self.idle.lock().pop() else {
+                break;
+            };
+            if !c.is_closed() {
+                return Ok(PgConn {
+                    pool: self,
+                    client: Some(c),
+                });
+            }
+        }
+        Ok(PgConn {
+            pool: self,
+            client: Some(self.connect()?),
+        })
+    }
+
+    /// Runs `f` in one transaction, committing if it returns `Ok`; retried
+    /// on serialization failures and deadlocks. `f` reports two kinds of
+    /// error: a store error to return as is, or a database error.
+    pub fn tx<T>(
+        &self,
+        mut f: impl FnMut(&mut Transaction<'_>) -> Result<T, TxError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.get()?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = (|| {
+                let mut tx = conn.client().transaction().map_err(TxError::Db)?;
+                let value = f(&mut tx)?;
+                tx.commit().map_err(TxError::Db)?;
+                Ok(value)
+            })();
+            match result {
+                Ok(v) => return Ok(v),
+                Err(TxError::Store(e)) => return Err(e),
+                Err(TxError::Db(e)) if retryable(&e) && attempt < RETRIES => {
+                    std::thread::sleep(Duration::from_millis(2 * attempt as u64));
+                }
+                Err(TxError::Db(e)) => return Err(pg_err(e)),
+            }
+        }
+    }
+
+    /// Creates or upgrades the schema to [`schema::CURRENT`]; refuses a
+    /// database at a newer version.
+    pub fn migrate(&self) -> Result<i32, StoreError> {
+        let mut conn = self.get()?;
+        let c = conn.client();
+        c.batch_execute("CREATE TABLE IF NOT EXISTS ims_schema (version int NOT NULL)")
+            .or_else(|e| {
+                // Two instances creating it at once: the loser sees a
+                // unique violation on the catalog; the table exists.
+                if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(pg_err)?;
+        let mut tx = c.transaction().map_err(pg_err)?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&schema::MIGRATION_LOCK],
+        )
+        .map_err(pg_err)?;
+        let row = tx
+            .query_opt("SELECT version FROM ims_schema", &[])
+            .map_err(pg_err)?;
+        let mut version: i32 = match row {
+            Some(r) => r.get(0),
+            None => {
+                tx.execute("INSERT INTO ims_schema (version) VALUES (0)", &[])
+                    .map_err(pg_err)?;
+                0
+            }
+        };
+        if version > schema::CURRENT {
+            return Err(StoreError::Backend(format!(
+                "the database schema is version {version}, newer than this ims-crs knows \
+                 ({}); upgrade ims-crs",
+                schema::CURRENT
+            )));
+        }
+        while version < schema::CURRENT {
+            let step = schema::MIGRATIONS
+                .get(version as usize)
+                .ok_or_else(|| StoreError::Backend("no such migration".into()))?;
+            tx.batch_execute(step).map_err(pg_err)?;
+            version += 1;
+            tx.execute("UPDATE ims_schema SET version = $1", &[&version])
+                .map_err(pg_err)?;
+            info!("database schema migrated to version {version}");
+        }
+        tx.commit().map_err(pg_err)?;
+        Ok(version)
+    }
+}
+
+/// An error inside [`PgPool::tx`].
+pub enum TxError {
+    /// A store-level answer (no such user, ...): returned, not retried.
+    Store(StoreError),
+    /// The database failed; retried if it was a serialization failure.
+    Db(postgres::Error),
+}
+
+impl From<postgres::Error> for TxError {
+    fn from(e: postgres::Error) -> TxError {
+        TxError::Db(e)
+    }
+}
+
+impl From<StoreError> for TxError {
+    fn from(e: StoreError) -> TxError {
+        TxError::Store(e)
+    }
+}
+
+/// Durable store on PostgreSQL; see the module documentation.
+#[derive(Debug)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+const USER_COLUMNS: &str = "name, salt, iterations, stored_key, server_key, profile, \
+     public_key, wrapped_key, created_unix";
+
+/// Decodes a `users` row (without contacts and requests).
+fn user_from_row(row: &postgres::Row) -> Result<User, StoreError> {
+    let name: String = row.get(0);
+    let profile: String = row.get(5);
+    let profile: BTreeMap<String, String> = serde_json::from_str(&profile)
+        .map_err(|e| StoreError::Corrupt(format!("user {name:?}: profile: {e}")))?;
+    let iterations: i64 = row.get(2);
+    let created: i64 = row.get(8);
+    Ok(User {
+        verifier: Verifier {
+            salt: row.get(1),
+            iterations: u32::try_from(iterations)
+                .map_err(|_| StoreError::Corrupt(format!("user {name:?}: iterations")))?,
+            stored_key: row.get(3),
+            server_key: row.get(4),
+        },
+        profile,
+        public_key: row.get(6),
+        wrapped_private_key: row.get(7),
+        created_unix: u64::try_from(created)
+            .map_err(|_| StoreError::Corrupt(format!("user {name:?}: created")))?,
+        contacts: BTreeSet::new(),
+        requests: Vec::new(),
+        name,
+    })
+}
+
+fn encode_profile(p: &BTreeMap<String, String>) -> Result<String, StoreError> {
+    serde_json::to_string(p).map_err(|e| StoreError::Backend(format!("encode: {e}")))
+}
+
+fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Backend(format!("{what} out of range")))
+}
+
+/// Locks the named users' rows in name order; `NoSuchUser` if one is missing.
+fn lock_users(tx: &mut Transaction<'_>, names: &[&str]) -> Result<(), TxError> {
+    let mut sorted: Vec<&str> = names.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    for n in &sorted {
+        if tx
+            .query_opt("SELECT 1 FROM users WHERE name = $1 FOR UPDATE", &[n])?
+            .is_none()
+        {
+            return Err(TxError::Store(StoreError::NoSuchUser));
+        }
+    }
+    Ok(())
+}
+
+/// Reads one whole user record (contacts and requests included).
+fn read_user(c: &mut impl postgres::GenericClient, name: &str) -> Result<Option<User>, TxError> {
+    let Some(row) = c.query_opt(
+        &format!("SELECT {USER_COLUMNS} FROM users WHERE name = $1"),
+        &[&name],
+    )?
+    else {
+        return Ok(None);
+    };
+    let mut user = user_from_row(&row)?;
+    for r in c.query(
+        "SELECT buddy FROM contacts WHERE owner = $1 ORDER BY buddy",
+        &[&name],
+    )? {
+        user.contacts.insert(r.get(0));
+    }
+    user.requests = read_requests(c, name)?;
+    Ok(Some(user))
+}
+
+fn read_requests(
+    c: &mut impl postgres::GenericClient,
+    name: &str,
+) -> Result<Vec<BuddyRequest>, TxError> {
+    let mut out = Vec::new();
+    for r in c.query(
+        "SELECT sender, signature, nonce, created_unix FROM requests \
+         WHERE recipient = $1 ORDER BY seq",
+        &[&name],
+    )? {
+        let created: i64 = r.get(3);
+        out.push(BuddyRequest {
+            from: r.get(0),
+            signature: r.get(1),
+            nonce: r.get(2),
+            created_unix: u64::try_from(created)
+                .map_err(|_| StoreError::Corrupt(format!("request to {name:?}: created")))?,
+        });
+    }
+    Ok(out)
+}
+
+fn insert_user(tx: &mut Transaction<'_>, u: &User) -> Result<u64, TxError> {
+    Ok(tx.execute(
+        &format!(
+            "INSERT INTO users ({USER_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) \
+             ON CONFLICT (name) DO NOTHING"
+        ),
+        &[
+            &u.name,
+            &u.verifier.salt,
+            &i64::from(u.verifier.iterations),
+            &u.verifier.stored_key,
+            &u.verifier.server_key,
+            &encode_profile(&u.profile)?,
+            &u.public_key,
+            &u.wrapped_private_key,
+            &to_i64(u.created_unix, "created_unix")?,
+        ],
+    )?)
+}
+
+impl PgStore {
+    /// Connects to `url` and creates or upgrades the schema.
+    pub fn open(url: &str) -> Result<PgStore, StoreError> {
+        let pool = PgPool::new(url)?;
+        pool.migrate()?;
+        Ok(PgStore { pool })
+    }
+
+    /// The connection pool (shared with the live state).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Full consistency check, as [`super::SledStore::check_integrity`]:
+    /// contacts are mutual, requests come from non-buddies, every record
+    /// decodes. Reads the whole store.
+    pub fn check_integrity(&self) -> Result<(), StoreError> {
+        let mut conn = self.pool.get()?;
+        let c = conn.client();
+        if let Some(r) = c
+            .query_opt(
+                "SELECT a.owner, a.buddy FROM contacts a LEFT JOIN contacts b \
+                 ON b.owner = a.buddy AND b.buddy = a.owner WHERE b.owner IS NULL LIMIT 1",
+                &[],
+            )
+            .map_err(pg_err)?
+        {
+            let (a, b): (String, String) = (r.get(0), r.get(1));
+            return Err(StoreError::Corrupt(format!(
+                "contact {a:?} -> {b:?} is not mutual"
+            )));
+        }
+        if let Some(r) = c
+            .query_opt(
+                "SELECT r.sender, r.recipient FROM requests r JOIN contacts c \
+                 ON c.owner = r.recipient AND c.buddy = r.sender LIMIT 1",
+                &[],
+            )
+            .map_err(pg_err)?
+        {
+            let (a, b): (String, String) = (r.get(0), r.get(1));
+            return Err(StoreError::Corrupt(format!(
+                "request {a:?} -> {b:?} is stale"
+            )));
+        }
+        for row in c
+            .query(&format!("SELECT {USER_COLUMNS} FROM users"), &[])
+            .map_err(pg_err)?
+        {
+            user_from_row(&row)?;
+        }
+        Ok(())
+    }
+
+    /// Loads many users at once, contacts and requests as given, in one
+    /// transaction (an import: see [`super::SledStore::bulk_load`] for what
+    /// the caller guarantees). Replaces users of the same name.
+    pub fn bulk_load(&self, users: impl IntoIterator<Item = User>) -> Result<u64, StoreError> {
+        let mut all = Vec::new();
+        for mut u in users {
+            u.name = checked(&u.name)?;
+            for r in &mut u.requests {
+                r.from = checked(&r.from)?;
+            }
+            all.push(u);
+        }
+        self.pool.tx(|tx| {
+            for u in &all {
+                tx.execute("DELETE FROM users WHERE name = $1", &[&u.name])?;
+                insert_user(tx, u)?;
+            }
+            let contacts = tx.prepare("INSERT INTO contacts (owner, buddy) VALUES ($1, $2)")?;
+            let requests = tx.prepare(
+                "INSERT INTO requests (recipient, sender, signature, nonce, created_unix) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )?;
+            for u in &all {
+                for c in &u.contacts {
+                    tx.execute(&contacts, &[&u.name, c])?;
+                }
+                for r in &u.requests {
+                    tx.execute(
+                        &requests,
+                        &[
+                            &u.name,
+                            &r.from,
+                            &r.signature,
+                            &r.nonce,
+                            &to_i64(r.created_unix, "created_unix")?,
+                        ],
+                    )?;
+                }
+            }
+            Ok(all.len() as u64)
+        })
+    }
+}
+
+impl Store for PgStore {
+    fn create_user(&self, mut user: User) -> Result<(), StoreError> {
+        user.name = checked(&user.name)?;
+        self.pool.tx(|tx| {
+            if insert_user(tx, &user)? == 0 {
+                return Err(StoreError::NameTaken.into());
+            }
+            Ok(())
+        })
+    }
+
+    fn get_user(&self, name: &str) -> Result<Option<User>, StoreError> {
+        let name = checked(name)?;
+        // One snapshot for the three reads.
+        self.pool.tx(|tx| {
+            tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")?;
+            read_user(tx, &name)
+        })
+    }
+
+    fn delete_user(&self, name: &str) -> Result<bool, StoreError> {
+        let name = checked(name)?;
+        // Contacts and requests in both directions go with the row (cascade).
+        self.pool
+            .tx(|tx| Ok(tx.execute("DELETE FROM users WHERE name = $1", &[&name])? == 1))
+    }
+
+    fn list_users(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        let after = after.map(super::canonical);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut conn = self.pool.get()?;
+        let rows = conn
+            .client()
+            .query(
+                "SELECT name FROM users WHERE $1::text IS NULL OR name > $1 \
+                 ORDER BY name LIMIT $2",
+                &[&after, &limit],
+            )
+            .map_err(pg_err)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    fn user_count(&self) -> Result<u64, StoreError> {
+        let mut conn = self.pool.get()?;
+        let n: i64 = conn
+            .client()
+            .query_one("SELECT count(*) FROM users", &[])
+            .map_err(pg_err)?
+            .get(0);
+        Ok(n.max(0) as u64)
+    }
+
+    fn set_credentials(
+        &self,
+        name: &str,
+        verifier: Verifier,
+        wrapped_private_key: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let name = checked(name)?;
+        self.pool.tx(|tx| {
+            let n = tx.execute(
+                "UPDATE users SET salt = $2, iterations = $3, stored_key = $4, \
+                 server_key = $5, wrapped_key = $6 WHERE name = $1",
+                &[
+                    &name,
+                    &verifier.salt,
+                    &i64::from(verifier.iterations),
+                    &verifier.stored_key,
+                    &verifier.server_key,
+                    &wrapped_private_key,
+                ],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NoSuchUser.into());
+            }
+            Ok(())
+        })
+    }
+
+    fn set_profile(&self, name: &str, profile: BTreeMap<String, String>) -> Result<(), StoreError> {
+        let name = checked(name)?;
+        let text = encode_profile(&profile)?;
+        self.pool.tx(|tx| {
+            let n = tx.execute(
+                "UPDATE users SET profile = $2 WHERE name = $1",
+                &[&name, &text],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NoSuchUser.into());
+            }
+            Ok(())
+        })
+    }
+
+    fn search(&self, text: &str, limit: usize) -> Result<Vec<SearchHit>, StoreError> {
+        // Filtered here rather than with SQL's lower()/ILIKE, whose case
+        // folding depends on the database's locale: the match must be the
+        // same as sled's. A scan in name order, in batches.
+        let needle = text.to_lowercase();
+        let mut hits = Vec::new();
+        let mut after: Option<String> = None;
+        let mut conn = self.pool.get()?;
+        while hits.len() < limit {
+            let rows = conn
+                .client()
+                .query(
+                    &format!(
+                        "SELECT {USER_COLUMNS} FROM users WHERE $1::text IS NULL OR name > $1 \
+                         ORDER BY name LIMIT $2"
+                    ),
+                    &[&after, &SCAN_BATCH],
+                )
+                .map_err(pg_err)?;
+            if rows.is_empty() {
+                break;
+            }
+            for row in &rows {
+                let user = user_from_row(row)?;
+                after = Some(user.name.clone());
+                if hits.len() < limit && search_matches(&needle, &user) {
+                    hits.push(SearchHit {
+                        name: user.name,
+                        profile: user.profile,
+                    });
+                }
+            }
+        }
+        Ok(hits)
+    }
+
+    fn add_request(&self, to: &str, req: BuddyRequest) -> Result<(), StoreError> {
+        let to = checked(to)?;
+        let from = checked(&req.from)?;
+        if to == from {
+            return Err(StoreError::SameUser);
+        }
+        let created = to_i64(req.created_unix, "created_unix")?;
+        self.pool.tx(|tx| {
+            lock_users(tx, &[&to, &from])?;
+            if tx
+                .query_opt(
+                    "SELECT 1 FROM contacts WHERE owner = $1 AND buddy = $2",
+                    &[&to, &from],
+                )?
+                .is_some()
+            {
+                return Err(StoreError::AlreadyBuddies.into());
+            }
+            // A new request from the same sender replaces the old one and
+            // moves to the end: a fresh `seq`.
+            tx.execute(
+                "INSERT INTO requests (recipient, sender, signature, nonce, created_unix) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (recipient, sender) DO UPDATE SET \
+                 seq = nextval(pg_get_serial_sequence('requests', 'seq')), \
+                 signature = EXCLUDED.signature, nonce = EXCLUDED.nonce, \
+                 created_unix = EXCLUDED.created_unix",
+                &[&to, &from, &req.signature, &req.nonce, &created],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn take_requests(&self, name: &str) -> Result<Vec<BuddyRequest>, StoreError> {
+        let name = checked(name)?;
+        self.pool.tx(|tx| {
+            lock_users(tx, &[&name])?;
+            let taken = read_requests(tx, &name)?;
+            tx.execute("DELETE FROM requests WHERE recipient = $1", &[&name])?;
+            Ok(taken)
+        })
+    }
+
+    fn remove_request(&self, to: &str, from: &str) -> Result<bool, StoreError> {
+        let to = checked(to)?;
+        let from = checked(from)?;
+        self.pool.tx(|tx| {
+            lock_users(tx, &[&to])?;
+            Ok(tx.execute(
+                "DELETE FROM requests WHERE recipient = $1 AND sender = $2",
+                &[&to, &from],
+            )? == 1)
+        })
+    }
+
+    fn make_buddies(&self, a: &str, b: &str) -> Result<(), StoreError> {
+        let a = checked(a)?;
+        let b = checked(b)?;
+        if a == b {
+            return Err(StoreError::SameUser);
+        }
+        self.pool.tx(|tx| {
+            lock_users(tx, &[&a, &b])?;
+            tx.execute(
+                "INSERT INTO contacts (owner, buddy) VALUES ($1, $2), ($2, $1) \
+                 ON CONFLICT DO NOTHING",
+                &[&a, &b],
+            )?;
+            tx.execute(
+                "DELETE FROM requests WHERE (recipient = $1 AND sender = $2) \
+                 OR (recipient = $2 AND sender = $1)",
+                &[&a, &b],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn remove_buddies(&self, a: &str, b: &str) -> Result<bool, StoreError> {
+        let a = checked(a)?;
+        let b = checked(b)?;
+        if a == b {
+            return Err(StoreError::SameUser);
+        }
+        self.pool.tx(|tx| {
+            lock_users(tx, &[&a, &b])?;
+            Ok(tx.execute(
+                "DELETE FROM contacts WHERE (owner = $1 AND buddy = $2) \
+                 OR (owner = $2 AND buddy = $1)",
+                &[&a, &b],
+            )? > 0)
+        })
+    }
+
+    fn contacts(&self, name: &str) -> Result<BTreeSet<String>, StoreError> {
+        let name = checked(name)?;
+        self.pool.tx(|tx| {
+            tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")?;
+            if tx
+                .query_opt("SELECT 1 FROM users WHERE name = $1", &[&name])?
+                .is_none()
+            {
+                return Err(StoreError::NoSuchUser.into());
+            }
+            Ok(tx
+                .query(
+                    "SELECT buddy FROM contacts WHERE owner = $1 ORDER BY buddy",
+                    &[&name],
+                )?
+                .iter()
+                .map(|r| r.get(0))
+                .collect())
+        })
+    }
+}
