@@ -200,8 +200,15 @@ fn round_trip(
 }
 
 /// Idle enrolled links, reused so that a login costs no handshake.
+///
+/// The CRS may be several instances serving one directory (`A,B,C`): the
+/// pool uses one at a time and, when it cannot be reached or refuses, moves
+/// to the next in the list (round and round), staying there until that one
+/// fails in turn.
 pub struct LinkPool {
-    crs: String,
+    crs: Vec<String>,
+    /// Index in `crs` of the instance in use.
+    current: std::sync::atomic::AtomicUsize,
     ms_key: Vec<u8>,
     me: Identity,
     timeout: Duration,
@@ -210,8 +217,18 @@ pub struct LinkPool {
     max_idle: usize,
 }
 
+/// The addresses of a comma-separated CRS list, blanks dropped.
+pub fn crs_list(crs: &str) -> Vec<String> {
+    crs.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 impl LinkPool {
-    /// A pool of links to `crs`.
+    /// A pool of links to `crs`: one address or a comma-separated list of
+    /// instances of one directory.
     pub fn new(
         crs: String,
         ms_key: Vec<u8>,
@@ -219,8 +236,13 @@ impl LinkPool {
         timeout: Duration,
         max_idle: usize,
     ) -> LinkPool {
+        let mut list = crs_list(&crs);
+        if list.is_empty() {
+            list.push(crs);
+        }
         LinkPool {
-            crs,
+            crs: list,
+            current: std::sync::atomic::AtomicUsize::new(0),
             ms_key,
             me,
             timeout,
@@ -229,9 +251,41 @@ impl LinkPool {
         }
     }
 
-    /// A new enrolled link (not from the pool).
+    /// The CRS instance in use.
+    pub fn current(&self) -> &str {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        &self.crs[i % self.crs.len()]
+    }
+
+    /// A new enrolled link (not from the pool): to the instance in use, or
+    /// else to the next that answers.
     pub fn connect(&self) -> Result<CrsLink, LinkError> {
-        CrsLink::connect(&self.crs, &self.ms_key, &self.me, self.timeout)
+        use std::sync::atomic::Ordering;
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for step in 0..self.crs.len() {
+            let i = (start + step) % self.crs.len();
+            match CrsLink::connect(&self.crs[i], &self.ms_key, &self.me, self.timeout) {
+                Ok(link) => {
+                    if step > 0
+                        && self
+                            .current
+                            .compare_exchange(start, i, Ordering::Relaxed, Ordering::Relaxed)
+                            .is_ok()
+                    {
+                        log::warn!(
+                            "CRS {} failed ({}); moved to {}",
+                            self.crs[start % self.crs.len()],
+                            last.as_ref().map(ToString::to_string).unwrap_or_default(),
+                            self.crs[i]
+                        );
+                    }
+                    return Ok(link);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| LinkError::Refused("no CRS address".into())))
     }
 
     /// Drops every idle link (after the CRS restarted).

@@ -22,7 +22,12 @@ fn main() -> ExitCode {
         "configuration file (default $XDG_CONFIG_HOME/ims/client.toml if present)",
         "FILE",
     );
-    opts.optopt("", "crs", "the CRS (default 127.0.0.1:7100)", "ADDR");
+    opts.optopt(
+        "",
+        "crs",
+        "the CRS (default 127.0.0.1:7100); A,B,C: instances of one directory, tried in turn",
+        "ADDR[,ADDR...]",
+    );
     opts.optopt(
         "",
         "listen",

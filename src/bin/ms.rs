@@ -26,7 +26,12 @@ fn main() -> ExitCode {
         "address given to clients (default: the bound address)",
         "ADDR",
     );
-    opts.optopt("", "crs", "the CRS (default 127.0.0.1:7100)", "ADDR");
+    opts.optopt(
+        "",
+        "crs",
+        "the CRS (default 127.0.0.1:7100); A,B,C: instances of one directory, used in turn when one fails",
+        "ADDR[,ADDR...]",
+    );
     opts.optopt("", "ms-key", "MSkey file (default ./mskey)", "FILE");
     opts.optopt("", "capacity", "most users logged in here", "N");
     opts.optopt("", "workers", "worker threads", "N");

@@ -111,9 +111,19 @@ pub fn normalize_name(name: &str) -> Result<String, AccountError> {
     }
 }
 
-/// One request to a server and its reply, on a fresh connection.
+/// One request to a server and its reply, on a fresh connection. `addr`
+/// may list several instances of the CRS (`A,B,C`): the first that accepts
+/// the connection gets the request (never resent once sent, so a
+/// registration cannot be made twice).
 pub fn exchange(addr: &str, m: &Message, timeout: Duration) -> Result<Message, IoError> {
-    crate::client::Conn::new(crate::client::connect(addr, timeout)?, timeout).call(m)
+    let mut last = None;
+    for one in addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        match crate::client::connect(one, timeout) {
+            Ok(stream) => return crate::client::Conn::new(stream, timeout).call(m),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| IoError::Io(std::io::ErrorKind::NotFound.into())))
 }
 
 /// Everything `register` needs.

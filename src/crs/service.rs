@@ -731,7 +731,10 @@ impl Crs {
         loop {
             // Read before looking, so a wake in between is not missed.
             let seen = self.events_ready.generation();
-            match self.live.lock().events(ms, ack) {
+            // Bound first: the view must be closed (the lock let go)
+            // before waiting.
+            let batch = self.live.lock().events(ms, ack);
+            match batch {
                 None => return err(code::FORBIDDEN, "not enrolled"),
                 Some(batch)
                     if !batch.events.is_empty()
