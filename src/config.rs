@@ -80,6 +80,8 @@ pub struct CrsFile {
     pub data_dir: Option<PathBuf>,
     /// Where the data lives: `sled:DIR` or a `postgres://` URL.
     pub store: Option<String>,
+    /// Where to serve Prometheus metrics.
+    pub metrics: Option<String>,
     /// MSkey file.
     pub ms_key: Option<PathBuf>,
     /// Whether clients may register themselves.
@@ -123,6 +125,8 @@ pub struct MsFile {
     pub login_burst: Option<u32>,
     /// Searches a second per user.
     pub search_rate_per_sec: Option<f64>,
+    /// Where to serve Prometheus metrics.
+    pub metrics: Option<String>,
     /// The worker pool.
     #[serde(default)]
     pub pool: PoolFile,

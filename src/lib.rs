@@ -6,6 +6,7 @@
 //! - [`crypto`]: the only OpenSSL user; [`keyfile`]: secret files on disk;
 //! - [`seal`]: the AEAD envelope every link uses;
 //! - [`prethread`]: the fixed worker pool behind every listener;
+//! - [`metrics`]: the Prometheus `/metrics` endpoint of the servers;
 //! - [`proto`]: typed requests, replies and events of every link;
 //! - [`link`]: the sealed MS/operator link to the CRS, client side;
 //! - roles: [`crs`], [`ms`], [`client`];
@@ -19,6 +20,7 @@ pub mod crs;
 pub mod crypto;
 pub mod keyfile;
 pub mod link;
+pub mod metrics;
 pub mod ms;
 pub mod prethread;
 pub mod proto;

@@ -39,6 +39,12 @@ fn main() -> ExitCode {
     opts.optopt("", "ms-key", "MSkey file (default ./mskey)", "FILE");
     opts.optopt(
         "",
+        "metrics",
+        "serve Prometheus metrics on http://ADDR/metrics",
+        "ADDR",
+    );
+    opts.optopt(
+        "",
         "crs",
         "for operator commands: the running CRS (default: the listen address)",
         "ADDR",
@@ -103,6 +109,7 @@ fn build_config(m: &getopts::Matches) -> Result<CrsConfig, String> {
         if let Some(store) = f.store {
             c.store = Some(StoreSpec::parse(&store)?);
         }
+        set(&mut c.metrics, f.metrics.map(Some));
         set(&mut c.ms_key_file, f.ms_key);
         set(&mut c.registration_open, f.registration_open);
         set(
@@ -119,6 +126,7 @@ fn build_config(m: &getopts::Matches) -> Result<CrsConfig, String> {
     if let Some(store) = m.opt_str("store") {
         c.store = Some(StoreSpec::parse(&store)?);
     }
+    set(&mut c.metrics, m.opt_str("metrics").map(Some));
     set(&mut c.ms_key_file, m.opt_str("ms-key").map(Into::into));
     set(&mut c.pool.workers, cli::num(m, "workers")?);
     set(

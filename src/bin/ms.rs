@@ -33,6 +33,12 @@ fn main() -> ExitCode {
         "ADDR[,ADDR...]",
     );
     opts.optopt("", "ms-key", "MSkey file (default ./mskey)", "FILE");
+    opts.optopt(
+        "",
+        "metrics",
+        "serve Prometheus metrics on http://ADDR/metrics",
+        "ADDR",
+    );
     opts.optopt("", "capacity", "most users logged in here", "N");
     opts.optopt("", "workers", "worker threads", "N");
     opts.optopt(
@@ -128,11 +134,13 @@ fn build_config(m: &getopts::Matches) -> Result<MsConfig, String> {
         set(&mut c.login_rate, f.login_rate_per_sec);
         set(&mut c.login_burst, f.login_burst);
         set(&mut c.search_rate, f.search_rate_per_sec);
+        set(&mut c.metrics, f.metrics.map(Some));
         f.pool.apply(&mut c.pool);
     }
     set(&mut c.listen, m.opt_str("listen"));
     set(&mut c.advertise, m.opt_str("advertise").map(Some));
     set(&mut c.crs, m.opt_str("crs"));
+    set(&mut c.metrics, m.opt_str("metrics").map(Some));
     set(&mut c.ms_key_file, m.opt_str("ms-key").map(Into::into));
     set(&mut c.capacity, cli::num(m, "capacity")?);
     set(&mut c.pool.workers, cli::num(m, "workers")?);

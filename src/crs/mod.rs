@@ -9,6 +9,7 @@
 pub mod identity;
 pub mod live;
 pub mod live_pg;
+pub mod metrics;
 pub mod service;
 pub mod store;
 
@@ -41,6 +42,8 @@ pub struct CrsConfig {
     pub data_dir: PathBuf,
     /// Where the data lives; `None`: sled in `data_dir`.
     pub store: Option<StoreSpec>,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics: Option<String>,
     /// The pre-shared MSkey.
     pub ms_key_file: PathBuf,
     /// Whether clients may register themselves.
@@ -65,6 +68,7 @@ impl Default for CrsConfig {
             listen: "127.0.0.1:7100".into(),
             data_dir: PathBuf::from("ims-crs-data"),
             store: None,
+            metrics: None,
             ms_key_file: PathBuf::from("mskey"),
             registration_open: true,
             heartbeat_timeout: Duration::from_secs(15),
@@ -175,6 +179,21 @@ impl Crs {
         }
     }
 
+    /// The same CRS with its store timed and its live state counted.
+    fn counted(self, m: &Arc<metrics::CrsMetrics>) -> Crs {
+        Crs {
+            store: Arc::new(metrics::TimedStore {
+                inner: self.store,
+                metrics: m.clone(),
+            }),
+            live: Box::new(metrics::CountingLive {
+                inner: self.live,
+                metrics: m.clone(),
+            }),
+            ..self
+        }
+    }
+
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
     }
@@ -211,6 +230,7 @@ pub struct Running {
     crs: Arc<Crs>,
     server: Server,
     reaper: std::thread::JoinHandle<()>,
+    metrics: Option<crate::metrics::Endpoint>,
 }
 
 impl Running {
@@ -224,9 +244,15 @@ impl Running {
         self.server.stopper()
     }
 
+    /// Where `/metrics` is served, if it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|m| m.local_addr())
+    }
+
     /// Waits until stopped; joins every thread.
     pub fn join(self) {
         self.server.join();
+        drop(self.metrics);
         self.crs.stopping.store(true, Ordering::Relaxed);
         self.crs.events_ready.notify_all();
         if self.reaper.join().is_err() {
@@ -276,7 +302,8 @@ pub fn start(mut config: CrsConfig) -> Result<Running, CrsError> {
             )
         }
     };
-    let crs = Arc::new(crs);
+    let metrics = metrics::CrsMetrics::new();
+    let crs = Arc::new(crs.counted(&metrics));
     let server = Server::bind(
         config.listen.as_str(),
         config.pool.clone(),
@@ -284,6 +311,24 @@ pub fn start(mut config: CrsConfig) -> Result<Running, CrsError> {
     )
     .map_err(CrsError::Listen)?;
     info!("CRS listening on {}", server.local_addr());
+    metrics.pool.attach(server.stats_source());
+    let endpoint = match &config.metrics {
+        None => None,
+        Some(addr) => {
+            let (m, c) = (metrics.clone(), crs.clone());
+            let refresh = Box::new(move || {
+                m.pool.refresh();
+                let mut live = c.live.lock();
+                let (online, enrolled) = (live.online_count(), live.ms_list().len());
+                drop(live);
+                m.set_live(online, enrolled);
+            });
+            Some(
+                crate::metrics::Endpoint::start(addr, metrics.registry.clone(), refresh)
+                    .map_err(CrsError::Listen)?,
+            )
+        }
+    };
     let reaper = {
         let crs = crs.clone();
         std::thread::Builder::new()
@@ -300,5 +345,6 @@ pub fn start(mut config: CrsConfig) -> Result<Running, CrsError> {
         crs,
         server,
         reaper,
+        metrics: endpoint,
     })
 }

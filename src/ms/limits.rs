@@ -74,6 +74,8 @@ impl<K: std::hash::Hash + Eq + Clone> Buckets<K> {
 #[derive(Debug, Default)]
 pub struct Failures {
     map: Mutex<HashMap<(String, IpAddr), (u32, Instant)>>,
+    /// Failed logins counted (a metric).
+    pub count: prometheus_client::metrics::counter::Counter,
 }
 
 impl Failures {
@@ -87,6 +89,7 @@ impl Failures {
 
     /// Notes a wrong password.
     pub fn failed(&self, name: &str, ip: IpAddr) {
+        self.count.inc();
         let mut map = self.map.lock();
         if map.len() >= SWEEP_AT {
             map.retain(|_, (_, last)| last.elapsed() < MAX_DELAY);
