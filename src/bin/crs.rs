@@ -17,7 +17,9 @@ const USAGE: &str = "Usage:
   ims-crs genkey FILE                       write a new random MSkey to FILE (mode 0600)
   ims-crs [options]                         run the CRS
   ims-crs user list | user show NAME | user delete NAME   (operator; talks to the running CRS)
-  ims-crs ms list                           enrolled MSs, load, last heartbeat";
+  ims-crs ms list                           enrolled MSs, load, last heartbeat
+  ims-crs migrate --from STORE --to STORE   copy a directory (e.g. sled:DIR to postgres://...)
+                                            into an empty store, verified by counts and checksum";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -63,6 +65,8 @@ fn main() -> ExitCode {
         "N",
     );
     opts.optflag("", "close-registration", "refuse self-registration");
+    opts.optopt("", "from", "migrate: the store to copy", "STORE");
+    opts.optopt("", "to", "migrate: the empty store to copy into", "STORE");
     let m = match cli::parse("ims-crs", USAGE, opts, &args) {
         Parsed::Run(m) => m,
         Parsed::Done => return ExitCode::SUCCESS,
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
             ims::keyfile::generate_ms_key(&PathBuf::from(file)).map_err(|e| e.to_string())
         }
         ["user", rest @ ..] | ["ms", rest @ ..] => operator(&m, &config, free[0], rest),
+        ["migrate"] => migrate(&m, &config),
         _ => {
             eprintln!(
                 "ims-crs: unknown command '{}'; see ims-crs --help",
@@ -138,6 +143,24 @@ fn build_config(m: &getopts::Matches) -> Result<CrsConfig, String> {
         c.registration_open = false;
     }
     Ok(c)
+}
+
+fn migrate(m: &getopts::Matches, config: &CrsConfig) -> Result<(), String> {
+    let (Some(from), Some(to)) = (m.opt_str("from"), m.opt_str("to")) else {
+        return Err("migrate needs --from STORE and --to STORE".into());
+    };
+    let (from, to) = (StoreSpec::parse(&from)?, StoreSpec::parse(&to)?);
+    let key = ims::keyfile::read_ms_key(&config.ms_key_file).map_err(|e| e.to_string())?;
+    let r = crs::migrate::migrate(&from, &to, &key)?;
+    println!(
+        "migrated {} users, {} contacts, {} requests; checksum {} verified{}",
+        r.users,
+        r.contacts,
+        r.requests,
+        r.checksum,
+        if r.key_copied { "; CRS key copied" } else { "" }
+    );
+    Ok(())
 }
 
 fn serve(config: CrsConfig) -> Result<(), String> {

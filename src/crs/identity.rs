@@ -29,6 +29,37 @@ fn store_err(e: StoreError) -> String {
     e.to_string()
 }
 
+fn wrap(key: &[u8; 32], der: &[u8]) -> Result<Vec<u8>, String> {
+    let nonce = crypto::random_array::<12>();
+    let mut wrapped = nonce.to_vec();
+    wrapped.extend(crypto::aes_gcm_seal(key, &nonce, WRAP_AAD, der).map_err(|e| e.to_string())?);
+    Ok(wrapped)
+}
+
+/// Puts `identity` in the database as the directory's key (a migration
+/// from sled, so the fingerprint clients know stays the same). Refuses if
+/// the database already holds a different key.
+pub fn install(pool: &PgPool, ms_key: &[u8], identity: &RsaPrivateKey) -> Result<(), String> {
+    let der = identity.to_der().map_err(|e| e.to_string())?;
+    let wrapped = wrap(&wrap_key(ms_key), &der)?;
+    let instance = crate::keyfile::hex(&crypto::random_array::<8>());
+    {
+        let mut conn = pool.get().map_err(store_err)?;
+        conn.client()
+            .execute(
+                "INSERT INTO crs_identity (id, wrapped, instance) VALUES (1, $1, $2) \
+                 ON CONFLICT (id) DO NOTHING",
+                &[&wrapped, &instance],
+            )
+            .map_err(|e| e.to_string())?;
+    }
+    let (stored, _) = shared(pool, ms_key)?;
+    if stored.public_key().fingerprint() != identity.public_key().fingerprint() {
+        return Err("the database already holds a different CRS key".into());
+    }
+    Ok(())
+}
+
 /// Reads the shared key pair and instance id, making them at first start.
 pub fn shared(pool: &PgPool, ms_key: &[u8]) -> Result<(RsaPrivateKey, String), String> {
     let key = wrap_key(ms_key);
@@ -48,11 +79,7 @@ pub fn shared(pool: &PgPool, ms_key: &[u8]) -> Result<(RsaPrivateKey, String), S
             let made =
                 RsaPrivateKey::generate(crypto::DEFAULT_RSA_BITS).map_err(|e| e.to_string())?;
             let der = made.to_der().map_err(|e| e.to_string())?;
-            let nonce = crypto::random_array::<12>();
-            let mut wrapped = nonce.to_vec();
-            wrapped.extend(
-                crypto::aes_gcm_seal(&key, &nonce, WRAP_AAD, &der).map_err(|e| e.to_string())?,
-            );
+            let wrapped = wrap(&key, &der)?;
             let instance = crate::keyfile::hex(&crypto::random_array::<8>());
             // Another instance starting at the same moment may win: then
             // its key is the one read back.

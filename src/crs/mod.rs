@@ -10,6 +10,7 @@ pub mod identity;
 pub mod live;
 pub mod live_pg;
 pub mod metrics;
+pub mod migrate;
 pub mod service;
 pub mod store;
 

@@ -458,44 +458,77 @@ impl PgStore {
     /// transaction (an import: see [`super::SledStore::bulk_load`] for what
     /// the caller guarantees). Replaces users of the same name.
     pub fn bulk_load(&self, users: impl IntoIterator<Item = User>) -> Result<u64, StoreError> {
-        let mut all = Vec::new();
-        for mut u in users {
-            u.name = checked(&u.name)?;
-            for r in &mut u.requests {
-                r.from = checked(&r.from)?;
-            }
-            all.push(u);
-        }
+        let all = checked_all(users)?;
         self.pool.tx(|tx| {
-            for u in &all {
-                tx.execute("DELETE FROM users WHERE name = $1", &[&u.name])?;
-                insert_user(tx, u)?;
-            }
-            let contacts = tx.prepare("INSERT INTO contacts (owner, buddy) VALUES ($1, $2)")?;
-            let requests = tx.prepare(
-                "INSERT INTO requests (recipient, sender, signature, nonce, created_unix) \
-                 VALUES ($1, $2, $3, $4, $5)",
-            )?;
-            for u in &all {
-                for c in &u.contacts {
-                    tx.execute(&contacts, &[&u.name, c])?;
-                }
-                for r in &u.requests {
-                    tx.execute(
-                        &requests,
-                        &[
-                            &u.name,
-                            &r.from,
-                            &r.signature,
-                            &r.nonce,
-                            &to_i64(r.created_unix, "created_unix")?,
-                        ],
-                    )?;
-                }
-            }
+            insert_records(tx, &all)?;
+            insert_relations(tx, &all)?;
             Ok(all.len() as u64)
         })
     }
+
+    /// The first half of a load in several batches: the user records alone
+    /// (contacts and requests ignored), in one transaction.
+    pub fn bulk_records(&self, users: &[User]) -> Result<u64, StoreError> {
+        let all = checked_all(users.iter().cloned())?;
+        self.pool.tx(|tx| {
+            insert_records(tx, &all)?;
+            Ok(all.len() as u64)
+        })
+    }
+
+    /// The second half: the contacts and requests of users already loaded
+    /// (every user they name must be loaded by now), in one transaction.
+    pub fn bulk_relations(&self, users: &[User]) -> Result<(), StoreError> {
+        let all = checked_all(users.iter().cloned())?;
+        self.pool.tx(|tx| insert_relations(tx, &all))
+    }
+}
+
+fn checked_all(users: impl IntoIterator<Item = User>) -> Result<Vec<User>, StoreError> {
+    let mut all = Vec::new();
+    for mut u in users {
+        u.name = checked(&u.name)?;
+        for r in &mut u.requests {
+            r.from = checked(&r.from)?;
+        }
+        all.push(u);
+    }
+    Ok(all)
+}
+
+fn insert_records(tx: &mut Transaction<'_>, all: &[User]) -> Result<(), TxError> {
+    for u in all {
+        tx.execute("DELETE FROM users WHERE name = $1", &[&u.name])?;
+        insert_user(tx, u)?;
+    }
+    Ok(())
+}
+
+fn insert_relations(tx: &mut Transaction<'_>, all: &[User]) -> Result<(), TxError> {
+    let contacts =
+        tx.prepare("INSERT INTO contacts (owner, buddy) VALUES ($1, $2) ON CONFLICT DO NOTHING")?;
+    let requests = tx.prepare(
+        "INSERT INTO requests (recipient, sender, signature, nonce, created_unix) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )?;
+    for u in all {
+        for c in &u.contacts {
+            tx.execute(&contacts, &[&u.name, c])?;
+        }
+        for r in &u.requests {
+            tx.execute(
+                &requests,
+                &[
+                    &u.name,
+                    &r.from,
+                    &r.signature,
+                    &r.nonce,
+                    &to_i64(r.created_unix, "created_unix")?,
+                ],
+            )?;
+        }
+    }
+    Ok(())
 }
 
 impl Store for PgStore {
