@@ -26,8 +26,14 @@ use postgres::{Client, NoTls, Transaction};
 use super::schema;
 use super::{checked, search_matches, BuddyRequest, SearchHit, Store, StoreError, User, Verifier};
 
-/// Most idle connections kept; more may be open while calls are in flight.
-pub const POOL_IDLE: usize = 16;
+/// Most connections one pool opens; a call finding them all busy waits for
+/// one (up to [`POOL_WAIT`]). Each CRS instance has two pools (store, live
+/// state) and one `LISTEN` connection, so PostgreSQL's `max_connections`
+/// must exceed `(2 * POOL_MAX + 1)` times the number of instances.
+pub const POOL_MAX: usize = 16;
+
+/// How long a call waits for a connection of a full pool.
+pub const POOL_WAIT: Duration = Duration::from_secs(10);
 
 /// Times a transaction is retried after a serialization failure or deadlock.
 const RETRIES: usize = 8;
@@ -42,7 +48,9 @@ const SCAN_BATCH: i64 = 512;
 pub struct PgPool {
     config: postgres::Config,
     url_shown: String,
-    idle: Mutex<Vec<Client>>,
+    /// Idle connections, and how many are open (idle or in use).
+    state: Mutex<(Vec<Client>, usize)>,
+    returned: parking_lot::Condvar,
     /// Set after a connection failed, so the next success says "reconnected".
     lost: std::sync::atomic::AtomicBool,
 }
@@ -98,14 +106,15 @@ impl PgConn<'_> {
 impl Drop for PgConn<'_> {
     fn drop(&mut self) {
         if let Some(c) = self.client.take() {
+            let mut state = self.pool.state.lock();
             if c.is_closed() {
+                state.1 = state.1.saturating_sub(1);
+                drop(state);
                 self.pool.note_lost();
-                return;
+            } else {
+                state.0.push(c);
             }
-            let mut idle = self.pool.idle.lock();
-            if idle.len() < POOL_IDLE {
-                idle.push(c);
-            }
+            self.pool.returned.notify_one();
         }
     }
 }
@@ -124,7 +133,8 @@ impl PgPool {
         Ok(PgPool {
             config,
             url_shown: shown(url),
-            idle: Mutex::new(Vec::new()),
+            state: Mutex::new((Vec::new(), 0)),
+            returned: parking_lot::Condvar::new(),
             lost: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -156,23 +166,43 @@ impl PgPool {
         }
     }
 
-    /// A connection: an idle one if any, else a new one.
+    /// A connection: an idle one if any, else a new one if the pool is not
+    /// full, else the next one given back.
     pub fn get(&self) -> Result<PgConn<'_>, StoreError> {
+        let deadline = std::time::Instant::now() + POOL_WAIT;
+        let mut state = self.state.lock();
         loop {
-            let Some(c) = self.idle.lock().pop() else {
-                break;
-            };
-            if !c.is_closed() {
-                return Ok(PgConn {
-                    pool: self,
-                    client: Some(c),
-                });
+            while let Some(c) = state.0.pop() {
+                if !c.is_closed() {
+                    return Ok(PgConn {
+                        pool: self,
+                        client: Some(c),
+                    });
+                }
+                state.1 = state.1.saturating_sub(1);
+            }
+            if state.1 < POOL_MAX {
+                state.1 += 1;
+                drop(state);
+                return match self.connect() {
+                    Ok(c) => Ok(PgConn {
+                        pool: self,
+                        client: Some(c),
+                    }),
+                    Err(e) => {
+                        let mut state = self.state.lock();
+                        state.1 = state.1.saturating_sub(1);
+                        self.returned.notify_one();
+                        Err(e)
+                    }
+                };
+            }
+            if self.returned.wait_until(&mut state, deadline).timed_out() {
+                return Err(StoreError::Backend(
+                    "every database connection stayed busy".into(),
+                ));
             }
         }
-        Ok(PgConn {
-            pool: self,
-            client: Some(self.connect()?),
-        })
     }
 
     /// Runs `f` in one transaction, committing if it returns `Ok`; retried
