@@ -1,0 +1,183 @@
+//! The live-state contract (`ims::crs::live`): the same checks on the
+//! in-memory state and on PostgreSQL, and for PostgreSQL, two instances on
+//! one database sharing it: one sees what the other did, and is woken by
+//! `NOTIFY` when the other queues an event.
+
+mod pg;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ims::crs::live::{LiveState, LockError, MemLive, Wakeup};
+use ims::crs::live_pg::PgLive;
+use ims::crs::store::PgStore;
+use ims::proto::crs::{EventKind, Presence};
+
+fn presence() -> Presence {
+    Presence {
+        address: "127.0.0.1:1".parse().expect("address"),
+        public_key: vec![1],
+    }
+}
+
+const LONG: Duration = Duration::from_secs(30);
+
+fn check_contract(l: &dyn LiveState) {
+    // Enrollment: the same MS process keeps its id; a restart is a new MS
+    // and loses its users.
+    let (a, lost) = l.lock().enroll("a:1", 10, "first");
+    assert!(lost.is_empty());
+    let (b, _) = l.lock().enroll("b:1", 10, "i");
+    assert_ne!(a, b);
+    assert_eq!(l.lock().enroll("a:1", 20, "first"), (a, vec![]));
+
+    // Leases and online.
+    {
+        let mut t = l.lock();
+        t.lock("joe", a, LONG).expect("lease");
+        assert_eq!(t.lock("joe", b, LONG), Err(LockError::LoggingIn));
+        assert!(t.holds_lock("joe", a));
+        assert!(!t.holds_lock("joe", b));
+    }
+    let n1 = l.lock().set_online("joe", a, presence());
+    assert!(!l.lock().holds_lock("joe", a), "online releases the lease");
+    assert_eq!(l.lock().lock("joe", b, LONG), Err(LockError::LoggedIn));
+    assert_eq!(l.lock().online("joe").map(|o| o.ms), Some(a));
+    assert_eq!(
+        l.lock().address("joe"),
+        Some("127.0.0.1:1".parse().expect("addr"))
+    );
+    assert_eq!(l.lock().online_count(), 1);
+    // An expired lease is no obstacle; unlock by another MS does nothing.
+    l.lock().lock("ann", a, Duration::ZERO).expect("lease");
+    l.lock().lock("ann", b, LONG).expect("expired lease taken");
+    l.lock().unlock("ann", a);
+    assert!(l.lock().holds_lock("ann", b));
+    l.lock().unlock("ann", b);
+    assert!(!l.lock().holds_lock("ann", b));
+
+    // Load and locate: joe at a (capacity 20), nobody at b (10).
+    assert_eq!(l.lock().locate(LONG).as_deref(), Some("b:1"));
+    l.lock().set_online("kim", b, presence());
+    l.lock().set_online("lou", b, presence());
+    assert_eq!(l.lock().locate(LONG).as_deref(), Some("a:1"));
+    let list = l.lock().ms_list();
+    let loads: Vec<(u64, u32)> = list.iter().map(|m| (m.id, m.load)).collect();
+    assert_eq!(loads, vec![(a, 1), (b, 2)]);
+    assert_eq!(
+        l.lock().locate(Duration::ZERO),
+        None,
+        "stale MSs are skipped"
+    );
+
+    // Events: numbered, grouped by MS, acknowledged.
+    l.lock().notify(
+        ["joe", "kim", "nobody"],
+        &EventKind::Offline { user: "x".into() },
+    );
+    l.lock()
+        .notify(["joe"], &EventKind::Offline { user: "y".into() });
+    let batch = l.lock().events(a, 0).expect("enrolled");
+    assert_eq!(batch.first, 1);
+    assert_eq!(batch.events.len(), 2);
+    assert_eq!(batch.events[0].recipients, vec!["joe".to_string()]);
+    let batch = l.lock().events(a, 1).expect("enrolled");
+    assert_eq!((batch.first, batch.events.len()), (2, 1));
+    assert!(l.lock().events(a, 2).expect("enrolled").events.is_empty());
+    assert_eq!(l.lock().events(a, 2).expect("enrolled").first, 3);
+    let at_b = l.lock().events(b, 0).expect("enrolled");
+    assert_eq!(at_b.events[0].recipients, vec!["kim".to_string()]);
+    l.lock().notify_ms(
+        a,
+        vec!["joe".into()],
+        EventKind::Evicted {
+            user: "joe".into(),
+            login: n1,
+        },
+    );
+    assert_eq!(l.lock().events(a, 2).expect("enrolled").events.len(), 1);
+
+    // Offline, only where the user is.
+    assert!(!l.lock().set_offline("joe", Some(b)));
+    assert!(l.lock().set_offline("joe", Some(a)));
+    assert!(l.lock().online("joe").is_none());
+    let n2 = l.lock().set_online("joe", a, presence());
+    assert!(n2 > n1, "login numbers grow");
+
+    // A restarted MS loses its users; its old id is dead.
+    let (a2, lost) = l.lock().enroll("a:1", 10, "second");
+    assert_ne!(a2, a);
+    assert_eq!(lost, vec!["joe".to_string()]);
+    assert!(l.lock().events(a, 0).is_none());
+    assert!(!l.lock().touch(a));
+    assert!(l.lock().touch(a2));
+
+    // The reaper takes silent MSs' users offline and frees their leases.
+    l.lock().lock("max", b, LONG).expect("lease");
+    let mut lost = l.lock().reap(Duration::ZERO);
+    lost.sort();
+    assert_eq!(lost, vec!["kim".to_string(), "lou".to_string()]);
+    assert_eq!(l.lock().online_count(), 0);
+    let (c, _) = l.lock().enroll("c:1", 10, "i");
+    l.lock().lock("max", c, LONG).expect("freed by the reaper");
+    assert!(l.lock().commit_check());
+}
+
+/// `commit` of an untouched view succeeds.
+trait CommitCheck {
+    fn commit_check(self) -> bool;
+}
+
+impl CommitCheck for Box<dyn ims::crs::live::LiveTx + '_> {
+    fn commit_check(self) -> bool {
+        self.commit().is_ok()
+    }
+}
+
+#[test]
+fn contract_memory() {
+    check_contract(&MemLive::default());
+}
+
+fn pg_live(url: &str, instance: &str) -> (PgLive, Arc<Wakeup>) {
+    let wakeup = Arc::new(Wakeup::default());
+    let live = PgLive::start(url, instance.into(), wakeup.clone()).expect("live state");
+    (live, wakeup)
+}
+
+#[test]
+fn contract_postgres() {
+    let server = pg::PgServer::start();
+    PgStore::open(&server.url()).expect("schema");
+    let (live, _) = pg_live(&server.url(), "dir");
+    check_contract(&live);
+    assert_eq!(live.shared_instance().as_deref(), Some("dir"));
+}
+
+/// Two instances on one database: one state, and a wake-up across.
+#[test]
+fn two_postgres_instances_share_state_and_wake_each_other() {
+    let server = pg::PgServer::start();
+    PgStore::open(&server.url()).expect("schema");
+    let (one, _) = pg_live(&server.url(), "dir");
+    let (two, woken) = pg_live(&server.url(), "dir");
+    let (ms, _) = one.lock().enroll("m:1", 10, "i");
+    assert_eq!(two.lock().enroll("m:1", 10, "i").0, ms, "the same MS");
+    one.lock().lock("zed", ms, LONG).expect("lease");
+    assert_eq!(two.lock().lock("zed", ms, LONG), Err(LockError::LoggingIn));
+    one.lock().set_online("zed", ms, presence());
+    assert_eq!(two.lock().online("zed").map(|o| o.ms), Some(ms));
+
+    // Let the listener connect before looking for its wake-up.
+    let deadline = Instant::now() + LONG;
+    while woken.generation() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seen = woken.generation();
+    one.lock()
+        .notify(["zed"], &EventKind::Offline { user: "q".into() });
+    woken.wait_past(seen, LONG);
+    assert!(woken.generation() > seen, "NOTIFY woke the other instance");
+    let batch = two.lock().events(ms, 0).expect("enrolled");
+    assert_eq!(batch.events.len(), 1);
+}
