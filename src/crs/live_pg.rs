@@ -3,10 +3,13 @@
 //! login leases and the numbered events waiting for each MS (tables
 //! `live_*`, see `store::schema`).
 //!
-//! Atomicity: each [`LiveState::lock`] is one transaction that first takes
-//! a transaction-scoped advisory lock ([`LIVE_LOCK`]), the same for every
-//! instance, so live-state changes are serialized across the whole
-//! directory exactly as the in-memory state is under its mutex. That is
+//! Atomicity: each [`LiveState::lock`] is one transaction that takes a
+//! transaction-scoped advisory lock ([`LIVE_LOCK`]), the same for every
+//! instance, before its first step that needs it, so live-state changes are
+//! serialized across the whole directory exactly as the in-memory state is
+//! under its mutex. Steps that touch one row on their own (a heartbeat's
+//! `touch`, looking up where a user is, `LOCATE`'s counts) do not wait for
+//! it: a view made only of those never serializes. That is
 //! what keeps the login lease's guarantee across instances: of many logins
 //! of one user racing through several instances, one takes the lease.
 //! Each view is a few short statements, so the lock is held briefly; it is
@@ -131,12 +134,12 @@ impl LiveState for PgLive {
         let mut tx = PgLiveTx {
             conn: None,
             failed: None,
+            locked: false,
         };
         match self.pool.get() {
             Ok(mut conn) => {
-                let begun = conn
-                    .client()
-                    .batch_execute(&format!("BEGIN; SELECT pg_advisory_xact_lock({LIVE_LOCK})"));
+                // The advisory lock is taken by the first step that needs it.
+                let begun = conn.client().batch_execute("BEGIN");
                 match begun {
                     Ok(()) => tx.conn = Some(conn),
                     Err(e) => tx.failed = Some(format!("live state: {e}")),
@@ -160,6 +163,8 @@ impl LiveState for PgLive {
 struct PgLiveTx<'a> {
     conn: Option<PgConn<'a>>,
     failed: Option<String>,
+    /// Whether this transaction holds the advisory lock yet.
+    locked: bool,
 }
 
 /// The secs argument of `make_interval`.
@@ -170,10 +175,26 @@ fn secs(d: Duration) -> f64 {
 impl PgLiveTx<'_> {
     /// Runs `f` unless an earlier step failed; a failure is remembered
     /// (everything is rolled back at the end) and `fallback` returned.
-    fn run<T>(
+    fn run<T>(&mut self, fallback: T, f: impl FnOnce(&mut PgConn<'_>) -> Result<T, Fail>) -> T {
+        self.step(true, fallback, f)
+    }
+
+    /// As [`Self::run`], for a step that reads or writes one row on its
+    /// own and so needs no serialization with other instances: it does not
+    /// take the advisory lock (a later step that needs it takes it).
+    fn run_free<T>(
         &mut self,
         fallback: T,
-        f: impl FnOnce(&mut postgres::Client) -> Result<T, Fail>,
+        f: impl FnOnce(&mut PgConn<'_>) -> Result<T, Fail>,
+    ) -> T {
+        self.step(false, fallback, f)
+    }
+
+    fn step<T>(
+        &mut self,
+        serialized: bool,
+        fallback: T,
+        f: impl FnOnce(&mut PgConn<'_>) -> Result<T, Fail>,
     ) -> T {
         if self.failed.is_some() {
             return fallback;
@@ -181,7 +202,15 @@ impl PgLiveTx<'_> {
         let Some(conn) = self.conn.as_mut() else {
             return fallback;
         };
-        match f(conn.client()) {
+        let c = conn;
+        let result = (|| {
+            if serialized && !self.locked {
+                c.execute("SELECT pg_advisory_xact_lock($1)", &[&LIVE_LOCK])?;
+                self.locked = true;
+            }
+            f(c)
+        })();
+        match result {
             Ok(v) => v,
             Err(e) => {
                 warn!("live state: {e}");
@@ -220,7 +249,7 @@ impl Drop for PgLiveTx<'_> {
 
 /// Queues one event for MS `ms` (if enrolled) and wakes whoever polls it.
 fn push_event(
-    c: &mut postgres::Client,
+    c: &mut PgConn<'_>,
     ms: i64,
     recipients: &[String],
     kind: &EventKind,
@@ -338,7 +367,7 @@ impl LiveTx for PgLiveTx<'_> {
     }
 
     fn touch(&mut self, id: u64) -> bool {
-        self.run(false, |c| {
+        self.run_free(false, |c| {
             Ok(c.execute(
                 "UPDATE live_ms SET last_seen = clock_timestamp() WHERE id = $1",
                 &[&to_i64(id)],
@@ -347,7 +376,7 @@ impl LiveTx for PgLiveTx<'_> {
     }
 
     fn locate(&mut self, heartbeat_timeout: Duration) -> Option<String> {
-        self.run(None, |c| {
+        self.run_free(None, |c| {
             let rows = c.query(
                 "SELECT m.id, m.address, m.capacity, \
                    (SELECT count(*) FROM live_online o WHERE o.ms = m.id) \
@@ -446,7 +475,7 @@ impl LiveTx for PgLiveTx<'_> {
     }
 
     fn online(&mut self, user: &str) -> Option<Online> {
-        self.run(None, |c| {
+        self.run_free(None, |c| {
             Ok(c.query_opt(
                 "SELECT ms, address, public_key, login FROM live_online WHERE name = $1",
                 &[&user],
@@ -542,7 +571,7 @@ impl LiveTx for PgLiveTx<'_> {
     }
 
     fn ms_list(&mut self) -> Vec<MsInfo> {
-        self.run(Vec::new(), |c| {
+        self.run_free(Vec::new(), |c| {
             let rows = c.query(
                 "SELECT m.id, m.address, m.capacity, \
                    (SELECT count(*) FROM live_online o WHERE o.ms = m.id) \
@@ -565,7 +594,7 @@ impl LiveTx for PgLiveTx<'_> {
     }
 
     fn online_count(&mut self) -> usize {
-        self.run(0, |c| {
+        self.run_free(0, |c| {
             let n: i64 = c.query_one("SELECT count(*) FROM live_online", &[])?.get(0);
             Ok(usize::try_from(n).unwrap_or(0))
         })

@@ -131,13 +131,28 @@ impl PgServer {
             port: free_port(),
             child: None,
         };
+        // The free port may be taken by someone else before the server
+        // binds it: then another.
+        for _ in 0..5 {
+            if server.try_launch().is_ok() {
+                server.create_db("ims");
+                return server;
+            }
+            server.port = free_port();
+        }
         server.launch();
         server.create_db("ims");
         server
     }
 
-    /// Starts the server process on the existing data directory.
+    /// Starts the server process on the existing data directory and port.
     pub fn launch(&mut self) {
+        if let Err(e) = self.try_launch() {
+            panic!("{e}");
+        }
+    }
+
+    fn try_launch(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "already running");
         let log = std::fs::File::create(self.dir.path().join("server.log")).expect("log file");
         let mut cmd = Command::new(self.bin.join("postgres"));
@@ -166,15 +181,18 @@ impl PgServer {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             match postgres::Client::connect(&self.url_of("postgres"), postgres::NoTls) {
-                Ok(_) => return,
-                Err(e) if Instant::now() < deadline => {
+                Ok(_) => return Ok(()),
+                Err(_) if Instant::now() < deadline => {
                     if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                        panic!("postgres exited ({status}): {}", self.log());
+                        self.child = None;
+                        return Err(format!("postgres exited ({status}): {}", self.log()));
                     }
-                    let _ = e;
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                Err(e) => panic!("postgres did not start: {e}\n{}", self.log()),
+                Err(e) => {
+                    self.stop();
+                    return Err(format!("postgres did not start: {e}\n{}", self.log()));
+                }
             }
         }
     }

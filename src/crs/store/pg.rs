@@ -21,7 +21,7 @@ use std::time::Duration;
 use log::{info, warn};
 use parking_lot::Mutex;
 use postgres::error::SqlState;
-use postgres::{Client, NoTls, Transaction};
+use postgres::{Client, NoTls};
 
 use super::schema;
 use super::{checked, search_matches, BuddyRequest, SearchHit, Store, StoreError, User, Verifier};
@@ -49,7 +49,7 @@ pub struct PgPool {
     config: postgres::Config,
     url_shown: String,
     /// Idle connections, and how many are open (idle or in use).
-    state: Mutex<(Vec<Client>, usize)>,
+    state: Mutex<(Vec<Pooled>, usize)>,
     returned: parking_lot::Condvar,
     /// Set after a connection failed, so the next success says "reconnected".
     lost: std::sync::atomic::AtomicBool,
@@ -87,27 +87,90 @@ fn retryable(e: &postgres::Error) -> bool {
     )
 }
 
+/// A connection with the statements prepared on it so far.
+struct Pooled {
+    client: Client,
+    prepared: std::collections::HashMap<&'static str, postgres::Statement>,
+}
+
 /// A pooled connection, given back to the pool when dropped unless broken.
+/// Its `query`-like methods prepare each statement once per connection
+/// (a statement given as text is otherwise parsed at every call, a round
+/// trip of its own).
 pub struct PgConn<'a> {
     pool: &'a PgPool,
-    client: Option<Client>,
+    conn: Option<Pooled>,
 }
+
+type Params<'p> = &'p [&'p (dyn postgres::types::ToSql + Sync)];
 
 impl PgConn<'_> {
     /// The connection.
     pub fn client(&mut self) -> &mut Client {
         // Present from creation until drop.
-        self.client
+        &mut self
+            .conn
             .as_mut()
             .expect("a pooled connection is present")
+            .client
+    }
+
+    fn statement(&mut self, sql: &'static str) -> Result<postgres::Statement, postgres::Error> {
+        let p = self.conn.as_mut().expect("a pooled connection is present");
+        if let Some(s) = p.prepared.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = p.client.prepare(sql)?;
+        p.prepared.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    /// `Client::query` with the statement prepared once.
+    pub fn query(
+        &mut self,
+        sql: &'static str,
+        params: Params<'_>,
+    ) -> Result<Vec<postgres::Row>, postgres::Error> {
+        let s = self.statement(sql)?;
+        self.client().query(&s, params)
+    }
+
+    /// `Client::query_opt` with the statement prepared once.
+    pub fn query_opt(
+        &mut self,
+        sql: &'static str,
+        params: Params<'_>,
+    ) -> Result<Option<postgres::Row>, postgres::Error> {
+        let s = self.statement(sql)?;
+        self.client().query_opt(&s, params)
+    }
+
+    /// `Client::query_one` with the statement prepared once.
+    pub fn query_one(
+        &mut self,
+        sql: &'static str,
+        params: Params<'_>,
+    ) -> Result<postgres::Row, postgres::Error> {
+        let s = self.statement(sql)?;
+        self.client().query_one(&s, params)
+    }
+
+    /// `Client::execute` with the statement prepared once.
+    pub fn execute(
+        &mut self,
+        sql: &'static str,
+        params: Params<'_>,
+    ) -> Result<u64, postgres::Error> {
+        let s = self.statement(sql)?;
+        self.client().execute(&s, params)
     }
 }
 
 impl Drop for PgConn<'_> {
     fn drop(&mut self) {
-        if let Some(c) = self.client.take() {
+        if let Some(c) = self.conn.take() {
             let mut state = self.pool.state.lock();
-            if c.is_closed() {
+            if c.client.is_closed() {
                 state.1 = state.1.saturating_sub(1);
                 drop(state);
                 self.pool.note_lost();
@@ -173,10 +236,10 @@ impl PgPool {
         let mut state = self.state.lock();
         loop {
             while let Some(c) = state.0.pop() {
-                if !c.is_closed() {
+                if !c.client.is_closed() {
                     return Ok(PgConn {
                         pool: self,
-                        client: Some(c),
+                        conn: Some(c),
                     });
                 }
                 state.1 = state.1.saturating_sub(1);
@@ -185,9 +248,12 @@ impl PgPool {
                 state.1 += 1;
                 drop(state);
                 return match self.connect() {
-                    Ok(c) => Ok(PgConn {
+                    Ok(client) => Ok(PgConn {
                         pool: self,
-                        client: Some(c),
+                        conn: Some(Pooled {
+                            client,
+                            prepared: Default::default(),
+                        }),
                     }),
                     Err(e) => {
                         let mut state = self.state.lock();
@@ -210,18 +276,24 @@ impl PgPool {
     /// error: a store error to return as is, or a database error.
     pub fn tx<T>(
         &self,
-        mut f: impl FnMut(&mut Transaction<'_>) -> Result<T, TxError>,
+        mut f: impl FnMut(&mut PgConn<'_>) -> Result<T, TxError>,
     ) -> Result<T, StoreError> {
         let mut conn = self.get()?;
         let mut attempt = 0;
         loop {
             attempt += 1;
+            // BEGIN and COMMIT by hand, so that the statements inside use
+            // the connection's prepared ones.
             let result = (|| {
-                let mut tx = conn.client().transaction().map_err(TxError::Db)?;
-                let value = f(&mut tx)?;
-                tx.commit().map_err(TxError::Db)?;
+                conn.client().batch_execute("BEGIN").map_err(TxError::Db)?;
+                let value = f(&mut conn)?;
+                conn.client().batch_execute("COMMIT").map_err(TxError::Db)?;
                 Ok(value)
             })();
+            if result.is_err() && !conn.client().is_closed() {
+                // Harmless if the COMMIT itself failed (nothing is open).
+                let _ = conn.client().batch_execute("ROLLBACK");
+            }
             match result {
                 Ok(v) => return Ok(v),
                 Err(TxError::Store(e)) => return Err(e),
@@ -314,8 +386,13 @@ pub struct PgStore {
     pool: PgPool,
 }
 
-const USER_COLUMNS: &str = "name, salt, iterations, stored_key, server_key, profile, \
-     public_key, wrapped_key, created_unix";
+/// The columns of a user record, in the order `user_from_row` reads them.
+macro_rules! user_columns {
+    () => {
+        "name, salt, iterations, stored_key, server_key, profile, public_key, wrapped_key, \
+         created_unix"
+    };
+}
 
 /// Decodes a `users` row (without contacts and requests).
 fn user_from_row(row: &postgres::Row) -> Result<User, StoreError> {
@@ -353,7 +430,7 @@ fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
 }
 
 /// Locks the named users' rows in name order; `NoSuchUser` if one is missing.
-fn lock_users(tx: &mut Transaction<'_>, names: &[&str]) -> Result<(), TxError> {
+fn lock_users(tx: &mut PgConn<'_>, names: &[&str]) -> Result<(), TxError> {
     let mut sorted: Vec<&str> = names.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
@@ -368,30 +445,55 @@ fn lock_users(tx: &mut Transaction<'_>, names: &[&str]) -> Result<(), TxError> {
     Ok(())
 }
 
-/// Reads one whole user record (contacts and requests included).
-fn read_user(c: &mut impl postgres::GenericClient, name: &str) -> Result<Option<User>, TxError> {
+/// Reads one whole user record (contacts and requests included) in one
+/// statement, so one snapshot.
+fn read_user(c: &mut PgConn<'_>, name: &str) -> Result<Option<User>, TxError> {
     let Some(row) = c.query_opt(
-        &format!("SELECT {USER_COLUMNS} FROM users WHERE name = $1"),
+        concat!(
+            "SELECT ",
+            user_columns!(),
+            ", ARRAY(SELECT buddy FROM contacts WHERE owner = $1 ORDER BY buddy), \
+             ARRAY(SELECT sender FROM requests WHERE recipient = $1 ORDER BY seq), \
+             ARRAY(SELECT signature FROM requests WHERE recipient = $1 ORDER BY seq), \
+             ARRAY(SELECT nonce FROM requests WHERE recipient = $1 ORDER BY seq), \
+             ARRAY(SELECT created_unix FROM requests WHERE recipient = $1 ORDER BY seq) \
+             FROM users WHERE name = $1"
+        ),
         &[&name],
     )?
     else {
         return Ok(None);
     };
     let mut user = user_from_row(&row)?;
-    for r in c.query(
-        "SELECT buddy FROM contacts WHERE owner = $1 ORDER BY buddy",
-        &[&name],
-    )? {
-        user.contacts.insert(r.get(0));
+    let contacts: Vec<String> = row.get(9);
+    user.contacts = contacts.into_iter().collect();
+    let senders: Vec<String> = row.get(10);
+    let signatures: Vec<Vec<u8>> = row.get(11);
+    let nonces: Vec<Vec<u8>> = row.get(12);
+    let created: Vec<i64> = row.get(13);
+    if signatures.len() != senders.len()
+        || nonces.len() != senders.len()
+        || created.len() != senders.len()
+    {
+        // Only a concurrent change between the sub-selects could do this,
+        // and one statement sees one snapshot.
+        return Err(StoreError::Corrupt(format!("requests to {name:?}")).into());
     }
-    user.requests = read_requests(c, name)?;
+    for (((from, signature), nonce), created) in
+        senders.into_iter().zip(signatures).zip(nonces).zip(created)
+    {
+        user.requests.push(BuddyRequest {
+            from,
+            signature,
+            nonce,
+            created_unix: u64::try_from(created)
+                .map_err(|_| StoreError::Corrupt(format!("request to {name:?}: created")))?,
+        });
+    }
     Ok(Some(user))
 }
 
-fn read_requests(
-    c: &mut impl postgres::GenericClient,
-    name: &str,
-) -> Result<Vec<BuddyRequest>, TxError> {
+fn read_requests(c: &mut PgConn<'_>, name: &str) -> Result<Vec<BuddyRequest>, TxError> {
     let mut out = Vec::new();
     for r in c.query(
         "SELECT sender, signature, nonce, created_unix FROM requests \
@@ -410,11 +512,12 @@ fn read_requests(
     Ok(out)
 }
 
-fn insert_user(tx: &mut Transaction<'_>, u: &User) -> Result<u64, TxError> {
+fn insert_user(tx: &mut PgConn<'_>, u: &User) -> Result<u64, TxError> {
     Ok(tx.execute(
-        &format!(
-            "INSERT INTO users ({USER_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) \
-             ON CONFLICT (name) DO NOTHING"
+        concat!(
+            "INSERT INTO users (",
+            user_columns!(),
+            ") VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) ON CONFLICT (name) DO NOTHING"
         ),
         &[
             &u.name,
@@ -476,7 +579,7 @@ impl PgStore {
             )));
         }
         for row in c
-            .query(&format!("SELECT {USER_COLUMNS} FROM users"), &[])
+            .query(concat!("SELECT ", user_columns!(), " FROM users"), &[])
             .map_err(pg_err)?
         {
             user_from_row(&row)?;
@@ -526,7 +629,7 @@ fn checked_all(users: impl IntoIterator<Item = User>) -> Result<Vec<User>, Store
     Ok(all)
 }
 
-fn insert_records(tx: &mut Transaction<'_>, all: &[User]) -> Result<(), TxError> {
+fn insert_records(tx: &mut PgConn<'_>, all: &[User]) -> Result<(), TxError> {
     for u in all {
         tx.execute("DELETE FROM users WHERE name = $1", &[&u.name])?;
         insert_user(tx, u)?;
@@ -534,20 +637,18 @@ fn insert_records(tx: &mut Transaction<'_>, all: &[User]) -> Result<(), TxError>
     Ok(())
 }
 
-fn insert_relations(tx: &mut Transaction<'_>, all: &[User]) -> Result<(), TxError> {
-    let contacts =
-        tx.prepare("INSERT INTO contacts (owner, buddy) VALUES ($1, $2) ON CONFLICT DO NOTHING")?;
-    let requests = tx.prepare(
-        "INSERT INTO requests (recipient, sender, signature, nonce, created_unix) \
-         VALUES ($1, $2, $3, $4, $5)",
-    )?;
+fn insert_relations(tx: &mut PgConn<'_>, all: &[User]) -> Result<(), TxError> {
     for u in all {
         for c in &u.contacts {
-            tx.execute(&contacts, &[&u.name, c])?;
+            tx.execute(
+                "INSERT INTO contacts (owner, buddy) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&u.name, c],
+            )?;
         }
         for r in &u.requests {
             tx.execute(
-                &requests,
+                "INSERT INTO requests (recipient, sender, signature, nonce, created_unix) \
+                 VALUES ($1, $2, $3, $4, $5)",
                 &[
                     &u.name,
                     &r.from,
@@ -574,11 +675,12 @@ impl Store for PgStore {
 
     fn get_user(&self, name: &str) -> Result<Option<User>, StoreError> {
         let name = checked(name)?;
-        // One snapshot for the three reads.
-        self.pool.tx(|tx| {
-            tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")?;
-            read_user(tx, &name)
-        })
+        let mut conn = self.pool.get()?;
+        match read_user(&mut conn, &name) {
+            Ok(u) => Ok(u),
+            Err(TxError::Store(e)) => Err(e),
+            Err(TxError::Db(e)) => Err(pg_err(e)),
+        }
     }
 
     fn delete_user(&self, name: &str) -> Result<bool, StoreError> {
@@ -593,7 +695,6 @@ impl Store for PgStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut conn = self.pool.get()?;
         let rows = conn
-            .client()
             .query(
                 "SELECT name FROM users WHERE $1::text IS NULL OR name > $1 \
                  ORDER BY name LIMIT $2",
@@ -606,7 +707,6 @@ impl Store for PgStore {
     fn user_count(&self) -> Result<u64, StoreError> {
         let mut conn = self.pool.get()?;
         let n: i64 = conn
-            .client()
             .query_one("SELECT count(*) FROM users", &[])
             .map_err(pg_err)?
             .get(0);
@@ -665,11 +765,11 @@ impl Store for PgStore {
         let mut conn = self.pool.get()?;
         while hits.len() < limit {
             let rows = conn
-                .client()
                 .query(
-                    &format!(
-                        "SELECT {USER_COLUMNS} FROM users WHERE $1::text IS NULL OR name > $1 \
-                         ORDER BY name LIMIT $2"
+                    concat!(
+                        "SELECT ",
+                        user_columns!(),
+                        " FROM users WHERE $1::text IS NULL OR name > $1 ORDER BY name LIMIT $2"
                     ),
                     &[&after, &SCAN_BATCH],
                 )
@@ -785,22 +885,17 @@ impl Store for PgStore {
 
     fn contacts(&self, name: &str) -> Result<BTreeSet<String>, StoreError> {
         let name = checked(name)?;
-        self.pool.tx(|tx| {
-            tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")?;
-            if tx
-                .query_opt("SELECT 1 FROM users WHERE name = $1", &[&name])?
-                .is_none()
-            {
-                return Err(StoreError::NoSuchUser.into());
-            }
-            Ok(tx
-                .query(
-                    "SELECT buddy FROM contacts WHERE owner = $1 ORDER BY buddy",
-                    &[&name],
-                )?
-                .iter()
-                .map(|r| r.get(0))
-                .collect())
-        })
+        // One statement: one snapshot.
+        let mut conn = self.pool.get()?;
+        let row = conn
+            .query_opt(
+                "SELECT ARRAY(SELECT buddy FROM contacts WHERE owner = $1 ORDER BY buddy) \
+                 FROM users WHERE name = $1",
+                &[&name],
+            )
+            .map_err(pg_err)?
+            .ok_or(StoreError::NoSuchUser)?;
+        let buddies: Vec<String> = row.get(0);
+        Ok(buddies.into_iter().collect())
     }
 }
