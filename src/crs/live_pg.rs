@@ -549,6 +549,16 @@ impl LiveTx for PgLiveTx<'_> {
     }
 
     fn reap(&mut self, timeout: Duration) -> Vec<String> {
+        // After the database was unreachable, heartbeats could not be
+        // recorded: give every MS a whole timeout to be heard again rather
+        // than take all their users offline.
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.pool().failed_within(timeout))
+        {
+            return Vec::new();
+        }
         self.run(Vec::new(), |c| {
             let mut lost = Vec::new();
             for r in c.query(

@@ -53,6 +53,8 @@ pub struct PgPool {
     returned: parking_lot::Condvar,
     /// Set after a connection failed, so the next success says "reconnected".
     lost: std::sync::atomic::AtomicBool,
+    /// When a connection last failed.
+    last_failure: Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for PgPool {
@@ -105,6 +107,11 @@ pub struct PgConn<'a> {
 type Params<'p> = &'p [&'p (dyn postgres::types::ToSql + Sync)];
 
 impl PgConn<'_> {
+    /// The pool it came from.
+    pub fn pool(&self) -> &PgPool {
+        self.pool
+    }
+
     /// The connection.
     pub fn client(&mut self) -> &mut Client {
         // Present from creation until drop.
@@ -199,6 +206,7 @@ impl PgPool {
             state: Mutex::new((Vec::new(), 0)),
             returned: parking_lot::Condvar::new(),
             lost: std::sync::atomic::AtomicBool::new(false),
+            last_failure: Mutex::new(None),
         })
     }
 
@@ -207,7 +215,15 @@ impl PgPool {
         &self.url_shown
     }
 
+    /// Whether a connection failed within `within`.
+    pub fn failed_within(&self, within: Duration) -> bool {
+        self.last_failure
+            .lock()
+            .is_some_and(|at| at.elapsed() < within)
+    }
+
     fn note_lost(&self) {
+        *self.last_failure.lock() = Some(std::time::Instant::now());
         if !self.lost.swap(true, std::sync::atomic::Ordering::Relaxed) {
             warn!("lost a connection to the database {}", self.url_shown);
         }
