@@ -232,14 +232,14 @@ fn alive_client(user: &'static str) -> u16 {
     port
 }
 
-/// kill -9 of the database server during registrations, then its restart:
-/// no acknowledged registration is lost, and the CRS reconnects by itself
-/// and says so in its log.
+/// kill -9 of the database server during registrations (through two
+/// instances), then its restart: no acknowledged registration is lost, and
+/// both instances reconnect by themselves and say so in their logs.
 #[test]
 fn database_killed_during_registrations() {
     let mut db = pg::PgServer::start();
     let env = TestEnv::new();
-    let crs = crs_on(&env, &db.url(), &[]);
+    let crs = [crs_on(&env, &db.url(), &[]), crs_on(&env, &db.url(), &[])];
     let mut acked = Vec::new();
     let mut refused = 0;
     for i in 0..12 {
@@ -250,7 +250,7 @@ fn database_killed_during_registrations() {
             db.launch();
         }
         let name = format!("reg{i}");
-        let out = crs.try_register(&env, &name, PW);
+        let out = crs[i % 2].try_register(&env, &name, PW);
         if out.status.success() {
             acked.push(name);
         } else {
@@ -261,19 +261,24 @@ fn database_killed_during_registrations() {
         refused > 0,
         "registrations while the database was down fail"
     );
-    // After the restart the CRS serves again without being restarted.
-    wait_until("a registration after the restart", WAIT, || {
-        crs.try_register(&env, "after", PW).status.success()
-    });
-    acked.push("after".into());
-    let listed = crs.op_ok(&["user", "list"]);
-    for n in &acked {
-        assert!(
-            listed.lines().any(|l| l == n),
-            "acknowledged {n} lost: {listed}"
-        );
+    // After the restart both serve again without being restarted.
+    for (n, c) in crs.iter().enumerate() {
+        let name = format!("after{n}");
+        wait_until("a registration after the restart", WAIT, || {
+            c.try_register(&env, &name, PW).status.success()
+        });
+        acked.push(name);
     }
-    let log = crs.proc.log_text();
-    assert!(log.contains("lost a connection to the database"), "{log}");
-    assert!(log.contains("reconnected to the database"), "{log}");
+    for c in &crs {
+        let listed = c.op_ok(&["user", "list"]);
+        for n in &acked {
+            assert!(
+                listed.lines().any(|l| l == n),
+                "acknowledged {n} lost: {listed}"
+            );
+        }
+        let log = c.proc.log_text();
+        assert!(log.contains("lost a connection to the database"), "{log}");
+        assert!(log.contains("reconnected to the database"), "{log}");
+    }
 }
