@@ -8,8 +8,9 @@
 //! instance, before its first step that needs it, so live-state changes are
 //! serialized across the whole directory exactly as the in-memory state is
 //! under its mutex. Steps that touch one row on their own (a heartbeat's
-//! `touch`, looking up where a user is, `LOCATE`'s counts) do not wait for
-//! it: a view made only of those never serializes. That is
+//! `touch`, looking up where a user is, `LOCATE`'s counts) and an MS's
+//! event poll do not wait for it: a view made only of those never
+//! serializes. That is
 //! what keeps the login lease's guarantee across instances: of many logins
 //! of one user racing through several instances, one takes the lease.
 //! Each view is a few short statements, so the lock is held briefly; it is
@@ -512,7 +513,10 @@ impl LiveTx for PgLiveTx<'_> {
     }
 
     fn events(&mut self, ms: u64, ack: u64) -> Option<EventBatch> {
-        self.run(None, |c| {
+        // Without the directory-wide lock: only this MS's poll deletes its
+        // acknowledged events, and events are added under the lock one
+        // transaction after another, so a reader never sees a gap.
+        self.run_free(None, |c| {
             let ms = to_i64(ms);
             let Some(row) = c.query_opt("SELECT next_seq FROM live_ms WHERE id = $1", &[&ms])?
             else {

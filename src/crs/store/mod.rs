@@ -364,6 +364,20 @@ mod tests {
     }
 
     #[test]
+    fn store_specs() {
+        assert_eq!(
+            StoreSpec::parse("sled:/var/lib/ims"),
+            Ok(StoreSpec::Sled("/var/lib/ims".into()))
+        );
+        for url in ["postgres://ims@db/ims", "postgresql://a:b@h:5433/d"] {
+            assert_eq!(StoreSpec::parse(url), Ok(StoreSpec::Postgres(url.into())));
+        }
+        for bad in ["sled:", "mysql://x", "/var/lib/ims", ""] {
+            assert!(StoreSpec::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn error_display() {
         for e in [
             StoreError::NoSuchUser,

@@ -915,3 +915,18 @@ impl Store for PgStore {
         Ok(buddies.into_iter().collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_logged_without_their_password() {
+        assert_eq!(
+            shown("postgres://ims:secret@db:5432/ims"),
+            "postgres://ims:***@db:5432/ims"
+        );
+        assert_eq!(shown("postgres://ims@db/ims"), "postgres://ims@db/ims");
+        assert!(PgPool::new("postgres://ims@db:notaport/ims").is_err());
+    }
+}
