@@ -130,6 +130,17 @@ fn two_instances_serve_one_directory_and_survive_one_killed() {
     });
     eprintln!("ms1 moved to B in {:?}", killed.elapsed());
 
+    // The operator's tool given both instances uses the one alive.
+    let out = std::process::Command::new(common::CRS_BIN)
+        .args(["user", "list", "--crs", &format!("{aa},{ba}"), "--ms-key"])
+        .arg(&env.key)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run ims-crs user list");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("alice"),
+        "{out:?}"
+    );
     // Still logged in, as B sees it.
     for u in ["alice", "bob"] {
         let shown = b.show_user(u);

@@ -48,8 +48,8 @@ fn main() -> ExitCode {
     opts.optopt(
         "",
         "crs",
-        "for operator commands: the running CRS (default: the listen address)",
-        "ADDR",
+        "for operator commands: the running CRS (default: the listen address); A,B: any of these",
+        "ADDR[,ADDR...]",
     );
     opts.optopt("", "workers", "worker threads", "N");
     opts.optopt(
@@ -187,8 +187,19 @@ fn operator(
         role: "admin",
         instance: String::new(),
     };
-    let mut link = CrsLink::connect(&crs, &key, &me, Duration::from_secs(10))
-        .map_err(|e| format!("{e} (is the CRS running at {crs}?)"))?;
+    // Any instance of the directory will do: the first that answers.
+    let mut link = None;
+    let mut last = format!("no CRS address in {crs:?}");
+    for one in ims::link::crs_list(&crs) {
+        match CrsLink::connect(&one, &key, &me, Duration::from_secs(10)) {
+            Ok(l) => {
+                link = Some(l);
+                break;
+            }
+            Err(e) => last = format!("{e} (is the CRS running at {one}?)"),
+        }
+    }
+    let mut link = link.ok_or(last)?;
     let req = match (what, rest) {
         ("user", ["list"]) => CrsRequest::ListUsers {
             after: None,
