@@ -61,6 +61,13 @@ fn check_contract(l: &dyn LiveState) {
     l.lock().set_online("kim", b, presence());
     l.lock().set_online("lou", b, presence());
     assert_eq!(l.lock().locate(LONG).as_deref(), Some("a:1"));
+    let asked = ["joe", "kim", "nobody"]
+        .map(String::from)
+        .into_iter()
+        .collect();
+    let many = l.lock().online_many(&asked);
+    assert_eq!(many.len(), 2, "{many:?}");
+    assert_eq!((many["joe"].ms, many["kim"].ms), (a, b));
     let list = l.lock().ms_list();
     let loads: Vec<(u64, u32)> = list.iter().map(|m| (m.id, m.load)).collect();
     assert_eq!(loads, vec![(a, 1), (b, 2)]);

@@ -145,6 +145,16 @@ pub trait LiveTx {
     fn set_offline(&mut self, user: &str, ms: Option<u64>) -> bool;
     /// Where `user` is, if online.
     fn online(&mut self, user: &str) -> Option<Online>;
+    /// Where each of `users` who is online is (one look-up for all).
+    fn online_many(
+        &mut self,
+        users: &std::collections::BTreeSet<String>,
+    ) -> HashMap<String, Online> {
+        users
+            .iter()
+            .filter_map(|u| self.online(u).map(|o| (u.clone(), o)))
+            .collect()
+    }
     /// See [`Live::notify`] (called through the generic `notify`).
     fn notify_users(&mut self, users: &mut dyn Iterator<Item = &str>, kind: &EventKind);
     /// See [`Live::events`].

@@ -486,6 +486,26 @@ impl LiveTx for PgLiveTx<'_> {
         })
     }
 
+    fn online_many(
+        &mut self,
+        users: &std::collections::BTreeSet<String>,
+    ) -> std::collections::HashMap<String, Online> {
+        if users.is_empty() {
+            return Default::default();
+        }
+        let names: Vec<&str> = users.iter().map(String::as_str).collect();
+        self.run_free(Default::default(), |c| {
+            Ok(c.query(
+                "SELECT ms, address, public_key, login, name FROM live_online \
+                 WHERE name = ANY($1)",
+                &[&names],
+            )?
+            .iter()
+            .filter_map(|r| online_row(r).map(|o| (r.get::<_, String>(4), o)))
+            .collect())
+        })
+    }
+
     fn notify_users(&mut self, users: &mut dyn Iterator<Item = &str>, kind: &EventKind) {
         let users: Vec<String> = users.map(str::to_owned).collect();
         if users.is_empty() {

@@ -253,6 +253,12 @@ impl LiveTx for CountingTx<'_> {
     fn online(&mut self, user: &str) -> Option<Online> {
         self.inner.online(user)
     }
+    fn online_many(
+        &mut self,
+        users: &BTreeSet<String>,
+    ) -> std::collections::HashMap<String, Online> {
+        self.inner.online_many(users)
+    }
     fn notify_users(&mut self, users: &mut dyn Iterator<Item = &str>, kind: &EventKind) {
         // Counted per event, not per recipient: knowing who is online
         // would cost a look-up per user.

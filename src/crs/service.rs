@@ -509,12 +509,13 @@ impl Crs {
         if !live.holds_lock(user, ms) {
             return err(code::CONFLICT, "login lock not held (expired?)");
         }
+        let online = live.online_many(&record.contacts);
         let contacts: Vec<Contact> = record
             .contacts
             .iter()
             .map(|c| Contact {
                 user: c.clone(),
-                online: live.online(c).map(|o| o.presence.clone()),
+                online: online.get(c).map(|o| o.presence.clone()),
             })
             .collect();
         let login = live.set_online(user, ms, presence.clone());
