@@ -188,3 +188,32 @@ fn two_postgres_instances_share_state_and_wake_each_other() {
     let batch = two.lock().events(ms, 0).expect("enrolled");
     assert_eq!(batch.events.len(), 1);
 }
+
+/// Instances starting together on an empty database: the schema is made
+/// once, and they all end up with one CRS key and one directory instance.
+#[test]
+fn instances_starting_together_agree_on_schema_and_key() {
+    let server = pg::PgServer::start();
+    let url = server.url();
+    let ms_key = [7u8; 32];
+    let starts: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let store = PgStore::open(&url).expect("open and migrate");
+                let (key, instance) =
+                    ims::crs::identity::shared(store.pool(), &ms_key).expect("identity");
+                (key.public_key().fingerprint(), instance)
+            })
+        })
+        .collect();
+    let seen: Vec<(String, String)> = starts
+        .into_iter()
+        .map(|t| t.join().expect("start"))
+        .collect();
+    assert!(seen.iter().all(|s| *s == seen[0]), "{seen:?}");
+    // Another MSkey cannot open the key: refused, not replaced.
+    let store = PgStore::open(&url).expect("open");
+    let e = ims::crs::identity::shared(store.pool(), &[8u8; 32]).expect_err("wrong MSkey");
+    assert!(e.contains("MSkey"), "{e}");
+}

@@ -51,7 +51,7 @@ pub fn install(pool: &PgPool, ms_key: &[u8], identity: &RsaPrivateKey) -> Result
                  ON CONFLICT (id) DO NOTHING",
                 &[&wrapped, &instance],
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| super::store::describe(&e))?;
     }
     let (stored, _) = shared(pool, ms_key)?;
     if stored.public_key().fingerprint() != identity.public_key().fingerprint() {
@@ -70,7 +70,7 @@ pub fn shared(pool: &PgPool, ms_key: &[u8]) -> Result<(RsaPrivateKey, String), S
             "SELECT wrapped, instance FROM crs_identity WHERE id = 1",
             &[],
         )
-        .map_err(|e| e.to_string())?
+        .map_err(|e| super::store::describe(&e))?
         .map(|r| (r.get(0), r.get(1))))
     };
     let (wrapped, instance) = match read(c)? {
@@ -89,7 +89,7 @@ pub fn shared(pool: &PgPool, ms_key: &[u8]) -> Result<(RsaPrivateKey, String), S
                      ON CONFLICT (id) DO NOTHING",
                     &[&wrapped, &instance],
                 )
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| super::store::describe(&e))?;
             if n == 1 {
                 info!("made the directory's CRS key (kept in the database)");
             }

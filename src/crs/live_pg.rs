@@ -143,7 +143,9 @@ impl LiveState for PgLive {
                 let begun = conn.client().batch_execute("BEGIN");
                 match begun {
                     Ok(()) => tx.conn = Some(conn),
-                    Err(e) => tx.failed = Some(format!("live state: {e}")),
+                    Err(e) => {
+                        tx.failed = Some(format!("live state: {}", super::store::describe(&e)))
+                    }
                 }
             }
             Err(e) => tx.failed = Some(format!("live state: {e}")),
@@ -318,7 +320,7 @@ impl From<postgres::Error> for Fail {
 impl std::fmt::Display for Fail {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Fail::Db(e) => write!(f, "{e}"),
+            Fail::Db(e) => f.write_str(&super::store::describe(e)),
             Fail::Corrupt(what) => write!(f, "corrupt record: {what}"),
         }
     }
@@ -581,6 +583,19 @@ impl LiveTx for PgLiveTx<'_> {
             .as_ref()
             .is_some_and(|c| c.pool().failed_within(timeout))
         {
+            return Vec::new();
+        }
+        // Every instance reaps several times a second: look first without
+        // the directory-wide lock, and take it only when there is work.
+        let any = self.run_free(false, |c| {
+            Ok(c.query_opt(
+                "SELECT 1 FROM live_ms \
+                 WHERE last_seen <= clock_timestamp() - make_interval(secs => $1) LIMIT 1",
+                &[&secs(timeout)],
+            )?
+            .is_some())
+        });
+        if !any {
             return Vec::new();
         }
         self.run(Vec::new(), |c| {

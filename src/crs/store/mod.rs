@@ -30,7 +30,7 @@ pub mod schema;
 mod sled_store;
 
 pub use memory::MemStore;
-pub use pg::{PgConn, PgPool, PgStore, TxError};
+pub use pg::{describe, PgConn, PgPool, PgStore, TxError};
 pub use sled_store::SledStore;
 
 /// Where the CRS keeps its data: `--store` / `store =`.

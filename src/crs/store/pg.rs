@@ -77,8 +77,22 @@ fn shown(url: &str) -> String {
     }
 }
 
+/// A database error with the server's own message when there is one
+/// (the error's `Display` alone says only "db error").
+pub fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!(
+            "postgres: {}: {} ({})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        ),
+        None => format!("postgres: {e}"),
+    }
+}
+
 pub(crate) fn pg_err(e: postgres::Error) -> StoreError {
-    StoreError::Backend(format!("postgres: {e}"))
+    StoreError::Backend(describe(&e))
 }
 
 /// Whether the error is one a retry of the whole transaction can cure.
@@ -326,23 +340,16 @@ impl PgPool {
     pub fn migrate(&self) -> Result<i32, StoreError> {
         let mut conn = self.get()?;
         let c = conn.client();
-        c.batch_execute("CREATE TABLE IF NOT EXISTS ims_schema (version int NOT NULL)")
-            .or_else(|e| {
-                // Two instances creating it at once: the loser sees a
-                // unique violation on the catalog; the table exists.
-                if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })
-            .map_err(pg_err)?;
+        // Instances starting together take turns: the lock first, then even
+        // the version table is made inside the one transaction.
         let mut tx = c.transaction().map_err(pg_err)?;
         tx.execute(
             "SELECT pg_advisory_xact_lock($1)",
             &[&schema::MIGRATION_LOCK],
         )
         .map_err(pg_err)?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS ims_schema (version int NOT NULL)")
+            .map_err(pg_err)?;
         let row = tx
             .query_opt("SELECT version FROM ims_schema", &[])
             .map_err(pg_err)?;
