@@ -293,3 +293,39 @@ fn database_killed_during_registrations() {
         assert!(log.contains("reconnected to the database"), "{log}");
     }
 }
+
+/// An MS killed with SIGKILL is reaped by whichever instance notices first,
+/// and a buddy on the other MS, attached to the other instance, hears that
+/// its user went offline.
+#[test]
+fn a_dead_ms_is_reaped_across_instances() {
+    let db = pg::PgServer::start();
+    let env = TestEnv::new();
+    let conf = env.path().join("crs.toml");
+    std::fs::write(&conf, "heartbeat_timeout_secs = 3\n").expect("config");
+    let conf = conf.to_string_lossy().into_owned();
+    let a = crs_on(&env, &db.url(), &["-c", &conf]);
+    let b = crs_on(&env, &db.url(), &["-c", &conf]);
+    let (aa, ba) = (a.addr_str(), b.addr_str());
+    let mut ms1 = ms_on(&env, &aa, &["--heartbeat-interval", "0.5"]);
+    let _ms2 = ms_on(&env, &ba, &["--heartbeat-interval", "0.5"]);
+    a.register(&env, "ann", PW);
+    a.register(&env, "ben", PW);
+    let ann = login(&env, &aa, "ann");
+    let ben = login(&env, &ba, "ben");
+    b.wait_ms_list("one user on each MS", |l| {
+        l.len() == 2 && l.iter().all(|(_, load)| *load == 1)
+    });
+    common::befriend(&ann, "ann", &ben, "ben");
+    // ann and ben are on different MSs: kill ms1 (attached to A), and the
+    // one on ms2 (attached to B) hears the other go.
+    let (gone, stays) = if ms1.log_text().contains("ann logged in") {
+        ("ann", &ben)
+    } else {
+        ("ben", &ann)
+    };
+    ms1.kill9();
+    stays.wait_event("offline", |e| e["user"] == gone);
+    b.wait_ms_list("one MS left", |l| l.len() == 1);
+    assert!(b.show_user(gone)["online"].is_null());
+}
