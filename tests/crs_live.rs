@@ -177,14 +177,24 @@ fn two_postgres_instances_share_state_and_wake_each_other() {
 
     // Let the listener connect before looking for its wake-up.
     let deadline = Instant::now() + LONG;
-    while woken.generation() == 0 && Instant::now() < deadline {
+    while woken.generation(ms) == 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let seen = woken.generation();
+    let seen = woken.generation(ms);
+    let other = woken.generation(ms + 1000);
     one.lock()
         .notify(["zed"], &EventKind::Offline { user: "q".into() });
-    woken.wait_past(seen, LONG);
-    assert!(woken.generation() > seen, "NOTIFY woke the other instance");
+    woken.wait_past(ms, seen, LONG);
+    assert!(
+        woken.generation(ms) > seen,
+        "NOTIFY woke the other instance"
+    );
+    // Only that MS's polls.
+    assert_eq!(
+        woken.generation(ms + 1000),
+        other,
+        "another MS's poll slept on"
+    );
     let batch = two.lock().events(ms, 0).expect("enrolled");
     assert_eq!(batch.events.len(), 1);
 }

@@ -87,32 +87,66 @@ pub enum LockError {
     LoggedIn,
 }
 
-/// Wakes the `EVENTS` long polls: a generation number bumped on every
-/// wake, so a poll that read it before looking at its queue cannot miss a
-/// wake that comes before it starts waiting.
+/// Wakes the `EVENTS` long polls: generation numbers bumped on every wake,
+/// so a poll that read its generation before looking at its queue cannot
+/// miss a wake that comes before it starts waiting. A wake is for every
+/// poll or for one MS's; a poll's generation is the sum of both.
+///
+/// With the live state in this process, the handlers wake every poll after
+/// queuing events ([`Wakeup::notify_all`]). With it in PostgreSQL, wakes
+/// come from the database's notifications, each for one MS
+/// ([`Wakeup::notify_ms`]), so that an event does not make every MS's poll
+/// look at its queue: [`Wakeup::remote_only`] turns the handlers' wakes off.
 #[derive(Debug, Default)]
 pub struct Wakeup {
-    generation: Mutex<u64>,
+    /// Wakes for everyone, and per MS.
+    generations: Mutex<(u64, HashMap<u64, u64>)>,
     changed: Condvar,
+    remote_only: std::sync::atomic::AtomicBool,
 }
 
 impl Wakeup {
-    /// Wakes every waiting poll.
+    /// Wakes every waiting poll (ignored once [`Wakeup::remote_only`]).
     pub fn notify_all(&self) {
-        *self.generation.lock() += 1;
+        if !self.remote_only.load(std::sync::atomic::Ordering::Relaxed) {
+            self.notify_everyone();
+        }
+    }
+
+    /// Wakes every waiting poll, always (to stop, or after a lost
+    /// connection to the database).
+    pub fn notify_everyone(&self) {
+        self.generations.lock().0 += 1;
         self.changed.notify_all();
     }
 
-    /// The current generation, read before looking for events.
-    pub fn generation(&self) -> u64 {
-        *self.generation.lock()
+    /// Wakes the polls of MS `ms`.
+    pub fn notify_ms(&self, ms: u64) {
+        *self.generations.lock().1.entry(ms).or_default() += 1;
+        self.changed.notify_all();
     }
 
-    /// Waits until the generation moves past `seen`, at most `timeout`.
-    pub fn wait_past(&self, seen: u64, timeout: Duration) {
+    /// From now on only [`Wakeup::notify_ms`] and
+    /// [`Wakeup::notify_everyone`] wake.
+    pub fn remote_only(&self) {
+        self.remote_only
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn of(g: &(u64, HashMap<u64, u64>), ms: u64) -> u64 {
+        g.0.wrapping_add(g.1.get(&ms).copied().unwrap_or(0))
+    }
+
+    /// MS `ms`'s current generation, read before looking for events.
+    pub fn generation(&self, ms: u64) -> u64 {
+        Wakeup::of(&self.generations.lock(), ms)
+    }
+
+    /// Waits until MS `ms`'s generation moves past `seen`, at most `timeout`.
+    pub fn wait_past(&self, ms: u64, seen: u64, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        let mut g = self.generation.lock();
-        while *g == seen {
+        let mut g = self.generations.lock();
+        while Wakeup::of(&g, ms) == seen {
             if self.changed.wait_until(&mut g, deadline).timed_out() {
                 return;
             }

@@ -61,6 +61,8 @@ impl PgLive {
     /// `LISTEN` thread, which wakes `wakeup`.
     pub fn start(url: &str, instance: String, wakeup: Arc<Wakeup>) -> Result<PgLive, String> {
         let pool = PgPool::new(url).map_err(|e| e.to_string())?;
+        // Wakes come from the database's notifications, one MS at a time.
+        wakeup.remote_only();
         let stopping = Arc::new(AtomicBool::new(false));
         let listen_pool = PgPool::new(url).map_err(|e| e.to_string())?;
         let stop = stopping.clone();
@@ -106,14 +108,17 @@ fn listen_loop(pool: &PgPool, wakeup: &Wakeup, stopping: &AtomicBool) {
             continue;
         }
         backoff = Duration::from_millis(100);
-        wakeup.notify_all();
+        wakeup.notify_everyone();
         'conn: while !stopping.load(Ordering::Relaxed) {
             {
                 let mut notes = client.notifications();
                 let mut it = notes.timeout_iter(Duration::from_millis(250));
                 loop {
                     match postgres::fallible_iterator::FallibleIterator::next(&mut it) {
-                        Ok(Some(_)) => wakeup.notify_all(),
+                        Ok(Some(n)) => match n.payload().parse::<u64>() {
+                            Ok(ms) => wakeup.notify_ms(ms),
+                            Err(_) => wakeup.notify_everyone(),
+                        },
                         Ok(None) => break,
                         Err(e) => {
                             warn!("event listener lost its connection: {e}");

@@ -255,7 +255,7 @@ impl Running {
         self.server.join();
         drop(self.metrics);
         self.crs.stopping.store(true, Ordering::Relaxed);
-        self.crs.events_ready.notify_all();
+        self.crs.events_ready.notify_everyone();
         if self.reaper.join().is_err() {
             warn!("the reaper thread panicked");
         }

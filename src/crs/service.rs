@@ -731,7 +731,7 @@ impl Crs {
         let deadline = Instant::now() + self.config.poll_timeout;
         loop {
             // Read before looking, so a wake in between is not missed.
-            let seen = self.events_ready.generation();
+            let seen = self.events_ready.generation(ms);
             // Bound first: the view must be closed (the lock let go)
             // before waiting.
             let batch = self.live.lock().events(ms, ack);
@@ -748,7 +748,7 @@ impl Crs {
                     let wait = deadline
                         .saturating_duration_since(Instant::now())
                         .min(self.live.recheck());
-                    self.events_ready.wait_past(seen, wait);
+                    self.events_ready.wait_past(ms, seen, wait);
                 }
             }
         }
