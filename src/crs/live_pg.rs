@@ -20,9 +20,9 @@
 //! Times (heartbeats, lease expiry) are the database server's clock, one
 //! clock for all instances.
 //!
-//! Wake-ups: queuing an event sends `NOTIFY ims_events` (delivered at
-//! commit); each instance `LISTEN`s on a connection of its own and wakes its
-//! long polls. The events table is the truth: a poll also looks every
+//! Wake-ups: queuing an event sends `NOTIFY ims_events` with the MS's id
+//! (delivered at commit); each instance `LISTEN`s on a connection of its
+//! own and wakes the long polls of that MS, if it serves them. The events table is the truth: a poll also looks every
 //! [`RECHECK`] without a wake, so a lost notification makes an event late,
 //! never lost.
 
