@@ -789,6 +789,11 @@ fn main() {
     assert!(st.success(), "genkey failed");
     let data = dir.path().join("crs-data");
     fs::create_dir_all(&data).expect("data dir");
+    // The CRS refuses a data directory others can read.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).expect("data dir mode");
+    }
     let variant = std::env::var("IMS_BENCH_STORE").unwrap_or_else(|_| "sled".into());
     let (pg_server, instances) = match variant.as_str() {
         "sled" => (None, 1),

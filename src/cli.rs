@@ -56,22 +56,3 @@ pub fn announce(addr: std::net::SocketAddr) {
         log::warn!("stdout is closed");
     }
 }
-
-/// A numeric flag, or a usage error naming it.
-pub fn num<T: std::str::FromStr>(m: &Matches, name: &str) -> Result<Option<T>, String> {
-    match m.opt_str(name) {
-        None => Ok(None),
-        Some(v) => v
-            .parse()
-            .map(Some)
-            .map_err(|_| format!("--{name}: '{v}' is not a valid number")),
-    }
-}
-
-/// Overrides `slot` with `value` when there is one: a config file's key
-/// over the default, a flag over the file.
-pub fn set<T>(slot: &mut T, value: Option<T>) {
-    if let Some(v) = value {
-        *slot = v;
-    }
-}

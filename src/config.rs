@@ -1,13 +1,22 @@
-//! Configuration files (TOML) for the three programs: every key optional,
-//! unknown keys and wrong types refused with the file and key named.
-//! Flags override what a file sets; the `*Config` types of each role
-//! hold the result.
+//! Configuration of the three programs: one table of [`Setting`]s per
+//! program ([`crs_settings`], [`ms_settings`], [`client_settings`]) names
+//! each setting once, with its file key, its flag if it has one, its kind
+//! and where it goes in the program's typed configuration (whose
+//! `Default` holds the defaults). Files (TOML) and flags are read through
+//! the same table: every key optional, unknown keys, wrong types and
+//! values out of bounds refused with the file (or flag) and key named.
+//! Flags override what a file sets.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use getopts::{Matches, Options};
 use serde::Deserialize;
+
+use crate::client::ClientConfig;
+use crate::crs::CrsConfig;
+use crate::ms::MsConfig;
 
 /// Why a configuration file was refused.
 #[derive(Debug)]
@@ -26,148 +35,585 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Reads and parses `path`.
-pub fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })?;
-    toml::from_str(&text).map_err(|e| ConfigError {
-        path: path.to_owned(),
-        message: e.to_string().trim().replace('\n', " "),
-    })
+/// What kind of value a setting takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Text (an address, a path, a name).
+    Text,
+    /// `true` or `false` in a file; a flag without a value.
+    Switch,
+    /// A whole number from 0 to `max`.
+    Int {
+        /// The largest value taken.
+        max: u64,
+    },
+    /// Seconds, checked by [`duration`].
+    Secs,
+    /// Events a second, checked as [`Rate`].
+    Rate,
 }
 
-/// The worker pool keys shared by every listener.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PoolFile {
-    /// Worker threads.
-    pub workers: Option<usize>,
-    /// Accepted connections that may wait for a worker.
-    pub queue: Option<usize>,
-    /// Seconds to receive one whole message.
-    pub message_deadline_secs: Option<f64>,
-    /// Seconds a kept connection may stay idle.
-    pub idle_timeout_secs: Option<f64>,
+/// A setting's value, of its kind.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    /// [`Kind::Text`].
+    Text(String),
+    /// [`Kind::Switch`].
+    Switch(bool),
+    /// [`Kind::Int`], within its bound.
+    Int(u64),
+    /// [`Kind::Secs`].
+    Secs(Duration),
+    /// [`Kind::Rate`].
+    Rate(f64),
 }
 
-impl PoolFile {
-    /// Applies the keys that are set.
-    pub fn apply(&self, pool: &mut crate::prethread::Config) {
-        if let Some(w) = self.workers {
-            pool.workers = w.max(1);
+impl Value {
+    /// The text of a `Text` value.
+    pub fn text(self) -> String {
+        match self {
+            Value::Text(t) => t,
+            _ => String::new(),
         }
-        if let Some(q) = self.queue {
-            pool.queue = q;
+    }
+
+    /// A `Switch` value.
+    pub fn on(&self) -> bool {
+        matches!(self, Value::Switch(true))
+    }
+
+    /// An `Int` value as `T` (its kind's bound keeps it in range).
+    pub fn int<T: TryFrom<u64> + Default>(&self) -> T {
+        match self {
+            Value::Int(n) => T::try_from(*n).unwrap_or_default(),
+            _ => T::default(),
         }
-        if let Some(s) = self.message_deadline_secs {
-            pool.message_deadline = secs(s);
+    }
+
+    /// A `Secs` value.
+    pub fn secs(&self) -> Duration {
+        match self {
+            Value::Secs(d) => *d,
+            _ => Duration::ZERO,
         }
-        if let Some(s) = self.idle_timeout_secs {
-            pool.idle_timeout = secs(s);
+    }
+
+    /// A `Rate` value.
+    pub fn rate(&self) -> f64 {
+        match self {
+            Value::Rate(r) => *r,
+            _ => 0.0,
         }
     }
 }
 
-/// `etc/crs.toml`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CrsFile {
-    /// Listen address.
-    pub listen: Option<String>,
-    /// Data directory.
-    pub data_dir: Option<PathBuf>,
-    /// Where the data lives: `sled:DIR` or a `postgres://` URL.
-    pub store: Option<String>,
-    /// Where to serve Prometheus metrics.
-    pub metrics: Option<String>,
-    /// MSkey file.
-    pub ms_key: Option<PathBuf>,
-    /// Whether clients may register themselves.
-    pub registration_open: Option<bool>,
-    /// Seconds of silence after which an MS is dropped.
-    pub heartbeat_timeout_secs: Option<f64>,
-    /// Seconds a login lock lasts.
-    pub lock_lease_secs: Option<f64>,
-    /// Fewest PBKDF2 iterations accepted at registration.
-    pub min_iterations: Option<u32>,
-    /// Most results of one search.
-    pub max_search_results: Option<u32>,
-    /// The worker pool.
-    #[serde(default)]
-    pub pool: PoolFile,
+/// A flag of a setting.
+#[derive(Clone, Copy, Debug)]
+pub struct Flag {
+    /// The long name, without `--`.
+    pub name: &'static str,
+    /// What the value is (`ADDR`, `N`); empty for a switch.
+    pub hint: &'static str,
+    /// One line of `--help`.
+    pub help: &'static str,
 }
 
-/// `etc/ms.toml`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MsFile {
-    /// Listen address.
-    pub listen: Option<String>,
-    /// Address given to clients.
-    pub advertise: Option<String>,
-    /// CRS address.
-    pub crs: Option<String>,
-    /// MSkey file.
-    pub ms_key: Option<PathBuf>,
-    /// Most users.
-    pub capacity: Option<u32>,
-    /// Seconds between heartbeats.
-    pub heartbeat_interval_secs: Option<f64>,
-    /// Pusher threads.
-    pub push_threads: Option<usize>,
-    /// Seconds of client silence before it is probed and logged out.
-    pub client_timeout_secs: Option<f64>,
-    /// Login attempts a second from one address (0: no limit).
-    pub login_rate_per_sec: Option<f64>,
-    /// Login attempts one address may make at once.
-    pub login_burst: Option<u32>,
-    /// Searches a second per user.
-    pub search_rate_per_sec: Option<f64>,
-    /// Where to serve Prometheus metrics.
-    pub metrics: Option<String>,
-    /// The worker pool.
-    #[serde(default)]
-    pub pool: PoolFile,
+/// One setting of a program: written once, read from files and flags.
+pub struct Setting<C> {
+    /// Its key in a file (`pool.workers` for `workers` under `[pool]`), if
+    /// files may set it.
+    pub key: Option<&'static str>,
+    /// Its flag, if it has one.
+    pub flag: Option<Flag>,
+    /// What it takes.
+    pub kind: Kind,
+    /// Puts a value of its kind into the configuration.
+    pub set: fn(&mut C, Value),
 }
 
-/// `etc/client.toml`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClientFile {
-    /// CRS address.
-    pub crs: Option<String>,
-    /// Listener address.
-    pub listen: Option<String>,
-    /// The port buddies reach this client at, if forwarded.
-    pub advertise_port: Option<u16>,
+const fn int(max: u64) -> Kind {
+    Kind::Int { max }
+}
+
+const U16: Kind = int(u16::MAX as u64);
+/// PBKDF2 iteration counts: a count a client refuses is a typo.
+const ITERATIONS: Kind = int(crate::crypto::PBKDF2_MAX_ITERATIONS as u64);
+const U32: Kind = int(u32::MAX as u64);
+/// Threads, queue places: more than a machine could run is a typo.
+const COUNT: Kind = int(1 << 20);
+
+fn key<C>(key: &'static str, kind: Kind, set: fn(&mut C, Value)) -> Setting<C> {
+    Setting {
+        key: Some(key),
+        flag: None,
+        kind,
+        set,
+    }
+}
+
+impl<C> Setting<C> {
+    /// The same setting with a flag.
+    fn flag(mut self, name: &'static str, hint: &'static str, help: &'static str) -> Setting<C> {
+        self.flag = Some(Flag { name, hint, help });
+        self
+    }
+
+    /// The same setting without a file key (a flag only).
+    fn flag_only(mut self) -> Setting<C> {
+        self.key = None;
+        self
+    }
+}
+
+/// The CRS's settings.
+pub fn crs_settings() -> Vec<Setting<CrsConfig>> {
+    type C = CrsConfig;
+    vec![
+        key("listen", Kind::Text, |c: &mut C, v| c.listen = v.text()).flag(
+            "listen",
+            "ADDR",
+            "address to listen on (default 127.0.0.1:7100)",
+        ),
+        key("data_dir", Kind::Text, |c: &mut C, v| {
+            c.data_dir = v.text().into()
+        })
+        .flag("data", "DIR", "data directory (default ./ims-crs-data)"),
+        key("store", Kind::Text, |c: &mut C, v| c.store = Some(v.text())).flag(
+            "store",
+            "STORE",
+            "where the data lives: sled:DIR (default: sled in --data) or postgres://USER@HOST/DB",
+        ),
+        key("metrics", Kind::Text, |c: &mut C, v| {
+            c.metrics = Some(v.text())
+        })
+        .flag(
+            "metrics",
+            "ADDR",
+            "serve Prometheus metrics on http://ADDR/metrics",
+        ),
+        key("ms_key", Kind::Text, |c: &mut C, v| {
+            c.ms_key_file = v.text().into()
+        })
+        .flag("ms-key", "FILE", "MSkey file (default ./mskey)"),
+        key("registration_open", Kind::Switch, |c: &mut C, v| {
+            c.registration_open = v.on()
+        }),
+        key("registration_open", Kind::Switch, |c: &mut C, v| {
+            if v.on() {
+                c.registration_open = false
+            }
+        })
+        .flag("close-registration", "", "refuse self-registration")
+        .flag_only(),
+        key("heartbeat_timeout_secs", Kind::Secs, |c: &mut C, v| {
+            c.heartbeat_timeout = v.secs()
+        }),
+        key("lock_lease_secs", Kind::Secs, |c: &mut C, v| {
+            c.lock_lease = v.secs()
+        }),
+        key("min_iterations", ITERATIONS, |c: &mut C, v| {
+            c.min_iterations = v.int()
+        })
+        .flag(
+            "min-iterations",
+            "N",
+            "fewest PBKDF2 iterations a registration may use",
+        ),
+        key("max_search_results", U32, |c: &mut C, v| {
+            c.max_search_results = v.int()
+        }),
+        key("free_login_attempts", U32, |c: &mut C, v| {
+            c.free_login_attempts = v.int()
+        }),
+        key("pool.workers", COUNT, |c: &mut C, v| {
+            c.pool.workers = v.int::<usize>().max(1)
+        })
+        .flag("workers", "N", "worker threads"),
+        key("pool.queue", COUNT, |c: &mut C, v| c.pool.queue = v.int()),
+        key("pool.message_deadline_secs", Kind::Secs, |c: &mut C, v| {
+            c.pool.message_deadline = v.secs()
+        })
+        .flag(
+            "message-deadline",
+            "SECS",
+            "seconds within which one whole request must arrive (default 10)",
+        ),
+        key("pool.idle_timeout_secs", Kind::Secs, |c: &mut C, v| {
+            c.pool.idle_timeout = v.secs()
+        }),
+    ]
+}
+
+/// The MS's settings.
+pub fn ms_settings() -> Vec<Setting<MsConfig>> {
+    type C = MsConfig;
+    vec![
+        key("listen", Kind::Text, |c: &mut C, v| c.listen = v.text()).flag(
+            "listen",
+            "ADDR",
+            "address to listen on for clients (default 127.0.0.1:7101)",
+        ),
+        key("advertise", Kind::Text, |c: &mut C, v| {
+            c.advertise = Some(v.text())
+        })
+        .flag(
+            "advertise",
+            "ADDR",
+            "address given to clients (default: the bound address)",
+        ),
+        key("crs", Kind::Text, |c: &mut C, v| c.crs = v.text()).flag(
+            "crs",
+            "ADDR[,ADDR...]",
+            "the CRS (default 127.0.0.1:7100); A,B,C: instances of one directory, used in turn when one fails",
+        ),
+        key("metrics", Kind::Text, |c: &mut C, v| c.metrics = Some(v.text())).flag(
+            "metrics",
+            "ADDR",
+            "serve Prometheus metrics on http://ADDR/metrics",
+        ),
+        key("ms_key", Kind::Text, |c: &mut C, v| {
+            c.ms_key_file = v.text().into()
+        })
+        .flag("ms-key", "FILE", "MSkey file (default ./mskey)"),
+        key("capacity", U32, |c: &mut C, v| c.capacity = v.int()).flag(
+            "capacity",
+            "N",
+            "most users logged in here",
+        ),
+        key("heartbeat_interval_secs", Kind::Secs, |c: &mut C, v| {
+            c.heartbeat_interval = v.secs()
+        })
+        .flag(
+            "heartbeat-interval",
+            "SECS",
+            "seconds between heartbeats to the CRS (default 3)",
+        ),
+        key("push_threads", COUNT, |c: &mut C, v| {
+            c.push_threads = v.int()
+        }),
+        key("client_timeout_secs", Kind::Secs, |c: &mut C, v| {
+            c.client_timeout = v.secs()
+        })
+        .flag(
+            "client-timeout",
+            "SECS",
+            "seconds of client silence before a probe and logout (default 15)",
+        ),
+        key("fake_iterations", ITERATIONS, |c: &mut C, v| {
+            c.fake_iterations = v.int()
+        })
+        .flag(
+            "fake-iterations",
+            "N",
+            "PBKDF2 iterations shown for unknown names",
+        )
+        .flag_only(),
+        key("login_rate_per_sec", Kind::Rate, |c: &mut C, v| {
+            c.login_rate = v.rate()
+        })
+        .flag(
+            "login-rate",
+            "N",
+            "login attempts a second from one address (default 5, burst 30; 0: no limit)",
+        ),
+        key("login_burst", U32, |c: &mut C, v| c.login_burst = v.int()),
+        key("search_rate_per_sec", Kind::Rate, |c: &mut C, v| {
+            c.search_rate = v.rate()
+        }),
+        key("pool.workers", COUNT, |c: &mut C, v| {
+            c.pool.workers = v.int::<usize>().max(1)
+        })
+        .flag("workers", "N", "worker threads"),
+        key("pool.queue", COUNT, |c: &mut C, v| c.pool.queue = v.int()),
+        key("pool.message_deadline_secs", Kind::Secs, |c: &mut C, v| {
+            c.pool.message_deadline = v.secs()
+        })
+        .flag(
+            "message-deadline",
+            "SECS",
+            "seconds within which one whole request must arrive (default 10)",
+        ),
+        key("pool.idle_timeout_secs", Kind::Secs, |c: &mut C, v| {
+            c.pool.idle_timeout = v.secs()
+        }),
+    ]
+}
+
+/// The client program's configuration: the client's, and whom to log in
+/// as at start.
+#[derive(Clone, Debug, Default)]
+pub struct ClientProgram {
+    /// The client.
+    pub client: ClientConfig,
     /// Log in as this user at start.
     pub user: Option<String>,
     /// File whose first line is the password.
     pub password_file: Option<PathBuf>,
-    /// Expected CRS key fingerprint.
-    pub crs_fingerprint: Option<String>,
-    /// PBKDF2 iterations for new passwords.
-    pub kdf_iterations: Option<u32>,
-    /// Allow fewer iterations than the production minimum.
-    pub insecure_kdf: Option<bool>,
-    /// RSA key size for new accounts.
-    pub rsa_bits: Option<u32>,
-    /// Where received files go.
-    pub download_dir: Option<PathBuf>,
-    /// Accept every file a buddy offers.
-    pub auto_accept_files: Option<bool>,
-    /// Seconds between keepalives to the MS.
-    pub keepalive_interval_secs: Option<f64>,
-    /// The listener's worker pool.
-    #[serde(default)]
-    pub pool: PoolFile,
 }
 
-/// Seconds (possibly fractional) as a duration; negatives count as zero.
-pub fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s.max(0.0))
+/// The client's settings.
+pub fn client_settings() -> Vec<Setting<ClientProgram>> {
+    type C = ClientProgram;
+    vec![
+        key("crs", Kind::Text, |c: &mut C, v| c.client.crs = v.text()).flag(
+            "crs",
+            "ADDR[,ADDR...]",
+            "the CRS (default 127.0.0.1:7100); A,B,C: instances of one directory, tried in turn",
+        ),
+        key("listen", Kind::Text, |c: &mut C, v| {
+            c.client.listen = v.text()
+        })
+        .flag(
+            "listen",
+            "ADDR",
+            "where this client listens (default 0.0.0.0:7300)",
+        ),
+        key("advertise_port", U16, |c: &mut C, v| {
+            c.client.advertise_port = Some(v.int())
+        })
+        .flag(
+            "advertise-port",
+            "PORT",
+            "the port buddies reach this client at, if forwarded to the listener",
+        ),
+        key("user", Kind::Text, |c: &mut C, v| c.user = Some(v.text())).flag(
+            "user",
+            "NAME",
+            "log in as NAME at start",
+        ),
+        key("password_file", Kind::Text, |c: &mut C, v| {
+            c.password_file = Some(v.text().into())
+        })
+        .flag(
+            "password-file",
+            "FILE",
+            "read the password from the first line of FILE",
+        ),
+        key("crs_fingerprint", Kind::Text, |c: &mut C, v| {
+            c.client.crs_fingerprint = Some(v.text())
+        }),
+        key("kdf_iterations", ITERATIONS, |c: &mut C, v| {
+            c.client.kdf_iterations = v.int()
+        })
+        .flag("kdf-iterations", "N", "PBKDF2 iterations for new passwords"),
+        key("insecure_kdf", Kind::Switch, |c: &mut C, v| {
+            c.client.insecure_kdf = v.on()
+        }),
+        key("insecure_kdf", Kind::Switch, |c: &mut C, v| {
+            c.client.insecure_kdf |= v.on()
+        })
+        .flag(
+            "insecure-kdf",
+            "",
+            "allow fewer PBKDF2 iterations than 600000 (tests only)",
+        )
+        .flag_only(),
+        key("rsa_bits", U32, |c: &mut C, v| c.client.rsa_bits = v.int()).flag(
+            "rsa-bits",
+            "N",
+            "RSA key size for new accounts (default 2048)",
+        ),
+        key("download_dir", Kind::Text, |c: &mut C, v| {
+            c.client.download_dir = v.text().into()
+        })
+        .flag(
+            "download-dir",
+            "DIR",
+            "where received files go (default ~/Downloads)",
+        ),
+        key("auto_accept_files", Kind::Switch, |c: &mut C, v| {
+            c.client.auto_accept_files = v.on()
+        }),
+        key("auto_accept_files", Kind::Switch, |c: &mut C, v| {
+            c.client.auto_accept_files |= v.on()
+        })
+        .flag("auto-accept-files", "", "accept every file a buddy offers")
+        .flag_only(),
+        key("keepalive_interval_secs", Kind::Secs, |c: &mut C, v| {
+            c.client.keepalive_interval = v.secs()
+        }),
+        key("pool.workers", COUNT, |c: &mut C, v| {
+            c.client.pool.workers = v.int::<usize>().max(1)
+        }),
+        key("pool.queue", COUNT, |c: &mut C, v| {
+            c.client.pool.queue = v.int()
+        }),
+        key("pool.message_deadline_secs", Kind::Secs, |c: &mut C, v| {
+            c.client.pool.message_deadline = v.secs()
+        }),
+        key("pool.idle_timeout_secs", Kind::Secs, |c: &mut C, v| {
+            c.client.pool.idle_timeout = v.secs()
+        }),
+    ]
+}
+
+/// Adds every flag of `table` to `opts`.
+pub fn add_flags<C>(opts: &mut Options, table: &[Setting<C>]) {
+    for f in table.iter().filter_map(|s| s.flag) {
+        if f.hint.is_empty() {
+            opts.optflag("", f.name, f.help);
+        } else {
+            opts.optopt("", f.name, f.help, f.hint);
+        }
+    }
+}
+
+/// A value from a file, checked against its kind.
+fn from_toml(kind: Kind, v: &toml::Value) -> Result<Value, String> {
+    let number = || match v {
+        toml::Value::Float(f) => Ok(*f),
+        toml::Value::Integer(i) => Ok(*i as f64),
+        _ => Err(format!("expected a number, found {}", v.type_str())),
+    };
+    match kind {
+        Kind::Text => v
+            .as_str()
+            .map(|s| Value::Text(s.to_owned()))
+            .ok_or_else(|| format!("expected a string, found {}", v.type_str())),
+        Kind::Switch => v
+            .as_bool()
+            .map(Value::Switch)
+            .ok_or_else(|| format!("expected true or false, found {}", v.type_str())),
+        Kind::Int { max } => match v.as_integer().map(u64::try_from) {
+            Some(Ok(n)) if n <= max => Ok(Value::Int(n)),
+            Some(_) => Err(format!("expected a whole number from 0 to {max}")),
+            None => Err(format!("expected a whole number, found {}", v.type_str())),
+        },
+        Kind::Secs => duration(number()?).map(Value::Secs),
+        Kind::Rate => Rate::try_from(number()?).map(|r| Value::Rate(r.0)),
+    }
+}
+
+/// A flag's text, checked against its kind.
+fn from_text(kind: Kind, s: &str) -> Result<Value, String> {
+    let number = || {
+        s.parse::<f64>()
+            .map_err(|_| format!("'{s}' is not a valid number"))
+    };
+    match kind {
+        Kind::Text => Ok(Value::Text(s.to_owned())),
+        Kind::Switch => Ok(Value::Switch(true)),
+        Kind::Int { max } => match s.parse::<u64>() {
+            Ok(n) if n <= max => Ok(Value::Int(n)),
+            _ => Err(format!("'{s}' is not a valid number (0 to {max})")),
+        },
+        Kind::Secs => duration(number()?).map(Value::Secs),
+        Kind::Rate => Rate::try_from(number()?).map(|r| Value::Rate(r.0)),
+    }
+}
+
+/// Reads the file at `path` into `c` through `table`.
+pub fn load<C>(path: &Path, table: &[Setting<C>], c: &mut C) -> Result<(), ConfigError> {
+    let fail = |message: String| ConfigError {
+        path: path.to_owned(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let doc: toml::Table =
+        toml::from_str(&text).map_err(|e| fail(e.to_string().trim().replace('\n', " ")))?;
+    apply_table(&doc, "", table, c).map_err(fail)
+}
+
+fn apply_table<C>(
+    doc: &toml::Table,
+    prefix: &str,
+    table: &[Setting<C>],
+    c: &mut C,
+) -> Result<(), String> {
+    for (name, value) in doc {
+        let full = format!("{prefix}{name}");
+        if let toml::Value::Table(inner) = value {
+            let sub = format!("{full}.");
+            if table
+                .iter()
+                .any(|s| s.key.is_some_and(|k| k.starts_with(&sub)))
+            {
+                apply_table(inner, &sub, table, c)?;
+                continue;
+            }
+        }
+        let setting = table
+            .iter()
+            .find(|s| s.key == Some(full.as_str()))
+            .ok_or_else(|| format!("unknown key `{full}`"))?;
+        let v = from_toml(setting.kind, value).map_err(|e| format!("key `{full}`: {e}"))?;
+        (setting.set)(c, v);
+    }
+    Ok(())
+}
+
+/// Applies the flags of `table` present in `m` to `c` (after a file).
+pub fn apply_flags<C>(m: &Matches, table: &[Setting<C>], c: &mut C) -> Result<(), String> {
+    for s in table {
+        let Some(f) = s.flag else { continue };
+        let v = if f.hint.is_empty() {
+            if !m.opt_present(f.name) {
+                continue;
+            }
+            Value::Switch(true)
+        } else {
+            let Some(text) = m.opt_str(f.name) else {
+                continue;
+            };
+            from_text(s.kind, &text).map_err(|e| format!("--{}: {e}", f.name))?
+        };
+        (s.set)(c, v);
+    }
+    Ok(())
+}
+
+/// The longest duration a configuration may set: a week. Longer is a
+/// typo, and would overflow deadlines computed from it.
+pub const MAX_CONFIG_SECS: f64 = 7.0 * 86_400.0;
+
+/// The most events a second a rate may allow.
+pub const MAX_RATE: f64 = 1e6;
+
+/// Seconds (possibly fractional) as a duration: finite, not negative, at
+/// most [`MAX_CONFIG_SECS`]; the error says which rule `s` breaks.
+pub fn duration(s: f64) -> Result<Duration, String> {
+    if !s.is_finite() {
+        return Err(format!("{s} is not a number of seconds"));
+    }
+    if s < 0.0 {
+        return Err(format!("{s}: a duration cannot be negative"));
+    }
+    if s > MAX_CONFIG_SECS {
+        return Err(format!("{s}: at most {MAX_CONFIG_SECS} seconds"));
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+/// A duration key of a configuration file, checked by [`duration`] as it
+/// is read (so the error names the file and the key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "f64")]
+pub struct Secs(pub Duration);
+
+impl TryFrom<f64> for Secs {
+    type Error = String;
+
+    fn try_from(s: f64) -> Result<Secs, String> {
+        duration(s).map(Secs)
+    }
+}
+
+/// A rate key (events a second) of a configuration file: finite, not
+/// negative, at most [`MAX_RATE`].
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(try_from = "f64")]
+pub struct Rate(pub f64);
+
+impl TryFrom<f64> for Rate {
+    type Error = String;
+
+    fn try_from(r: f64) -> Result<Rate, String> {
+        if r.is_finite() && (0.0..=MAX_RATE).contains(&r) {
+            Ok(Rate(r))
+        } else {
+            Err(format!("{r}: a rate is a number from 0 to {MAX_RATE}"))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -177,23 +623,136 @@ mod tests {
     #[test]
     fn shipped_examples_parse() {
         let etc = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc");
-        load::<CrsFile>(&etc.join("crs.toml")).unwrap();
-        load::<MsFile>(&etc.join("ms.toml")).unwrap();
-        load::<ClientFile>(&etc.join("client.toml")).unwrap();
+        load(
+            &etc.join("crs.toml"),
+            &crs_settings(),
+            &mut CrsConfig::default(),
+        )
+        .unwrap();
+        load(
+            &etc.join("ms.toml"),
+            &ms_settings(),
+            &mut MsConfig::default(),
+        )
+        .unwrap();
+        let mut client = ClientProgram::default();
+        load(&etc.join("client.toml"), &client_settings(), &mut client).unwrap();
+    }
+
+    #[test]
+    fn every_key_and_flag_is_written_once() {
+        fn check<C>(table: &[Setting<C>]) {
+            let mut keys: Vec<_> = table.iter().filter_map(|s| s.key).collect();
+            let n = keys.len();
+            keys.sort();
+            keys.dedup();
+            assert_eq!(keys.len(), n, "a file key twice");
+            let mut flags: Vec<_> = table
+                .iter()
+                .filter_map(|s| s.flag.map(|f| f.name))
+                .collect();
+            let n = flags.len();
+            flags.sort();
+            flags.dedup();
+            assert_eq!(flags.len(), n, "a flag twice");
+        }
+        check(&crs_settings());
+        check(&ms_settings());
+        check(&client_settings());
     }
 
     #[test]
     fn unknown_key_and_wrong_type_name_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("crs.toml");
-        std::fs::write(&p, "listen = \"1.2.3.4:5\"\nbogus = 1\n").unwrap();
-        let e = load::<CrsFile>(&p).unwrap_err().to_string();
+        let table = crs_settings();
+        let load_crs = |text: &str| {
+            std::fs::write(&p, text).unwrap();
+            let mut c = CrsConfig::default();
+            load(&p, &table, &mut c).map(|()| c)
+        };
+        let e = load_crs("listen = \"1.2.3.4:5\"\nbogus = 1\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bogus") && e.contains("crs.toml"), "{e}");
-        std::fs::write(&p, "registration_open = \"yes\"\n").unwrap();
-        let e = load::<CrsFile>(&p).unwrap_err().to_string();
+        let e = load_crs("registration_open = \"yes\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("registration_open"), "{e}");
-        std::fs::write(&p, "listen = \"0.0.0.0:1\"\n[pool]\nworkers = 3\n").unwrap();
-        let f = load::<CrsFile>(&p).unwrap();
-        assert_eq!(f.pool.workers, Some(3));
+        let e = load_crs("[pool]\nbogus = 3\n").unwrap_err().to_string();
+        assert!(e.contains("pool.bogus"), "{e}");
+        let e = load_crs("min_iterations = -5\n").unwrap_err().to_string();
+        assert!(e.contains("min_iterations"), "{e}");
+        let c = load_crs("listen = \"0.0.0.0:1\"\n[pool]\nworkers = 3\n").unwrap();
+        assert_eq!(c.pool.workers, 3);
+        assert_eq!(c.listen, "0.0.0.0:1");
+    }
+
+    #[test]
+    fn bad_durations_and_rates_are_refused_naming_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ms.toml");
+        let table = ms_settings();
+        for (text, key) in [
+            ("heartbeat_interval_secs = inf\n", "heartbeat_interval_secs"),
+            ("heartbeat_interval_secs = nan\n", "heartbeat_interval_secs"),
+            ("client_timeout_secs = -1\n", "client_timeout_secs"),
+            ("client_timeout_secs = 1e300\n", "client_timeout_secs"),
+            ("[pool]\nidle_timeout_secs = -inf\n", "idle_timeout_secs"),
+            (
+                "[pool]\nmessage_deadline_secs = 1e19\n",
+                "message_deadline_secs",
+            ),
+            ("login_rate_per_sec = nan\n", "login_rate_per_sec"),
+            ("search_rate_per_sec = -2\n", "search_rate_per_sec"),
+        ] {
+            std::fs::write(&p, text).unwrap();
+            let e = load(&p, &table, &mut MsConfig::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key) && e.contains("ms.toml"), "{text}: {e}");
+        }
+        std::fs::write(
+            &p,
+            "heartbeat_interval_secs = 2.5\nclient_timeout_secs = 0\n",
+        )
+        .unwrap();
+        let mut c = MsConfig::default();
+        load(&p, &table, &mut c).unwrap();
+        assert_eq!(c.heartbeat_interval, Duration::from_millis(2500));
+        assert_eq!(c.client_timeout, Duration::ZERO);
+    }
+
+    #[test]
+    fn flags_go_through_the_same_table() {
+        let table = ms_settings();
+        let mut opts = Options::new();
+        add_flags(&mut opts, &table);
+        let parse = |args: &[&str]| {
+            let m = opts.parse(args).unwrap();
+            let mut c = MsConfig::default();
+            apply_flags(&m, &table, &mut c).map(|()| c)
+        };
+        let c = parse(&[
+            "--capacity",
+            "7",
+            "--heartbeat-interval",
+            "0.5",
+            "--workers",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(c.capacity, 7);
+        assert_eq!(c.heartbeat_interval, Duration::from_millis(500));
+        assert_eq!(c.pool.workers, 1);
+        for bad in [
+            ["--heartbeat-interval", "inf"],
+            ["--client-timeout", "-3"],
+            ["--capacity", "lots"],
+            ["--login-rate", "NaN"],
+        ] {
+            let e = parse(&bad).unwrap_err();
+            assert!(e.contains(bad[0]), "{e}");
+        }
     }
 }

@@ -7,10 +7,12 @@
 //! - [`seal`]: the AEAD envelope every link uses;
 //! - [`prethread`]: the fixed worker pool behind every listener;
 //! - [`metrics`]: the Prometheus `/metrics` endpoint of the servers;
-//! - [`proto`]: typed requests, replies and events of every link;
-//! - [`link`]: the sealed MS/operator link to the CRS, client side;
+//! - [`proto`]: typed requests, replies, refusals and events of every link;
+//! - [`link`]: connect, seal, call, open and decode for every link, and
+//!   the key schedules both ends use;
 //! - roles: [`crs`], [`ms`], [`client`];
-//! - [`config`] and [`cli`]: configuration files and what the binaries share.
+//! - [`config`] and [`cli`]: one table of settings per program (files and
+//!   flags), and what the binaries share.
 #![forbid(unsafe_code)]
 
 pub mod cli;

@@ -523,3 +523,118 @@ fn logging_out_ends_the_session_and_the_next_message_opens_a_new_one() {
     bob.send("/msg alice three");
     alice.wait_event("message", |e| e["text"] == "three");
 }
+
+/// A relay that, before passing on the first frame of a file transfer's
+/// connection, sends the receiver a copy with one byte of its sealed body
+/// changed, on a connection of its own (an attacker who saw the clear
+/// headers racing the real sender); returns how many it forged.
+fn start_forging_relay(target: Arc<Mutex<Option<SocketAddr>>>) -> (u16, Arc<Mutex<usize>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let forged = Arc::new(Mutex::new(0usize));
+    let count = forged.clone();
+    thread::spawn(move || {
+        for inbound in listener.incoming() {
+            let Ok(mut inbound) = inbound else { return };
+            let Some(addr) = *target.lock().unwrap() else {
+                continue;
+            };
+            let count = count.clone();
+            thread::spawn(move || {
+                // The first whole message.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 65536];
+                let first = loop {
+                    match wire::parse(&head, &Limits::DEFAULT.for_files()) {
+                        Ok(wire::Status::Complete { message, used }) => break (message, used),
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                    match inbound.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                };
+                let is_file = first.0.method() == Some(PEER)
+                    && first
+                        .0
+                        .header("Channel")
+                        .is_some_and(|c| c.starts_with("file:"));
+                if is_file {
+                    let mut bad = head[..first.1].to_vec();
+                    let at = first.1 - 3; // the body's last byte, before CRLF
+                    bad[at] ^= 0x40;
+                    let reply = send_raw(addr, &bad);
+                    assert!(
+                        reply.as_ref().is_none_or(|r| r.method() != Some(PEER)),
+                        "a forged frame was acknowledged: {reply:?}"
+                    );
+                    *count.lock().unwrap() += 1;
+                }
+                let Ok(mut outbound) = TcpStream::connect(addr) else {
+                    return;
+                };
+                if outbound.write_all(&head).is_err() {
+                    return;
+                }
+                let (mut up_from, mut up_to) =
+                    (inbound.try_clone().unwrap(), outbound.try_clone().unwrap());
+                thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    while let Ok(n) = up_from.read(&mut buf) {
+                        if n == 0 || up_to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    up_to.shutdown(std::net::Shutdown::Both).ok();
+                });
+                let mut buf = [0u8; 65536];
+                while let Ok(n) = outbound.read(&mut buf) {
+                    if n == 0 || inbound.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                inbound.shutdown(std::net::Shutdown::Both).ok();
+            });
+        }
+    });
+    (port, forged)
+}
+
+#[test]
+fn a_forged_first_frame_does_not_end_an_accepted_transfer() {
+    let c = Cluster::start(1);
+    c.register("alice", PW);
+    c.register("bob", PW);
+    let target = Arc::new(Mutex::new(None));
+    let (port, forged) = start_forging_relay(target.clone());
+    let dl = c.env.path().join("dl-bob-forged");
+    let bob = login_with(
+        &c,
+        "bob",
+        &[
+            "--advertise-port",
+            &port.to_string(),
+            "--download-dir",
+            dl.to_str().unwrap(),
+        ],
+    );
+    *target.lock().unwrap() = Some(bob.listen_addr());
+    let alice = c.login("alice", PW);
+    befriend(&alice, "alice", &bob, "bob");
+
+    let file = c.env.path().join("forged.txt");
+    let content = b"the real content 4471 ".repeat(5_000);
+    fs::write(&file, &content).unwrap();
+    alice.send(&format!("/send bob {}", file.display()));
+    bob.wait_event("file-offer", |e| e["from"] == "alice");
+    bob.send("/accept alice");
+    let got = bob.wait_for(
+        "file-received",
+        |e| e["event"] == "file-received" || e["event"] == "file-failed",
+        Duration::from_secs(30),
+    );
+    assert_eq!(got["event"], "file-received", "{got}");
+    assert_eq!(fs::read(field(&got, "path")).unwrap(), content);
+    assert!(*forged.lock().unwrap() >= 1, "the relay forged nothing");
+}

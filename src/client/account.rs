@@ -6,57 +6,106 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::crypto::{self, scram, KdfParams, KdfPolicy, RsaPrivateKey, RsaPublicKey};
-use crate::proto::crs::{ClientRequest, Profile, Registration, Verifier, REGISTER_AAD};
-use crate::wire::io::IoError;
-use crate::wire::Message;
+use crate::link::{Conn, LinkError};
+use crate::proto::crs::{
+    ClientReply, ClientRequest, Profile, Registration, Verifier, REGISTER_AAD,
+};
+use crate::proto::{Refusal, Refused};
 
 /// Fewest characters of a password.
 pub const MIN_PASSWORD_LEN: usize = 8;
 
-/// Why an account operation failed.
+/// Why something the client was asked to do failed: one type for every
+/// operation, with variants a caller matches on.
 #[derive(Debug)]
-pub enum AccountError {
+pub enum ClientError {
     /// The password is too short.
     WeakPassword,
     /// The name is not 1-32 of `a-z 0-9 _ . -`.
     InvalidName,
-    /// The server could not be reached or broke the connection.
-    Io(IoError),
-    /// The server said no (its reason).
-    Refused(u16, String),
+    /// Not logged in.
+    NotLoggedIn,
+    /// Already logged in as this user.
+    AlreadyLoggedIn(String),
+    /// The server could not be reached, broke the connection, or sent
+    /// something that is not an answer.
+    Io(LinkError),
+    /// The server said no: act on the typed refusal, show its reason.
+    Refused(Refused),
     /// A key operation failed (e.g. iterations below the policy).
     Crypto(crypto::Error),
     /// The CRS's key is not the one configured.
     WrongCrsKey(String),
+    /// The login challenge asks for more PBKDF2 iterations than
+    /// [`crypto::PBKDF2_MAX_ITERATIONS`]: a hostile or broken server.
+    TooManyIterations(u32),
+    /// The MS failed to prove it holds our verifier: not our servers.
+    ServerUnproven,
+    /// The account's stored key pair does not match.
+    KeyMismatch,
+    /// Something else, in words (conversations and file transfers).
+    Failed(String),
 }
 
-impl fmt::Display for AccountError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+/// The older name of [`ClientError`].
+pub type AccountError = ClientError;
+
+impl ClientError {
+    /// The typed refusal, if a server refused.
+    pub fn refusal(&self) -> Option<&Refusal> {
         match self {
-            AccountError::WeakPassword => write!(f, "password must have at least {MIN_PASSWORD_LEN} characters"),
-            AccountError::InvalidName => f.write_str("invalid name: use 1-32 of a-z 0-9 _ . -"),
-            AccountError::Io(e) => write!(f, "cannot reach the server: {e}"),
-            AccountError::Refused(_, r) => f.write_str(r),
-            AccountError::Crypto(e) => write!(f, "{e}"),
-            AccountError::WrongCrsKey(fp) => write!(
-                f,
-                "the CRS's key fingerprint is {fp}, not the configured one: refusing to send credentials"
-            ),
+            ClientError::Refused(r) => Some(&r.refusal),
+            _ => None,
         }
     }
 }
 
-impl std::error::Error for AccountError {}
-
-impl From<IoError> for AccountError {
-    fn from(e: IoError) -> Self {
-        AccountError::Io(e)
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::WeakPassword => write!(f, "password must have at least {MIN_PASSWORD_LEN} characters"),
+            ClientError::InvalidName => f.write_str("invalid name: use 1-32 of a-z 0-9 _ . -"),
+            ClientError::NotLoggedIn => f.write_str("not logged in; /login NAME first"),
+            ClientError::AlreadyLoggedIn(me) => write!(f, "already logged in as {me}; /logout first"),
+            ClientError::Io(e) => write!(f, "cannot reach the server: {e}"),
+            ClientError::Refused(r) => write!(f, "{r}"),
+            ClientError::Crypto(e) => write!(f, "{e}"),
+            ClientError::WrongCrsKey(fp) => write!(
+                f,
+                "the CRS's key fingerprint is {fp}, not the configured one: refusing to send credentials"
+            ),
+            ClientError::TooManyIterations(n) => write!(
+                f,
+                "the messaging server asks for {n} password iterations, more than the {} this client accepts: refusing to log in there",
+                crypto::PBKDF2_MAX_ITERATIONS
+            ),
+            ClientError::ServerUnproven => f.write_str("the messaging server failed to prove itself"),
+            ClientError::KeyMismatch => f.write_str("the stored key pair does not match"),
+            ClientError::Failed(why) => f.write_str(why),
+        }
     }
 }
 
-impl From<crypto::Error> for AccountError {
+impl std::error::Error for ClientError {}
+
+impl From<LinkError> for ClientError {
+    fn from(e: LinkError) -> Self {
+        match e {
+            LinkError::Refused(r) => ClientError::Refused(r),
+            e => ClientError::Io(e),
+        }
+    }
+}
+
+impl From<Refused> for ClientError {
+    fn from(r: Refused) -> Self {
+        ClientError::Refused(r)
+    }
+}
+
+impl From<crypto::Error> for ClientError {
     fn from(e: crypto::Error) -> Self {
-        AccountError::Crypto(e)
+        ClientError::Crypto(e)
     }
 }
 
@@ -111,21 +160,6 @@ pub fn normalize_name(name: &str) -> Result<String, AccountError> {
     }
 }
 
-/// One request to a server and its reply, on a fresh connection. `addr`
-/// may list several instances of the CRS (`A,B,C`): the first that accepts
-/// the connection gets the request (never resent once sent, so a
-/// registration cannot be made twice).
-pub fn exchange(addr: &str, m: &Message, timeout: Duration) -> Result<Message, IoError> {
-    let mut last = None;
-    for one in addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-        match crate::client::connect(one, timeout) {
-            Ok(stream) => return crate::client::Conn::new(stream, timeout).call(m),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| IoError::Io(std::io::ErrorKind::NotFound.into())))
-}
-
 /// Everything `register` needs.
 pub struct NewAccount<'a> {
     /// The CRS's address.
@@ -155,11 +189,11 @@ pub fn register(a: &NewAccount<'_>) -> Result<String, AccountError> {
     if a.password.chars().count() < MIN_PASSWORD_LEN {
         return Err(AccountError::WeakPassword);
     }
-    let reply = exchange(a.crs, &ClientRequest::CrsKey.to_message(), a.timeout)?;
-    if !reply.is_success() {
-        return Err(refused(&reply));
-    }
-    let crs_key = RsaPublicKey::from_der(&reply.body)?;
+    let der = match Conn::connect(a.crs, a.timeout)?.call(&ClientRequest::CrsKey)? {
+        ClientReply::CrsKey { der, .. } => der,
+        _ => return Err(ClientError::Failed("the CRS sent no key".into())),
+    };
+    let crs_key = RsaPublicKey::from_der(&der)?;
     let fingerprint = crs_key.fingerprint();
     if let Some(expected) = a.crs_fingerprint {
         if !expected.eq_ignore_ascii_case(&fingerprint) {
@@ -182,22 +216,6 @@ pub fn register(a: &NewAccount<'_>) -> Result<String, AccountError> {
     // A one-time key, so the all-zero nonce is used exactly once.
     let sealed = crypto::aes_gcm_seal(&k, &[0; 12], REGISTER_AAD, &plain)?;
     let key = crs_key.encrypt_oaep(&k)?;
-    let reply = exchange(
-        a.crs,
-        &ClientRequest::Register { key, sealed }.to_message(),
-        a.timeout,
-    )?;
-    if reply.is_success() {
-        Ok(user)
-    } else {
-        Err(refused(&reply))
-    }
-}
-
-/// An error reply as an [`AccountError`].
-pub fn refused(reply: &Message) -> AccountError {
-    AccountError::Refused(
-        reply.code().unwrap_or(0),
-        reply.reason().unwrap_or("refused").to_owned(),
-    )
+    Conn::connect(a.crs, a.timeout)?.call(&ClientRequest::Register { key, sealed })?;
+    Ok(user)
 }

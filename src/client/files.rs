@@ -25,7 +25,8 @@ use super::peer::{PeerSession, PendingKind};
 use super::Client;
 use crate::crypto::{self, Sha256};
 use crate::keyfile::hex;
-use crate::proto::peer::{PeerRequest, PEER};
+use crate::proto::peer::{Ack, PeerRequest, PEER};
+use crate::proto::{Refusal, Request};
 use crate::seal::{Opener, Role, Sealer};
 use crate::wire::io::{write_message, MessageReader};
 use crate::wire::{code, Limits, Message};
@@ -315,6 +316,10 @@ pub struct Receiving {
     written: u64,
     progress: Progress,
     done: bool,
+    /// A frame of this connection opened under the transfer's keys: only
+    /// then does the transfer count as receiving, so that a forged first
+    /// frame cannot end an accepted transfer.
+    started: bool,
 }
 
 impl Client {
@@ -470,9 +475,9 @@ impl Client {
         size: u64,
         content_type: String,
         sha256: String,
-    ) -> Message {
+    ) -> Ack {
         if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Message::reply(code::BAD_REQUEST, "bad Sha256").with_header("Id", id);
+            return Ack::refused(id, Refusal::BadRequest, "bad Sha256");
         }
         let t = Arc::new(InTransfer {
             id,
@@ -503,10 +508,10 @@ impl Client {
                 }
             });
         }
-        Message::ok().with_header("Id", id)
+        Ack::done(id)
     }
 
-    pub(super) fn on_file_answer(self: &Arc<Self>, from: &str, id: u64, accept: bool) -> Message {
+    pub(super) fn on_file_answer(self: &Arc<Self>, from: &str, id: u64, accept: bool) -> Ack {
         let Some(t) = self
             .files
             .outgoing
@@ -514,7 +519,7 @@ impl Client {
             .get(&(from.to_owned(), id))
             .cloned()
         else {
-            return Message::reply(code::NOT_FOUND, "no such offer").with_header("Id", id);
+            return Ack::refused(id, Refusal::NoSuchTransfer, "no such offer");
         };
         if !accept {
             self.files.outgoing.lock().remove(&(from.to_owned(), id));
@@ -524,7 +529,7 @@ impl Client {
                 name: t.name.clone(),
                 reason: format!("{from} declined"),
             });
-            return Message::ok().with_header("Id", id);
+            return Ack::done(id);
         }
         let client = self.clone();
         let spawned = std::thread::Builder::new()
@@ -547,14 +552,12 @@ impl Client {
                 }
             });
         match spawned {
-            Ok(_) => Message::ok().with_header("Id", id),
-            Err(_) => {
-                Message::reply(code::INTERNAL, "cannot start the transfer").with_header("Id", id)
-            }
+            Ok(_) => Ack::done(id),
+            Err(_) => Ack::refused(id, Refusal::Internal, "cannot start the transfer"),
         }
     }
 
-    pub(super) fn on_file_cancel(&self, from: &str, id: u64, from_sender: bool) -> Message {
+    pub(super) fn on_file_cancel(&self, from: &str, id: u64, from_sender: bool) -> Ack {
         if from_sender {
             let found = self
                 .files
@@ -584,7 +587,7 @@ impl Client {
                 reason: format!("cancelled by {from}"),
             });
         }
-        Message::ok().with_header("Id", id)
+        Ack::done(id)
     }
 
     /// The sending side of an accepted transfer, on its own connection.
@@ -659,14 +662,10 @@ impl Client {
             ));
         }
         let inner = recv.open(&reply).map_err(|e| broke(&e))?;
-        if inner.is_success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{}: {}",
-                t.peer,
-                inner.reason().unwrap_or("refused")
-            ))
+        match (PeerRequest::FileEnd { id: t.id }).read_reply(&inner) {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(refused)) => Err(format!("{}: {refused}", t.peer)),
+            Err(e) => Err(format!("{}: bad answer: {e}", t.peer)),
         }
     }
 
@@ -692,12 +691,9 @@ impl Client {
             .find(|t| t.peer == from && t.id == id)
             .cloned()
             .ok_or_else(|| Message::reply(code::NOT_FOUND, "no such transfer"))?;
-        {
-            let mut state = transfer.state.lock();
-            if *state != InState::Accepted {
-                return Err(Message::reply(code::FORBIDDEN, "transfer not accepted"));
-            }
-            *state = InState::Receiving;
+        // The state changes when a frame opens (see `on_file_message`).
+        if *transfer.state.lock() != InState::Accepted {
+            return Err(Message::reply(code::FORBIDDEN, "transfer not accepted"));
         }
         let me = self
             .user()
@@ -735,6 +731,7 @@ impl Client {
             written: 0,
             progress: Progress::new(),
             done: false,
+            started: false,
         })
     }
 
@@ -753,6 +750,15 @@ impl Client {
                 return Some((Message::reply(code::BAD_REQUEST, "unreadable chunk"), true));
             }
         };
+        if !r.started {
+            let mut state = t.state.lock();
+            if *state != InState::Accepted {
+                // Another connection is receiving it: this one goes, alone.
+                return Some((Message::reply(code::CONFLICT, "already receiving"), true));
+            }
+            *state = InState::Receiving;
+            r.started = true;
+        }
         let cannot_write = || {
             Some((
                 Message::reply(code::INTERNAL, "cannot write the file"),
@@ -762,7 +768,8 @@ impl Client {
         match PeerRequest::from_message(inner) {
             Ok(PeerRequest::FileChunk { id, offset, .. }) if id == t.id => {
                 let len = data.len() as u64;
-                if offset != r.written || r.written + len > t.size {
+                let past_end = r.written.checked_add(len).is_none_or(|end| end > t.size);
+                if offset != r.written || past_end {
                     return Some((
                         Message::reply(code::BAD_REQUEST, "chunk out of place"),
                         true,
@@ -791,9 +798,10 @@ impl Client {
                     Err(_) => return cannot_write(),
                 };
                 let reply = match self.finish(r, file, hasher) {
-                    Ok(()) => Message::ok().with_header("Id", id),
-                    Err(reason) => Message::reply(code::BAD_REQUEST, &reason).with_header("Id", id),
-                };
+                    Ok(()) => Ack::done(id),
+                    Err(reason) => Ack::refused(id, Refusal::BadRequest, reason),
+                }
+                .to_message();
                 let clear = r.session.clear(&r.me, "");
                 let chan = format!("file:{id}");
                 let clear = [clear[0], clear[1], clear[2], ("Channel", chan.as_str())];
@@ -864,6 +872,16 @@ impl Client {
 
     /// A transfer's connection ended: unless it finished, nothing stays.
     pub(super) fn close_receiving(&self, mut r: Receiving) {
+        if !r.started {
+            // No frame of this connection opened: the transfer is untouched
+            // (still accepted, waiting for its real sender); only this
+            // connection's partial file goes.
+            let _ = r.sink.finish();
+            if let Err(e) = fs::remove_file(&r.temp) {
+                warn!("removing {}: {e}", r.temp.display());
+            }
+            return;
+        }
         if !r.done {
             let reason = if r.transfer.cancelled.load(Ordering::Relaxed) {
                 "cancelled".to_owned()

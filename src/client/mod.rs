@@ -9,27 +9,27 @@ pub mod peer;
 pub mod session;
 pub mod ui;
 
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{RecvTimeoutError, Sender};
 use log::{debug, info, warn};
 use parking_lot::Mutex;
 
 use crate::crypto::{self, KdfPolicy};
+use crate::link::Conn;
 use crate::prethread::{self, Outcome, Peer, Server, Service};
-use crate::proto::crs::{Contact, EventKind, Hit, Profile};
-use crate::proto::ms::{read_event, MsRequest, PUSH};
+use crate::proto::crs::{EventKind, Hit, Profile};
+use crate::proto::ms::{read_event, MsReply, MsRequest, PUSH};
 use crate::proto::peer::{INIT, PEER};
-use crate::proto::Fields;
-use crate::wire::io::{write_message, IoError, MessageReader};
-use crate::wire::{code, Limits, Message};
-use account::{refused, AccountError, NewAccount};
+use crate::proto::{Refusal, Refused};
+use crate::wire::{Limits, Message};
+use account::{AccountError, ClientError, NewAccount};
 use events::{BuddyView, Event};
-use session::{request_is_genuine, Credentials, Session};
+use session::{request_is_genuine, Credentials, Session, State};
 
 /// The well-known port of the client's listener (one client per host, as
 /// the design has it); tests and several clients on one host use port 0.
@@ -115,55 +115,17 @@ impl ClientConfig {
     }
 }
 
-/// Connects to `addr` within `timeout`.
-pub fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, IoError> {
-    let mut last = None;
-    for a in addr.to_socket_addrs().map_err(IoError::Io)? {
-        match TcpStream::connect_timeout(&a, timeout) {
-            Ok(s) => {
-                // Small request/reply exchanges: do not wait for Nagle.
-                if let Err(e) = s.set_nodelay(true) {
-                    warn!("TCP_NODELAY: {e}");
-                }
-                return Ok(s);
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(IoError::Io(
-        last.unwrap_or_else(|| std::io::ErrorKind::NotFound.into()),
-    ))
-}
-
-/// A kept connection for a sequence of request/reply exchanges.
-pub struct Conn {
-    reader: MessageReader<TcpStream>,
-    timeout: Duration,
-}
-
-impl Conn {
-    /// Wraps a connected stream.
-    pub fn new(stream: TcpStream, timeout: Duration) -> Conn {
-        Conn {
-            reader: MessageReader::new(stream),
-            timeout,
-        }
-    }
-
-    /// Sends `m` and reads the reply.
-    pub fn call(&mut self, m: &Message) -> Result<Message, IoError> {
-        write_message(self.reader.get_mut(), m, Instant::now() + self.timeout)?;
-        self.reader
-            .read_message(&Limits::DEFAULT, Instant::now() + self.timeout)?
-            .ok_or(IoError::Wire(crate::wire::Error::EofInHeaders))
-    }
-}
+/// Connects to `addr` within `timeout` (peer links).
+pub use crate::link::connect;
 
 /// A running client.
 pub struct Client {
     config: ClientConfig,
     listen_port: u16,
-    session: Mutex<Option<Session>>,
+    /// Logged out, logging in, or logged in.
+    state: Mutex<State>,
+    /// Each user's salt and iteration count at their last login here.
+    known_kdf: Mutex<std::collections::HashMap<String, crypto::KdfParams>>,
     /// Serializes requests to the MS so their sequence numbers stay in order.
     calls: Mutex<()>,
     events: Sender<Event>,
@@ -172,12 +134,16 @@ pub struct Client {
     next_id: AtomicU64,
     /// Whom we last wrote to or heard from: plain lines go there.
     last_peer: Mutex<Option<String>>,
-    /// A login is between its LOGIN and the session being installed.
-    logging_in: std::sync::atomic::AtomicBool,
-    /// Signalled when a login ends (installed or failed).
-    session_ready: parking_lot::Condvar,
-    /// Signalled when the buddy list or a buddy's presence changes.
-    buddies_changed: parking_lot::Condvar,
+    /// Signalled when `state` changes: a login ends (installed or
+    /// failed), the buddy list or a buddy's presence changes.
+    changed: parking_lot::Condvar,
+}
+
+/// A reply that does not fit its request.
+fn unexpected(reply: &MsReply) -> ClientError {
+    ClientError::Failed(format!(
+        "unexpected reply from the messaging server: {reply:?}"
+    ))
 }
 
 /// The buddy list of a session as shown to people.
@@ -196,6 +162,8 @@ pub struct Running {
     /// The client.
     pub client: Arc<Client>,
     server: Server,
+    /// Dropped with `Running`: the timer threads end.
+    _stop: Sender<()>,
 }
 
 impl Running {
@@ -226,15 +194,30 @@ pub fn start(config: ClientConfig, events: Sender<Event>) -> std::io::Result<Run
         Arc::new(Listener(client.clone())),
     )?;
     info!("client listening on {}", server.local_addr());
-    let weak = Arc::downgrade(&client);
+    // The timers: each sleeps until its next deadline or until `stop`
+    // says the client is going (its sender drops with `Running`).
+    let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+    let (weak, until) = (Arc::downgrade(&client), stopped.clone());
     std::thread::Builder::new()
         .name("client-acks".into())
         .spawn(move || {
-            // Fails messages whose acknowledgement is overdue; ends with the client.
+            // Fails messages whose acknowledgement is overdue.
             while let Some(c) = weak.upgrade() {
                 c.expire_pending();
+                // A request sent from now on is due no earlier than this.
+                let latest = Instant::now() + c.config.ack_timeout;
+                let next = c
+                    .peers
+                    .pending
+                    .lock()
+                    .values()
+                    .map(|p| p.deadline)
+                    .min()
+                    .map_or(latest, |d| d.min(latest));
                 drop(c);
-                std::thread::sleep(Duration::from_millis(100));
+                if !matches!(until.recv_deadline(next), Err(RecvTimeoutError::Timeout)) {
+                    return;
+                }
             }
         })?;
     let weak = Arc::downgrade(&client);
@@ -242,17 +225,20 @@ pub fn start(config: ClientConfig, events: Sender<Event>) -> std::io::Result<Run
         .name("client-keepalive".into())
         .spawn(move || {
             let mut failures = 0u32;
-            let mut next = Instant::now();
             while let Some(c) = weak.upgrade() {
-                if Instant::now() >= next {
-                    next = Instant::now() + c.config.keepalive_interval;
-                    failures = c.keepalive(failures);
-                }
+                let next = Instant::now() + c.config.keepalive_interval;
+                failures = c.keepalive(failures);
                 drop(c);
-                std::thread::sleep(Duration::from_millis(100));
+                if !matches!(stopped.recv_deadline(next), Err(RecvTimeoutError::Timeout)) {
+                    return;
+                }
             }
         })?;
-    Ok(Running { client, server })
+    Ok(Running {
+        client,
+        server,
+        _stop: stop,
+    })
 }
 
 impl Client {
@@ -261,16 +247,15 @@ impl Client {
         Client {
             config,
             listen_port,
-            session: Mutex::new(None),
+            state: Mutex::new(State::LoggedOut),
+            known_kdf: Mutex::new(std::collections::HashMap::new()),
             calls: Mutex::new(()),
             events,
             peers: peer::Peers::default(),
             files: files::Files::default(),
             next_id: AtomicU64::new(1),
             last_peer: Mutex::new(None),
-            logging_in: std::sync::atomic::AtomicBool::new(false),
-            session_ready: parking_lot::Condvar::new(),
-            buddies_changed: parking_lot::Condvar::new(),
+            changed: parking_lot::Condvar::new(),
         }
     }
 
@@ -308,12 +293,12 @@ impl Client {
 
     /// Whether a login is active.
     pub fn is_logged_in(&self) -> bool {
-        self.session.lock().is_some()
+        self.state.lock().session().is_some()
     }
 
     /// Our name, if logged in.
     pub fn user(&self) -> Option<String> {
-        self.session.lock().as_ref().map(|s| s.user.clone())
+        self.state.lock().session().map(|s| s.user.clone())
     }
 
     /// Creates an account.
@@ -338,13 +323,18 @@ impl Client {
 
     /// Logs in; the login, the buddy list and waiting requests are emitted.
     pub fn login(&self, user: &str, password: &str) -> Result<(), AccountError> {
-        if let Some(me) = self.user() {
-            return Err(AccountError::Refused(
-                code::CONFLICT,
-                format!("already logged in as {me}; /logout first"),
-            ));
+        {
+            let mut state = self.state.lock();
+            match &*state {
+                State::LoggedIn(s) => return Err(ClientError::AlreadyLoggedIn(s.user.clone())),
+                State::LoggingIn => return Err(ClientError::Failed("a login is under way".into())),
+                State::LoggedOut => *state = State::LoggingIn,
+            }
         }
-        self.logging_in.store(true, Ordering::SeqCst);
+        let notice = |text: String| self.emit(Event::Notice { text });
+        let known = account::normalize_name(user)
+            .ok()
+            .and_then(|u| self.known_kdf.lock().get(&u).cloned());
         let result = Session::login(&Credentials {
             crs: &self.config.crs,
             user,
@@ -352,20 +342,26 @@ impl Client {
             policy: self.config.policy(),
             listen_port: self.listen_port,
             timeout: self.config.timeout,
+            usual_iterations: self.config.kdf_iterations,
+            known: known.as_ref(),
+            notice: &notice,
         });
-        let mut guard = self.session.lock();
-        self.logging_in.store(false, Ordering::SeqCst);
+        let mut guard = self.state.lock();
         let session = match result {
             Ok(s) => s,
             Err(e) => {
-                self.session_ready.notify_all();
+                *guard = State::LoggedOut;
+                self.changed.notify_all();
                 return Err(e);
             }
         };
         let user = session.user.clone();
+        self.known_kdf
+            .lock()
+            .insert(user.clone(), session.kdf.clone());
         let requests: Vec<String> = session.requests.keys().cloned().collect();
         let buddies = buddy_views(&session);
-        *guard = Some(session);
+        *guard = State::LoggedIn(Box::new(session));
         // Pushes that raced the end of the login wait for this, so they
         // are never lost and print after these.
         self.emit(Event::LoggedIn { user });
@@ -373,60 +369,48 @@ impl Client {
         for from in requests {
             self.emit(Event::Request { from });
         }
-        self.session_ready.notify_all();
+        self.changed.notify_all();
         drop(guard);
         Ok(())
     }
 
     /// The buddy list with presence.
     pub fn buddies(&self) -> Vec<BuddyView> {
-        self.session
+        self.state
             .lock()
-            .as_ref()
+            .session()
             .map(buddy_views)
             .unwrap_or_default()
     }
 
     /// Names with a buddy request waiting for our answer.
     pub fn pending_requests(&self) -> Vec<String> {
-        self.session
+        self.state
             .lock()
-            .as_ref()
+            .session()
             .map(|s| s.requests.keys().cloned().collect())
             .unwrap_or_default()
     }
 
     /// Our profile as of login (and our own changes since).
     pub fn profile(&self) -> Option<Profile> {
-        self.session.lock().as_ref().map(|s| s.profile.clone())
+        self.state.lock().session().map(|s| s.profile.clone())
     }
 
-    /// One sealed request to our MS; the opened reply (any code).
-    fn ms_call(&self, req: &MsRequest) -> Result<Message, AccountError> {
+    /// One sealed request to our MS, on a fresh connection, and its
+    /// typed reply. The session is not held during the exchange (pushes
+    /// and peers need it meanwhile); `calls` keeps requests in sequence.
+    fn ms_call(&self, req: &MsRequest) -> Result<MsReply, ClientError> {
         let _serial = self.calls.lock();
         let (sealed, ms) = {
-            let mut guard = self.session.lock();
-            let s = guard.as_mut().ok_or_else(|| {
-                AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into())
-            })?;
+            let mut guard = self.state.lock();
+            let s = guard.session_mut().ok_or(ClientError::NotLoggedIn)?;
             (s.seal_request(req)?, s.ms.clone())
         };
-        let reply = account::exchange(&ms, &sealed, self.config.timeout)?;
-        let mut guard = self.session.lock();
-        let s = guard
-            .as_mut()
-            .ok_or_else(|| AccountError::Refused(code::FORBIDDEN, "logged out meanwhile".into()))?;
-        s.open_reply(reply)
-    }
-
-    /// An `ms_call` that must succeed; the reply's reason otherwise.
-    fn ms_ok(&self, req: &MsRequest) -> Result<Message, AccountError> {
-        let reply = self.ms_call(req)?;
-        if reply.is_success() {
-            Ok(reply)
-        } else {
-            Err(refused(&reply))
-        }
+        let reply = Conn::connect(&ms, self.config.timeout)?.exchange(&sealed)?;
+        let mut guard = self.state.lock();
+        let s = guard.session_mut().ok_or(ClientError::NotLoggedIn)?;
+        s.open_reply(req, &reply)
     }
 
     /// One keepalive to our MS; returns the failures in a row so far. An
@@ -438,9 +422,11 @@ impl Client {
         }
         let lost = match self.ms_call(&MsRequest::Ping) {
             Ok(_) => return 0,
-            Err(AccountError::Refused(code::FORBIDDEN, _)) => {
-                "the messaging server no longer knows this login"
-            }
+            Err(ClientError::NotLoggedIn) => return 0,
+            Err(ClientError::Refused(Refused {
+                refusal: Refusal::NotLoggedIn,
+                ..
+            })) => "the messaging server no longer knows this login",
             Err(e) if failures + 1 >= 3 => {
                 warn!("keepalive: {e}");
                 "the messaging server does not answer"
@@ -452,7 +438,7 @@ impl Client {
         };
         self.peers.clear();
         self.files.clear();
-        if let Some(s) = self.session.lock().take() {
+        if let Some(s) = self.state.lock().log_out() {
             self.emit(Event::Notice {
                 text: format!("{lost}; log in again with /login {}", s.user),
             });
@@ -467,7 +453,7 @@ impl Client {
         // Sessions with buddies end with the login.
         self.peers.clear();
         self.files.clear();
-        if let Some(s) = self.session.lock().take() {
+        if let Some(s) = self.state.lock().log_out() {
             if let Err(e) = result {
                 warn!("logout: {e}");
             }
@@ -477,10 +463,10 @@ impl Client {
 
     /// Directory search.
     pub fn search(&self, text: &str) -> Result<Vec<Hit>, AccountError> {
-        let reply = self.ms_ok(&MsRequest::Search(text.to_owned()))?;
-        reply
-            .json()
-            .map_err(|e| AccountError::Refused(0, e.to_string()))
+        match self.ms_call(&MsRequest::Search(text.to_owned()))? {
+            MsReply::Hits(hits) => Ok(hits),
+            other => Err(unexpected(&other)),
+        }
     }
 
     /// Sends a signed buddy request; `true` if delivered now, `false` if
@@ -488,48 +474,45 @@ impl Client {
     pub fn add(&self, name: &str) -> Result<bool, AccountError> {
         let name = account::normalize_name(name)?;
         let req = {
-            let guard = self.session.lock();
-            let s = guard.as_ref().ok_or_else(|| {
-                AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into())
-            })?;
+            let guard = self.state.lock();
+            let s = guard.session().ok_or(ClientError::NotLoggedIn)?;
             if name == s.user {
-                return Err(AccountError::Refused(
-                    code::BAD_REQUEST,
-                    "you cannot add yourself".into(),
-                ));
+                return Err(Refused::new(Refusal::SameUser, "you cannot add yourself").into());
             }
             if s.buddies.contains_key(&name) {
-                return Err(AccountError::Refused(
-                    code::CONFLICT,
+                return Err(Refused::new(
+                    Refusal::AlreadyBuddies,
                     format!("{name} is already your buddy"),
-                ));
+                )
+                .into());
             }
             s.add_request(&name)?
         };
-        let reply = self.ms_ok(&req)?;
-        Ok(reply.code() == Some(code::OK))
+        Ok(matches!(self.ms_call(&req)?, MsReply::Done))
     }
 
     /// Accepts `name`'s buddy request.
     pub fn accept(&self, name: &str) -> Result<(), AccountError> {
         let name = account::normalize_name(name)?;
-        let reply = self.ms_ok(&MsRequest::Accept(name.clone()))?;
-        let contact: Option<Contact> = reply.json().ok();
-        if let Some(s) = self.session.lock().as_mut() {
+        let contact = match self.ms_call(&MsRequest::Accept(name.clone()))? {
+            MsReply::Contact(c) => Some(c),
+            _ => None,
+        };
+        if let Some(s) = self.state.lock().session_mut() {
             s.requests.remove(&name);
             if let Some(c) = contact.filter(|c| c.user == name) {
                 s.buddies.insert(c.user, c.online);
             }
         }
-        self.buddies_changed.notify_all();
+        self.changed.notify_all();
         Ok(())
     }
 
     /// Denies `name`'s buddy request.
     pub fn deny(&self, name: &str) -> Result<(), AccountError> {
         let name = account::normalize_name(name)?;
-        self.ms_ok(&MsRequest::Deny(name.clone()))?;
-        if let Some(s) = self.session.lock().as_mut() {
+        self.ms_call(&MsRequest::Deny(name.clone()))?;
+        if let Some(s) = self.state.lock().session_mut() {
             s.requests.remove(&name);
         }
         Ok(())
@@ -538,22 +521,20 @@ impl Client {
     /// Removes `name` from both buddy lists.
     pub fn remove(&self, name: &str) -> Result<(), AccountError> {
         let name = account::normalize_name(name)?;
-        self.ms_ok(&MsRequest::Remove(name))?;
+        self.ms_call(&MsRequest::Remove(name))?;
         Ok(())
     }
 
     /// Sets (or with an empty value, clears) one profile field.
     pub fn set_profile_field(&self, field: &str, value: &str) -> Result<Profile, AccountError> {
-        let mut profile = self.profile().ok_or_else(|| {
-            AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into())
-        })?;
+        let mut profile = self.profile().ok_or(ClientError::NotLoggedIn)?;
         if value.is_empty() {
             profile.remove(field);
         } else {
             profile.insert(field.to_owned(), value.to_owned());
         }
-        self.ms_ok(&MsRequest::SetProfile(profile.clone()))?;
-        if let Some(s) = self.session.lock().as_mut() {
+        self.ms_call(&MsRequest::SetProfile(profile.clone()))?;
+        if let Some(s) = self.state.lock().session_mut() {
             s.profile = profile.clone();
         }
         Ok(profile)
@@ -561,18 +542,27 @@ impl Client {
 
     /// Changes the password: a new verifier, our key re-wrapped.
     pub fn passwd(&self, new_password: &str) -> Result<(), AccountError> {
-        let req = {
-            let guard = self.session.lock();
-            let s = guard.as_ref().ok_or_else(|| {
-                AccountError::Refused(code::FORBIDDEN, "not logged in; /login NAME first".into())
-            })?;
-            s.rewrap(
+        let (req, user) = {
+            let guard = self.state.lock();
+            let s = guard.session().ok_or(ClientError::NotLoggedIn)?;
+            let req = s.rewrap(
                 new_password,
                 self.config.kdf_iterations,
                 self.config.policy(),
-            )?
+            )?;
+            (req, s.user.clone())
         };
-        self.ms_ok(&req)?;
+        self.ms_call(&req)?;
+        // The next login here expects the new parameters.
+        if let MsRequest::Passwd { verifier, .. } = req {
+            self.known_kdf.lock().insert(
+                user,
+                crypto::KdfParams {
+                    salt: verifier.salt,
+                    iterations: verifier.iterations,
+                },
+            );
+        }
         Ok(())
     }
 
@@ -580,27 +570,26 @@ impl Client {
     /// The session, waiting for a login in progress to finish: our MS
     /// (and buddies who heard we are online) may reach us before our
     /// login is complete here.
-    fn settled_session(&self) -> parking_lot::MutexGuard<'_, Option<Session>> {
-        let mut guard = self.session.lock();
-        if guard.is_none() && self.logging_in.load(Ordering::SeqCst) {
-            self.session_ready.wait_for(&mut guard, self.config.timeout);
-        }
+    fn settled_session(&self) -> parking_lot::MutexGuard<'_, State> {
+        let mut guard = self.state.lock();
+        let end = Instant::now() + self.config.timeout;
+        while guard.logging_in() && !self.changed.wait_until(&mut guard, end).timed_out() {}
         guard
     }
 
     fn on_push(&self, m: &Message) -> Message {
         let mut guard = self.settled_session();
-        let Some(s) = guard.as_mut() else {
-            return Message::reply(code::FORBIDDEN, "not logged in");
+        let Some(s) = guard.session_mut() else {
+            return Refused::new(Refusal::NotLoggedIn, "not logged in").to_message();
         };
         if m.header("User") != Some(s.user.as_str()) {
-            return Message::reply(code::NOT_FOUND, "not this user");
+            return Refused::new(Refusal::NoSuchUser, "not this user").to_message();
         }
         let inner = match s.push.open(m) {
             Ok(i) => i,
             Err(e) => {
                 warn!("refused a push: {e}");
-                return Message::reply(code::AUTH_FAILED, "unreadable push");
+                return Refused::new(Refusal::BadProof, "unreadable push").to_message();
             }
         };
         let kind = match read_event(&inner) {
@@ -660,7 +649,7 @@ impl Client {
                 if user != s.user {
                     return Message::ok();
                 }
-                guard.take();
+                guard.log_out();
                 drop(guard);
                 self.peers.clear();
                 self.files.clear();
@@ -672,7 +661,7 @@ impl Client {
             }
         };
         drop(guard);
-        self.buddies_changed.notify_all();
+        self.changed.notify_all();
         self.emit(event);
         Message::ok()
     }
@@ -711,7 +700,7 @@ impl Service for Listener {
             Some("PROBE") => {
                 Outcome::ReplyAndClose(match (client.user(), request.header("User")) {
                     (Some(me), Some(asked)) if me == asked => Message::ok().with_header("User", me),
-                    _ => Message::reply(code::NOT_FOUND, "not logged in here"),
+                    _ => Refused::new(Refusal::NoSuchUser, "not logged in here").to_message(),
                 })
             }
             Some(INIT) => Outcome::Reply(client.on_init(&request)),
@@ -730,12 +719,13 @@ impl Service for Listener {
                     }
                     Err(reply) => Outcome::ReplyAndClose(reply),
                 },
-                _ => Outcome::ReplyAndClose(Message::reply(code::BAD_REQUEST, "unknown channel")),
+                _ => Outcome::ReplyAndClose(
+                    Refused::new(Refusal::BadRequest, "unknown channel").to_message(),
+                ),
             },
-            Some(m) => Outcome::ReplyAndClose(Message::reply(
-                code::UNKNOWN_METHOD,
-                &format!("unknown method {m}"),
-            )),
+            Some(m) => Outcome::ReplyAndClose(
+                crate::proto::ProtoError::UnknownMethod(m.to_owned()).reply(),
+            ),
             None => Outcome::Close,
         }
     }

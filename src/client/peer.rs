@@ -20,9 +20,9 @@ use super::events::Event;
 use super::Client;
 use crate::crypto::{self, RsaPublicKey};
 use crate::proto::peer::{
-    init_ack_transcript, init_transcript, session_id, Init, InitAck, PeerRequest, PEER,
+    init_ack_transcript, init_transcript, session_id, Ack, Init, InitAck, PeerRequest, PEER,
 };
-use crate::proto::{transcript, Fields};
+use crate::proto::{transcript, Refusal};
 use crate::seal::{Opener, Role, Sealer, SessionKeys};
 use crate::wire::io::{write_message, IoError, MessageReader};
 use crate::wire::{code, Limits, Message};
@@ -222,7 +222,7 @@ impl Client {
         to: &str,
     ) -> Result<(String, crypto::RsaPrivateKey, SocketAddr, Vec<u8>), String> {
         let guard = self.settled_session();
-        let s = guard.as_ref().ok_or("not logged in; /login NAME first")?;
+        let s = guard.session().ok_or("not logged in; /login NAME first")?;
         match s.buddies.get(to) {
             None => Err(format!("{to} is not your buddy; /add {to} first")),
             Some(None) => Err(format!("{to} is offline")),
@@ -243,15 +243,15 @@ impl Client {
         grace: Duration,
     ) -> Result<(String, crypto::RsaPrivateKey, SocketAddr, Vec<u8>), String> {
         let end = Instant::now() + grace;
-        let mut guard = self.session.lock();
+        let mut guard = self.state.lock();
         loop {
             let ready = guard
-                .as_ref()
+                .session()
                 .is_some_and(|s| matches!(s.buddies.get(who), Some(Some(_))));
             if ready || Instant::now() >= end {
                 break;
             }
-            self.buddies_changed.wait_until(&mut guard, end);
+            self.changed.wait_until(&mut guard, end);
         }
         drop(guard);
         self.peer_target(who)
@@ -573,7 +573,7 @@ impl Client {
             }
         };
         let reply = match PeerRequest::from_message(inner) {
-            Ok(req) => self.on_peer_request(&session.peer, req),
+            Ok(req) => self.on_peer_request(&session.peer, req).to_message(),
             Err(e) => e.reply(),
         };
         match channel.1.seal(PEER, &session.clear(&me, "msg"), &reply) {
@@ -582,7 +582,7 @@ impl Client {
         }
     }
 
-    fn on_peer_request(self: &Arc<Self>, from: &str, req: PeerRequest) -> Message {
+    fn on_peer_request(self: &Arc<Self>, from: &str, req: PeerRequest) -> Ack {
         match req {
             PeerRequest::Msg { id, text } => {
                 self.set_last_peer(from);
@@ -591,7 +591,7 @@ impl Client {
                     text,
                     id,
                 });
-                Message::ok().with_header("Id", id)
+                Ack::done(id)
             }
             PeerRequest::FileOffer {
                 id,
@@ -604,11 +604,11 @@ impl Client {
             PeerRequest::FileCancel { id, from_sender } => {
                 self.on_file_cancel(from, id, from_sender)
             }
-            PeerRequest::FileChunk { id, .. } | PeerRequest::FileEnd { id } => Message::reply(
-                code::BAD_REQUEST,
+            PeerRequest::FileChunk { id, .. } | PeerRequest::FileEnd { id } => Ack::refused(
+                id,
+                Refusal::BadRequest,
                 "file data belongs on the transfer's channel",
-            )
-            .with_header("Id", id),
+            ),
         }
     }
 }
@@ -656,7 +656,7 @@ fn read_acks(
                 continue;
             }
         };
-        let Ok(id) = inner.req_parse::<u64>("Id") else {
+        let Ok(Ack { id, answer }) = Ack::from_message(&inner) else {
             continue;
         };
         let Some(p) = client
@@ -667,11 +667,7 @@ fn read_acks(
         else {
             continue;
         };
-        let outcome = if inner.is_success() {
-            Ok(())
-        } else {
-            Err(inner.reason().unwrap_or("refused").to_owned())
-        };
+        let outcome = answer.map_err(|refused| refused.reason);
         client.settle(&session.peer, id, p.kind, outcome);
     }
     // The connection ended: requests still waiting on it will not be answered.

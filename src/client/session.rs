@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::account::{self, exchange, refused, wrap_aad, AccountError, PasswordKeys};
+use super::account::{self, wrap_aad, ClientError, PasswordKeys};
 use crate::crypto::{self, scram, KdfParams, KdfPolicy, RsaPrivateKey, RsaPublicKey};
-use crate::proto::crs::{BuddyRequest, ClientRequest, Presence, Profile, Welcome, SEALED};
-use crate::proto::ms::{Challenge, MsRequest};
-use crate::proto::{self, Fields};
-use crate::seal::{Opener, Role, Sealer, SessionKeys};
-use crate::wire::{code, Message};
+use crate::link::{login_keys, push_keys, Channel, Conn, LinkError};
+use crate::proto::crs::{BuddyRequest, ClientReply, ClientRequest, Presence, Profile};
+use crate::proto::ms::{MsReply, MsRequest};
+use crate::proto::{self, Fields, ProtoError, Request};
+use crate::seal::{Opener, Role};
+use crate::wire::Message;
 
 /// Bytes of our login nonce.
 const NONCE_LEN: usize = 24;
@@ -28,10 +29,8 @@ pub struct Session {
     pub private_key: RsaPrivateKey,
     /// Our public key.
     pub public_key: RsaPublicKey,
-    /// The PBKDF2 parameters and password keys of this login (to re-wrap
-    /// on a password change we need the private key only).
-    send: Sealer,
-    recv: Opener,
+    /// Seals our requests to the MS and opens its replies.
+    link: Channel,
     /// Opens the MS's pushes.
     pub push: Opener,
     /// Buddies and, for those online, where they are.
@@ -40,6 +39,56 @@ pub struct Session {
     pub requests: BTreeMap<String, BuddyRequest>,
     /// Our profile.
     pub profile: Profile,
+    /// The salt and iteration count this login derived with.
+    pub kdf: KdfParams,
+}
+
+/// Where the client is: the one place its login lives. A push or a peer
+/// that arrives while a login is under way waits for it to end.
+#[derive(Default)]
+pub enum State {
+    /// No login.
+    #[default]
+    LoggedOut,
+    /// A login between its `LOGIN-HELLO` and its outcome.
+    LoggingIn,
+    /// Logged in.
+    LoggedIn(Box<Session>),
+}
+
+impl State {
+    /// The login, if logged in.
+    pub fn session(&self) -> Option<&Session> {
+        match self {
+            State::LoggedIn(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The login, if logged in, to change.
+    pub fn session_mut(&mut self) -> Option<&mut Session> {
+        match self {
+            State::LoggedIn(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Whether a login is under way.
+    pub fn logging_in(&self) -> bool {
+        matches!(self, State::LoggingIn)
+    }
+
+    /// Ends a login (logged out); the session it ended, if any. A login
+    /// under way is left to end by itself.
+    pub fn log_out(&mut self) -> Option<Box<Session>> {
+        match std::mem::take(self) {
+            State::LoggedIn(s) => Some(s),
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
 }
 
 /// Everything a login needs.
@@ -56,6 +105,14 @@ pub struct Credentials<'a> {
     pub listen_port: u16,
     /// Bound on each exchange.
     pub timeout: Duration,
+    /// The iteration count this client uses for new passwords: a
+    /// challenge asking for more is derived only after telling the user.
+    pub usual_iterations: u32,
+    /// The salt and count of this user's last login from this client, if
+    /// any: a challenge with others is derived only after telling the user.
+    pub known: Option<&'a KdfParams>,
+    /// Tells the user something (before a long derivation).
+    pub notice: &'a dyn Fn(String),
 }
 
 /// Checks a buddy request's signature: `from` signed (from, to, nonce).
@@ -72,34 +129,42 @@ pub fn request_is_genuine(req: &BuddyRequest, to: &str) -> bool {
 
 impl Session {
     /// Asks the CRS for an MS and logs in there.
-    pub fn login(c: &Credentials<'_>) -> Result<Session, AccountError> {
+    pub fn login(c: &Credentials<'_>) -> Result<Session, ClientError> {
         let user = account::normalize_name(c.user)?;
-        let reply = exchange(c.crs, &ClientRequest::Locate.to_message(), c.timeout)?;
-        if !reply.is_success() {
-            return Err(refused(&reply));
-        }
-        let ms = reply
-            .req("Ms")
-            .map_err(|e| AccountError::Refused(0, e.to_string()))?
-            .to_owned();
-        let stream = super::connect(&ms, c.timeout)?;
-        let mut conn = super::Conn::new(stream, c.timeout);
+        let ms = match Conn::connect(c.crs, c.timeout)?.call(&ClientRequest::Locate)? {
+            ClientReply::Ms(ms) => ms,
+            _ => return Err(LinkError::Proto(ProtoError::Missing("Ms")).into()),
+        };
+        let mut conn = Conn::connect(&ms, c.timeout)?;
 
         let client_nonce = crypto::random_array::<NONCE_LEN>().to_vec();
         let hello = MsRequest::LoginHello {
             user: user.clone(),
             client_nonce: client_nonce.clone(),
         };
-        let reply = conn.call(&hello.to_message())?;
-        if !reply.is_success() {
-            return Err(refused(&reply));
+        let MsReply::Challenge(challenge) = conn.call(&hello)? else {
+            return Err(LinkError::Proto(ProtoError::NotAReply).into());
+        };
+        // The challenge is not authenticated: its count bounds our CPU.
+        if challenge.iterations > crypto::PBKDF2_MAX_ITERATIONS {
+            return Err(ClientError::TooManyIterations(challenge.iterations));
         }
-        let challenge =
-            Challenge::from_message(&reply).map_err(|e| AccountError::Refused(0, e.to_string()))?;
+        if challenge.iterations > c.usual_iterations {
+            (c.notice)(format!(
+                "this account's password uses {} iterations (this client uses {}); deriving its key takes longer",
+                challenge.iterations, c.usual_iterations
+            ));
+        }
         let params = KdfParams {
             salt: challenge.salt.clone(),
             iterations: challenge.iterations,
         };
+        if c.known.is_some_and(|k| *k != params) {
+            (c.notice)(format!(
+                "the server gives {user} other password parameters than at the last login here \
+                 (a changed password, or not your servers)"
+            ));
+        }
         let keys = PasswordKeys::derive(c.password, &params, c.policy)?;
         let auth = proto::login_auth_message(
             &user,
@@ -113,43 +178,42 @@ impl Session {
             proof: proof.to_vec(),
             listen_port: c.listen_port,
         };
-        let reply = conn.call(&login.to_message())?;
-        if reply.method() != Some(SEALED) {
-            return Err(refused(&reply));
+        let reply = conn.exchange(&login.to_message())?;
+        if let Some(r) = proto::Refused::from_message(&reply) {
+            return Err(r.into());
         }
         // The MS proves it holds our verifier: a fake MS stops here.
         let expected = scram::server_signature(&keys.scram.server_key, &auth);
         let signature = reply.req_b64("Server-Signature").unwrap_or_default();
         if !crypto::ct_eq(&expected, &signature) {
-            return Err(AccountError::Refused(
-                code::AUTH_FAILED,
-                "the messaging server failed to prove itself".into(),
-            ));
+            return Err(ClientError::ServerUnproven);
         }
         let login_id = reply
             .req("Login")
-            .map_err(|e| AccountError::Refused(0, e.to_string()))?
+            .map_err(|e| ClientError::Io(e.into()))?
             .to_owned();
-        let mut context = client_nonce.clone();
-        context.extend_from_slice(&challenge.server_nonce);
-        let link = SessionKeys::derive(&keys.scram.client_key, &context, Role::Initiator);
-        context.extend_from_slice(b"push");
-        let push = SessionKeys::derive(&keys.scram.client_key, &context, Role::Initiator);
-        let (send, mut recv) = (link.send, link.recv);
-        let inner = recv
-            .open(&reply)
-            .map_err(|e| AccountError::Refused(0, format!("unreadable welcome: {e}")))?;
-        let welcome: Welcome = inner
-            .json()
-            .map_err(|e| AccountError::Refused(0, e.to_string()))?;
+        let keys_link = login_keys(
+            &keys.scram.client_key,
+            &client_nonce,
+            &challenge.server_nonce,
+            Role::Initiator,
+        );
+        let push = push_keys(
+            &keys.scram.client_key,
+            &client_nonce,
+            &challenge.server_nonce,
+            Role::Initiator,
+        );
+        let mut link = Channel::new(keys_link, vec![("Login", login_id.clone())]);
+        let inner = link.open(&reply)?;
+        let MsReply::Welcome(welcome) = login.read_reply(&inner).map_err(LinkError::from)?? else {
+            return Err(LinkError::Proto(ProtoError::NotAReply).into());
+        };
         let private_der = scram::unwrap(&keys.wrap, &welcome.wrapped_key, &wrap_aad(&user))?;
         let private_key = RsaPrivateKey::from_der(&private_der)?;
         let public_key = RsaPublicKey::from_der(&welcome.public_key)?;
         if private_key.public_key().to_der()? != welcome.public_key {
-            return Err(AccountError::Refused(
-                0,
-                "the stored key pair does not match".into(),
-            ));
+            return Err(ClientError::KeyMismatch);
         }
         let requests = welcome
             .requests
@@ -163,8 +227,7 @@ impl Session {
             login: login_id,
             private_key,
             public_key,
-            send,
-            recv,
+            link,
             push: push.recv,
             buddies: welcome
                 .contacts
@@ -173,24 +236,20 @@ impl Session {
                 .collect(),
             requests,
             profile: welcome.profile,
+            kdf: params,
         })
     }
 
-    /// Seals `req` for the MS; the reply must go through [`Session::open_reply`].
-    pub fn seal_request(&mut self, req: &MsRequest) -> Result<Message, AccountError> {
-        self.send
-            .seal(SEALED, &[("Login", &self.login)], &req.to_message())
-            .map_err(|e| AccountError::Refused(0, e.to_string()))
+    /// Seals `req` for the MS; its reply goes through [`Session::open_reply`].
+    pub fn seal_request(&mut self, req: &MsRequest) -> Result<Message, ClientError> {
+        Ok(self.link.seal(&req.to_message())?)
     }
 
-    /// Opens the MS's sealed reply (an unsealed one is an error reply).
-    pub fn open_reply(&mut self, reply: Message) -> Result<Message, AccountError> {
-        if reply.method() != Some(SEALED) {
-            return Err(refused(&reply));
-        }
-        self.recv
-            .open(&reply)
-            .map_err(|e| AccountError::Refused(0, format!("unreadable reply: {e}")))
+    /// Opens and decodes the MS's reply to `req` (an unsealed one is a
+    /// refusal in the clear).
+    pub fn open_reply(&mut self, req: &MsRequest, reply: &Message) -> Result<MsReply, ClientError> {
+        let inner = self.link.open(reply)?;
+        Ok(req.read_reply(&inner).map_err(LinkError::from)??)
     }
 
     /// A new verifier and our private key re-wrapped for `password`.
@@ -199,9 +258,9 @@ impl Session {
         password: &str,
         iterations: u32,
         policy: KdfPolicy,
-    ) -> Result<MsRequest, AccountError> {
+    ) -> Result<MsRequest, ClientError> {
         if password.chars().count() < account::MIN_PASSWORD_LEN {
-            return Err(AccountError::WeakPassword);
+            return Err(ClientError::WeakPassword);
         }
         let params = KdfParams::generate(iterations);
         let keys = PasswordKeys::derive(password, &params, policy)?;
@@ -217,7 +276,7 @@ impl Session {
     }
 
     /// A signed buddy request for `to`.
-    pub fn add_request(&self, to: &str) -> Result<MsRequest, AccountError> {
+    pub fn add_request(&self, to: &str) -> Result<MsRequest, ClientError> {
         let nonce = crypto::random_array::<16>().to_vec();
         let signature = self
             .private_key
@@ -227,5 +286,112 @@ impl Session {
             nonce,
             signature,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::ms::Challenge;
+    use crate::wire::io::{write_message, MessageReader};
+    use crate::wire::Limits;
+    use std::net::TcpListener;
+    use std::time::Instant;
+
+    /// A server answering each request on each connection with `answer`.
+    fn serve(answer: impl Fn(&Message) -> Message + Send + 'static) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else { return };
+                let mut r = MessageReader::new(s);
+                let deadline = || Instant::now() + Duration::from_secs(5);
+                while let Ok(Some(m)) = r.read_message(&Limits::DEFAULT, deadline()) {
+                    if write_message(r.get_mut(), &answer(&m), deadline()).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        addr
+    }
+
+    fn login_against(iterations: u32) -> (Result<Session, ClientError>, Vec<String>) {
+        login_knowing(iterations, None)
+    }
+
+    fn login_knowing(
+        iterations: u32,
+        known: Option<KdfParams>,
+    ) -> (Result<Session, ClientError>, Vec<String>) {
+        let ms = serve(move |_| {
+            Challenge {
+                salt: vec![1; 16],
+                iterations,
+                server_nonce: vec![2; 24],
+            }
+            .to_message()
+        });
+        let crs = serve(move |_| ClientReply::Ms(ms.clone()).to_message());
+        let notices = std::sync::Mutex::new(Vec::new());
+        let notice = |t: String| notices.lock().unwrap().push(t);
+        let r = Session::login(&Credentials {
+            crs: &crs,
+            user: "joe",
+            password: "correct horse",
+            policy: KdfPolicy::Insecure,
+            listen_port: 7300,
+            timeout: Duration::from_secs(5),
+            usual_iterations: 10,
+            known: known.as_ref(),
+            notice: &notice,
+        });
+        (r, notices.into_inner().unwrap())
+    }
+
+    #[test]
+    fn a_challenge_past_the_iteration_maximum_is_refused_at_once() {
+        let t = Instant::now();
+        let (r, notices) = login_against(4_000_000_000);
+        match r {
+            Err(ClientError::TooManyIterations(4_000_000_000)) => {}
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("logged in"),
+        }
+        assert!(notices.is_empty(), "{notices:?}");
+        // Refused before deriving anything (four billion would take hours).
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        let e = login_against(crypto::PBKDF2_MAX_ITERATIONS + 1)
+            .0
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("iterations"), "{e}");
+    }
+
+    #[test]
+    fn an_unusual_count_is_told_before_deriving() {
+        // 500 is more than the usual 10: the user hears of it; the fake MS
+        // then fails the login, which is not what is tested here.
+        let (r, notices) = login_against(500);
+        assert!(r.is_err());
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert!(notices[0].contains("500"), "{notices:?}");
+        // Other parameters than this user's last login here: told too.
+        let known = KdfParams {
+            salt: vec![9; 16],
+            iterations: 5,
+        };
+        let (_, notices) = login_knowing(5, Some(known));
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert!(
+            notices[0].contains("other password parameters"),
+            "{notices:?}"
+        );
+        let same = KdfParams {
+            salt: vec![1; 16],
+            iterations: 5,
+        };
+        assert!(login_knowing(5, Some(same)).1.is_empty());
     }
 }

@@ -406,7 +406,7 @@ impl Ui {
                     let r = c
                         .accept_file(&name)
                         .map(|_| Some(format!("receiving the file from {name}")));
-                    self.outcome("accept", r.map_err(|e| AccountError::Refused(0, e)));
+                    self.outcome("accept", r.map_err(AccountError::Failed));
                 } else {
                     self.outcome("accept", c.accept(&name).map(|()| None));
                 }
@@ -419,7 +419,7 @@ impl Ui {
                     let r = c
                         .deny_file(&name)
                         .map(|_| Some(format!("declined the file from {name}")));
-                    self.outcome("deny", r.map_err(|e| AccountError::Refused(0, e)));
+                    self.outcome("deny", r.map_err(AccountError::Failed));
                 } else {
                     self.outcome("deny", c.deny(&name).map(|()| None));
                 }
@@ -442,7 +442,7 @@ impl Ui {
                             path.trim()
                         ))
                     });
-                self.outcome("send", r.map_err(|e| AccountError::Refused(0, e)));
+                self.outcome("send", r.map_err(AccountError::Failed));
             }
             "/cancel" => {
                 let Some(name) = arg("/cancel NAME") else {

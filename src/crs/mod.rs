@@ -6,11 +6,13 @@
 //! process; or on PostgreSQL, where the live state and the CRS's own key
 //! pair live in the database too, so several instances serve one directory.
 
+pub mod guesses;
 pub mod identity;
 pub mod live;
 pub mod live_pg;
 pub mod metrics;
 pub mod migrate;
+pub mod operator;
 pub mod service;
 pub mod store;
 
@@ -41,8 +43,9 @@ pub struct CrsConfig {
     /// The sled database and the CRS's own key live here (with the default
     /// store); local files only with a PostgreSQL store.
     pub data_dir: PathBuf,
-    /// Where the data lives; `None`: sled in `data_dir`.
-    pub store: Option<StoreSpec>,
+    /// Where the data lives (`sled:DIR` or a `postgres://` URL, see
+    /// [`StoreSpec`]); `None`: sled in `data_dir`.
+    pub store: Option<String>,
     /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
     pub metrics: Option<String>,
     /// The pre-shared MSkey.
@@ -59,6 +62,8 @@ pub struct CrsConfig {
     pub min_iterations: u32,
     /// Most results of one directory search.
     pub max_search_results: u32,
+    /// Login attempts of one name from one address before each must wait.
+    pub free_login_attempts: u32,
     /// The worker pool.
     pub pool: prethread::Config,
 }
@@ -77,6 +82,7 @@ impl Default for CrsConfig {
             poll_timeout: Duration::from_secs(5),
             min_iterations: crypto::PBKDF2_MIN_ITERATIONS,
             max_search_results: 50,
+            free_login_attempts: guesses::FREE_ATTEMPTS,
             // Every MS keeps links open for good (its event long poll, its
             // heartbeat and a pool of up to its workers + 2 request links),
             // and a kept connection holds a worker while idle. Sized by the
@@ -100,6 +106,8 @@ pub enum CrsError {
     MsKey(keyfile::KeyFileError),
     /// The database could not be opened.
     Store(store::StoreError),
+    /// The data directory could not be made private, or others can read it.
+    DataDir(String),
     /// The CRS's own key could not be read or made.
     Identity(String),
     /// The listener could not be bound.
@@ -111,6 +119,7 @@ impl fmt::Display for CrsError {
         match self {
             CrsError::MsKey(e) => write!(f, "MSkey: {e}"),
             CrsError::Store(e) => write!(f, "database: {e}"),
+            CrsError::DataDir(e) => write!(f, "data directory: {e}"),
             CrsError::Identity(e) => write!(f, "CRS key: {e}"),
             CrsError::Listen(e) => write!(f, "cannot listen: {e}"),
         }
@@ -127,6 +136,8 @@ pub struct Crs {
     identity: RsaPrivateKey,
     identity_public: RsaPublicKey,
     live: Box<dyn LiveState>,
+    /// Login attempts per (name, source), for every MS of this instance.
+    guesses: guesses::Guesses,
     events_ready: Arc<Wakeup>,
     stopping: AtomicBool,
     /// Tells an MS whether the CRS it reaches is the one it enrolled with
@@ -167,6 +178,7 @@ impl Crs {
         let instance = live
             .shared_instance()
             .unwrap_or_else(|| crate::keyfile::hex(&crypto::random_array::<8>()));
+        let guesses = guesses::Guesses::new(config.free_login_attempts);
         Crs {
             config,
             store,
@@ -174,6 +186,7 @@ impl Crs {
             identity,
             identity_public,
             live,
+            guesses,
             events_ready: wakeup,
             stopping: AtomicBool::new(false),
             instance,
@@ -226,6 +239,62 @@ fn identity(dir: &Path) -> Result<RsaPrivateKey, CrsError> {
     }
 }
 
+/// Makes the data directory (mode 0700 whatever the umask), or checks
+/// that an existing one is not open to others: it holds salts, verifier
+/// keys and wrapped private keys, enough to guess passwords offline.
+pub fn private_data_dir(dir: &Path) -> Result<(), CrsError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let show = |e: std::io::Error| CrsError::DataDir(format!("{}: {e}", dir.display()));
+    match std::fs::metadata(dir) {
+        Ok(meta) => {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(CrsError::DataDir(format!(
+                    "{}: mode {mode:o} lets others read the database; run chmod 700 on it",
+                    dir.display()
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(show)?;
+            }
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(dir)
+                .map_err(show)?;
+            // The mode given to mkdir is masked by the umask: set it again.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(show)
+        }
+        Err(e) => Err(show(e)),
+    }
+}
+
+/// Sets every directory under `dir` to 0700 and every file to 0600.
+fn make_private(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
+        let path = entry.path();
+        let kind = entry
+            .file_type()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let mode = if kind.is_dir() {
+            make_private(&path)?;
+            0o700
+        } else if kind.is_file() {
+            0o600
+        } else {
+            continue;
+        };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// A started CRS: its address, and the means to stop it.
 pub struct Running {
     crs: Arc<Crs>,
@@ -268,16 +337,23 @@ pub fn start(mut config: CrsConfig) -> Result<Running, CrsError> {
     // heartbeat) well within the heartbeat timeout.
     config.poll_timeout = config.poll_timeout.min(config.heartbeat_timeout / 3);
     let ms_key = keyfile::read_ms_key(&config.ms_key_file).map_err(CrsError::MsKey)?;
-    let crs = match &config.store {
+    let spec = match &config.store {
+        Some(text) => Some(
+            StoreSpec::parse(text).map_err(|e| CrsError::Store(store::StoreError::Backend(e)))?,
+        ),
+        None => None,
+    };
+    let crs = match &spec {
         None | Some(StoreSpec::Sled(_)) => {
             // `sled:DIR` is the same as `--data DIR`.
-            let dir = match &config.store {
+            let dir = match &spec {
                 Some(StoreSpec::Sled(dir)) => dir.clone(),
                 _ => config.data_dir.clone(),
             };
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| CrsError::Store(store::StoreError::Backend(e.to_string())))?;
+            private_data_dir(&dir)?;
             let store = SledStore::open(&dir.join("db")).map_err(CrsError::Store)?;
+            // Whatever the umask made of the database's files: ours alone.
+            make_private(&dir).map_err(CrsError::DataDir)?;
             let identity = identity(&dir)?;
             Crs::new(config.clone(), Arc::new(store), ms_key, identity)
         }

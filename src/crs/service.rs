@@ -13,14 +13,15 @@ use super::live::LockError;
 use super::store::{self, StoreError};
 use super::Crs;
 use crate::crypto::{self, RsaPublicKey};
+use crate::link::{enrollment_keys, Channel, ENROLL_NONCE_LEN, MIN_ENROLL_NONCE_LEN};
 use crate::prethread::{Outcome, Peer, Service};
 use crate::proto::crs::{
-    self as pc, BuddyRequest, ClientRequest, Contact, CrsRequest, EventKind, Hit, Presence,
-    Registration, Verifier, Welcome, SEALED,
+    self as pc, BuddyRequest, ClientReply, ClientRequest, Contact, CrsReply, CrsRequest, EventKind,
+    Hit, Presence, Profile, Registration, UserView, Verifier, Welcome,
 };
-use crate::proto::{self, Fields, ProtoError};
-use crate::seal::{Opener, Role, Sealer, SessionKeys};
-use crate::wire::{code, Message};
+use crate::proto::{self, Answer, Fields, ProtoError, Refusal, Refused};
+use crate::seal::Role;
+use crate::wire::Message;
 
 /// Who is at the other end of an enrolled link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,8 +35,7 @@ pub enum Peer2 {
 /// A link whose MSkey proof checked out: the only way to get one.
 pub struct Enrolled {
     who: Peer2,
-    send: Sealer,
-    recv: Opener,
+    link: Channel,
 }
 
 /// The state of one connection to the CRS.
@@ -70,8 +70,8 @@ impl Service for CrsService {
         match std::mem::replace(conn, Conn::Dead) {
             Conn::Fresh => match request.method() {
                 Some("ENROLL-HELLO") => match request.req_b64("Ms-Nonce") {
-                    Ok(ms_nonce) if ms_nonce.len() >= 16 => {
-                        let crs_nonce = crypto::random_array::<32>();
+                    Ok(ms_nonce) if ms_nonce.len() >= MIN_ENROLL_NONCE_LEN => {
+                        let crs_nonce = crypto::random_array::<ENROLL_NONCE_LEN>();
                         *conn = Conn::Challenged {
                             ms_nonce,
                             crs_nonce,
@@ -98,7 +98,7 @@ impl Service for CrsService {
                 Err(reply) => Outcome::ReplyAndClose(reply),
             },
             Conn::Enrolled(mut link) => {
-                let inner = match link.recv.open(&request) {
+                let inner = match link.link.open(&request) {
                     Ok(inner) => inner,
                     Err(e) => {
                         warn!("sealed link from {:?}: {e}; closing", link.who);
@@ -106,7 +106,7 @@ impl Service for CrsService {
                     }
                 };
                 let reply = crs.sealed_request(link.who, &inner);
-                match link.send.seal(SEALED, &[], &reply) {
+                match link.link.seal(&reply) {
                     Ok(sealed) => {
                         *conn = Conn::Enrolled(link);
                         Outcome::Reply(sealed)
@@ -122,21 +122,42 @@ impl Service for CrsService {
     }
 }
 
-fn err(code: u16, reason: &str) -> Message {
-    Message::reply(code, reason)
+fn refuse<T>(refusal: Refusal, reason: &str) -> Answer<T> {
+    Err(Refused::new(refusal, reason))
 }
 
-fn store_err(e: StoreError) -> Message {
+fn store_err(e: StoreError) -> Refused {
     match e {
-        StoreError::NoSuchUser => err(code::NOT_FOUND, "no such user"),
-        StoreError::NameTaken => err(code::CONFLICT, "name taken"),
-        StoreError::AlreadyBuddies => err(code::CONFLICT, "already buddies"),
-        StoreError::SameUser => err(code::BAD_REQUEST, "that is yourself"),
-        StoreError::InvalidName => err(code::BAD_REQUEST, "invalid name"),
+        StoreError::NoSuchUser => Refused::new(Refusal::NoSuchUser, "no such user"),
+        StoreError::NameTaken => Refused::new(Refusal::NameTaken, "name taken"),
+        StoreError::AlreadyBuddies => Refused::new(Refusal::AlreadyBuddies, "already buddies"),
+        StoreError::SameUser => Refused::new(Refusal::SameUser, "that is yourself"),
+        StoreError::InvalidName => Refused::new(Refusal::BadRequest, "invalid name"),
         StoreError::Corrupt(_) | StoreError::Backend(_) => {
             warn!("store: {e}");
-            err(code::INTERNAL, "storage error")
+            Refused::new(Refusal::Internal, "storage error")
         }
+    }
+}
+
+/// A store error where a missing or invalid name means "no such user".
+fn user_err(e: StoreError) -> Refused {
+    match e {
+        StoreError::NoSuchUser | StoreError::InvalidName => {
+            Refused::new(Refusal::NoSuchUser, "no such user")
+        }
+        e => store_err(e),
+    }
+}
+
+fn done(r: Result<(), StoreError>) -> Answer<CrsReply> {
+    r.map(|()| CrsReply::Done).map_err(store_err)
+}
+
+fn to_message<T>(a: Answer<T>, ok: impl FnOnce(&T) -> Message) -> Message {
+    match a {
+        Ok(r) => ok(&r),
+        Err(r) => r.to_message(),
     }
 }
 
@@ -170,57 +191,86 @@ impl From<Verifier> for store::Verifier {
 }
 
 impl Crs {
-    /// A request from a client, in the clear.
+    /// A request from a client, in the clear, as wire messages.
     pub fn client_request(&self, m: &Message) -> Message {
         match ClientRequest::from_message(m) {
-            Ok(Some(ClientRequest::Locate)) => {
-                match self.live.lock().locate(self.config.heartbeat_timeout) {
-                    Some(addr) => Message::ok().with_header("Ms", addr),
-                    None => err(code::BUSY, "no messaging server available"),
-                }
-            }
-            Ok(Some(ClientRequest::CrsKey)) => match self.identity_public.to_der() {
-                Ok(der) => Message::ok()
-                    .with_header("Fingerprint", self.identity_public.fingerprint())
-                    .with_body(der),
-                Err(_) => err(code::INTERNAL, "no key"),
-            },
-            Ok(Some(ClientRequest::Register { key, sealed })) => self.register(&key, &sealed),
+            Ok(Some(req)) => to_message(self.client_call(req), ClientReply::to_message),
             Ok(None) => ProtoError::UnknownMethod(m.method().unwrap_or("").to_owned()).reply(),
             Err(e) => e.reply(),
         }
     }
 
-    fn register(&self, key: &[u8], sealed: &[u8]) -> Message {
+    /// A request from a client, typed.
+    pub fn client_call(&self, req: ClientRequest) -> Answer<ClientReply> {
+        match req {
+            ClientRequest::Locate => match self.live.lock().locate(self.config.heartbeat_timeout) {
+                Some(addr) => Ok(ClientReply::Ms(addr)),
+                None => refuse(Refusal::NoMs, "no messaging server available"),
+            },
+            ClientRequest::CrsKey => match self.identity_public.to_der() {
+                Ok(der) => Ok(ClientReply::CrsKey {
+                    fingerprint: self.identity_public.fingerprint(),
+                    der,
+                }),
+                Err(_) => refuse(Refusal::Internal, "no key"),
+            },
+            ClientRequest::Register { key, sealed } => self
+                .register(&key, &sealed)
+                .map(|()| ClientReply::Registered),
+        }
+    }
+
+    /// The checks every verifier passes, at registration and at a
+    /// password change alike.
+    fn check_verifier(&self, v: &Verifier) -> Answer<()> {
+        if v.stored_key.len() != 32
+            || v.server_key.len() != 32
+            || !(16..=64).contains(&v.salt.len())
+        {
+            return refuse(Refusal::BadRequest, "malformed verifier");
+        }
+        if v.iterations < self.config.min_iterations {
+            return refuse(Refusal::BadRequest, "too few password iterations");
+        }
+        if v.iterations > crypto::PBKDF2_MAX_ITERATIONS {
+            return refuse(Refusal::BadRequest, "too many password iterations");
+        }
+        Ok(())
+    }
+
+    fn check_profile(profile: &Profile) -> Answer<()> {
+        match pc::profile_problem(profile) {
+            Some(why) => refuse(Refusal::TooLarge, &why),
+            None => Ok(()),
+        }
+    }
+
+    fn register(&self, key: &[u8], sealed: &[u8]) -> Answer<()> {
         if !self.config.registration_open {
-            return err(code::FORBIDDEN, "registration closed");
+            return refuse(Refusal::RegistrationClosed, "registration closed");
         }
         let Ok(k) = self.identity.decrypt_oaep(key) else {
-            return err(code::BAD_REQUEST, "undecryptable registration");
+            return refuse(Refusal::BadRequest, "undecryptable registration");
         };
         let Ok(k): Result<[u8; 32], _> = k.try_into() else {
-            return err(code::BAD_REQUEST, "bad registration key");
+            return refuse(Refusal::BadRequest, "bad registration key");
         };
         let Ok(plain) = crypto::aes_gcm_open(&k, &[0; 12], pc::REGISTER_AAD, sealed) else {
-            return err(code::BAD_REQUEST, "undecryptable registration");
+            return refuse(Refusal::BadRequest, "undecryptable registration");
         };
         let Ok(reg) = serde_json::from_slice::<Registration>(&plain) else {
-            return err(code::BAD_REQUEST, "malformed registration");
+            return refuse(Refusal::BadRequest, "malformed registration");
         };
         if !store::valid_username(&reg.user) {
-            return err(code::BAD_REQUEST, "invalid name: use 1-32 of a-z 0-9 _ . -");
+            return refuse(
+                Refusal::BadRequest,
+                "invalid name: use 1-32 of a-z 0-9 _ . -",
+            );
         }
-        if reg.verifier.stored_key.len() != 32
-            || reg.verifier.server_key.len() != 32
-            || reg.verifier.salt.len() < 16
-        {
-            return err(code::BAD_REQUEST, "malformed verifier");
-        }
-        if reg.verifier.iterations < self.config.min_iterations {
-            return err(code::BAD_REQUEST, "too few password iterations");
-        }
+        self.check_verifier(&reg.verifier)?;
+        Self::check_profile(&reg.profile)?;
         if RsaPublicKey::from_der(&reg.public_key).is_err() {
-            return err(code::BAD_REQUEST, "invalid public key");
+            return refuse(Refusal::BadRequest, "invalid public key");
         }
         let user = store::User {
             name: store::canonical(&reg.user),
@@ -232,13 +282,9 @@ impl Crs {
             ..Default::default()
         };
         let name = user.name.clone();
-        match self.store.create_user(user) {
-            Ok(()) => {
-                info!("registered {name}");
-                Message::ok()
-            }
-            Err(e) => store_err(e),
-        }
+        self.store.create_user(user).map_err(store_err)?;
+        info!("registered {name}");
+        Ok(())
     }
 
     /// Checks an `ENROLL` proof; on success the sealed link and the reply.
@@ -249,7 +295,7 @@ impl Crs {
         crs_nonce: &[u8; 32],
     ) -> Result<(Enrolled, Message), Message> {
         if m.method() != Some("ENROLL") {
-            return Err(err(code::BAD_REQUEST, "expected ENROLL"));
+            return Err(Refused::new(Refusal::BadRequest, "expected ENROLL").to_message());
         }
         let fields = (|| -> Result<_, ProtoError> {
             Ok((
@@ -269,31 +315,17 @@ impl Crs {
             warn!(
                 "enrollment of {listen} refused: bad MSkey proof (is its MSkey the same as ours?)"
             );
-            return Err(err(code::AUTH_FAILED, "bad MSkey proof"));
+            return Err(Refused::new(Refusal::BadProof, "bad MSkey proof").to_message());
         }
         let who = if role == "admin" {
             Peer2::Admin
         } else {
-            let mut live = self.live.lock();
-            let (id, lost) = live.enroll(&listen, capacity, &instance);
-            if let Err(e) = live.commit() {
-                warn!("enrollment of {listen}: {e}");
-                return Err(err(code::INTERNAL, "live state unavailable"));
+            match self.try_enroll_ms(&listen, capacity, &instance) {
+                Ok(id) => Peer2::Ms(id),
+                Err(r) => return Err(r.to_message()),
             }
-            if lost.is_empty() {
-                debug!("MS {listen} (#{id}) opened a link");
-            } else {
-                warn!(
-                    "MS {listen} restarted; its {} users are offline",
-                    lost.len()
-                );
-                self.tell_lost(lost);
-            }
-            Peer2::Ms(id)
         };
-        let mut context = ms_nonce.to_vec();
-        context.extend_from_slice(crs_nonce);
-        let keys = SessionKeys::derive(&self.ms_key, &context, Role::Responder);
+        let keys = enrollment_keys(&self.ms_key, ms_nonce, crs_nonce, Role::Responder);
         let id = match who {
             Peer2::Ms(id) => id,
             Peer2::Admin => 0,
@@ -309,25 +341,61 @@ impl Crs {
         Ok((
             Enrolled {
                 who,
-                send: keys.send,
-                recv: keys.recv,
+                link: Channel::new(keys, Vec::new()),
             },
             reply,
         ))
     }
 
-    /// An inner request of an enrolled link.
+    /// Records an MS whose MSkey proof checked out; its id. Also the way
+    /// handler tests enroll an MS without a socket.
+    pub fn enroll_ms(&self, listen: &str, capacity: u32, instance: &str) -> u64 {
+        self.try_enroll_ms(listen, capacity, instance).unwrap_or(0)
+    }
+
+    /// As [`Crs::enroll_ms`]; refused when the live state cannot be written
+    /// (its database is unreachable).
+    pub fn try_enroll_ms(
+        &self,
+        listen: &str,
+        capacity: u32,
+        instance: &str,
+    ) -> Result<u64, Refused> {
+        let mut live = self.live.lock();
+        let (id, lost) = live.enroll(listen, capacity, instance);
+        if let Err(e) = live.commit() {
+            warn!("enrollment of {listen}: {e}");
+            return Err(Refused::new(Refusal::Unavailable, "live state unavailable"));
+        }
+        if lost.is_empty() {
+            debug!("MS {listen} (#{id}) opened a link");
+        } else {
+            warn!(
+                "MS {listen} restarted; its {} users are offline",
+                lost.len()
+            );
+            self.tell_lost(lost);
+        }
+        Ok(id)
+    }
+
+    /// An inner request of an enrolled link, as wire messages.
     pub fn sealed_request(&self, who: Peer2, inner: &Message) -> Message {
         let req = match CrsRequest::from_message(inner) {
             Ok(r) => r,
             Err(e) => return e.reply(),
         };
         debug!("{who:?}: {}", inner.method().unwrap_or(""));
+        to_message(self.call(who, req), CrsReply::to_message)
+    }
+
+    /// An inner request of an enrolled link, typed.
+    pub fn call(&self, who: Peer2, req: CrsRequest) -> Answer<CrsReply> {
         match who {
             Peer2::Ms(ms) => {
                 if !self.live.lock().touch(ms) {
                     // Reaped while it was away: it must enroll again.
-                    return err(code::FORBIDDEN, "not enrolled");
+                    return refuse(Refusal::NotEnrolled, "not enrolled");
                 }
                 self.ms_request(ms, req)
             }
@@ -335,31 +403,46 @@ impl Crs {
         }
     }
 
-    fn ms_request(&self, ms: u64, req: CrsRequest) -> Message {
+    fn ms_request(&self, ms: u64, req: CrsRequest) -> Answer<CrsReply> {
         use CrsRequest::*;
         match req {
-            Heartbeat { .. } => Message::ok(),
-            GetVerifier { user } => match self.store.get_user(&user) {
-                Ok(Some(u)) => pc::verifier_reply(&u.verifier.into()),
-                Ok(None) | Err(StoreError::InvalidName) => err(code::NOT_FOUND, "no such user"),
-                Err(e) => store_err(e),
-            },
+            Heartbeat { .. } => Ok(CrsReply::Done),
+            GetVerifier { user, source } => {
+                let user = store::canonical(&user);
+                // The attempt counts now, before its proof is judged.
+                if let Err(wait) = self.guesses.attempt(&user, source) {
+                    let secs = wait.as_secs().max(1);
+                    return refuse(
+                        Refusal::RateLimited {
+                            retry_after: Some(secs),
+                        },
+                        &format!("too many wrong passwords; try again in {secs} s"),
+                    );
+                }
+                match self.store.get_user(&user) {
+                    Ok(Some(u)) => Ok(CrsReply::Verifier(u.verifier.into())),
+                    Ok(None) => refuse(Refusal::NoSuchUser, "no such user"),
+                    Err(e) => Err(user_err(e)),
+                }
+            }
             Lock { user } => {
                 let user = store::canonical(&user);
                 let mut live = self.live.lock();
                 match live.lock(&user, ms, self.config.lock_lease) {
                     Ok(()) => match live.commit() {
-                        Ok(()) => Message::ok(),
-                        Err(_) => err(code::INTERNAL, "live state unavailable"),
+                        Ok(()) => Ok(CrsReply::Done),
+                        Err(_) => refuse(Refusal::Unavailable, "live state unavailable"),
                     },
-                    Err(LockError::LoggingIn) => err(code::CONFLICT, "already logging in"),
+                    Err(LockError::LoggingIn) => {
+                        refuse(Refusal::AlreadyLoggingIn, "already logging in")
+                    }
                     // The MS may probe the old client and take over if it is gone.
-                    Err(LockError::LoggedIn) => match live.address(&user) {
-                        Some(a) => {
-                            err(code::CONFLICT, "already logged in").with_header("Address", a)
-                        }
-                        None => err(code::CONFLICT, "already logged in"),
-                    },
+                    Err(LockError::LoggedIn) => refuse(
+                        Refusal::AlreadyLoggedIn {
+                            address: live.address(&user),
+                        },
+                        "already logged in",
+                    ),
                 }
             }
             Takeover { user } => {
@@ -377,34 +460,32 @@ impl Crs {
                     self.offline(&user, None);
                     info!("{user}'s old login at MS #{old_ms} is gone; a new login takes over");
                 }
-                Message::ok()
+                Ok(CrsReply::Done)
             }
             Unlock { user } => {
                 self.live.lock().unlock(&store::canonical(&user), ms);
-                Message::ok()
+                Ok(CrsReply::Done)
             }
             Online { user, address } => self.online(ms, &store::canonical(&user), address),
             Offline { user } => {
                 self.offline(&store::canonical(&user), Some(ms));
-                Message::ok()
+                Ok(CrsReply::Done)
             }
             SetCredentials {
                 user,
                 verifier,
                 wrapped_key,
             } => {
-                match self
-                    .store
-                    .set_credentials(&user, verifier.into(), wrapped_key)
-                {
-                    Ok(()) => Message::ok(),
-                    Err(e) => store_err(e),
-                }
+                self.check_verifier(&verifier)?;
+                done(
+                    self.store
+                        .set_credentials(&user, verifier.into(), wrapped_key),
+                )
             }
-            SetProfile { user, profile } => match self.store.set_profile(&user, profile) {
-                Ok(()) => Message::ok(),
-                Err(e) => store_err(e),
-            },
+            SetProfile { user, profile } => {
+                Self::check_profile(&profile)?;
+                done(self.store.set_profile(&user, profile))
+            }
             Search { text, limit } => self.search(&text, limit),
             Add {
                 from,
@@ -420,38 +501,38 @@ impl Crs {
                 self.remove(&store::canonical(&user), &store::canonical(&buddy))
             }
             Events { ack } => self.poll_events(ms, ack),
-            ListUsers { .. } | ShowUser { .. } | DeleteUser { .. } | ListMs => {
-                err(code::FORBIDDEN, "operator requests need an operator link")
-            }
+            ListUsers { .. } | ShowUser { .. } | DeleteUser { .. } | ListMs => refuse(
+                Refusal::WrongLink,
+                "operator requests need an operator link",
+            ),
         }
     }
 
-    fn admin_request(&self, req: CrsRequest) -> Message {
+    fn admin_request(&self, req: CrsRequest) -> Answer<CrsReply> {
         use CrsRequest::*;
         match req {
-            ListUsers { after, limit } => match self
+            ListUsers { after, limit } => self
                 .store
                 .list_users(after.as_deref(), limit.min(10_000) as usize)
-            {
-                Ok(names) => pc::json_reply(&names),
-                Err(e) => store_err(e),
-            },
+                .map(CrsReply::Users)
+                .map_err(store_err),
             ShowUser { user } => match self.store.get_user(&user) {
                 Ok(Some(u)) => {
                     let online = self.live.lock().address(&u.name);
-                    let view = serde_json::json!({
-                        "user": u.name,
-                        "profile": u.profile,
-                        "contacts": u.contacts,
-                        "requests_from": u.requests.iter().map(|r| r.from.clone()).collect::<Vec<_>>(),
-                        "public_key_fingerprint": RsaPublicKey::from_der(&u.public_key).map(|k| k.fingerprint()).unwrap_or_default(),
-                        "online": online.map(|a| a.to_string()),
-                        "created_unix": u.created_unix,
-                    });
-                    pc::json_reply(&view)
+                    Ok(CrsReply::User(Box::new(UserView {
+                        user: u.name,
+                        profile: u.profile,
+                        contacts: u.contacts.into_iter().collect(),
+                        requests_from: u.requests.iter().map(|r| r.from.clone()).collect(),
+                        public_key_fingerprint: RsaPublicKey::from_der(&u.public_key)
+                            .map(|k| k.fingerprint())
+                            .unwrap_or_default(),
+                        online: online.map(|a| a.to_string()),
+                        created_unix: u.created_unix,
+                    })))
                 }
-                Ok(None) | Err(StoreError::InvalidName) => err(code::NOT_FOUND, "no such user"),
-                Err(e) => store_err(e),
+                Ok(None) => refuse(Refusal::NoSuchUser, "no such user"),
+                Err(e) => Err(user_err(e)),
             },
             DeleteUser { user } => {
                 let name = store::canonical(&user);
@@ -480,26 +561,29 @@ impl Crs {
                         drop(live);
                         self.events_ready.notify_all();
                         info!("operator deleted {name}");
-                        Message::ok()
+                        Ok(CrsReply::Done)
                     }
-                    Ok(false) => err(code::NOT_FOUND, "no such user"),
-                    Err(e) => store_err(e),
+                    Ok(false) => refuse(Refusal::NoSuchUser, "no such user"),
+                    Err(e) => Err(user_err(e)),
                 }
             }
-            ListMs => pc::json_reply(&self.live.lock().ms_list()),
-            _ => err(code::FORBIDDEN, "not an operator request"),
+            ListMs => Ok(CrsReply::MsList(self.live.lock().ms_list())),
+            _ => refuse(Refusal::WrongLink, "not an operator request"),
         }
     }
 
-    fn online(&self, ms: u64, user: &str, address: std::net::SocketAddr) -> Message {
+    fn online(&self, ms: u64, user: &str, address: std::net::SocketAddr) -> Answer<CrsReply> {
+        let lost_lock = || refuse(Refusal::LockNotHeld, "login lock not held (expired?)");
         if !self.live.lock().holds_lock(user, ms) {
-            return err(code::CONFLICT, "login lock not held (expired?)");
+            return lost_lock();
         }
         let record = match self.store.get_user(user) {
             Ok(Some(u)) => u,
-            Ok(None) => return err(code::NOT_FOUND, "no such user"),
-            Err(e) => return store_err(e),
+            Ok(None) => return refuse(Refusal::NoSuchUser, "no such user"),
+            Err(e) => return Err(user_err(e)),
         };
+        // The password was proved from this address: its guesses are forgiven.
+        self.guesses.succeeded(user, address.ip());
         let requests = self.pending_requests(&record);
         let presence = Presence {
             address,
@@ -507,7 +591,7 @@ impl Crs {
         };
         let mut live = self.live.lock();
         if !live.holds_lock(user, ms) {
-            return err(code::CONFLICT, "login lock not held (expired?)");
+            return lost_lock();
         }
         let online = live.online_many(&record.contacts);
         let contacts: Vec<Contact> = record
@@ -527,19 +611,21 @@ impl Crs {
             },
         );
         if live.commit().is_err() {
-            return err(code::INTERNAL, "live state unavailable");
+            return refuse(Refusal::Unavailable, "live state unavailable");
         }
         self.events_ready.notify_all();
         info!("{user} online at {address}");
-        pc::json_reply(&Welcome {
-            user: record.name,
-            public_key: record.public_key,
-            wrapped_key: record.wrapped_private_key,
-            contacts,
-            requests,
-            profile: record.profile,
+        Ok(CrsReply::Welcome {
+            welcome: Welcome {
+                user: record.name,
+                public_key: record.public_key,
+                wrapped_key: record.wrapped_private_key,
+                contacts,
+                requests,
+                profile: record.profile,
+            },
+            login,
         })
-        .with_header("Login-Number", login)
     }
 
     fn pending_requests(&self, record: &store::User) -> Vec<BuddyRequest> {
@@ -576,43 +662,49 @@ impl Crs {
         }
     }
 
-    fn search(&self, text: &str, limit: u32) -> Message {
+    fn search(&self, text: &str, limit: u32) -> Answer<CrsReply> {
         let limit = limit.clamp(1, self.config.max_search_results) as usize;
-        match self.store.search(text, limit) {
-            Ok(found) => {
-                let mut live = self.live.lock();
-                let hits: Vec<Hit> = found
-                    .into_iter()
-                    .map(|h| Hit {
-                        online: live.online(&h.name).is_some(),
-                        user: h.name,
-                        profile: h.profile,
-                    })
-                    .collect();
-                pc::json_reply(&hits)
+        let found = self.store.search(text, limit).map_err(store_err)?;
+        let mut live = self.live.lock();
+        let mut bytes = 0usize;
+        let mut hits = Vec::new();
+        for h in found {
+            // Capped by bytes too: a few huge profiles must not push the
+            // reply past the body limit and fail every matching search.
+            let size = h.profile.iter().fold(h.name.len(), |n, (k, v)| {
+                n.saturating_add(k.len() + v.len())
+            });
+            bytes = bytes.saturating_add(size);
+            if bytes > pc::MAX_SEARCH_REPLY_BYTES {
+                break;
             }
-            Err(e) => store_err(e),
+            hits.push(Hit {
+                online: live.online(&h.name).is_some(),
+                user: h.name,
+                profile: h.profile,
+            });
         }
+        Ok(CrsReply::Hits(hits))
     }
 
-    fn add(&self, from: &str, to: &str, nonce: Vec<u8>, signature: Vec<u8>) -> Message {
+    fn add(&self, from: &str, to: &str, nonce: Vec<u8>, signature: Vec<u8>) -> Answer<CrsReply> {
         let (from, to) = (store::canonical(from), store::canonical(to));
         if from == to {
-            return err(code::BAD_REQUEST, "you cannot add yourself");
+            return refuse(Refusal::SameUser, "you cannot add yourself");
         }
         let sender = match self.store.get_user(&from) {
             Ok(Some(u)) => u,
-            Ok(None) | Err(StoreError::InvalidName) => return err(code::NOT_FOUND, "no such user"),
-            Err(e) => return store_err(e),
+            Ok(None) => return refuse(Refusal::NoSuchUser, "no such user"),
+            Err(e) => return Err(user_err(e)),
         };
         if sender.contacts.contains(&to) {
-            return err(code::CONFLICT, "already buddies");
+            return refuse(Refusal::AlreadyBuddies, "already buddies");
         }
         let signed = RsaPublicKey::from_der(&sender.public_key)
             .and_then(|k| k.verify_pss(&proto::add_transcript(&from, &to, &nonce), &signature));
         if signed.is_err() {
             warn!("buddy request {from} -> {to} with a bad signature");
-            return err(code::AUTH_FAILED, "bad signature");
+            return refuse(Refusal::BadSignature, "bad signature");
         }
         let stored = store::BuddyRequest {
             from: from.clone(),
@@ -620,14 +712,7 @@ impl Crs {
             nonce: nonce.clone(),
             created_unix: now_unix(),
         };
-        if let Err(e) = self.store.add_request(&to, stored) {
-            return match e {
-                StoreError::NoSuchUser | StoreError::InvalidName => {
-                    err(code::NOT_FOUND, "no such user")
-                }
-                e => store_err(e),
-            };
-        }
+        self.store.add_request(&to, stored).map_err(user_err)?;
         let mut live = self.live.lock();
         if live.online(&to).is_some() {
             live.notify(
@@ -641,21 +726,20 @@ impl Crs {
             );
             drop(live);
             self.events_ready.notify_all();
-            Message::ok()
+            Ok(CrsReply::Done)
         } else {
-            Message::reply(code::STORED, "stored until they log in")
+            Ok(CrsReply::Stored)
         }
     }
 
-    fn accept(&self, user: &str, from: &str) -> Message {
+    fn accept(&self, user: &str, from: &str) -> Answer<CrsReply> {
+        let no_request = || refuse(Refusal::NoSuchRequest, "no such request");
         match self.store.get_user(user) {
             Ok(Some(u)) if u.requests.iter().any(|r| r.from == from) => {}
-            Ok(_) | Err(StoreError::InvalidName) => return err(code::NOT_FOUND, "no such request"),
-            Err(e) => return store_err(e),
+            Ok(_) | Err(StoreError::InvalidName) => return no_request(),
+            Err(e) => return Err(store_err(e)),
         }
-        if let Err(e) = self.store.make_buddies(user, from) {
-            return store_err(e);
-        }
+        self.store.make_buddies(user, from).map_err(store_err)?;
         let mut live = self.live.lock();
         let user_p = live.online(user).map(|o| o.presence.clone());
         let from_p = live.online(from).map(|o| o.presence.clone());
@@ -677,13 +761,13 @@ impl Crs {
         self.events_ready.notify_all();
         // The new buddy, so the accepting client can talk at once, without
         // waiting for its own push.
-        pc::json_reply(&Contact {
+        Ok(CrsReply::Contact(Contact {
             user: from.to_owned(),
             online: from_p,
-        })
+        }))
     }
 
-    fn deny(&self, user: &str, from: &str) -> Message {
+    fn deny(&self, user: &str, from: &str) -> Answer<CrsReply> {
         match self.store.remove_request(user, from) {
             Ok(true) => {
                 self.live.lock().notify(
@@ -693,14 +777,16 @@ impl Crs {
                     },
                 );
                 self.events_ready.notify_all();
-                Message::ok()
+                Ok(CrsReply::Done)
             }
-            Ok(false) | Err(StoreError::InvalidName) => err(code::NOT_FOUND, "no such request"),
-            Err(e) => store_err(e),
+            Ok(false) | Err(StoreError::InvalidName) => {
+                refuse(Refusal::NoSuchRequest, "no such request")
+            }
+            Err(e) => Err(store_err(e)),
         }
     }
 
-    fn remove(&self, user: &str, buddy: &str) -> Message {
+    fn remove(&self, user: &str, buddy: &str) -> Answer<CrsReply> {
         match self.store.remove_buddies(user, buddy) {
             Ok(true) => {
                 let mut live = self.live.lock();
@@ -718,16 +804,16 @@ impl Crs {
                 );
                 drop(live);
                 self.events_ready.notify_all();
-                Message::ok()
+                Ok(CrsReply::Done)
             }
-            Ok(false) => err(code::NOT_FOUND, "not a buddy"),
-            Err(e) => store_err(e),
+            Ok(false) => refuse(Refusal::NotABuddy, "not a buddy"),
+            Err(e) => Err(store_err(e)),
         }
     }
 
     /// The long poll: answers at once if events are queued, else waits for
     /// some (or the poll timeout, an empty batch doubling as a heartbeat).
-    fn poll_events(&self, ms: u64, ack: u64) -> Message {
+    fn poll_events(&self, ms: u64, ack: u64) -> Answer<CrsReply> {
         let deadline = Instant::now() + self.config.poll_timeout;
         loop {
             // Read before looking, so a wake in between is not missed.
@@ -736,13 +822,13 @@ impl Crs {
             // before waiting.
             let batch = self.live.lock().events(ms, ack);
             match batch {
-                None => return err(code::FORBIDDEN, "not enrolled"),
+                None => return refuse(Refusal::NotEnrolled, "not enrolled"),
                 Some(batch)
                     if !batch.events.is_empty()
                         || Instant::now() >= deadline
                         || self.stopping() =>
                 {
-                    return pc::json_reply(&batch);
+                    return Ok(CrsReply::Events(batch));
                 }
                 Some(_) => {
                     let wait = deadline

@@ -7,6 +7,12 @@ use openssl::hash::MessageDigest;
 /// accepts (OWASP's 2023 recommendation for this hash).
 pub const PBKDF2_MIN_ITERATIONS: u32 = 600_000;
 
+/// The most PBKDF2 iterations a client derives for, and a server
+/// accepts in a verifier: about 15 times the minimum, seconds of CPU on a
+/// slow machine. The count comes in an unauthenticated login challenge; a
+/// hostile or broken server sending four billion must not pin the client.
+pub const PBKDF2_MAX_ITERATIONS: u32 = 10_000_000;
+
 /// Salt length of [`KdfParams::generate`], and the minimum that
 /// [`KdfPolicy::Production`] accepts.
 pub const SALT_LEN: usize = 16;

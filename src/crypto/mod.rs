@@ -26,7 +26,10 @@ pub use aead::{
 };
 pub use error::Error;
 pub use hash::{ct_eq, hkdf_sha256, hkdf_sha256_32, hmac_sha256, sha256, Sha256};
-pub use kdf::{derive_salted_password, KdfParams, KdfPolicy, PBKDF2_MIN_ITERATIONS, SALT_LEN};
+pub use kdf::{
+    derive_salted_password, KdfParams, KdfPolicy, PBKDF2_MAX_ITERATIONS, PBKDF2_MIN_ITERATIONS,
+    SALT_LEN,
+};
 pub use rsa::{RsaPrivateKey, RsaPublicKey, DEFAULT_RSA_BITS, MIN_RSA_BITS};
 
 /// Fills `buf` from OpenSSL's CSPRNG (seeded by the operating system).

@@ -12,15 +12,18 @@ use super::users::{Names, OnlineUser};
 use super::Ms;
 use crate::crypto::{self, scram};
 use crate::keyfile::hex;
+use crate::link::{login_keys, push_keys, Channel, LinkError};
 use crate::prethread::{Outcome, Peer, Service};
-use crate::proto::crs::{self as pc, CrsRequest, Verifier, Welcome, SEALED};
-use crate::proto::ms::{Challenge, MsRequest};
-use crate::proto::{self, Fields, ProtoError};
-use crate::seal::{Role, SessionKeys};
-use crate::wire::{code, Message};
+use crate::proto::crs::{CrsReply, CrsRequest, Verifier, Welcome, SEALED};
+use crate::proto::ms::{Challenge, MsReply, MsRequest};
+use crate::proto::{self, Answer, ProtoError, Refusal, Refused};
+use crate::seal::Role;
+use crate::wire::Message;
 
 /// Bytes of a login nonce.
-const NONCE_LEN: usize = 24;
+pub const NONCE_LEN: usize = 24;
+/// Fewest bytes of the client's login nonce the MS accepts.
+pub const MIN_CLIENT_NONCE_LEN: usize = 16;
 
 /// `LOGIN-HELLO` answered; the proof is due on this connection.
 pub struct Challenged {
@@ -30,6 +33,13 @@ pub struct Challenged {
     client_nonce: Vec<u8>,
     challenge: Challenge,
     peer: SocketAddr,
+}
+
+impl Challenged {
+    /// The challenge sent to the client.
+    pub fn challenge(&self) -> &Challenge {
+        &self.challenge
+    }
 }
 
 /// The state of one client connection to the MS.
@@ -62,7 +72,7 @@ impl Service for MsService {
                                 *conn = ClientConn::Challenged(Box::new(c));
                                 Outcome::Reply(reply)
                             }
-                            Err(reply) => Outcome::ReplyAndClose(reply),
+                            Err(r) => Outcome::ReplyAndClose(r.to_message()),
                         }
                     }
                     Ok(_) => Outcome::ReplyAndClose(ProtoError::Invalid("request").reply()),
@@ -78,61 +88,54 @@ impl Service for MsService {
                 else {
                     return Outcome::Close;
                 };
-                match MsRequest::from_message(&request) {
+                let reply = match MsRequest::from_message(&request) {
                     Ok(MsRequest::Login { proof, listen_port }) => {
-                        Outcome::ReplyAndClose(ms.login(*c, &proof, listen_port))
+                        match ms.login(*c, &proof, listen_port) {
+                            Ok(sealed) => sealed,
+                            Err(r) => r.to_message(),
+                        }
                     }
-                    Ok(_) => {
-                        Outcome::ReplyAndClose(Message::reply(code::BAD_REQUEST, "expected LOGIN"))
-                    }
-                    Err(e) => Outcome::ReplyAndClose(e.reply()),
-                }
+                    Ok(_) => Refused::new(Refusal::BadRequest, "expected LOGIN").to_message(),
+                    Err(e) => e.reply(),
+                };
+                Outcome::ReplyAndClose(reply)
             }
         }
     }
 }
 
-fn err(code: u16, reason: &str) -> Message {
-    Message::reply(code, reason)
+/// The refusal a client sees when the CRS cannot be asked.
+fn unavailable<T>(what: &str, e: &LinkError) -> Answer<T> {
+    warn!("{what}: {e}");
+    Err(Refused::new(
+        Refusal::Unavailable,
+        "directory unavailable, try again",
+    ))
 }
 
 impl Ms {
-    fn hello(
-        &self,
-        user: &str,
-        client_nonce: Vec<u8>,
-        peer: SocketAddr,
-    ) -> Result<Challenged, Message> {
-        if client_nonce.len() < 16 {
-            return Err(ProtoError::Invalid("Client-Nonce").reply());
+    /// `LOGIN-HELLO`: the challenge for `user`, real or (for an unknown
+    /// name) fake; the CRS counts the attempt.
+    pub fn hello(&self, user: &str, client_nonce: Vec<u8>, peer: SocketAddr) -> Answer<Challenged> {
+        if client_nonce.len() < MIN_CLIENT_NONCE_LEN {
+            return Err(ProtoError::Invalid("Client-Nonce").into());
         }
         let user = user.to_ascii_lowercase();
         if !self.login_limit.take(&peer.ip()) {
-            return Err(err(
-                code::RATE_LIMITED,
+            return Err(Refused::new(
+                Refusal::RateLimited { retry_after: None },
                 "too many login attempts from your address; try again shortly",
             ));
         }
-        if let Some(wait) = self.failures.wait(&user, peer.ip()) {
-            return Err(err(
-                code::RATE_LIMITED,
-                &format!(
-                    "too many wrong passwords; try again in {} s",
-                    wait.as_secs().max(1)
-                ),
-            ));
-        }
-        let verifier = match self
-            .crs
-            .call(&CrsRequest::GetVerifier { user: user.clone() })
-        {
-            Ok(r) if r.is_success() => Some(pc::read_verifier(&r).map_err(|e| e.reply())?),
-            Ok(r) if r.code() == Some(code::NOT_FOUND) => None,
-            Ok(r) => return Err(r),
-            Err(e) => {
-                warn!("login of {user}: {e}");
-                return Err(err(code::BUSY, "directory unavailable, try again"));
-            }
+        let verifier = match self.crs.call(&CrsRequest::GetVerifier {
+            user: user.clone(),
+            source: peer.ip(),
+        }) {
+            Ok(CrsReply::Verifier(v)) => Some(v),
+            Ok(_) => return Err(ProtoError::NotAReply.into()),
+            Err(LinkError::Refused(r)) if r.refusal == Refusal::NoSuchUser => None,
+            Err(LinkError::Refused(r)) => return Err(r),
+            Err(e) => return unavailable(&format!("login of {user}"), &e),
         };
         // An unknown name gets a salt derived from the MSkey and the name:
         // stable across attempts and MSs, so it looks like a real account.
@@ -160,12 +163,20 @@ impl Ms {
         })
     }
 
-    fn login(self: &Arc<Self>, c: Challenged, proof: &[u8], listen_port: u16) -> Message {
-        let Some(verifier) = &c.verifier else {
-            self.failures.failed(&c.user, c.peer.ip());
-            return err(code::AUTH_FAILED, "password failure");
+    /// `LOGIN`: checks the proof; the sealed welcome, or a refusal.
+    pub fn login(
+        self: &Arc<Self>,
+        c: Challenged,
+        proof: &[u8],
+        listen_port: u16,
+    ) -> Result<Message, Refused> {
+        let failure = || {
+            self.users.failures.inc();
+            Refused::new(Refusal::PasswordFailure, "password failure")
         };
-        // Step 3: the design's per-user lock at the CRS.
+        let Some(verifier) = &c.verifier else {
+            return Err(failure());
+        };
         let auth = proto::login_auth_message(
             &c.user,
             &c.client_nonce,
@@ -178,47 +189,43 @@ impl Ms {
                 .ok()
                 .and_then(|stored| scram::verify_proof(stored, &auth, proof))
         };
+        // Step 3: the design's per-user lock at the CRS.
         match self.lock(&c.user) {
             Ok(()) => {}
-            Err(reply) if reply.reason() == Some("already logged in") => {
-                // The design refuses a second login while the first is alive;
-                // a login whose client is gone (crashed, lost its network)
-                // must not lock its user out. With a good password, probe.
-                let old = reply
-                    .header("Address")
-                    .and_then(|a| a.parse::<SocketAddr>().ok());
-                let alive = old.is_none_or(|a| super::probe(a, &c.user, self.config.push_timeout));
-                if alive || proof_ok().is_none() {
-                    return reply;
+            Err(r) => match r.refusal {
+                Refusal::AlreadyLoggedIn { address } => {
+                    // The design refuses a second login while the first is
+                    // alive; a login whose client is gone (crashed, lost its
+                    // network) must not lock its user out. With a good
+                    // password, probe.
+                    let alive =
+                        address.is_none_or(|a| super::probe(a, &c.user, self.config.push_timeout));
+                    if alive || proof_ok().is_none() {
+                        return Err(r);
+                    }
+                    info!(
+                        "{}'s old client does not answer; this login takes over",
+                        c.user
+                    );
+                    if let Err(e) = self.crs.call(&CrsRequest::Takeover {
+                        user: c.user.clone(),
+                    }) {
+                        return unavailable(&format!("takeover of {}", c.user), &e);
+                    }
+                    self.lock(&c.user)?;
                 }
-                info!(
-                    "{}'s old client does not answer; this login takes over",
-                    c.user
-                );
-                if let Err(e) = self.crs.call(&CrsRequest::Takeover {
-                    user: c.user.clone(),
-                }) {
-                    warn!("takeover of {}: {e}", c.user);
-                    return err(code::BUSY, "directory unavailable, try again");
-                }
-                if let Err(reply) = self.lock(&c.user) {
-                    return reply;
-                }
-            }
-            Err(reply) => return reply,
+                _ => return Err(r),
+            },
         }
-        let client_key = proof_ok();
-        // Step 4: a wrong proof changes nothing (but slows its source down).
-        let Some(client_key) = client_key else {
-            self.failures.failed(&c.user, c.peer.ip());
+        // Step 4: a wrong proof changes nothing (its attempt was counted).
+        let Some(client_key) = proof_ok() else {
             self.unlock(&c.user);
             info!("login of {}: password failure", c.user);
-            return err(code::AUTH_FAILED, "password failure");
+            return Err(failure());
         };
-        self.failures.succeeded(&c.user, c.peer.ip());
         let Ok(server_key) = <&[u8; 32]>::try_from(verifier.server_key.as_slice()) else {
             self.unlock(&c.user);
-            return err(code::INTERNAL, "malformed verifier");
+            return Err(Refused::new(Refusal::Internal, "malformed verifier"));
         };
         let address = SocketAddr::new(c.peer.ip(), listen_port);
         // Steps 5, 7-9: the CRS records the address, releases the lock,
@@ -229,31 +236,33 @@ impl Ms {
             user: c.user.clone(),
             address,
         }) {
-            Ok(r) if r.is_success() => match r.json() {
-                Ok(w) => (w, r.req_parse("Login-Number").unwrap_or(0)),
-                Err(e) => {
-                    self.users.finish(&c.user, None);
-                    return e.reply();
-                }
-            },
-            Ok(r) => {
+            Ok(CrsReply::Welcome { welcome, login }) => (welcome, login),
+            Ok(_) => {
                 self.users.finish(&c.user, None);
-                self.unlock(&c.user);
-                return r;
+                return Err(ProtoError::NotAReply.into());
             }
             Err(e) => {
-                warn!("login of {}: {e}", c.user);
                 self.users.finish(&c.user, None);
                 self.unlock(&c.user);
-                return err(code::BUSY, "directory unavailable, try again");
+                return match e {
+                    LinkError::Refused(r) => Err(r),
+                    e => unavailable(&format!("login of {}", c.user), &e),
+                };
             }
         };
-        let mut context = c.client_nonce.clone();
-        context.extend_from_slice(&c.challenge.server_nonce);
-        let keys = SessionKeys::derive(&client_key, &context, Role::Responder);
-        context.extend_from_slice(b"push");
-        let push = SessionKeys::derive(&client_key, &context, Role::Responder);
         let login = hex(&crypto::random_array::<16>());
+        let keys = login_keys(
+            &client_key,
+            &c.client_nonce,
+            &c.challenge.server_nonce,
+            Role::Responder,
+        );
+        let push = push_keys(
+            &client_key,
+            &c.client_nonce,
+            &c.challenge.server_nonce,
+            Role::Responder,
+        );
         let signature = scram::server_signature(server_key, &auth);
         let user = Arc::new(OnlineUser {
             name: c.user.clone(),
@@ -266,19 +275,15 @@ impl Ms {
                     .map(|c| c.user.clone())
                     .collect::<Names>(),
             ),
-            link: Mutex::new((keys.recv, keys.send)),
+            link: Mutex::new(Channel::new(keys, vec![("Login", login.clone())])),
             push: Mutex::new(push.send),
             last_seen: AtomicU64::new(super::users::now_ms()),
             number: AtomicU64::new(number),
             ended: Default::default(),
         });
-        let inner = pc::json_reply(&welcome);
-        let sealed = user.link.lock().1.seal(
-            SEALED,
-            &[
-                ("Login", &login),
-                ("Server-Signature", &crypto::b64_encode(&signature)),
-            ],
+        let inner = MsReply::Welcome(Box::new(welcome)).to_message();
+        let sealed = user.link.lock().seal_with(
+            &[("Server-Signature", &crypto::b64_encode(&signature))],
             &inner,
         );
         match sealed {
@@ -287,27 +292,24 @@ impl Ms {
                     self.apply(held);
                 }
                 info!("{} logged in from {address}", c.user);
-                m
+                Ok(m)
             }
             Err(e) => {
                 warn!("cannot seal the welcome: {e}");
                 self.users.finish(&c.user, None);
-                err(code::INTERNAL, "internal error")
+                Err(Refused::new(Refusal::Internal, "internal error"))
             }
         }
     }
 
     /// Takes the login lock at the CRS; the CRS's refusal otherwise.
-    fn lock(&self, user: &str) -> Result<(), Message> {
+    fn lock(&self, user: &str) -> Answer<()> {
         match self.crs.call(&CrsRequest::Lock {
             user: user.to_owned(),
         }) {
-            Ok(r) if r.is_success() => Ok(()),
-            Ok(r) => Err(r),
-            Err(e) => {
-                warn!("login of {user}: {e}");
-                Err(err(code::BUSY, "directory unavailable, try again"))
-            }
+            Ok(_) => Ok(()),
+            Err(LinkError::Refused(r)) => Err(r),
+            Err(e) => unavailable(&format!("login of {user}"), &e),
         }
     }
 
@@ -321,29 +323,33 @@ impl Ms {
     }
 
     /// A logged-in user's sealed request.
-    fn sealed(&self, outer: &Message) -> Outcome {
-        let Some(user) = outer.header("Login").and_then(|l| self.users.by_login(l)) else {
-            return Outcome::ReplyAndClose(err(code::FORBIDDEN, "not logged in"));
+    pub fn sealed(&self, outer: &Message) -> Outcome {
+        let not_logged_in = || {
+            Outcome::ReplyAndClose(Refused::new(Refusal::NotLoggedIn, "not logged in").to_message())
         };
-        let inner = match user.link.lock().0.open(outer) {
+        let Some(user) = outer.header("Login").and_then(|l| self.users.by_login(l)) else {
+            return not_logged_in();
+        };
+        let inner = match user.link.lock().open(outer) {
             Ok(m) => {
                 user.touch();
                 m
             }
             Err(e) => {
                 warn!("request of {}: {e}", user.name);
-                return Outcome::ReplyAndClose(err(code::BAD_REQUEST, "unreadable request"));
+                return Outcome::ReplyAndClose(
+                    Refused::new(Refusal::BadRequest, "unreadable request").to_message(),
+                );
             }
         };
         let reply = match MsRequest::from_message(&inner) {
-            Ok(req) => self.user_request(&user, req),
+            Ok(req) => match self.user_request(&user, req) {
+                Ok(r) => r.to_message(),
+                Err(r) => r.to_message(),
+            },
             Err(e) => e.reply(),
         };
-        let sealed = user
-            .link
-            .lock()
-            .1
-            .seal(SEALED, &[("Login", &user.login)], &reply);
+        let sealed = user.link.lock().seal(&reply);
         match sealed {
             Ok(m) => Outcome::Reply(m),
             Err(e) => {
@@ -353,13 +359,14 @@ impl Ms {
         }
     }
 
-    fn user_request(&self, user: &OnlineUser, req: MsRequest) -> Message {
+    /// A logged-in user's request, typed.
+    pub fn user_request(&self, user: &OnlineUser, req: MsRequest) -> Answer<MsReply> {
         let name = user.name.clone();
         let to_crs = match req {
             MsRequest::LoginHello { .. } | MsRequest::Login { .. } => {
-                return err(code::BAD_REQUEST, "already logged in")
+                return Err(Refused::new(Refusal::BadRequest, "already logged in"))
             }
-            MsRequest::Ping => return Message::ok(),
+            MsRequest::Ping => return Ok(MsReply::Done),
             MsRequest::Logout => {
                 self.users.remove(&name, Some(&user.login));
                 info!("{name} logged out");
@@ -379,9 +386,15 @@ impl Ms {
             },
             MsRequest::Search(text) => {
                 if !self.search_limit.take(&name) {
-                    return err(code::RATE_LIMITED, "too many searches; try again shortly");
+                    return Err(Refused::new(
+                        Refusal::RateLimited { retry_after: None },
+                        "too many searches; try again shortly",
+                    ));
                 }
-                CrsRequest::Search { text, limit: 50 }
+                CrsRequest::Search {
+                    text,
+                    limit: SEARCH_LIMIT,
+                }
             }
             MsRequest::Add {
                 to,
@@ -398,11 +411,19 @@ impl Ms {
             MsRequest::Remove(buddy) => CrsRequest::Remove { user: name, buddy },
         };
         match self.crs.call(&to_crs) {
-            Ok(reply) => reply,
-            Err(e) => {
-                warn!("request of {}: {e}", user.name);
-                err(code::BUSY, "directory unavailable, try again")
+            Ok(CrsReply::Done) => Ok(MsReply::Done),
+            Ok(CrsReply::Stored) => Ok(MsReply::Stored),
+            Ok(CrsReply::Hits(h)) => Ok(MsReply::Hits(h)),
+            Ok(CrsReply::Contact(c)) => Ok(MsReply::Contact(c)),
+            Ok(other) => {
+                warn!("the CRS answered {other:?} to a request of {}", user.name);
+                Err(Refused::new(Refusal::Internal, "internal error"))
             }
+            Err(LinkError::Refused(r)) => Err(r),
+            Err(e) => unavailable(&format!("request of {}", user.name), &e),
         }
     }
 }
+
+/// Most results of a directory search asked of the CRS.
+pub const SEARCH_LIMIT: u32 = 50;

@@ -1,7 +1,7 @@
 //! The MS's metrics (see [`crate::metrics`]), all named `ims_ms_*`: users
 //! online here, logins and failed logins, pushes delivered and failed, and
 //! the worker pool. The counters live where they are counted (users,
-//! failures, pusher); this registers them.
+//! pusher); this registers them.
 
 use std::sync::Arc;
 
@@ -24,7 +24,7 @@ pub fn serve(addr: &str, ms: &Arc<Ms>, pool: StatsSource) -> std::io::Result<End
     r.register(
         "login_failures",
         "Logins refused for a wrong password or unknown name",
-        ms.failures.count.clone(),
+        ms.users.failures.clone(),
     );
     r.register(
         "pushes",

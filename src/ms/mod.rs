@@ -19,10 +19,9 @@ use log::{debug, info, warn};
 
 use crate::crypto;
 use crate::keyfile;
-use crate::link::{Identity, LinkError, LinkPool};
+use crate::link::{Conn, CrsCalls, Identity, LinkError, LinkPool};
 use crate::prethread::{self, Server};
-use crate::proto::crs::{CrsRequest, EventBatch, EventKind};
-use crate::proto::Fields;
+use crate::proto::crs::{CrsReply, CrsRequest, EventKind};
 use push::Pusher;
 use users::Users;
 
@@ -118,16 +117,54 @@ impl std::error::Error for MsError {}
 pub struct Ms {
     config: MsConfig,
     ms_key: Vec<u8>,
-    crs: LinkPool,
+    /// Requests to the CRS.
+    crs: Arc<dyn CrsCalls>,
+    /// The enrolled links behind `crs`, for the event poll (absent when
+    /// the CRS is called in the same process).
+    links: Option<Arc<LinkPool>>,
     users: Users,
     pusher: Pusher,
     stopping: AtomicBool,
     login_limit: limits::Buckets<std::net::IpAddr>,
-    failures: limits::Failures,
     search_limit: limits::Buckets<String>,
 }
 
 impl Ms {
+    /// An MS whose requests to the CRS go to `crs`, without a listener or
+    /// background threads: for tests of its handlers without sockets.
+    pub fn in_process(
+        config: MsConfig,
+        ms_key: Vec<u8>,
+        crs: Arc<dyn CrsCalls>,
+    ) -> std::io::Result<Arc<Ms>> {
+        Ms::new(config, ms_key, crs, None)
+    }
+
+    fn new(
+        config: MsConfig,
+        ms_key: Vec<u8>,
+        crs: Arc<dyn CrsCalls>,
+        links: Option<Arc<LinkPool>>,
+    ) -> std::io::Result<Arc<Ms>> {
+        let pusher = Pusher::start(config.push_threads, config.push_timeout)?;
+        Ok(Arc::new(Ms {
+            login_limit: limits::Buckets::new(config.login_burst, config.login_rate),
+            search_limit: limits::Buckets::new(10, config.search_rate),
+            config,
+            ms_key,
+            crs,
+            links,
+            users: Users::default(),
+            pusher,
+            stopping: AtomicBool::new(false),
+        }))
+    }
+
+    /// The login of `name` here, if any.
+    pub fn user(&self, name: &str) -> Option<Arc<users::OnlineUser>> {
+        self.users.by_name(name)
+    }
+
     /// Users online here.
     pub fn load(&self) -> usize {
         self.users.len()
@@ -188,16 +225,16 @@ impl Ms {
             let lock = self.crs.call(&CrsRequest::Lock {
                 user: user.name.clone(),
             });
-            let online = matches!(&lock, Ok(r) if r.is_success()).then(|| {
+            let online = lock.is_ok().then(|| {
                 self.crs.call(&CrsRequest::Online {
                     user: user.name.clone(),
                     address: user.address,
                 })
             });
             let ok = match online {
-                Some(Ok(r)) if r.is_success() => {
-                    let n = r.req_parse("Login-Number").unwrap_or(0);
-                    user.number.store(n, std::sync::atomic::Ordering::Relaxed);
+                Some(Ok(CrsReply::Welcome { login, .. })) => {
+                    user.number
+                        .store(login, std::sync::atomic::Ordering::Relaxed);
                     true
                 }
                 _ => false,
@@ -215,6 +252,9 @@ impl Ms {
     /// The `EVENTS` long poll, for ever: re-enrolls (and re-announces our
     /// users) whenever the link breaks.
     fn event_loop(self: Arc<Self>) {
+        let Some(links) = self.links.clone() else {
+            return;
+        };
         let mut ack = 0u64;
         let mut backoff = Duration::from_millis(100);
         let mut link = None;
@@ -223,7 +263,7 @@ impl Ms {
         while !self.stopping.load(Ordering::Relaxed) {
             let mut l = match link.take() {
                 Some(l) => l,
-                None => match self.crs.connect() {
+                None => match links.connect() {
                     Ok(l) => {
                         let now = (l.crs_instance.clone(), l.ms_id);
                         if known.as_ref() != Some(&now) {
@@ -231,7 +271,7 @@ impl Ms {
                             // no longer knows our users, and events start over.
                             if known.is_some() {
                                 info!("re-enrolled with the CRS");
-                                self.crs.clear();
+                                links.clear();
                                 self.reannounce();
                             }
                             known = Some(now);
@@ -250,27 +290,28 @@ impl Ms {
             };
             let reply = l.call_with(
                 &CrsRequest::Events { ack },
-                self.config.heartbeat_interval * 4,
+                self.config.heartbeat_interval.saturating_mul(4),
             );
             match reply {
-                Ok(r) if r.is_success() => match r.json::<EventBatch>() {
-                    Ok(batch) => {
-                        let n = batch.events.len() as u64;
-                        // Events below `ack` were resent: skip them.
-                        for (i, e) in batch.events.into_iter().enumerate() {
-                            if batch.first + i as u64 > ack {
-                                self.apply(e);
-                            }
+                Ok(CrsReply::Events(batch)) => {
+                    // Numbers from another program: checked arithmetic.
+                    let mut next = batch.first;
+                    for e in batch.events {
+                        // Events up to `ack` were resent: skip them.
+                        if next > ack {
+                            self.apply(e);
+                            ack = next;
                         }
-                        if n > 0 {
-                            ack = batch.first + n - 1;
+                        match next.checked_add(1) {
+                            Some(n) => next = n,
+                            None => break,
                         }
-                        link = Some(l);
                     }
-                    Err(e) => warn!("bad event batch: {e}"),
-                },
-                Ok(r) => {
-                    warn!("CRS refused the event poll: {}", r.reason().unwrap_or(""));
+                    link = Some(l);
+                }
+                Ok(other) => warn!("bad answer to the event poll: {other:?}"),
+                Err(LinkError::Refused(r)) => {
+                    warn!("CRS refused the event poll: {r}");
                     std::thread::sleep(backoff);
                 }
                 Err(e) => warn!("event poll: {e}"),
@@ -318,18 +359,13 @@ impl Ms {
 
 /// Whether a client answering as `user` listens at `address`.
 pub fn probe(address: SocketAddr, user: &str, timeout: Duration) -> bool {
-    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&address, timeout) else {
+    let Ok(stream) = crate::link::connect_to(address, timeout) else {
         return false;
     };
-    let deadline = std::time::Instant::now() + timeout;
     let probe = crate::wire::Message::request("PROBE").with_header("User", user);
-    if crate::wire::io::write_message(&mut stream, &probe, deadline).is_err() {
-        return false;
-    }
-    let mut reader = crate::wire::io::MessageReader::new(stream);
     matches!(
-        reader.read_message(&crate::wire::Limits::DEFAULT, deadline),
-        Ok(Some(r)) if r.is_success() && r.header("User") == Some(user)
+        Conn::new(stream, timeout).exchange(&probe),
+        Ok(r) if r.is_success() && r.header("User") == Some(user)
     )
 }
 
@@ -392,30 +428,20 @@ pub fn start(config: MsConfig) -> Result<Running, MsError> {
         role: "ms",
         instance: crate::keyfile::hex(&crypto::random_array::<8>()),
     };
-    let crs = LinkPool::new(
+    let links = Arc::new(LinkPool::new(
         config.crs.clone(),
         ms_key.clone(),
         me,
         config.crs_timeout,
-        config.pool.workers + 2,
-    );
+        config.pool.workers.saturating_add(2),
+    ));
     // Enroll before taking clients: an MS the CRS refuses must not run.
-    crs.call(&CrsRequest::Heartbeat { load: 0 })
+    links
+        .call(&CrsRequest::Heartbeat { load: 0 })
         .map_err(MsError::Enroll)?;
     info!("enrolled with the CRS at {} as {advertise}", config.crs);
-    let pusher =
-        Pusher::start(config.push_threads, config.push_timeout).map_err(MsError::Listen)?;
-    let ms = Arc::new(Ms {
-        config: config.clone(),
-        ms_key,
-        crs,
-        users: Users::default(),
-        pusher,
-        stopping: AtomicBool::new(false),
-        login_limit: limits::Buckets::new(config.login_burst, config.login_rate),
-        failures: limits::Failures::default(),
-        search_limit: limits::Buckets::new(10, config.search_rate),
-    });
+    let ms =
+        Ms::new(config.clone(), ms_key, links.clone(), Some(links)).map_err(MsError::Listen)?;
     let server = Server::from_listener(
         listener,
         config.pool.clone(),

@@ -5,19 +5,18 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::net::TcpStream;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{bounded, Sender, TrySendError};
 use log::{debug, warn};
 
 use super::users::OnlineUser;
+use crate::link::{connect_to, Conn};
 use crate::proto::crs::EventKind;
 use crate::proto::ms::{event_message, PUSH};
-use crate::wire::io::{write_message, MessageReader};
-use crate::wire::Limits;
+use crate::proto::Refused;
 
 /// Pushes waiting per pusher thread; past this a push is dropped with a
 /// warning rather than letting one slow client grow memory without bound.
@@ -110,21 +109,16 @@ fn push_one(user: &OnlineUser, event: &EventKind, timeout: Duration) -> Result<(
         .lock()
         .seal(PUSH, &[("User", &user.name)], &event_message(event))
         .map_err(|e| e.to_string())?;
-    let mut stream =
-        TcpStream::connect_timeout(&user.address, timeout).map_err(|e| e.to_string())?;
-    if let Err(e) = stream.set_nodelay(true) {
-        debug!("TCP_NODELAY: {e}");
+    let stream = connect_to(user.address, timeout).map_err(|e| e.to_string())?;
+    let reply = Conn::new(stream, timeout)
+        .exchange(&sealed)
+        .map_err(|e| e.to_string())?;
+    if reply.is_success() {
+        debug!("pushed to {}", user.name);
+        return Ok(());
     }
-    let deadline = Instant::now() + timeout;
-    write_message(&mut stream, &sealed, deadline).map_err(|e| e.to_string())?;
-    let mut reader = MessageReader::new(stream);
-    match reader.read_message(&Limits::DEFAULT, deadline) {
-        Ok(Some(reply)) if reply.is_success() => {
-            debug!("pushed to {}", user.name);
-            Ok(())
-        }
-        Ok(Some(reply)) => Err(format!("client answered {}", reply.reason().unwrap_or(""))),
-        Ok(None) => Err("client closed without answering".into()),
-        Err(e) => Err(e.to_string()),
+    match Refused::from_message(&reply) {
+        Some(r) => Err(format!("client answered {r}")),
+        None => Err("the client's answer is not a reply".into()),
     }
 }

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::seal::{Opener, Sealer};
+use crate::link::Channel;
+use crate::seal::Sealer;
 
 /// A logged-in user: created only by a successful login.
 pub struct OnlineUser {
@@ -23,7 +24,7 @@ pub struct OnlineUser {
     /// Buddies (mutual), kept current by the CRS's events.
     pub contacts: Mutex<Names>,
     /// Opens the client's requests and seals our replies.
-    pub link: Mutex<(Opener, Sealer)>,
+    pub link: Mutex<Channel>,
     /// Seals our pushes to the client.
     pub push: Mutex<Sealer>,
     /// Milliseconds (since the MS started) of the client's last sign of life.
@@ -140,6 +141,8 @@ pub struct Users {
     arriving: Mutex<HashMap<String, Vec<crate::proto::crs::Event>>>,
     /// Logins completed here (a metric).
     pub logins: prometheus_client::metrics::counter::Counter,
+    /// Logins refused for a wrong password or an unknown name (a metric).
+    pub failures: prometheus_client::metrics::counter::Counter,
 }
 
 impl Users {

@@ -3,13 +3,14 @@
 //! operator → CRS, and the events the CRS pushes to MSs.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-use super::{b64_serde, Fields, ProtoError};
+use super::reply::{done_answer, json_answer};
+use super::{b64_serde, Answer, Fields, ProtoError, Refused, Request};
 use crate::crypto;
-use crate::wire::Message;
+use crate::wire::{code, Message};
 
 /// Outer method of every message on a sealed link.
 pub const SEALED: &str = "SEALED";
@@ -50,6 +51,42 @@ impl Verifier {
 
 /// Profile fields (full name, company, ...), free text.
 pub type Profile = BTreeMap<String, String>;
+
+/// Most fields of one profile: a directory card, not a document store.
+pub const MAX_PROFILE_FIELDS: usize = 16;
+/// Longest field name, in bytes.
+pub const MAX_PROFILE_NAME: usize = 32;
+/// Longest field value, in bytes.
+pub const MAX_PROFILE_VALUE: usize = 1024;
+/// Most bytes of all names and values together: fifty search results of
+/// full profiles stay far below the 1 MiB body limit.
+pub const MAX_PROFILE_BYTES: usize = 4096;
+/// Most bytes of the profiles in one search reply: old records stored
+/// before the profile limits cannot push a reply past the body limit.
+pub const MAX_SEARCH_REPLY_BYTES: usize = 256 * 1024;
+
+/// Why a profile is refused (the reason for people); `None` if it is fine.
+pub fn profile_problem(p: &Profile) -> Option<String> {
+    if p.len() > MAX_PROFILE_FIELDS {
+        return Some(format!("a profile has at most {MAX_PROFILE_FIELDS} fields"));
+    }
+    let mut total = 0usize;
+    for (k, v) in p {
+        if k.is_empty() || k.len() > MAX_PROFILE_NAME {
+            return Some(format!(
+                "a profile field name has 1-{MAX_PROFILE_NAME} bytes"
+            ));
+        }
+        if v.len() > MAX_PROFILE_VALUE {
+            return Some(format!(
+                "a profile field has at most {MAX_PROFILE_VALUE} bytes"
+            ));
+        }
+        total = total.saturating_add(k.len()).saturating_add(v.len());
+    }
+    (total > MAX_PROFILE_BYTES)
+        .then(|| format!("a profile has at most {MAX_PROFILE_BYTES} bytes in all"))
+}
 
 /// Everything a new account needs; sent inside `REGISTER`, encrypted to
 /// the CRS public key.
@@ -269,10 +306,13 @@ pub enum CrsRequest {
         /// Users online at this MS.
         load: u32,
     },
-    /// The verifier of `user`, for a login.
+    /// The verifier of `user`, for a login from `source`: the CRS counts
+    /// the attempt now, and refuses while that (name, source) must wait.
     GetVerifier {
         /// Who logs in.
         user: String,
+        /// The address the login comes from.
+        source: IpAddr,
     },
     /// Take the login lease of `user`.
     Lock {
@@ -389,7 +429,9 @@ impl CrsRequest {
         use CrsRequest::*;
         match self {
             Heartbeat { load } => Message::request("HEARTBEAT").with_header("Load", load),
-            GetVerifier { user } => Message::request("VERIFIER").with_header("User", user),
+            GetVerifier { user, source } => Message::request("VERIFIER")
+                .with_header("User", user)
+                .with_header("Source", source),
             Lock { user } => Message::request("LOCK").with_header("User", user),
             Unlock { user } => Message::request("UNLOCK").with_header("User", user),
             Online { user, address } => Message::request("ONLINE")
@@ -452,7 +494,10 @@ impl CrsRequest {
                 "HEARTBEAT" => Heartbeat {
                     load: m.req_parse("Load")?,
                 },
-                "VERIFIER" => GetVerifier { user: user()? },
+                "VERIFIER" => GetVerifier {
+                    user: user()?,
+                    source: m.req_parse("Source")?,
+                },
                 "LOCK" => Lock { user: user()? },
                 "UNLOCK" => Unlock { user: user()? },
                 "ONLINE" => Online {
@@ -509,14 +554,181 @@ impl CrsRequest {
     }
 }
 
-/// The verifier reply to `VERIFIER`.
-pub fn verifier_reply(v: &Verifier) -> Message {
-    v.write(Message::ok())
+/// The CRS's answer to a [`ClientRequest`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientReply {
+    /// `LOCATE`: the MS to log in at (`Ms` header).
+    Ms(String),
+    /// `CRS-KEY`: the CRS's public key, DER in the body, and its fingerprint.
+    CrsKey {
+        /// `Fingerprint` header.
+        fingerprint: String,
+        /// The key, DER.
+        der: Vec<u8>,
+    },
+    /// `REGISTER`: the account exists.
+    Registered,
 }
 
-/// Reads a `VERIFIER` reply.
-pub fn read_verifier(m: &Message) -> Result<Verifier, ProtoError> {
-    Verifier::read(m)
+impl ClientReply {
+    /// As a `200` reply.
+    pub fn to_message(&self) -> Message {
+        match self {
+            ClientReply::Ms(ms) => Message::ok().with_header("Ms", ms),
+            ClientReply::CrsKey { fingerprint, der } => Message::ok()
+                .with_header("Fingerprint", fingerprint)
+                .with_body(der.clone()),
+            ClientReply::Registered => Message::ok(),
+        }
+    }
+}
+
+impl Request for ClientRequest {
+    type Reply = ClientReply;
+
+    fn to_message(&self) -> Message {
+        ClientRequest::to_message(self)
+    }
+
+    fn read_reply(&self, m: &Message) -> Result<Answer<ClientReply>, ProtoError> {
+        if let Some(r) = Refused::from_message(m) {
+            return Ok(Err(r));
+        }
+        m.code().ok_or(ProtoError::NotAReply)?;
+        Ok(Ok(match self {
+            ClientRequest::Locate => ClientReply::Ms(m.req("Ms")?.to_owned()),
+            ClientRequest::CrsKey => ClientReply::CrsKey {
+                fingerprint: m.req("Fingerprint")?.to_owned(),
+                der: m.body.clone(),
+            },
+            ClientRequest::Register { .. } => ClientReply::Registered,
+        }))
+    }
+}
+
+/// What the operator sees of one user (`SHOW-USER`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserView {
+    /// The name.
+    pub user: String,
+    /// Profile fields.
+    pub profile: Profile,
+    /// Buddies.
+    pub contacts: Vec<String>,
+    /// Names whose buddy requests wait.
+    pub requests_from: Vec<String>,
+    /// SHA-256 fingerprint of the public key.
+    pub public_key_fingerprint: String,
+    /// The client's address while online.
+    pub online: Option<String>,
+    /// When the account was made (seconds since the Unix epoch).
+    pub created_unix: u64,
+}
+
+/// The CRS's answer to a [`CrsRequest`]; which variant depends on the
+/// request (see [`CrsRequest::read_reply`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CrsReply {
+    /// `200`, nothing more.
+    Done,
+    /// `202`: a buddy request stored until its target logs in.
+    Stored,
+    /// `VERIFIER`: the verifier in headers.
+    Verifier(Verifier),
+    /// `ONLINE`: the user's record, and the number of this login
+    /// (`Login-Number`, named again in an eviction).
+    Welcome {
+        /// The record.
+        welcome: Welcome,
+        /// The login's number.
+        login: u64,
+    },
+    /// `SEARCH`.
+    Hits(Vec<Hit>),
+    /// `ACCEPT`: the new buddy.
+    Contact(Contact),
+    /// `EVENTS`.
+    Events(EventBatch),
+    /// `LIST-USERS`.
+    Users(Vec<String>),
+    /// `SHOW-USER`.
+    User(Box<UserView>),
+    /// `LIST-MS`.
+    MsList(Vec<MsInfo>),
+}
+
+impl CrsReply {
+    /// As a success reply.
+    pub fn to_message(&self) -> Message {
+        match self {
+            CrsReply::Done => Message::ok(),
+            CrsReply::Stored => Message::reply(code::STORED, "stored until they log in"),
+            CrsReply::Verifier(v) => v.write(Message::ok()),
+            CrsReply::Welcome { welcome, login } => {
+                json_reply(welcome).with_header("Login-Number", login)
+            }
+            CrsReply::Hits(h) => json_reply(h),
+            CrsReply::Contact(c) => json_reply(c),
+            CrsReply::Events(e) => json_reply(e),
+            CrsReply::Users(u) => json_reply(u),
+            CrsReply::User(u) => json_reply(u),
+            CrsReply::MsList(l) => json_reply(l),
+        }
+    }
+}
+
+impl Request for CrsRequest {
+    type Reply = CrsReply;
+
+    fn to_message(&self) -> Message {
+        CrsRequest::to_message(self)
+    }
+
+    fn read_reply(&self, m: &Message) -> Result<Answer<CrsReply>, ProtoError> {
+        use CrsRequest::*;
+        fn map<T>(
+            a: Result<Answer<T>, ProtoError>,
+            f: impl FnOnce(T) -> CrsReply,
+        ) -> Result<Answer<CrsReply>, ProtoError> {
+            a.map(|a| a.map(f))
+        }
+        match self {
+            Heartbeat { .. }
+            | Lock { .. }
+            | Unlock { .. }
+            | Offline { .. }
+            | Takeover { .. }
+            | SetCredentials { .. }
+            | SetProfile { .. }
+            | Deny { .. }
+            | Remove { .. }
+            | DeleteUser { .. } => map(done_answer(m), |()| CrsReply::Done),
+            Add { .. } => map(done_answer(m), |()| {
+                if m.code() == Some(code::STORED) {
+                    CrsReply::Stored
+                } else {
+                    CrsReply::Done
+                }
+            }),
+            GetVerifier { .. } => match Refused::from_message(m) {
+                Some(r) => Ok(Err(r)),
+                None => Verifier::read(m).map(|v| Ok(CrsReply::Verifier(v))),
+            },
+            Online { .. } => match Refused::from_message(m) {
+                Some(r) => Ok(Err(r)),
+                None => Ok(Ok(CrsReply::Welcome {
+                    welcome: m.json()?,
+                    login: m.req_parse("Login-Number")?,
+                })),
+            },
+            Search { .. } => map(json_answer(m), CrsReply::Hits),
+            Accept { .. } => map(json_answer(m), CrsReply::Contact),
+            Events { .. } => map(json_answer(m), CrsReply::Events),
+            ListUsers { .. } => map(json_answer(m), CrsReply::Users),
+            ShowUser { .. } => map(json_answer(m), |u| CrsReply::User(Box::new(u))),
+            ListMs => map(json_answer(m), CrsReply::MsList),
+        }
+    }
 }
 
 /// A `200` reply with a JSON body.
@@ -554,7 +766,10 @@ mod tests {
             server_key: vec![3; 32],
         };
         round(CrsRequest::Heartbeat { load: 7 });
-        round(CrsRequest::GetVerifier { user: "joe".into() });
+        round(CrsRequest::GetVerifier {
+            user: "joe".into(),
+            source: "10.1.2.3".parse().unwrap(),
+        });
         round(CrsRequest::Online {
             user: "joe".into(),
             address: "127.0.0.1:7300".parse().unwrap(),

@@ -8,12 +8,14 @@ pub mod crs;
 mod fields;
 pub mod ms;
 pub mod peer;
+pub mod reply;
 
 pub use fields::{b64_serde, Fields};
+pub use reply::{Answer, Refusal, Refused, Request};
 
 use std::fmt;
 
-use crate::wire::{code, Message};
+use crate::wire::Message;
 
 /// Why a message is not a valid request or reply of its link.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,10 +33,7 @@ pub enum ProtoError {
 impl ProtoError {
     /// The error reply a server sends for this error.
     pub fn reply(&self) -> Message {
-        match self {
-            ProtoError::UnknownMethod(_) => Message::reply(code::UNKNOWN_METHOD, &self.to_string()),
-            _ => Message::reply(code::BAD_REQUEST, &self.to_string()),
-        }
+        Refused::from(self).to_message()
     }
 }
 

@@ -1,10 +1,11 @@
 //! Messages between a client and its MS: the login handshake in the clear,
 //! the sealed requests after it, and the MS's sealed pushes to the client.
 
-use super::crs::{json, EventKind, Profile, Verifier};
-use super::{Fields, ProtoError};
+use super::crs::{json, json_reply, Contact, EventKind, Hit, Profile, Verifier, Welcome};
+use super::reply::{done_answer, json_answer};
+use super::{Answer, Fields, ProtoError, Refused, Request};
 use crate::crypto;
-use crate::wire::Message;
+use crate::wire::{code, Message};
 
 /// Outer method of a pushed event.
 pub const PUSH: &str = "PUSH";
@@ -157,6 +158,75 @@ impl Challenge {
             iterations: m.req_parse("Iterations")?,
             server_nonce: m.req_b64("Server-Nonce")?,
         })
+    }
+}
+
+/// The MS's answer to an [`MsRequest`]; which variant depends on the
+/// request (see [`MsRequest::read_reply`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MsReply {
+    /// `LOGIN-HELLO`: the challenge.
+    Challenge(Challenge),
+    /// `LOGIN`: the inner message of the sealed welcome.
+    Welcome(Box<Welcome>),
+    /// `200`, nothing more.
+    Done,
+    /// `202`: a buddy request stored until its target logs in.
+    Stored,
+    /// `SEARCH`.
+    Hits(Vec<Hit>),
+    /// `ACCEPT`: the new buddy.
+    Contact(Contact),
+}
+
+impl MsReply {
+    /// As a success reply (the inner one on the sealed link).
+    pub fn to_message(&self) -> Message {
+        match self {
+            MsReply::Challenge(c) => c.to_message(),
+            MsReply::Welcome(w) => json_reply(w),
+            MsReply::Done => Message::ok(),
+            MsReply::Stored => Message::reply(code::STORED, "stored until they log in"),
+            MsReply::Hits(h) => json_reply(h),
+            MsReply::Contact(c) => json_reply(c),
+        }
+    }
+}
+
+impl Request for MsRequest {
+    type Reply = MsReply;
+
+    fn to_message(&self) -> Message {
+        MsRequest::to_message(self)
+    }
+
+    fn read_reply(&self, m: &Message) -> Result<Answer<MsReply>, ProtoError> {
+        use MsRequest::*;
+        fn map<T>(
+            a: Result<Answer<T>, ProtoError>,
+            f: impl FnOnce(T) -> MsReply,
+        ) -> Result<Answer<MsReply>, ProtoError> {
+            a.map(|a| a.map(f))
+        }
+        match self {
+            LoginHello { .. } => match Refused::from_message(m) {
+                Some(r) => Ok(Err(r)),
+                None => Challenge::from_message(m).map(|c| Ok(MsReply::Challenge(c))),
+            },
+            Login { .. } => map(json_answer(m), |w| MsReply::Welcome(Box::new(w))),
+            Logout | Passwd { .. } | SetProfile(_) | Deny(_) | Remove(_) | Ping => {
+                map(done_answer(m), |()| MsReply::Done)
+            }
+            Add { .. } => map(done_answer(m), |()| {
+                if m.code() == Some(code::STORED) {
+                    MsReply::Stored
+                } else {
+                    MsReply::Done
+                }
+            }),
+            Search(_) => map(json_answer(m), MsReply::Hits),
+            Accept(_) => map(json_answer(m), MsReply::Contact),
+        }
     }
 }
 

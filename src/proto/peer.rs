@@ -1,7 +1,7 @@
 //! Messages between two clients (PROTOCOL.md §7): the signed INIT that
 //! agrees a session key, and the inner messages of the sealed channels.
 
-use super::{transcript, Fields, ProtoError};
+use super::{transcript, Answer, Fields, ProtoError, Refusal, Refused, Request};
 use crate::crypto;
 use crate::wire::Message;
 
@@ -252,6 +252,89 @@ impl PeerRequest {
     }
 }
 
+/// The answer to a [`PeerRequest`] (every one but `FILE-CHUNK`): which
+/// request it answers (`Id`), and whether it was done or refused. Answers
+/// come back in order on their channel, so the receiver of an answer
+/// finds the request it settles by its id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ack {
+    /// The request's `Id`.
+    pub id: u64,
+    /// Done, or why not.
+    pub answer: Answer<()>,
+}
+
+impl Ack {
+    /// Done.
+    pub fn done(id: u64) -> Ack {
+        Ack { id, answer: Ok(()) }
+    }
+
+    /// Refused, for people: `reason`.
+    pub fn refused(id: u64, refusal: Refusal, reason: impl Into<String>) -> Ack {
+        Ack {
+            id,
+            answer: Err(Refused::new(refusal, reason)),
+        }
+    }
+
+    /// As a reply (the inner one of the channel).
+    pub fn to_message(&self) -> Message {
+        match &self.answer {
+            Ok(()) => Message::ok(),
+            Err(r) => r.to_message(),
+        }
+        .with_header("Id", self.id)
+    }
+
+    /// From a reply.
+    pub fn from_message(m: &Message) -> Result<Ack, ProtoError> {
+        m.code().ok_or(ProtoError::NotAReply)?;
+        Ok(Ack {
+            id: m.req_parse("Id")?,
+            answer: match Refused::from_message(m) {
+                Some(r) => Err(r),
+                None => Ok(()),
+            },
+        })
+    }
+}
+
+impl PeerRequest {
+    /// The request's `Id`.
+    pub fn id(&self) -> u64 {
+        match self {
+            PeerRequest::Msg { id, .. }
+            | PeerRequest::FileOffer { id, .. }
+            | PeerRequest::FileAnswer { id, .. }
+            | PeerRequest::FileChunk { id, .. }
+            | PeerRequest::FileEnd { id }
+            | PeerRequest::FileCancel { id, .. } => *id,
+        }
+    }
+}
+
+impl Request for PeerRequest {
+    /// The id the answer acknowledges.
+    type Reply = u64;
+
+    fn to_message(&self) -> Message {
+        PeerRequest::to_message(self)
+    }
+
+    fn read_reply(&self, m: &Message) -> Result<Answer<u64>, ProtoError> {
+        if matches!(self, PeerRequest::FileChunk { .. }) {
+            // Chunks are streamed: nothing answers one.
+            return Err(ProtoError::NotAReply);
+        }
+        let ack = Ack::from_message(m)?;
+        if ack.id != self.id() {
+            return Err(ProtoError::Invalid("Id"));
+        }
+        Ok(ack.answer.map(|()| ack.id))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,5 +380,27 @@ mod tests {
             signature: vec![3],
         };
         assert_eq!(Init::from_message(&i.to_message()).unwrap(), i);
+    }
+
+    #[test]
+    fn acks_are_typed() {
+        let msg = PeerRequest::Msg {
+            id: 7,
+            text: "hi".into(),
+        };
+        assert_eq!(msg.read_reply(&Ack::done(7).to_message()), Ok(Ok(7)));
+        assert_eq!(
+            msg.read_reply(&Ack::done(8).to_message()),
+            Err(ProtoError::Invalid("Id"))
+        );
+        let no = Ack::refused(7, Refusal::NotABuddy, "not a buddy");
+        assert_eq!(Ack::from_message(&no.to_message()).unwrap(), no);
+        assert_eq!(
+            msg.read_reply(&no.to_message())
+                .unwrap()
+                .unwrap_err()
+                .refusal,
+            Refusal::NotABuddy
+        );
     }
 }

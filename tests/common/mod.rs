@@ -474,8 +474,20 @@ impl Cluster {
 
     /// A CRS and `n_ms` MSs started with `ms_args` as extra flags.
     pub fn start_with(n_ms: usize, ms_args: &[&str]) -> Cluster {
+        Cluster::start_configured(n_ms, "", ms_args)
+    }
+
+    /// A CRS reading `crs_config` (TOML; none if empty) and `n_ms` MSs
+    /// started with `ms_args` as extra flags.
+    pub fn start_configured(n_ms: usize, crs_config: &str, ms_args: &[&str]) -> Cluster {
         let env = TestEnv::new();
-        let crs = Crs::start(&env, CrsOpts::default());
+        let mut opts = CrsOpts::default();
+        if !crs_config.is_empty() {
+            let cfg = env.path().join("crs.toml");
+            fs::write(&cfg, crs_config).unwrap();
+            opts.args = vec!["-c".into(), cfg.to_str().unwrap().into()];
+        }
+        let crs = Crs::start(&env, opts);
         let ms = (0..n_ms)
             .map(|_| {
                 Ms::try_start(&env, crs.addr, &env.key, ms_args)
