@@ -227,3 +227,32 @@ fn instances_starting_together_agree_on_schema_and_key() {
     let e = ims::crs::identity::shared(store.pool(), &[8u8; 32]).expect_err("wrong MSkey");
     assert!(e.contains("MSkey"), "{e}");
 }
+
+/// Password attempts are counted for the whole directory: a guesser gains
+/// nothing by going through another instance.
+#[test]
+fn guesses_are_counted_across_postgres_instances() {
+    use ims::crs::guesses::{GuessCounter, Guesses, FREE_ATTEMPTS};
+    let server = pg::PgServer::start();
+    PgStore::open(&server.url()).expect("schema");
+    let (one, _) = pg_live(&server.url(), "dir");
+    let (two, _) = pg_live(&server.url(), "dir");
+    let g1 = one.shared_guesses(FREE_ATTEMPTS).expect("shared");
+    let g2 = two.shared_guesses(FREE_ATTEMPTS).expect("shared");
+    let memory: Box<dyn GuessCounter> = Box::new(Guesses::new(FREE_ATTEMPTS));
+    let (a, b): (std::net::IpAddr, std::net::IpAddr) = (
+        "10.0.0.1".parse().expect("ip"),
+        "10.0.0.2".parse().expect("ip"),
+    );
+    for (first, second) in [(&g1, &g2), (&memory, &memory)] {
+        for i in 0..FREE_ATTEMPTS {
+            let g = if i % 2 == 0 { first } else { second };
+            assert!(g.attempt("joe", a).is_ok(), "free attempt {i}");
+        }
+        let wait = second.attempt("joe", a).expect_err("the guesser waits");
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
+        assert!(first.attempt("joe", b).is_ok(), "another source does not");
+        second.succeeded("joe", a);
+        assert!(first.attempt("joe", a).is_ok(), "a success clears it");
+    }
+}

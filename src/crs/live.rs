@@ -226,6 +226,12 @@ pub trait LiveState: Send + Sync {
     fn shared_instance(&self) -> Option<String> {
         None
     }
+    /// Password attempts counted beside this live state, `free` of them
+    /// free, if it is shared; `None`: counted in this process.
+    fn shared_guesses(&self, free: u32) -> Option<Box<dyn super::guesses::GuessCounter>> {
+        let _ = free;
+        None
+    }
 }
 
 /// The live state in this process's memory.

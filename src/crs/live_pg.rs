@@ -28,12 +28,13 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use log::{info, warn};
 
+use super::guesses::{earned, GuessCounter};
 use super::live::{LiveState, LiveTx, LockError, Online, Wakeup, MAX_BATCH, MAX_QUEUED_EVENTS};
 use super::store::{PgConn, PgPool};
 use crate::proto::crs::{Event, EventBatch, EventKind, MsInfo, Presence};
@@ -49,7 +50,7 @@ pub const RECHECK: Duration = Duration::from_secs(1);
 
 /// The live state in PostgreSQL; see the module documentation.
 pub struct PgLive {
-    pool: PgPool,
+    pool: Arc<PgPool>,
     instance: String,
     stopping: Arc<AtomicBool>,
     listener: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -71,7 +72,7 @@ impl PgLive {
             .spawn(move || listen_loop(&listen_pool, &wakeup, &stop))
             .map_err(|e| e.to_string())?;
         Ok(PgLive {
-            pool,
+            pool: Arc::new(pool),
             instance,
             stopping,
             listener: parking_lot::Mutex::new(Some(listener)),
@@ -164,6 +165,87 @@ impl LiveState for PgLive {
 
     fn shared_instance(&self) -> Option<String> {
         Some(self.instance.clone())
+    }
+
+    fn shared_guesses(&self, free: u32) -> Option<Box<dyn GuessCounter>> {
+        Some(Box::new(PgGuesses {
+            pool: self.pool.clone(),
+            free,
+            calls: AtomicU64::new(0),
+        }))
+    }
+}
+
+/// Password attempts counted in PostgreSQL (table `live_guesses`), so a
+/// guesser gains nothing by spreading attempts over CRS instances. Each
+/// attempt is one short transaction on its (name, source) row.
+pub struct PgGuesses {
+    pool: Arc<PgPool>,
+    free: u32,
+    /// Attempts so far; every [`SWEEP_EVERY`] one sweeps out old rows.
+    calls: AtomicU64,
+}
+
+/// How often (in attempts) rows idle longer than [`SWEEP_AFTER`] go.
+const SWEEP_EVERY: u64 = 1000;
+/// Rows idle this long are forgotten (well past the longest delay).
+const SWEEP_AFTER: f64 = 3600.0;
+
+impl GuessCounter for PgGuesses {
+    fn attempt(&self, name: &str, ip: std::net::IpAddr) -> Result<(), Duration> {
+        let source = ip.to_string();
+        let free = self.free;
+        let sweep = self.calls.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == 0;
+        let result = self.pool.tx(|c| {
+            if sweep {
+                c.execute(
+                    "DELETE FROM live_guesses \
+                     WHERE last < clock_timestamp() - make_interval(secs => $1)",
+                    &[&SWEEP_AFTER],
+                )?;
+            }
+            c.execute(
+                "INSERT INTO live_guesses (name, source) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&name, &source],
+            )?;
+            let row = c.query_one(
+                "SELECT count, extract(epoch FROM clock_timestamp() - last)::float8 \
+                 FROM live_guesses WHERE name = $1 AND source = $2 FOR UPDATE",
+                &[&name, &source],
+            )?;
+            let count = u32::try_from(row.get::<_, i64>(0)).unwrap_or(u32::MAX);
+            let since = Duration::from_secs_f64(row.get::<_, f64>(1).max(0.0));
+            if let Some(left) = earned(count, free).checked_sub(since) {
+                if !left.is_zero() {
+                    return Ok(Err(left));
+                }
+            }
+            c.execute(
+                "UPDATE live_guesses SET count = count + 1, last = clock_timestamp() \
+                 WHERE name = $1 AND source = $2",
+                &[&name, &source],
+            )?;
+            Ok(Ok(()))
+        });
+        result.unwrap_or_else(|e| {
+            // The login needs the database further on anyway.
+            warn!("counting a login attempt: {e}");
+            Ok(())
+        })
+    }
+
+    fn succeeded(&self, name: &str, ip: std::net::IpAddr) {
+        let source = ip.to_string();
+        let done = self.pool.tx(|c| {
+            c.execute(
+                "DELETE FROM live_guesses WHERE name = $1 AND source = $2",
+                &[&name, &source],
+            )?;
+            Ok(())
+        });
+        if let Err(e) = done {
+            warn!("clearing login attempts: {e}");
+        }
     }
 }
 

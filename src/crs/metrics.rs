@@ -209,6 +209,9 @@ impl LiveState for CountingLive {
     fn shared_instance(&self) -> Option<String> {
         self.inner.shared_instance()
     }
+    fn shared_guesses(&self, free: u32) -> Option<Box<dyn super::guesses::GuessCounter>> {
+        self.inner.shared_guesses(free)
+    }
 }
 
 struct CountingTx<'a> {

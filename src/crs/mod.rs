@@ -136,8 +136,9 @@ pub struct Crs {
     identity: RsaPrivateKey,
     identity_public: RsaPublicKey,
     live: Box<dyn LiveState>,
-    /// Login attempts per (name, source), for every MS of this instance.
-    guesses: guesses::Guesses,
+    /// Login attempts per (name, source), for every MS (in PostgreSQL: of
+    /// every instance).
+    guesses: Box<dyn guesses::GuessCounter>,
     events_ready: Arc<Wakeup>,
     stopping: AtomicBool,
     /// Tells an MS whether the CRS it reaches is the one it enrolled with
@@ -178,7 +179,9 @@ impl Crs {
         let instance = live
             .shared_instance()
             .unwrap_or_else(|| crate::keyfile::hex(&crypto::random_array::<8>()));
-        let guesses = guesses::Guesses::new(config.free_login_attempts);
+        let guesses = live
+            .shared_guesses(config.free_login_attempts)
+            .unwrap_or_else(|| Box::new(guesses::Guesses::new(config.free_login_attempts)));
         Crs {
             config,
             store,

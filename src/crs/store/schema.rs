@@ -85,6 +85,18 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (ms, seq)
     );
     "#,
+    // 3: password attempts per (name, source), counted for the whole
+    // directory rather than per instance.
+    r#"
+    CREATE TABLE live_guesses (
+        name    text COLLATE "C" NOT NULL,
+        source  text NOT NULL,
+        count   bigint NOT NULL DEFAULT 0,
+        last    timestamptz NOT NULL DEFAULT clock_timestamp(),
+        PRIMARY KEY (name, source)
+    );
+    CREATE INDEX live_guesses_last ON live_guesses (last);
+    "#,
 ];
 
 /// The version this program writes.
