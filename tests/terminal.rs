@@ -1118,3 +1118,34 @@ fn a_lost_server_is_one_human_line_and_logs_stay_off_screen() {
     let log = std::fs::read_to_string(&alice.log).unwrap();
     assert!(log.contains("WARN") && log.contains("keepalive"), "{log}");
 }
+
+/// Typing in a buddy's window tells them (on as the first key goes in,
+/// off when the line is sent), and their typing shows in the status bar.
+#[test]
+fn typing_is_told_and_shown() {
+    let c = Cluster::start(1);
+    c.register("alice", PW);
+    c.register("bob", PW);
+    let alice = Pane::client(&c, "alice", &["--user", "alice"], 100, 30);
+    alice.wait_text("logged in as alice");
+    let bob = c.login("bob", PW);
+    alice.line("/add bob");
+    bob.wait_event("request", |e| e["from"] == "alice");
+    bob.send("/accept alice");
+    alice.wait_text("bob is now your buddy (online)");
+    alice.line("/query bob");
+
+    alice.type_text("hel");
+    bob.wait_event("typing", |e| e["from"] == "alice" && e["state"] == "on");
+    alice.type_text("lo");
+    alice.key("Enter");
+    bob.wait_event("message", |e| e["text"] == "hello");
+    bob.wait_event("typing", |e| e["from"] == "alice" && e["state"] == "off");
+
+    bob.send("/typing alice on");
+    alice.wait_text("[bob is typing…]");
+    bob.send("/typing alice off");
+    alice.wait("bob's typing gone from the status bar", WAIT * 3, |s| {
+        !s.iter().any(|l| l.contains("bob is typing"))
+    });
+}
