@@ -830,6 +830,16 @@ fn a_blocked_user_gets_nothing_through_and_sees_you_offline_until_unblocked() {
     assert_eq!(alice.wait_outcome("block")["event"], "ok");
     // Alice looks offline to bob.
     bob.wait_event("offline", |e| e["user"] == "alice");
+    // Her client refuses whatever comes from him, even if he reached it:
+    // an INIT in his name is answered as for anyone who is not an online
+    // buddy (unblocked, this one would fail its signature check: 401).
+    let reply = send_raw(alice.listen_addr(), &init_from("bob", "alice").encode())
+        .expect("a reply to the INIT");
+    assert_eq!(
+        raw::code(&reply),
+        403,
+        "INIT from a blocked user: {reply:?}"
+    );
     // His message and his file go nowhere, with no reason given.
     bob.send("/msg alice are you there?");
     let failed = bob.wait_event("send-failed", |e| e["to"] == "alice");
@@ -873,6 +883,13 @@ fn a_blocked_user_gets_nothing_through_and_sees_you_offline_until_unblocked() {
     alice.send("/unblock carol");
     assert_eq!(alice.wait_outcome("unblock")["event"], "ok");
     bob.wait_event("online", |e| e["user"] == "alice");
+    let reply = send_raw(alice.listen_addr(), &init_from("bob", "alice").encode())
+        .expect("a reply to the INIT");
+    assert_eq!(
+        raw::code(&reply),
+        401,
+        "a forged INIT once unblocked: {reply:?}"
+    );
     bob.send("/msg alice back again");
     alice.wait_event("message", |e| {
         e["from"] == "bob" && e["text"] == "back again"
@@ -882,4 +899,26 @@ fn a_blocked_user_gets_nothing_through_and_sees_you_offline_until_unblocked() {
     alice.wait_event("request", |e| e["from"] == "carol");
     alice.send("/blocked");
     alice.wait_event("notice", |e| field(e, "text") == "you block nobody");
+}
+
+/// An INIT in `from`'s name to `to`, signed with a key that is not theirs.
+fn init_from(from: &str, to: &str) -> Message {
+    let mallory = RsaPrivateKey::generate(1024).unwrap();
+    let nonce = crypto::random_array::<24>().to_vec();
+    let share = crypto::EphemeralKey::generate().unwrap().public().to_vec();
+    let time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    Init {
+        from: from.into(),
+        to: to.into(),
+        time,
+        nonce: nonce.clone(),
+        share: share.clone(),
+        signature: mallory
+            .sign_pss(&init_transcript(from, to, time, &nonce, &share))
+            .unwrap(),
+    }
+    .to_message()
 }
