@@ -182,6 +182,21 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// The safety number of our key and a buddy's (`/verify`).
+    SafetyNumber {
+        /// The buddy.
+        user: String,
+        /// Twelve groups of five digits, the same on both sides.
+        number: String,
+        /// Whether the user recorded comparing it (`/verify NAME ok`).
+        verified: bool,
+    },
+    /// The servers hand out a key for a buddy that differs from the one
+    /// remembered: nothing goes to them until `/verify NAME ok`.
+    KeyChanged {
+        /// The buddy.
+        user: String,
+    },
     /// Something worth knowing that is no command's outcome.
     Notice {
         /// What.
@@ -305,6 +320,23 @@ impl Event {
             Event::FileFailed {
                 peer, name, reason, ..
             } => format!("! transfer of '{name}' with {peer} failed: {reason}"),
+            Event::SafetyNumber {
+                user,
+                number,
+                verified,
+            } => format!(
+                "safety number with {user}: {number}\n  {}",
+                if *verified {
+                    "verified".to_owned()
+                } else {
+                    format!("not verified: compare it with {user} in person or by a call, then /verify {user} ok")
+                }
+            ),
+            Event::KeyChanged { user } => format!(
+                "!! WARNING: the servers now give a different key for {user}. Nothing goes to {user} until you check: \
+                 compare /verify {user} with {user} (in person or by a call) and accept with /verify {user} ok. \
+                 Only {user} registering again explains this; otherwise someone may be listening."
+            ),
             Event::Notice { text } => text.clone(),
         }
     }

@@ -8,6 +8,7 @@ pub mod files;
 pub mod handshake;
 pub mod peer;
 pub mod session;
+pub mod trust;
 pub mod ui;
 
 use std::net::SocketAddr;
@@ -67,6 +68,9 @@ pub struct ClientConfig {
     pub ack_timeout: Duration,
     /// Where received files go.
     pub download_dir: PathBuf,
+    /// Where each account's remembered buddy keys live (a directory per
+    /// account).
+    pub state_dir: PathBuf,
     /// Accept every file a buddy offers without asking.
     pub auto_accept_files: bool,
     /// How often a logged-in client tells its MS it is alive; the MS logs
@@ -93,6 +97,18 @@ pub fn default_download_dir() -> PathBuf {
     }
 }
 
+/// The client's state directory: `$XDG_STATE_HOME/ims`,
+/// `~/.local/state/ims`, or `.ims-state` in the current directory.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(d).join("ims");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/state/ims"),
+        None => PathBuf::from(".ims-state"),
+    }
+}
+
 impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
@@ -106,6 +122,7 @@ impl Default for ClientConfig {
             timeout: Duration::from_secs(10),
             ack_timeout: Duration::from_secs(10),
             download_dir: default_download_dir(),
+            state_dir: default_state_dir(),
             auto_accept_files: false,
             keepalive_interval: Duration::from_secs(5),
             rekey_messages: DEFAULT_REKEY_MESSAGES,
@@ -141,6 +158,8 @@ pub struct Client {
     state: Mutex<State>,
     /// Each user's salt and iteration count at their last login here.
     known_kdf: Mutex<std::collections::HashMap<String, crypto::KdfParams>>,
+    /// The logged-in (or last) user's remembered buddy keys.
+    keys: Mutex<Option<(String, trust::KeyBook)>>,
     /// Serializes requests to the MS so their sequence numbers stay in order.
     calls: Mutex<()>,
     events: Sender<Event>,
@@ -266,6 +285,7 @@ impl Client {
             listen_port,
             state: Mutex::new(State::LoggedOut),
             known_kdf: Mutex::new(std::collections::HashMap::new()),
+            keys: Mutex::new(None),
             calls: Mutex::new(()),
             events,
             peers: peer::Peers::default(),
@@ -346,6 +366,22 @@ impl Client {
                 State::LoggedIn(s) => return Err(ClientError::AlreadyLoggedIn(s.user.clone())),
                 State::LoggingIn => return Err(ClientError::Failed("a login is under way".into())),
                 State::LoggedOut => *state = State::LoggingIn,
+            }
+        }
+        // The remembered buddy keys first: a login that could not check
+        // them must not talk to anyone.
+        if let Ok(name) = account::normalize_name(user) {
+            let mut keys = self.keys.lock();
+            if keys.as_ref().map(|(u, _)| u) != Some(&name) {
+                match trust::KeyBook::open(&self.config.state_dir, &name) {
+                    Ok(book) => *keys = Some((name, book)),
+                    Err(e) => {
+                        *keys = None;
+                        *self.state.lock() = State::LoggedOut;
+                        self.changed.notify_all();
+                        return Err(ClientError::Failed(e.to_string()));
+                    }
+                }
             }
         }
         let notice = |text: String| self.emit(Event::Notice { text });
@@ -462,6 +498,48 @@ impl Client {
             self.emit(Event::LoggedOut { user: s.user });
         }
         0
+    }
+
+    /// `/verify NAME [ok]`: the safety number of our key and `name`'s
+    /// (its new key, if it changed); with `accept`, records that the user
+    /// compared it, which also accepts a changed key.
+    pub fn verify(&self, name: &str, accept: bool) -> Result<Event, ClientError> {
+        let name = account::normalize_name(name)?;
+        let (me, mine, presented) = {
+            let guard = self.settled_session();
+            let s = guard.session().ok_or(ClientError::NotLoggedIn)?;
+            let presented = match s.buddies.get(&name) {
+                None => return Err(ClientError::Failed(format!("{name} is not your buddy"))),
+                Some(p) => p.as_ref().map(|p| p.public_key.clone()),
+            };
+            (s.user.clone(), s.public_key.to_der()?, presented)
+        };
+        let mut keys = self.keys.lock();
+        let Some((_, book)) = keys.as_mut().filter(|(u, _)| *u == me) else {
+            return Err(ClientError::Failed(
+                "the remembered buddy keys are not open".into(),
+            ));
+        };
+        if accept {
+            let done = book
+                .accept(&name, presented.as_deref())
+                .map_err(|e| ClientError::Failed(e.to_string()))?;
+            if !done {
+                return Err(ClientError::Failed(format!(
+                    "no key of {name} seen yet; try again while {name} is online"
+                )));
+            }
+        }
+        let (theirs, verified) = book.shown(&name, presented.as_deref()).ok_or_else(|| {
+            ClientError::Failed(format!(
+                "no key of {name} seen yet; try again while {name} is online"
+            ))
+        })?;
+        Ok(Event::SafetyNumber {
+            number: trust::safety_number((&me, &mine), (&name, &theirs)),
+            user: name,
+            verified,
+        })
     }
 
     /// Logs out; buddies are told by the servers.

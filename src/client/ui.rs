@@ -76,6 +76,10 @@ pub const HELP: &[(&str, &str)] = &[
         "/profile [FIELD VALUE]",
         "show your profile, or set FIELD (empty VALUE clears it)",
     ),
+    (
+        "/verify NAME [ok]",
+        "show the safety number with NAME; 'ok' records that you compared it (and accepts a changed key)",
+    ),
     ("/passwd", "change your password"),
     ("/help", "this list"),
     ("/quit", "log out and exit"),
@@ -457,6 +461,22 @@ impl Ui {
                         "cancel",
                         Ok(Some(format!("cancelled {n} transfer(s) with {name}"))),
                     ),
+                }
+            }
+            "/verify" => {
+                let (name, accept) = match rest.split_whitespace().collect::<Vec<_>>().as_slice() {
+                    [name] => (name.to_string(), false),
+                    [name, "ok"] => (name.to_string(), true),
+                    _ => return self.usage("verify", "/verify NAME [ok]"),
+                };
+                match c.verify(&name, accept) {
+                    Ok(e) => {
+                        self.emit(e);
+                        if accept {
+                            self.outcome("verify", Ok(Some(format!("{name}'s key is verified"))));
+                        }
+                    }
+                    Err(e) => self.outcome("verify", Err(e)),
                 }
             }
             "/remove" => {
