@@ -409,7 +409,7 @@ pub fn client_settings() -> Vec<Setting<ClientProgram>> {
         .flag(
             "state-dir",
             "DIR",
-            "where remembered buddy keys live (default ~/.local/state/ims)",
+            "where the history and remembered buddy keys live (default ~/.local/state/ims)",
         ),
         key("auto_accept_files", Kind::Switch, |c: &mut C, v| {
             c.client.auto_accept_files = v.on()

@@ -189,6 +189,13 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// The last lines of a conversation (`/history`).
+    History {
+        /// The buddy.
+        with: String,
+        /// Oldest first.
+        messages: Vec<super::history::Entry>,
+    },
     /// The safety number of our key and a buddy's (`/verify`).
     SafetyNumber {
         /// The buddy.
@@ -356,6 +363,22 @@ impl Event {
                 c(peer),
                 c(reason)
             ),
+            Event::History { with, messages } if messages.is_empty() => {
+                format!("no history with {}", c(with))
+            }
+            Event::History { with, messages } => {
+                let mut s = format!("history with {}:", c(with));
+                for m in messages {
+                    let who = if m.direction == "sent" { "me" } else { with.as_str() };
+                    let state = match m.state.as_deref() {
+                        Some("delivered") | None => "",
+                        Some("failed") => " (not delivered)",
+                        Some(_) => " (pending)",
+                    };
+                    s.push_str(&format!("\n  <{}> {}{state}", c(who), c(&m.text)));
+                }
+                s
+            }
             Event::SafetyNumber {
                 user,
                 number,

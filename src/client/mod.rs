@@ -6,6 +6,7 @@ pub mod account;
 pub mod events;
 pub mod files;
 pub mod handshake;
+pub mod history;
 pub mod peer;
 pub mod session;
 pub mod trust;
@@ -160,6 +161,8 @@ pub struct Client {
     known_kdf: Mutex<std::collections::HashMap<String, crypto::KdfParams>>,
     /// The logged-in (or last) user's remembered buddy keys.
     keys: Mutex<Option<(String, trust::KeyBook)>>,
+    /// The logged-in user's history, if it opened.
+    history: Mutex<Option<history::History>>,
     /// Serializes requests to the MS so their sequence numbers stay in order.
     calls: Mutex<()>,
     events: Sender<Event>,
@@ -286,6 +289,7 @@ impl Client {
             state: Mutex::new(State::LoggedOut),
             known_kdf: Mutex::new(std::collections::HashMap::new()),
             keys: Mutex::new(None),
+            history: Mutex::new(None),
             calls: Mutex::new(()),
             events,
             peers: peer::Peers::default(),
@@ -317,6 +321,7 @@ impl Client {
     }
 
     fn emit(&self, e: Event) {
+        self.record(&e);
         if self.events.send(e).is_err() {
             // The receiver goes away only when the interface is exiting.
             debug!("event dropped: the interface is gone");
@@ -417,11 +422,21 @@ impl Client {
         self.known_kdf
             .lock()
             .insert(user.clone(), session.kdf.clone());
+        let history = history::History::open(&self.config.state_dir, &user, session.history_key);
         let requests: Vec<String> = session.requests.keys().cloned().collect();
         let buddies = buddy_views(&session);
         *guard = State::LoggedIn(Box::new(session));
         // Pushes that raced the end of the login wait for this, so they
         // are never lost and print after these.
+        match history {
+            Ok(h) => *self.history.lock() = Some(h),
+            Err(e) => {
+                *self.history.lock() = None;
+                self.emit(Event::Notice {
+                    text: format!("{e}; nothing is recorded in this login"),
+                });
+            }
+        }
         self.emit(Event::LoggedIn { user });
         self.emit(Event::Buddies { buddies });
         for from in requests {
@@ -516,6 +531,49 @@ impl Client {
             self.emit(Event::LoggedOut { user: s.user });
         }
         0
+    }
+
+    /// Keeps what `e` says about a conversation in the history.
+    fn record(&self, e: &Event) {
+        let guard = self.history.lock();
+        let Some(h) = guard.as_ref() else { return };
+        let r = match e {
+            Event::Message { from, text, id } => h.received(from, *id, peer::now_unix(), text),
+            Event::Delivered { to, id } => h.outcome(to, *id, true),
+            Event::SendFailed { to, id, .. } if *id != 0 => h.outcome(to, *id, false),
+            _ => Ok(()),
+        };
+        if let Err(e) = r {
+            warn!("history: {e}");
+        }
+    }
+
+    /// Keeps a message we are sending in the history.
+    pub(crate) fn record_sent(&self, to: &str, id: u64, text: &str) {
+        if let Some(h) = self.history.lock().as_ref() {
+            if let Err(e) = h.sent(to, id, peer::now_unix(), text) {
+                warn!("history: {e}");
+            }
+        }
+    }
+
+    /// `/history NAME [N]`: the last `n` lines with `name`.
+    pub fn history(&self, name: &str, n: usize) -> Result<Event, ClientError> {
+        let name = account::normalize_name(name)?;
+        if !self.is_logged_in() {
+            return Err(ClientError::NotLoggedIn);
+        }
+        let guard = self.history.lock();
+        let h = guard
+            .as_ref()
+            .ok_or_else(|| ClientError::Failed("the history is not open in this login".into()))?;
+        let messages = h
+            .last(&name, n)
+            .map_err(|e| ClientError::Failed(e.to_string()))?;
+        Ok(Event::History {
+            with: name,
+            messages,
+        })
     }
 
     /// `/verify NAME [ok]`: the safety number of our key and `name`'s
@@ -673,14 +731,22 @@ impl Client {
         let (req, check, user) = {
             let guard = self.state.lock();
             let s = guard.session().ok_or(ClientError::NotLoggedIn)?;
-            let (req, check) = s.rewrap(
+            let (req, check, history_key) = s.rewrap(
                 new_password,
                 self.config.kdf_iterations,
                 self.config.policy(),
             )?;
-            (req, check, s.user.clone())
+            (req, (check, history_key), s.user.clone())
         };
+        let (check, history_key) = check;
         self.ms_call(&req)?;
+        if let Some(h) = self.history.lock().as_mut() {
+            if let Err(e) = h.rekey(history_key) {
+                self.emit(Event::Notice {
+                    text: format!("the history could not be re-sealed for the new password: {e}"),
+                });
+            }
+        }
         if let Some(s) = self.state.lock().session_mut() {
             s.password_changed(check);
         }

@@ -467,7 +467,7 @@ impl Peers {
     }
 }
 
-fn now_unix() -> u64 {
+pub(super) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -925,6 +925,7 @@ impl Client {
             ));
         }
         let to = to.to_ascii_lowercase();
+        self.record_sent(&to, id, text);
         self.send_request(
             &to,
             &PeerRequest::Msg {
@@ -934,7 +935,15 @@ impl Client {
             id,
             PendingKind::Msg,
         )
-        .map_err(|e| (id, e))?;
+        .map_err(|e| {
+            // No event follows this failure: the history is told here.
+            self.record(&Event::SendFailed {
+                to: to.clone(),
+                id,
+                reason: String::new(),
+            });
+            (id, e)
+        })?;
         self.set_last_peer(&to);
         Ok(id)
     }

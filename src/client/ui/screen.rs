@@ -764,6 +764,7 @@ impl Screen {
             }
             Event::Error { .. } => self.push_text(active, Kind::Error, &e.to_text()),
             Event::SafetyNumber { .. }
+            | Event::History { .. }
             | Event::Notice { .. }
             | Event::Ok { .. }
             | Event::Buddies { .. }
