@@ -170,7 +170,10 @@ impl Ms {
         proof: &[u8],
         listen_port: u16,
     ) -> Result<Message, Refused> {
-        let failure = || Refused::new(Refusal::PasswordFailure, "password failure");
+        let failure = || {
+            self.users.failures.inc();
+            Refused::new(Refusal::PasswordFailure, "password failure")
+        };
         let Some(verifier) = &c.verifier else {
             return Err(failure());
         };

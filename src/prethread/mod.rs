@@ -46,7 +46,7 @@ use crate::wire::{Limits, Message};
 
 pub use server::{Server, Stopper};
 pub use signals::{stop_on_signals, SignalWatch};
-pub use stats::Stats;
+pub use stats::{Stats, StatsSource};
 
 /// The two ends of a served connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

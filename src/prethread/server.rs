@@ -21,7 +21,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use log::{debug, info, warn};
 use parking_lot::Mutex;
 
-use super::stats::{Counters, Stats};
+use super::stats::{Counters, Stats, StatsSource};
 use super::worker::spawn_worker;
 use super::{Config, Service};
 use crate::wire::{code, Message};
@@ -104,6 +104,8 @@ pub struct Server {
     local_addr: SocketAddr,
     stopper: Stopper,
     counters: Arc<Counters>,
+    /// The queue's receiving end, only to read its length.
+    queue: Receiver<TcpStream>,
     acceptor: Option<JoinHandle<()>>,
     handles: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
@@ -144,6 +146,7 @@ impl Server {
         let (tx, rx) = crossbeam_channel::bounded(config.queue);
         let counters = Arc::new(Counters::default());
         let handles = Arc::new(Mutex::new(Vec::new()));
+        let queue = rx.clone();
         let shared = Arc::new(Shared {
             slots: (0..config.workers).map(|_| Mutex::new(None)).collect(),
             config,
@@ -159,6 +162,7 @@ impl Server {
             local_addr,
             stopper,
             counters,
+            queue,
             acceptor: None,
             handles,
         };
@@ -192,7 +196,15 @@ impl Server {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
-        self.counters.snapshot()
+        self.stats_source().snapshot()
+    }
+
+    /// A handle that reads the counters from another thread.
+    pub fn stats_source(&self) -> StatsSource {
+        StatsSource {
+            counters: Arc::clone(&self.counters),
+            queue: self.queue.clone(),
+        }
     }
 
     /// A handle that stops the server.

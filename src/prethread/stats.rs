@@ -1,6 +1,10 @@
 //! Counters of a running server, kept as atomics and read as a snapshot.
 
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+use crossbeam_channel::Receiver;
 
 /// A snapshot of a server's counters (see [`super::Server::stats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -16,6 +20,26 @@ pub struct Stats {
     pub active: u64,
     /// Worker threads that panicked (and were replaced).
     pub panicked: u64,
+    /// Accepted connections waiting for a worker right now.
+    pub queued: u64,
+}
+
+/// Reads a server's counters from anywhere, for as long as it runs (a
+/// metrics endpoint); see [`super::Server::stats_source`].
+#[derive(Clone, Debug)]
+pub struct StatsSource {
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) queue: Receiver<TcpStream>,
+}
+
+impl StatsSource {
+    /// A snapshot, queue depth included.
+    pub fn snapshot(&self) -> Stats {
+        Stats {
+            queued: self.queue.len() as u64,
+            ..self.counters.snapshot()
+        }
+    }
 }
 
 /// The live counters, shared by the acceptor and the workers.
@@ -38,6 +62,7 @@ impl Counters {
             timed_out: self.timed_out.load(Relaxed),
             active: self.active.load(Relaxed) as u64,
             panicked: self.panicked.load(Relaxed),
+            queued: 0,
         }
     }
 
