@@ -41,6 +41,8 @@ pub struct Session {
     pub profile: Profile,
     /// The users we block, as kept at the CRS.
     pub blocked: std::collections::BTreeSet<String>,
+    /// The key of this account's history on disk (from the password).
+    pub history_key: [u8; 32],
     /// The salt and iteration count this login derived with.
     pub kdf: KdfParams,
     /// The StoredKey of this login's password: with `kdf`, a password
@@ -241,6 +243,7 @@ impl Session {
             .filter(|r| request_is_genuine(r, &user))
             .map(|r| (r.from.clone(), r))
             .collect();
+        let history_key = super::history::history_key(&keys.wrap, &user);
         Ok(Session {
             user,
             ms,
@@ -259,6 +262,7 @@ impl Session {
             blocked: welcome.blocked.into_iter().collect(),
             kdf: params,
             stored_key: keys.scram.stored_key,
+            history_key,
         })
     }
 
@@ -293,7 +297,7 @@ impl Session {
         password: &str,
         iterations: u32,
         policy: KdfPolicy,
-    ) -> Result<(MsRequest, PasswordCheck), ClientError> {
+    ) -> Result<(MsRequest, PasswordCheck, [u8; 32]), ClientError> {
         if password.chars().count() < account::MIN_PASSWORD_LEN {
             return Err(ClientError::WeakPassword);
         }
@@ -308,7 +312,8 @@ impl Session {
             verifier: keys.verifier(&params),
             wrapped_key,
         };
-        Ok((request, (params, keys.scram.stored_key)))
+        let history_key = super::history::history_key(&keys.wrap, &self.user);
+        Ok((request, (params, keys.scram.stored_key), history_key))
     }
 
     /// A signed buddy request for `to`.
