@@ -100,6 +100,7 @@ fn config(name: &str, workers: usize, queue: usize) -> Config {
         write_deadline: Duration::from_secs(5),
         shutdown_grace: Duration::from_secs(2),
         limits: Limits::DEFAULT,
+        ..Config::default()
     }
 }
 
@@ -402,7 +403,11 @@ fn stop_joins_every_thread_despite_idle_and_slow_peers() {
     cfg.shutdown_grace = Duration::from_secs(1);
     let server = Server::bind("127.0.0.1:0", cfg, service).unwrap();
     let addr = server.local_addr();
-    assert_eq!(wait_threads("sd-", 4), 4, "3 workers and the acceptor");
+    assert_eq!(
+        wait_threads("sd-", 5),
+        5,
+        "3 workers, the gate and the acceptor"
+    );
 
     // Two idle keep-alive connections, and one stuck in mid-message
     // (which only the end of the grace period can cut).
@@ -416,8 +421,9 @@ fn stop_joins_every_thread_despite_idle_and_slow_peers() {
     let mut half = TcpStream::connect(addr).unwrap();
     half.write_all(b"ECHO\r\nContent-Length: 10\r\n\r\nabc")
         .unwrap();
-    let stats = wait_for(&server, Duration::from_secs(5), |s| s.active == 3);
-    assert_eq!(stats.active, 3, "all three connections on a worker");
+    let stats = wait_for(&server, Duration::from_secs(5), |s| s.held == 3);
+    assert_eq!(stats.held, 3, "all three connections held by the gate");
+    assert_eq!(stats.active, 0, "no worker waits for a peer");
 
     let started = Instant::now();
     server.stop_and_join();

@@ -98,7 +98,6 @@ impl Default for ClientConfig {
             pool: prethread::Config {
                 name: "client".into(),
                 workers: 4,
-                queue: 16,
                 ..prethread::Config::default()
             },
         }

@@ -14,6 +14,10 @@ pub struct Stats {
     pub timed_out: u64,
     /// Connections being served by a worker right now.
     pub active: u64,
+    /// Connections waiting in the gate for their next message.
+    pub held: u64,
+    /// Connections open: held, being served, or queued for a worker.
+    pub open: u64,
     /// Worker threads that panicked (and were replaced).
     pub panicked: u64,
 }
@@ -25,6 +29,8 @@ pub(crate) struct Counters {
     pub rejected_busy: AtomicU64,
     pub timed_out: AtomicU64,
     pub active: AtomicUsize,
+    pub held: AtomicUsize,
+    pub open: AtomicUsize,
     pub panicked: AtomicU64,
 }
 
@@ -37,6 +43,8 @@ impl Counters {
             rejected_busy: self.rejected_busy.load(Relaxed),
             timed_out: self.timed_out.load(Relaxed),
             active: self.active.load(Relaxed) as u64,
+            held: self.held.load(Relaxed) as u64,
+            open: self.open.load(Relaxed) as u64,
             panicked: self.panicked.load(Relaxed),
         }
     }
