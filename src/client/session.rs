@@ -130,6 +130,13 @@ pub fn request_is_genuine(req: &BuddyRequest, to: &str) -> bool {
 impl Session {
     /// Asks the CRS for an MS and logs in there.
     pub fn login(c: &Credentials<'_>) -> Result<Session, ClientError> {
+        Session::login_held(c).map(|(s, _)| s)
+    }
+
+    /// As [`Session::login`], and the login's connection, which carries
+    /// the login from now on: the MS pushes on it, requests and keepalives
+    /// go on it, and its close ends the login.
+    pub fn login_held(c: &Credentials<'_>) -> Result<(Session, Conn), ClientError> {
         let user = account::normalize_name(c.user)?;
         let ms = match Conn::connect(c.crs, c.timeout)?.call(&ClientRequest::Locate)? {
             ClientReply::Ms(ms) => ms,
@@ -221,7 +228,7 @@ impl Session {
             .filter(|r| request_is_genuine(r, &user))
             .map(|r| (r.from.clone(), r))
             .collect();
-        Ok(Session {
+        let session = Session {
             user,
             ms,
             login: login_id,
@@ -237,7 +244,8 @@ impl Session {
             requests,
             profile: welcome.profile,
             kdf: params,
-        })
+        };
+        Ok((session, conn))
     }
 
     /// Seals `req` for the MS; its reply goes through [`Session::open_reply`].

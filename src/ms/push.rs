@@ -1,22 +1,21 @@
 //! Pushes to clients: a fixed set of pusher threads, each owning a share
 //! of the users (by a hash of the name) so that one client's pushes leave
-//! in order; a push opens a connection, sends one sealed `PUSH`, reads the
-//! acknowledgement, and closes (the MS keeps no socket per user).
+//! in order. A push is one sealed `PUSH` written on the client's held
+//! login connection (PROTOCOL.md §6); the client does not answer it, the
+//! connection's delivery order and its keepalives are the acknowledgement.
+//! The MS never connects to a client.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use crossbeam_channel::{bounded, Sender, TrySendError};
 use log::{debug, warn};
 
 use super::users::OnlineUser;
-use crate::link::{connect_to, Conn};
 use crate::proto::crs::EventKind;
 use crate::proto::ms::{event_message, PUSH};
-use crate::proto::Refused;
 
 /// Pushes waiting per pusher thread; past this a push is dropped with a
 /// warning rather than letting one slow client grow memory without bound.
@@ -31,8 +30,9 @@ pub struct Pusher {
 }
 
 impl Pusher {
-    /// Starts `n` pusher threads; `timeout` bounds connect, write and ack.
-    pub fn start(n: usize, timeout: Duration) -> std::io::Result<Pusher> {
+    /// Starts `n` pusher threads; each push is bounded by the pool's write
+    /// deadline on the held connection.
+    pub fn start(n: usize) -> std::io::Result<Pusher> {
         let mut lanes = Vec::new();
         let mut threads = Vec::new();
         for i in 0..n.max(1) {
@@ -48,10 +48,12 @@ impl Pusher {
                                 debug!("dropped a push to {}, who logged out", user.name);
                                 continue;
                             }
-                            if let Err(e) = push_one(&user, &event, timeout) {
-                                warn!("push to {} at {} failed: {e}", user.name, user.address);
-                                // Probe it at the next check rather than wait for its timeout.
-                                user.suspect();
+                            if let Err(e) = push_one(&user, &event) {
+                                warn!("push to {} failed: {e}; ending its login", user.name);
+                                // A held connection that cannot take a push
+                                // within the write deadline is not trusted
+                                // with later ones: its close ends the login.
+                                user.drop_connection();
                             }
                         }
                     })?,
@@ -85,22 +87,16 @@ impl Pusher {
     }
 }
 
-fn push_one(user: &OnlineUser, event: &EventKind, timeout: Duration) -> Result<(), String> {
+fn push_one(user: &OnlineUser, event: &EventKind) -> Result<(), String> {
+    let Some(out) = &user.held else {
+        return Err("no held connection".into());
+    };
     let sealed = user
         .push
         .lock()
         .seal(PUSH, &[("User", &user.name)], &event_message(event))
         .map_err(|e| e.to_string())?;
-    let stream = connect_to(user.address, timeout).map_err(|e| e.to_string())?;
-    let reply = Conn::new(stream, timeout)
-        .exchange(&sealed)
-        .map_err(|e| e.to_string())?;
-    if reply.is_success() {
-        debug!("pushed to {}", user.name);
-        return Ok(());
-    }
-    match Refused::from_message(&reply) {
-        Some(r) => Err(format!("client answered {r}")),
-        None => Err("the client's answer is not a reply".into()),
-    }
+    out.send(&sealed).map_err(|e| e.to_string())?;
+    debug!("pushed to {}", user.name);
+    Ok(())
 }

@@ -31,6 +31,7 @@ use log::{debug, warn};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
+use super::outbound::Outbound;
 use super::server::{refuse, Shared};
 use super::stats::Counters;
 use super::{Peer, Service};
@@ -56,7 +57,10 @@ pub(crate) struct Conn<S: Service> {
     /// Its token in the poller; ids are never reused, so a late event for
     /// a closed connection cannot reach a new one.
     pub id: usize,
-    pub stream: TcpStream,
+    /// Shared with `out`: the gate reads it, replies and pushes write it.
+    pub stream: Arc<TcpStream>,
+    /// Where replies and pushes are written.
+    pub out: Outbound,
     pub peer: Peer,
     /// Bytes read and not yet parsed into a message.
     pub buf: Vec<u8>,
@@ -254,12 +258,15 @@ impl<S: Service> Gate<S> {
             );
             return;
         }
-        let session = self.shared.service.open(&peer);
+        let stream = Arc::new(stream);
+        let out = Outbound::new(Arc::clone(&stream), self.shared.config.write_deadline);
+        let session = self.shared.service.open_with(&peer, &out);
         self.conns.insert(
             id,
             Box::new(Conn {
                 id,
                 stream,
+                out,
                 peer,
                 buf: Vec::new(),
                 session,
@@ -292,7 +299,7 @@ impl<S: Service> Gate<S> {
         let mut failed = None;
         while conn.buf.len() < cap && !conn.eof {
             let want = (cap - conn.buf.len()).min(READ_CHUNK);
-            match conn.stream.read(&mut chunk[..want]) {
+            match (&*conn.stream).read(&mut chunk[..want]) {
                 Ok(0) => conn.eof = true,
                 Ok(n) => {
                     if conn.buf.is_empty() {
@@ -331,7 +338,8 @@ impl<S: Service> Gate<S> {
         if self.jobs.len() >= queue.max(1) && queue < usize::MAX {
             Counters::bump(&self.shared.counters.rejected_busy);
             // Answered here, at once: a worker may not be free for long.
-            refuse_on(&mut conn.stream, &self.shared.busy);
+            conn.out.detach();
+            refuse_on(&conn.stream, &self.shared.busy);
             self.send(Job::End(conn, End::Busy));
             return;
         }
@@ -388,9 +396,9 @@ impl<S: Service> Gate<S> {
 
 /// One nonblocking write of a short refusal and the end of our sending
 /// half; never waits on the peer.
-pub(crate) fn refuse_on(stream: &mut TcpStream, reply: &[u8]) {
+pub(crate) fn refuse_on(stream: &TcpStream, reply: &[u8]) {
     if stream.set_nonblocking(true).is_ok() {
-        let _ = stream.write(reply);
+        let _ = (&*stream).write(reply);
         let _ = stream.shutdown(std::net::Shutdown::Write);
     }
 }

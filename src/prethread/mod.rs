@@ -44,6 +44,7 @@
 
 mod gate;
 mod limits;
+mod outbound;
 mod server;
 mod signals;
 mod stats;
@@ -56,6 +57,7 @@ use std::time::Duration;
 use crate::wire::{Limits, Message};
 
 pub use limits::{raise_open_files_limit, FD_RESERVE, MAX_PER_SOURCE};
+pub use outbound::Outbound;
 pub use server::{Server, Stopper};
 pub use signals::{stop_on_signals, SignalWatch};
 pub use stats::Stats;
@@ -119,8 +121,14 @@ pub trait Service: Send + Sync + 'static {
     /// Per-connection state, e.g. sealed-link keys or login state.
     type Session: Send;
 
-    /// A connection was handed to a worker; make its session.
+    /// A connection was accepted; make its session.
     fn open(&self, peer: &Peer) -> Self::Session;
+
+    /// As [`Service::open`], with the handle that writes on the connection,
+    /// for a service that pushes on held links (the default ignores it).
+    fn open_with(&self, peer: &Peer, _out: &Outbound) -> Self::Session {
+        self.open(peer)
+    }
 
     /// One request arrived; say what to do about it.
     fn handle(&self, session: &mut Self::Session, request: Message) -> Outcome;

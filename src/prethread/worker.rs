@@ -16,10 +16,11 @@ use std::time::{Duration, Instant};
 use log::{debug, error, warn};
 
 use super::gate::{next_message, refuse_on, Back, Conn, End, Job};
+use super::outbound::Outbound;
 use super::server::Shared;
 use super::stats::Counters;
 use super::{Outcome, Service};
-use crate::wire::io::{write_all_by, write_message, IoError};
+use crate::wire::io::write_message;
 use crate::wire::{code, Message};
 
 /// Longest time spent writing a `408` to a peer that was too slow.
@@ -150,10 +151,8 @@ fn run_job<S: Service>(shared: &Shared<S>, index: usize, job: Job<S>) {
             let _active = ActiveGuard::new(shared, index, &conn.stream);
             if let Some(mut conn) = converse(shared, conn, request) {
                 conn.since = Instant::now();
-                if conn.stream.set_nonblocking(true).is_ok() {
-                    done.armed = false;
-                    shared.send_back(Back::Return(conn));
-                }
+                done.armed = false;
+                shared.send_back(Back::Return(conn));
             }
         }
         Job::End(conn, end) => finish(shared, conn, end),
@@ -169,11 +168,6 @@ fn converse<S: Service>(
     mut request: Message,
 ) -> Option<Box<Conn<S>>> {
     let config = &shared.config;
-    let counters = &shared.counters;
-    if let Err(e) = conn.stream.set_nonblocking(false) {
-        finish(shared, conn, End::Io(e));
-        return None;
-    }
     // Encoded replies held back while pipelined requests are buffered.
     let mut held: Vec<u8> = Vec::new();
     loop {
@@ -184,10 +178,11 @@ fn converse<S: Service>(
             Outcome::Silent => (None, false),
             Outcome::Close => (None, true),
             Outcome::Takeover(take) => {
-                if let Err(end) = write_held(&mut conn.stream, &mut held, shared) {
+                if let Err(end) = write_held(&conn.out, &mut held, shared) {
                     finish(shared, conn, end);
                     return None;
                 }
+                conn.out.detach();
                 shared.unwatch(&conn.stream);
                 let stream = match conn.stream.try_clone() {
                     Ok(stream) => stream,
@@ -197,6 +192,7 @@ fn converse<S: Service>(
                     }
                 };
                 let buffered = std::mem::take(&mut conn.buf);
+                let _ = stream.set_nonblocking(false);
                 let _ = stream.set_read_timeout(None);
                 let _ = stream.set_write_timeout(None);
                 take(stream, buffered);
@@ -218,19 +214,18 @@ fn converse<S: Service>(
             if (pipelined || !held.is_empty()) && reply.body.len() < MAX_HELD {
                 reply.encode_into(&mut held);
                 if (!pipelined || held.len() >= MAX_HELD)
-                    && write_held(&mut conn.stream, &mut held, shared).is_err()
+                    && write_held(&conn.out, &mut held, shared).is_err()
                 {
                     finish(shared, conn, End::WriteTimeout);
                     return None;
                 }
             } else {
-                if let Err(end) = write_held(&mut conn.stream, &mut held, shared) {
+                if let Err(end) = write_held(&conn.out, &mut held, shared) {
                     finish(shared, conn, end);
                     return None;
                 }
-                let write_end = Instant::now() + config.write_deadline;
-                if let Err(e) = write_message(&mut conn.stream, &reply, write_end) {
-                    let end = write_failed(e, counters);
+                if let Err(e) = conn.out.send(&reply) {
+                    let end = write_failed(e, &shared.counters);
                     finish(shared, conn, end);
                     return None;
                 }
@@ -238,7 +233,7 @@ fn converse<S: Service>(
         }
         if let Err(end) = match next {
             Ok(Some(_)) => Ok(()),
-            _ => write_held(&mut conn.stream, &mut held, shared),
+            _ => write_held(&conn.out, &mut held, shared),
         } {
             finish(shared, conn, end);
             return None;
@@ -267,14 +262,14 @@ fn converse<S: Service>(
 
 /// Writes the held replies; why the connection must end if that failed.
 fn write_held<S: Service>(
-    stream: &mut TcpStream,
+    out: &Outbound,
     held: &mut Vec<u8>,
     shared: &Shared<S>,
 ) -> Result<(), End> {
     if held.is_empty() {
         return Ok(());
     }
-    let result = write_all_by(stream, held, Instant::now() + shared.config.write_deadline);
+    let result = out.write_all(held);
     held.clear();
     result.map_err(|e| write_failed(e, &shared.counters))
 }
@@ -284,22 +279,25 @@ fn write_held<S: Service>(
 // Connections travel boxed (small channel messages); unboxing each just
 // to end it would copy it for nothing.
 #[allow(clippy::boxed_local)]
-fn finish<S: Service>(shared: &Shared<S>, mut conn: Box<Conn<S>>, end: End) {
+fn finish<S: Service>(shared: &Shared<S>, conn: Box<Conn<S>>, end: End) {
+    // No push may start now: these are the connection's last words.
+    conn.out.detach();
     shared.unwatch(&conn.stream);
+    let mut stream: &TcpStream = &conn.stream;
     match &end {
         End::ReadTimeout => {
-            let _ = conn.stream.set_nonblocking(false);
-            reply_timeout(&mut conn.stream);
+            let _ = stream.set_nonblocking(false);
+            reply_timeout(&mut stream);
         }
         End::Stopped if conn.requests == 0 => {
-            refuse_on(&mut conn.stream, &shared.shutting_down);
+            refuse_on(stream, &shared.shutting_down);
         }
         End::Malformed(e) => {
-            let _ = conn.stream.set_nonblocking(false);
+            let _ = stream.set_nonblocking(false);
             let reply = Message::reply(e.reply_code(), &e.to_string());
             let write_end = Instant::now() + shared.config.write_deadline;
-            if write_message(&mut conn.stream, &reply, write_end).is_ok() {
-                linger_close(&mut conn.stream);
+            if write_message(&mut stream, &reply, write_end).is_ok() {
+                linger_close(&mut stream);
             }
         }
         _ => {}
@@ -321,21 +319,18 @@ fn finish<S: Service>(shared: &Shared<S>, mut conn: Box<Conn<S>>, end: End) {
 }
 
 /// Why a connection ends when a reply could not be written.
-fn write_failed(e: IoError, counters: &Counters) -> End {
-    match e {
-        IoError::Timeout => {
-            Counters::bump(&counters.timed_out);
-            End::WriteTimeout
-        }
-        IoError::Io(e) => End::Io(e),
-        // Writing never parses; kept for completeness.
-        IoError::Wire(e) => End::Malformed(e),
+fn write_failed(e: io::Error, counters: &Counters) -> End {
+    if e.kind() == ErrorKind::TimedOut {
+        Counters::bump(&counters.timed_out);
+        End::WriteTimeout
+    } else {
+        End::Io(e)
     }
 }
 
 /// Best effort `408` to a peer that was too slow; it is tiny, so it only
 /// fails if the peer has stopped reading as well.
-fn reply_timeout(stream: &mut TcpStream) {
+fn reply_timeout(stream: &mut &TcpStream) {
     let reply = Message::reply(code::TIMEOUT, "timeout");
     let _ = write_message(stream, &reply, Instant::now() + TIMEOUT_REPLY_DEADLINE);
 }
@@ -343,7 +338,7 @@ fn reply_timeout(stream: &mut TcpStream) {
 /// After an error reply: stop writing and read what the peer still sends,
 /// briefly and boundedly, so that our close is not a reset that would
 /// destroy the reply in the peer's receive buffer.
-fn linger_close(stream: &mut TcpStream) {
+fn linger_close(stream: &mut &TcpStream) {
     let _ = stream.shutdown(Shutdown::Write);
     let end = Instant::now() + LINGER_TIME;
     let mut sink = [0u8; 16 * 1024];
