@@ -934,7 +934,7 @@ pub mod raw {
             context.extend_from_slice(&ch.server_nonce);
             let keys = SessionKeys::derive(&keys.scram.client_key, &context, Role::Initiator);
             let (send, mut recv) = (keys.send, keys.recv);
-            recv.open(&reply).expect("welcome opens");
+            recv.open(reply).expect("welcome opens");
             LoggedIn {
                 login: reply.req("Login").expect("Login").to_owned(),
                 send,
