@@ -17,12 +17,15 @@ build:
 release:
 	$(CARGO) build --release --bins
 
-# Every test, then formatting and lints; what CI runs.
+# Every test, then formatting and lints; what CI runs. The test-hooks
+# feature adds the accessors tests/forward_secrecy.rs reads live session
+# secrets through (an in-process client only; no binary calls them).
 test:
 	$(CARGO) build --bins
-	$(CARGO) test -- --test-threads=2
+	$(CARGO) test --features test-hooks -- --test-threads=2
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --features test-hooks -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

@@ -434,6 +434,12 @@ pub fn client_settings() -> Vec<Setting<ClientProgram>> {
         key("keepalive_interval_secs", Kind::Secs, |c: &mut C, v| {
             c.client.keepalive_interval = v.secs()
         }),
+        key("rekey_messages", COUNT, |c: &mut C, v| {
+            c.client.rekey_messages = v.int()
+        }),
+        key("rekey_interval_secs", Kind::Secs, |c: &mut C, v| {
+            c.client.rekey_interval = v.secs()
+        }),
         key("pool.workers", COUNT, |c: &mut C, v| {
             c.client.pool.workers = v.int::<usize>().max(1)
         }),

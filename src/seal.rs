@@ -337,6 +337,26 @@ impl Sealer {
     }
 }
 
+/// Wipes a key when its holder drops (best effort without unsafe code:
+/// the write goes through `black_box`, so it is not optimised away), so
+/// that an erased session's keys do not linger in freed memory.
+fn wipe(key: &mut [u8; 32]) {
+    *key = [0u8; 32];
+    std::hint::black_box(key);
+}
+
+impl Drop for Sealer {
+    fn drop(&mut self) {
+        wipe(&mut self.key);
+    }
+}
+
+impl Drop for Opener {
+    fn drop(&mut self) {
+        wipe(&mut self.key);
+    }
+}
+
 impl fmt::Debug for Sealer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sealer")

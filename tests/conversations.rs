@@ -313,7 +313,7 @@ fn the_wire_shows_no_plaintext_and_replays_and_forgeries_fail() {
     // A forged INIT: alice's name, someone else's key.
     let mallory = RsaPrivateKey::generate(1024).unwrap();
     let nonce = crypto::random_array::<24>().to_vec();
-    let key = mallory.public_key().encrypt_oaep(&[7u8; 32]).unwrap();
+    let share = crypto::EphemeralKey::generate().unwrap().public().to_vec();
     let time = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -323,9 +323,9 @@ fn the_wire_shows_no_plaintext_and_replays_and_forgeries_fail() {
         to: "bob".into(),
         time,
         nonce: nonce.clone(),
-        key: key.clone(),
+        share: share.clone(),
         signature: mallory
-            .sign_pss(&init_transcript("alice", "bob", time, &nonce, &key))
+            .sign_pss(&init_transcript("alice", "bob", time, &nonce, &share))
             .unwrap(),
     };
     let reply =

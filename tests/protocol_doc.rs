@@ -386,6 +386,16 @@ fn the_constants_are_the_codes() {
         ("ACK_TIMEOUT_SECS", secs(client.ack_timeout)),
         ("FILE_CHUNK", ims::client::files::CHUNK as u64),
         ("MAX_TEXT_BYTES", ims::client::peer::MAX_TEXT_BYTES as u64),
+        ("PEER_NONCE_LEN", ims::proto::peer::NONCE_LEN as u64),
+        (
+            "INIT_FRESHNESS_SECS",
+            ims::client::peer::MAX_CLOCK_SKEW_SECS,
+        ),
+        ("CONFIRM_WAIT_SECS", secs(ims::client::peer::CONFIRM_WAIT)),
+        ("REKEY_MESSAGES", client.rekey_messages),
+        ("REKEY_INTERVAL_SECS", secs(client.rekey_interval)),
+        ("EPOCH_GRACE_SECS", secs(ims::client::peer::EPOCH_GRACE)),
+        ("DRAINED_HOLD_SECS", secs(ims::client::peer::DRAINED_HOLD)),
     ]
     .into_iter()
     .collect();

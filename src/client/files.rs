@@ -308,6 +308,8 @@ impl Drop for Sink {
 pub struct Receiving {
     transfer: Arc<InTransfer>,
     session: Arc<PeerSession>,
+    /// The epoch of the session the transfer's channel belongs to.
+    epoch: String,
     me: String,
     recv: Opener,
     send: Sealer,
@@ -594,7 +596,7 @@ impl Client {
     fn stream_file(self: &Arc<Self>, t: &OutTransfer) -> Result<(), String> {
         let me = self.user().ok_or("logged out")?;
         let session = self.session_with(&t.peer)?;
-        let keys = session.file_channel(t.id, &me, &t.peer, Role::Initiator);
+        let (keys, epoch) = session.file_channel(t.id, &me, &t.peer, Role::Initiator);
         let (mut send, mut recv) = (keys.send, keys.recv);
         let chan = format!("file:{}", t.id);
         let timeout = self.config.timeout;
@@ -631,7 +633,11 @@ impl Client {
             }
             buf.extend_from_slice(b"\r\n");
             let sealed = send
-                .seal_encoded(PEER, &session.clear(&me, &chan), std::mem::take(&mut buf))
+                .seal_encoded(
+                    PEER,
+                    &session.clear(&me, &epoch, &chan),
+                    std::mem::take(&mut buf),
+                )
                 .map_err(|e| e.to_string())?;
             write_message(reader.get_mut(), &sealed, Instant::now() + timeout)
                 .map_err(|e| broke(&e))?;
@@ -645,7 +651,7 @@ impl Client {
         let end = send
             .seal(
                 PEER,
-                &session.clear(&me, &chan),
+                &session.clear(&me, &epoch, &chan),
                 &PeerRequest::FileEnd { id: t.id }.to_message(),
             )
             .map_err(|e| e.to_string())?;
@@ -681,7 +687,7 @@ impl Client {
         let session = self
             .peers
             .get(from)
-            .filter(|s| s.id == sid)
+            .filter(|s| s.has_epoch(sid))
             .ok_or_else(|| Message::reply(code::NOT_FOUND, "unknown session"))?;
         let transfer = self
             .files
@@ -698,7 +704,9 @@ impl Client {
         let me = self
             .user()
             .ok_or_else(|| Message::reply(code::FORBIDDEN, "not logged in"))?;
-        let keys = session.file_channel(id, from, &me, Role::Responder);
+        let keys = session
+            .file_channel_in(sid, id, from, &me, Role::Responder)
+            .ok_or_else(|| Message::reply(code::NOT_FOUND, "unknown session"))?;
         let dir = &self.config.download_dir;
         let fail = |e: std::io::Error| {
             warn!("cannot receive into {}: {e}", dir.display());
@@ -723,6 +731,7 @@ impl Client {
         Ok(Receiving {
             transfer,
             session,
+            epoch: sid.to_owned(),
             me,
             recv: keys.recv,
             send: keys.send,
@@ -802,7 +811,7 @@ impl Client {
                     Err(reason) => Ack::refused(id, Refusal::BadRequest, reason),
                 }
                 .to_message();
-                let clear = r.session.clear(&r.me, "");
+                let clear = r.session.clear(&r.me, &r.epoch, "");
                 let chan = format!("file:{id}");
                 let clear = [clear[0], clear[1], clear[2], ("Channel", chan.as_str())];
                 Some(match r.send.seal(PEER, &clear, &reply) {

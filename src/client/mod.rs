@@ -5,6 +5,7 @@
 pub mod account;
 pub mod events;
 pub mod files;
+pub mod handshake;
 pub mod peer;
 pub mod session;
 pub mod ui;
@@ -24,7 +25,7 @@ use crate::link::Conn;
 use crate::prethread::{self, Outcome, Peer, Server, Service};
 use crate::proto::crs::{EventKind, Hit, Profile};
 use crate::proto::ms::{read_event, MsReply, MsRequest, PUSH};
-use crate::proto::peer::{INIT, PEER};
+use crate::proto::peer::{CONFIRM, INIT, PEER};
 use crate::proto::{Refusal, Refused};
 use crate::wire::{Limits, Message};
 use account::{AccountError, ClientError, NewAccount};
@@ -34,6 +35,13 @@ use session::{request_is_genuine, Credentials, Session, State};
 /// The well-known port of the client's listener (one client per host, as
 /// the design has it); tests and several clients on one host use port 0.
 pub const DEFAULT_CLIENT_PORT: u16 = 7300;
+
+/// Default of [`ClientConfig::rekey_messages`]: a busy conversation
+/// crosses it several times a day, an idle one never.
+pub const DEFAULT_REKEY_MESSAGES: u64 = 500;
+/// Default of [`ClientConfig::rekey_interval`]: a day of conversation spans
+/// several.
+pub const DEFAULT_REKEY_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Everything the client needs.
 #[derive(Clone, Debug)]
@@ -66,6 +74,11 @@ pub struct ClientConfig {
     pub keepalive_interval: Duration,
     /// The listener's worker pool.
     pub pool: prethread::Config,
+    /// Re-key a conversation after this many messages (sent and received)
+    /// under one key; 0: only by time.
+    pub rekey_messages: u64,
+    /// Re-key a conversation whose keys are this old (at its next message).
+    pub rekey_interval: Duration,
 }
 
 /// The user's download directory: `$XDG_DOWNLOAD_DIR`, `~/Downloads`, or
@@ -95,6 +108,8 @@ impl Default for ClientConfig {
             download_dir: default_download_dir(),
             auto_accept_files: false,
             keepalive_interval: Duration::from_secs(5),
+            rekey_messages: DEFAULT_REKEY_MESSAGES,
+            rekey_interval: DEFAULT_REKEY_INTERVAL,
             pool: prethread::Config {
                 name: "client".into(),
                 workers: 4,
@@ -232,11 +247,13 @@ pub fn start(config: ClientConfig, events: Sender<Event>) -> std::io::Result<Run
     std::thread::Builder::new()
         .name("client-acks".into())
         .spawn(move || {
-            // Fails messages whose acknowledgement is overdue.
+            // Fails messages whose acknowledgement is overdue, and erases
+            // retired session keys (at least every second).
             while let Some(c) = weak.upgrade() {
                 c.expire_pending();
+                c.peers.tidy();
                 // A request sent from now on is due no earlier than this.
-                let latest = Instant::now() + c.config.ack_timeout;
+                let latest = Instant::now() + c.config.ack_timeout.min(Duration::from_secs(1));
                 let next = c
                     .peers
                     .pending
@@ -831,6 +848,8 @@ impl Client {
 enum PeerConn {
     /// Pushes, INIT and chat.
     Open,
+    /// An INIT answered on this connection, waiting for its CONFIRM.
+    Accepting(Box<peer::Accepting>),
     /// The connection of an incoming file transfer.
     Receiving(Box<files::Receiving>),
 }
@@ -857,7 +876,23 @@ impl Service for Listener {
         // Only buddies' traffic: pushes come on the held connection to the
         // MS, and nothing here tells a stranger whether our user is online.
         match request.method() {
-            Some(INIT) => Outcome::Reply(client.on_init(&request)),
+            Some(INIT) => {
+                let (reply, accepting) = client.on_init(&request);
+                if let Some(a) = accepting {
+                    *conn = PeerConn::Accepting(Box::new(a));
+                }
+                Outcome::Reply(reply)
+            }
+            Some(CONFIRM) => {
+                let accepting = match std::mem::replace(conn, PeerConn::Open) {
+                    PeerConn::Accepting(a) => Some(*a),
+                    _ => None,
+                };
+                match client.on_confirm(accepting, &request) {
+                    None => Outcome::Silent,
+                    Some(refusal) => Outcome::ReplyAndClose(refusal),
+                }
+            }
             Some(PEER) => match request.header("Channel") {
                 Some("msg") => Outcome::Reply(client.on_peer_msg(&request)),
                 Some(c) if c.starts_with("file:") => match client.open_receiving(&request) {

@@ -5,6 +5,8 @@
 //! - randomness from the OS CSPRNG ([`random_bytes`], [`random_array`]);
 //! - RSA keys with OAEP encryption and PSS signatures ([`RsaPrivateKey`],
 //!   [`RsaPublicKey`]);
+//! - ephemeral X25519 agreement ([`EphemeralKey`]) and self-wiping
+//!   [`Secret`]s;
 //! - AES-256-GCM ([`aes_gcm_seal`], [`aes_gcm_open`] and in-place variants);
 //! - SHA-256, HMAC-SHA256, HKDF-SHA256 and a constant-time compare;
 //! - PBKDF2 password keys under a [`KdfPolicy`];
@@ -19,6 +21,7 @@ mod hash;
 mod kdf;
 mod rsa;
 pub mod scram;
+mod x25519;
 
 pub use aead::{
     aes_gcm_open, aes_gcm_open_in_place, aes_gcm_seal, aes_gcm_seal_in_place, AES_KEY_LEN,
@@ -31,6 +34,7 @@ pub use kdf::{
     SALT_LEN,
 };
 pub use rsa::{RsaPrivateKey, RsaPublicKey, DEFAULT_RSA_BITS, MIN_RSA_BITS};
+pub use x25519::{EphemeralKey, Secret, X25519_LEN};
 
 /// Fills `buf` from OpenSSL's CSPRNG (seeded by the operating system).
 ///

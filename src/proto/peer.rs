@@ -1,5 +1,7 @@
-//! Messages between two clients (PROTOCOL.md §7): the signed INIT that
-//! agrees a session key, and the inner messages of the sealed channels.
+//! Messages between two clients (PROTOCOL.md §7): the signed INIT /
+//! INIT-ACK / CONFIRM exchange that agrees a session key by ephemeral
+//! X25519, and the inner messages of the sealed channels (including the
+//! re-key exchange).
 
 use super::{transcript, Answer, Fields, ProtoError, Refusal, Refused, Request};
 use crate::crypto;
@@ -7,50 +9,81 @@ use crate::wire::Message;
 
 /// Outer method of the session-opening request.
 pub const INIT: &str = "INIT";
+/// Outer method of the caller's key confirmation, the third flight.
+pub const CONFIRM: &str = "CONFIRM";
 /// Outer method of every sealed peer message.
 pub const PEER: &str = "PEER";
 
-/// What INIT's sender signs.
-pub fn init_transcript(from: &str, to: &str, time: u64, nonce: &[u8], key: &[u8]) -> Vec<u8> {
+/// Bytes of an INIT or REKEY nonce.
+pub const NONCE_LEN: usize = 24;
+/// Bytes of a key confirmation (an HMAC-SHA256).
+pub const CONFIRM_LEN: usize = 32;
+
+/// What INIT's sender signs: both names, its clock, its nonce and its
+/// ephemeral X25519 share.
+pub fn init_transcript(from: &str, to: &str, time: u64, nonce: &[u8], share: &[u8]) -> Vec<u8> {
     transcript(
-        "ims init v1",
+        "ims init v2",
         &[
             from.as_bytes(),
             to.as_bytes(),
             &time.to_be_bytes(),
             nonce,
-            key,
+            share,
         ],
     )
 }
 
-/// What INIT-ACK's sender signs.
+/// What INIT-ACK's sender signs: both names, the hash of the INIT's
+/// transcript (so the caller's time, nonce and share), its own nonce and
+/// its own share.
 pub fn init_ack_transcript(
     from: &str,
     to: &str,
-    initiator_nonce: &[u8],
+    init_hash: &[u8],
     responder_nonce: &[u8],
+    responder_share: &[u8],
 ) -> Vec<u8> {
     transcript(
-        "ims init-ack v1",
+        "ims init-ack v2",
         &[
             from.as_bytes(),
             to.as_bytes(),
-            initiator_nonce,
+            init_hash,
             responder_nonce,
+            responder_share,
         ],
     )
 }
 
-/// The session id both sides derive from the two nonces (clear `Session`
-/// header of sealed peer messages, so a stale session is noticed at once).
-pub fn session_id(initiator_nonce: &[u8], responder_nonce: &[u8]) -> String {
-    crate::keyfile::hex(
-        &crypto::sha256(&transcript(
-            "ims session id v1",
-            &[initiator_nonce, responder_nonce],
-        ))[..12],
+/// The transcript of a re-key inside a session: the epoch it replaces,
+/// who started it, and both sides' nonces and shares.
+pub fn rekey_transcript(
+    old_session: &str,
+    initiator: &str,
+    responder: &str,
+    parts: [&[u8]; 4],
+) -> Vec<u8> {
+    let [ni, xi, nr, xr] = parts;
+    transcript(
+        "ims rekey v2",
+        &[
+            old_session.as_bytes(),
+            initiator.as_bytes(),
+            responder.as_bytes(),
+            ni,
+            xi,
+            nr,
+            xr,
+        ],
     )
+}
+
+/// The session id both sides derive from the hash of the exchange's
+/// transcript (clear `Session` header of sealed peer messages, so a stale
+/// session is noticed at once). Public: it is a hash of public values.
+pub fn session_id(transcript_hash: &[u8]) -> String {
+    crate::keyfile::hex(&crypto::sha256(&transcript("ims session id v2", &[transcript_hash]))[..12])
 }
 
 /// A session-opening request.
@@ -62,10 +95,10 @@ pub struct Init {
     pub to: String,
     /// Seconds since the Unix epoch at the caller.
     pub time: u64,
-    /// The caller's fresh nonce.
+    /// The caller's fresh nonce ([`NONCE_LEN`] bytes).
     pub nonce: Vec<u8>,
-    /// RSA-OAEP(callee's public key, session secret).
-    pub key: Vec<u8>,
+    /// The caller's ephemeral X25519 public key (32 bytes).
+    pub share: Vec<u8>,
     /// RSA-PSS(caller's private key, [`init_transcript`]).
     pub signature: Vec<u8>,
 }
@@ -78,20 +111,34 @@ impl Init {
             .with_header("To", &self.to)
             .with_header("Time", self.time)
             .with_header("Nonce", crypto::b64_encode(&self.nonce))
-            .with_header("Key", crypto::b64_encode(&self.key))
+            .with_header("Share", crypto::b64_encode(&self.share))
             .with_header("Signature", crypto::b64_encode(&self.signature))
     }
 
-    /// From a wire message.
+    /// From a wire message; nonce and share must have their exact lengths.
     pub fn from_message(m: &Message) -> Result<Init, ProtoError> {
         Ok(Init {
             from: m.req("From")?.to_owned(),
             to: m.req("To")?.to_owned(),
             time: m.req_parse("Time")?,
-            nonce: m.req_b64("Nonce")?,
-            key: m.req_b64("Key")?,
+            nonce: exact(m.req_b64("Nonce")?, NONCE_LEN, "Nonce")?,
+            share: exact(m.req_b64("Share")?, crypto::X25519_LEN, "Share")?,
             signature: m.req_b64("Signature")?,
         })
+    }
+
+    /// The transcript its signature covers.
+    pub fn transcript(&self) -> Vec<u8> {
+        init_transcript(&self.from, &self.to, self.time, &self.nonce, &self.share)
+    }
+}
+
+/// `bytes` if it is exactly `len` long.
+fn exact(bytes: Vec<u8>, len: usize, what: &'static str) -> Result<Vec<u8>, ProtoError> {
+    if bytes.len() == len {
+        Ok(bytes)
+    } else {
+        Err(ProtoError::Invalid(what))
     }
 }
 
@@ -102,8 +149,12 @@ pub struct InitAck {
     pub nonce: Vec<u8>,
     /// The caller's nonce, echoed.
     pub echo: Vec<u8>,
+    /// The callee's ephemeral X25519 public key.
+    pub share: Vec<u8>,
     /// RSA-PSS(callee's private key, [`init_ack_transcript`]).
     pub signature: Vec<u8>,
+    /// The callee's key confirmation: HMAC(confirmation key, "ims confirm responder v2").
+    pub confirm: Vec<u8>,
 }
 
 impl InitAck {
@@ -112,15 +163,88 @@ impl InitAck {
         Message::ok()
             .with_header("Nonce", crypto::b64_encode(&self.nonce))
             .with_header("Echo", crypto::b64_encode(&self.echo))
+            .with_header("Share", crypto::b64_encode(&self.share))
             .with_header("Signature", crypto::b64_encode(&self.signature))
+            .with_header("Confirm", crypto::b64_encode(&self.confirm))
     }
 
     /// From a `200` reply.
     pub fn from_message(m: &Message) -> Result<InitAck, ProtoError> {
         Ok(InitAck {
-            nonce: m.req_b64("Nonce")?,
+            nonce: exact(m.req_b64("Nonce")?, NONCE_LEN, "Nonce")?,
             echo: m.req_b64("Echo")?,
+            share: exact(m.req_b64("Share")?, crypto::X25519_LEN, "Share")?,
             signature: m.req_b64("Signature")?,
+            confirm: exact(m.req_b64("Confirm")?, CONFIRM_LEN, "Confirm")?,
+        })
+    }
+}
+
+/// The caller's key confirmation, sent on the INIT connection right after
+/// INIT-ACK: only now may the callee let the new session replace one it has.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Confirm {
+    /// The caller.
+    pub from: String,
+    /// The callee.
+    pub to: String,
+    /// The new session's id.
+    pub session: String,
+    /// HMAC(confirmation key, "ims confirm initiator v2").
+    pub confirm: Vec<u8>,
+}
+
+impl Confirm {
+    /// As a wire message.
+    pub fn to_message(&self) -> Message {
+        Message::request(CONFIRM)
+            .with_header("From", &self.from)
+            .with_header("To", &self.to)
+            .with_header("Session", &self.session)
+            .with_header("Confirm", crypto::b64_encode(&self.confirm))
+    }
+
+    /// From a wire message.
+    pub fn from_message(m: &Message) -> Result<Confirm, ProtoError> {
+        Ok(Confirm {
+            from: m.req("From")?.to_owned(),
+            to: m.req("To")?.to_owned(),
+            session: m.req("Session")?.to_owned(),
+            confirm: exact(m.req_b64("Confirm")?, CONFIRM_LEN, "Confirm")?,
+        })
+    }
+}
+
+/// The answer to a REKEY (a sealed `200` on the same channel).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RekeyAck {
+    /// The REKEY's id, echoed.
+    pub id: u64,
+    /// The answering side's fresh nonce.
+    pub nonce: Vec<u8>,
+    /// The answering side's ephemeral X25519 public key.
+    pub share: Vec<u8>,
+    /// Its key confirmation for the new epoch.
+    pub confirm: Vec<u8>,
+}
+
+impl RekeyAck {
+    /// As an inner `200` reply.
+    pub fn to_message(&self) -> Message {
+        Message::ok()
+            .with_header("Id", self.id)
+            .with_header("Nonce", crypto::b64_encode(&self.nonce))
+            .with_header("Share", crypto::b64_encode(&self.share))
+            .with_header("Confirm", crypto::b64_encode(&self.confirm))
+    }
+
+    /// From an inner `200` reply.
+    pub fn from_message(m: &Message) -> Result<RekeyAck, ProtoError> {
+        Ok(RekeyAck {
+            id: m.req_parse("Id")?,
+            nonce: exact(m.req_b64("Nonce")?, NONCE_LEN, "Nonce")?,
+            share: exact(m.req_b64("Share")?, crypto::X25519_LEN, "Share")?,
+            confirm: exact(m.req_b64("Confirm")?, CONFIRM_LEN, "Confirm")?,
         })
     }
 }
@@ -176,6 +300,25 @@ pub enum PeerRequest {
         /// Whose transfer: true if the transfer is the sender's own offer.
         from_sender: bool,
     },
+    /// Starts a new key epoch (PROTOCOL.md §7, re-keying); answered by a
+    /// [`RekeyAck`] under the old keys.
+    Rekey {
+        /// Request id.
+        id: u64,
+        /// The starter's fresh nonce.
+        nonce: Vec<u8>,
+        /// The starter's ephemeral X25519 public key.
+        share: Vec<u8>,
+    },
+    /// The first message of the new epoch, sealed with its keys: the
+    /// starter's key confirmation. After it the old keys of this channel
+    /// are erased.
+    Rekeyed {
+        /// Request id.
+        id: u64,
+        /// The starter's key confirmation for the new epoch.
+        confirm: Vec<u8>,
+    },
 }
 
 impl PeerRequest {
@@ -210,6 +353,13 @@ impl PeerRequest {
             PeerRequest::FileCancel { id, from_sender } => Message::request("FILE-CANCEL")
                 .with_header("Id", id)
                 .with_header("Side", if *from_sender { "sender" } else { "receiver" }),
+            PeerRequest::Rekey { id, nonce, share } => Message::request("REKEY")
+                .with_header("Id", id)
+                .with_header("Nonce", crypto::b64_encode(nonce))
+                .with_header("Share", crypto::b64_encode(share)),
+            PeerRequest::Rekeyed { id, confirm } => Message::request("REKEYED")
+                .with_header("Id", id)
+                .with_header("Confirm", crypto::b64_encode(confirm)),
         }
     }
 
@@ -246,6 +396,15 @@ impl PeerRequest {
             "FILE-CANCEL" => PeerRequest::FileCancel {
                 id,
                 from_sender: m.req("Side")? == "sender",
+            },
+            "REKEY" => PeerRequest::Rekey {
+                id,
+                nonce: exact(m.req_b64("Nonce")?, NONCE_LEN, "Nonce")?,
+                share: exact(m.req_b64("Share")?, crypto::X25519_LEN, "Share")?,
+            },
+            "REKEYED" => PeerRequest::Rekeyed {
+                id,
+                confirm: exact(m.req_b64("Confirm")?, CONFIRM_LEN, "Confirm")?,
             },
             other => return Err(ProtoError::UnknownMethod(other.to_owned())),
         })
@@ -309,7 +468,9 @@ impl PeerRequest {
             | PeerRequest::FileAnswer { id, .. }
             | PeerRequest::FileChunk { id, .. }
             | PeerRequest::FileEnd { id }
-            | PeerRequest::FileCancel { id, .. } => *id,
+            | PeerRequest::FileCancel { id, .. }
+            | PeerRequest::Rekey { id, .. }
+            | PeerRequest::Rekeyed { id, .. } => *id,
         }
     }
 }
@@ -367,6 +528,15 @@ mod tests {
                 id: 1,
                 from_sender: false,
             },
+            PeerRequest::Rekey {
+                id: 2,
+                nonce: vec![4; NONCE_LEN],
+                share: vec![5; 32],
+            },
+            PeerRequest::Rekeyed {
+                id: 3,
+                confirm: vec![6; CONFIRM_LEN],
+            },
         ];
         for r in reqs {
             assert_eq!(PeerRequest::from_message(r.to_message()).unwrap(), r);
@@ -375,11 +545,39 @@ mod tests {
             from: "joe".into(),
             to: "alice".into(),
             time: 5,
-            nonce: vec![1],
-            key: vec![2],
+            nonce: vec![1; NONCE_LEN],
+            share: vec![2; 32],
             signature: vec![3],
         };
         assert_eq!(Init::from_message(&i.to_message()).unwrap(), i);
+        let mut short = i.clone();
+        short.share.pop();
+        assert_eq!(
+            Init::from_message(&short.to_message()),
+            Err(ProtoError::Invalid("Share"))
+        );
+        let a = InitAck {
+            nonce: vec![1; NONCE_LEN],
+            echo: vec![1; NONCE_LEN],
+            share: vec![2; 32],
+            signature: vec![3],
+            confirm: vec![4; CONFIRM_LEN],
+        };
+        assert_eq!(InitAck::from_message(&a.to_message()).unwrap(), a);
+        let c = Confirm {
+            from: "joe".into(),
+            to: "alice".into(),
+            session: "abc".into(),
+            confirm: vec![4; CONFIRM_LEN],
+        };
+        assert_eq!(Confirm::from_message(&c.to_message()).unwrap(), c);
+        let r = RekeyAck {
+            id: 9,
+            nonce: vec![1; NONCE_LEN],
+            share: vec![2; 32],
+            confirm: vec![4; CONFIRM_LEN],
+        };
+        assert_eq!(RekeyAck::from_message(&r.to_message()).unwrap(), r);
     }
 
     #[test]
