@@ -557,3 +557,32 @@ fn sigterm_stops_the_server() {
     assert!(started.elapsed() < Duration::from_secs(5));
     watch.close();
 }
+
+#[test]
+fn a_pipelined_burst_handled_slowly_is_not_timed_out_afterwards() {
+    let (service, entered, release) = service();
+    let mut cfg = config("burst", 2, 8);
+    cfg.message_deadline = Duration::from_secs(1);
+    let server = Server::bind("127.0.0.1:0", cfg, service).unwrap();
+    let mut client = Client::connect(server.local_addr());
+    // Two requests in one write: the worker takes the second from the
+    // buffer after the first, which it holds past the message deadline.
+    let mut burst = Message::request("BLOCK").encode();
+    burst.extend(echo("second").encode());
+    client.stream().write_all(&burst).unwrap();
+    entered
+        .recv_timeout(Duration::from_secs(10))
+        .expect("worker busy");
+    thread::sleep(Duration::from_millis(1500));
+    release.send(()).unwrap();
+    let first = client.recv().expect("reply").expect("not closed");
+    assert_eq!(first.code(), Some(code::OK));
+    let second = client.recv().expect("reply").expect("not closed");
+    assert_eq!(second.body, b"second");
+    // Whole messages were all it had: idle now, not late.
+    thread::sleep(Duration::from_millis(500));
+    let reply = client.call(&echo("later"));
+    assert_eq!(reply.code(), Some(code::OK), "{reply:?}");
+    assert_eq!(reply.body, b"later");
+    server.stop_and_join();
+}

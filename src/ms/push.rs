@@ -49,7 +49,16 @@ impl Pusher {
                                 continue;
                             }
                             if let Err(e) = push_one(&user, &event) {
-                                warn!("push to {} failed: {e}; ending its login", user.name);
+                                // A client that just closed its connection
+                                // is the usual case: its close ends the login.
+                                if e.gone {
+                                    debug!("push to {}: {}; its login ends", user.name, e.why);
+                                } else {
+                                    warn!(
+                                        "push to {} failed: {}; ending its login",
+                                        user.name, e.why
+                                    );
+                                }
                                 // A held connection that cannot take a push
                                 // within the write deadline is not trusted
                                 // with later ones: its close ends the login.
@@ -87,16 +96,30 @@ impl Pusher {
     }
 }
 
-fn push_one(user: &OnlineUser, event: &EventKind) -> Result<(), String> {
+/// Why a push was not written.
+struct PushFailed {
+    /// The client has gone (its connection closed or reset).
+    gone: bool,
+    why: String,
+}
+
+fn push_one(user: &OnlineUser, event: &EventKind) -> Result<(), PushFailed> {
+    let failed = |gone: bool, why: String| PushFailed { gone, why };
     let Some(out) = &user.held else {
-        return Err("no held connection".into());
+        return Err(failed(false, "no held connection".into()));
     };
     let sealed = user
         .push
         .lock()
         .seal(PUSH, &[("User", &user.name)], &event_message(event))
-        .map_err(|e| e.to_string())?;
-    out.send(&sealed).map_err(|e| e.to_string())?;
+        .map_err(|e| failed(false, e.to_string()))?;
+    out.send(&sealed).map_err(|e| {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionReset, NotConnected};
+        failed(
+            matches!(e.kind(), BrokenPipe | ConnectionReset | NotConnected),
+            e.to_string(),
+        )
+    })?;
     debug!("pushed to {}", user.name);
     Ok(())
 }

@@ -343,12 +343,7 @@ impl<S: Service> Gate<S> {
             self.send(Job::End(conn, End::Busy));
             return;
         }
-        if conn.buf.is_empty() {
-            conn.first_byte = None;
-        } else {
-            // The rest is the start of the next message: its clock runs.
-            conn.first_byte = Some(Instant::now());
-        }
+        // The worker restarts the clock of any bytes it leaves over.
         self.send(Job::Request(conn, message));
     }
 

@@ -150,7 +150,12 @@ fn run_job<S: Service>(shared: &Shared<S>, index: usize, job: Job<S>) {
         Job::Request(conn, request) => {
             let _active = ActiveGuard::new(shared, index, &conn.stream);
             if let Some(mut conn) = converse(shared, conn, request) {
-                conn.since = Instant::now();
+                let now = Instant::now();
+                conn.since = now;
+                // The clock of a message runs from its first byte: bytes
+                // left over are the start of the next one, whose clock
+                // starts now (the worker kept it meanwhile); none, none.
+                conn.first_byte = (!conn.buf.is_empty()).then_some(now);
                 done.armed = false;
                 shared.send_back(Back::Return(conn));
             }
