@@ -330,7 +330,7 @@ impl<S: Service> Gate<S> {
     /// Hands a whole message to the workers, or refuses it when too many
     /// are already waiting.
     fn dispatch(&mut self, id: usize, message: Message) {
-        let Some(mut conn) = self.conns.remove(&id) else {
+        let Some(conn) = self.conns.remove(&id) else {
             return;
         };
         self.shared.counters.held.fetch_sub(1, Ordering::Relaxed);
