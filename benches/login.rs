@@ -40,10 +40,20 @@
 //! Knobs (environment): `IMS_BENCH_CLIENTS` (simulated clients at once,
 //! 16), `IMS_BENCH_ROUNDS` (3), `IMS_BENCH_ROUND_USERS` (8000),
 //! `IMS_BENCH_MS_WORKERS` (the MSs' `--workers`), `IMS_BENCH_PUSH_THREADS`
-//! (the MSs' `push_threads`).
+//! (the MSs' `push_threads`), `IMS_BENCH_SOLO_ROUNDS` (6), `IMS_BENCH_LIGHT`
+//! (light-load logins, 1000, with four times as many online in the
+//! background), `IMS_BENCH_STORE`: `sled` (the default: one
+//! CRS on sled), `postgres` (one CRS on PostgreSQL) or `postgres2` (two CRS
+//! instances on one PostgreSQL database, each MS on its own instance). The
+//! PostgreSQL variants start a server of their own (initdb into a temporary
+//! directory, as the tests do). CPU time per login of each process (CRS
+//! instances, PostgreSQL with its backends, MSs) is reported for the
+//! throughput rounds: on a shared machine it tells how the parts would
+//! scale each on its own machine.
 //!
 //! A quick run that only checks that the bench works:
-//! `IMS_BENCH_ROUNDS=1 IMS_BENCH_ROUND_USERS=200 cargo bench --bench login`.
+//! `IMS_BENCH_ROUNDS=1 IMS_BENCH_ROUND_USERS=200 IMS_BENCH_SOLO_ROUNDS=1
+//! IMS_BENCH_LIGHT=100 cargo bench --bench login`.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -56,7 +66,7 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ims::crs::store::{SledStore, User, Verifier};
+use ims::crs::store::{PgStore, SledStore, User, Verifier};
 use ims::crypto::{self, scram, KdfParams, KdfPolicy, RsaPrivateKey};
 use ims::proto;
 use ims::proto::crs::{EventKind, SEALED};
@@ -66,6 +76,9 @@ use ims::seal::{Opener, Role, SessionKeys};
 use ims::wire::io::{write_message, MessageReader};
 use ims::wire::{Limits, Message};
 use parking_lot::Mutex;
+
+#[path = "../tests/pg/mod.rs"]
+mod pg;
 
 /// Registered users.
 const USERS: usize = 10_000;
@@ -202,6 +215,59 @@ fn vm_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) a process has used; with `children`, also
+/// what its exited children used (PostgreSQL's finished backends).
+fn cpu_secs(pid: u32, children: bool) -> f64 {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime, stime, cutime, cstime are fields 14..17 (1-based); here the
+    // state (field 3) is f[0], so field n is f[n - 3].
+    let get = |n: usize| f.get(n - 3).copied().unwrap_or(0);
+    let ticks = get(14) + get(15) + if children { get(16) + get(17) } else { 0 };
+    // USER_HZ is 100 on Linux.
+    ticks as f64 / 100.0
+}
+
+/// The processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+/// CPU seconds of a PostgreSQL server: the postmaster, its live backends
+/// and the ones that have exited.
+fn pg_cpu_secs(postmaster: u32) -> f64 {
+    cpu_secs(postmaster, true)
+        + children_of(postmaster)
+            .into_iter()
+            .map(|c| cpu_secs(c, false))
+            .sum::<f64>()
+}
+
 fn dir_size(p: &Path) -> u64 {
     let mut total = 0;
     if let Ok(entries) = fs::read_dir(p) {
@@ -225,7 +291,13 @@ struct Account {
 }
 
 /// Derives every user's keys (in parallel) and writes the store.
-fn make_data_set(db: &Path) -> Vec<Account> {
+/// Where the data set goes.
+enum Target<'a> {
+    Sled(&'a Path),
+    Postgres(&'a str),
+}
+
+fn make_data_set(target: Target<'_>) -> Vec<Account> {
     let started = Instant::now();
     let rsa: Vec<(Vec<u8>, Vec<u8>)> = (0..RSA_KEYS)
         .map(|_| {
@@ -299,9 +371,21 @@ fn make_data_set(db: &Path) -> Vec<Account> {
     let derived = started.elapsed();
     let (users, accounts): (Vec<User>, Vec<Account>) =
         all.into_iter().map(|(_, u, a)| (u, a)).unzip();
-    let store = SledStore::open(db).expect("open the store");
-    store.bulk_load(users).expect("bulk load");
-    drop(store);
+    match target {
+        Target::Sled(db) => {
+            let store = SledStore::open(db).expect("open the store");
+            store.bulk_load(users).expect("bulk load");
+        }
+        Target::Postgres(url) => {
+            let store = PgStore::open(url).expect("open the store");
+            for page in users.chunks(1000) {
+                store.bulk_records(page).expect("bulk load");
+            }
+            for page in users.chunks(1000) {
+                store.bulk_relations(page).expect("bulk load");
+            }
+        }
+    }
     eprintln!(
         "data set: {USERS} users x {BUDDIES} buddies: keys in {:.1?}, store written in {:.1?}",
         derived,
@@ -334,7 +418,8 @@ type Arrivals = Mutex<Vec<(u32, u32, u64)>>;
 
 struct World {
     epoch: Instant,
-    crs: SocketAddr,
+    /// CRS instances; user `i` asks `crs[i % len]` where to log in.
+    crs: Vec<SocketAddr>,
     accounts: Vec<Account>,
     slots: Vec<Slot>,
     /// Held connections go to the poller thread through this.
@@ -391,7 +476,8 @@ impl World {
         let acct = &self.accounts[i];
         // LOCATE, retried while the CRS is busy.
         let ms: SocketAddr = loop {
-            let mut crs = connect(self.crs).map_err(|e| format!("connect CRS: {e}"))?;
+            let mut crs =
+                connect(self.crs[i % self.crs.len()]).map_err(|e| format!("connect CRS: {e}"))?;
             let r = call(&mut crs, &Message::request("LOCATE"))?;
             if busy(&r) {
                 self.busy_retries.fetch_add(1, Ordering::Relaxed);
@@ -747,6 +833,9 @@ fn main() {
     let rounds = knob("IMS_BENCH_ROUNDS", ROUNDS).max(1);
     let round_n = knob("IMS_BENCH_ROUND_USERS", ROUND_USERS).clamp(1, USERS);
     let ms_workers: Option<String> = std::env::var("IMS_BENCH_MS_WORKERS").ok();
+    let solo_rounds = knob("IMS_BENCH_SOLO_ROUNDS", SOLO_ROUNDS).max(1);
+    let light_logins = knob("IMS_BENCH_LIGHT", LIGHT_LOGINS).clamp(1, LIGHT_LOGINS);
+    let light_background = light_logins * LIGHT_BACKGROUND / LIGHT_LOGINS;
     let crs_bin = binary("ims-crs");
     let ms_bin = binary("ims-ms");
     let total = Instant::now();
@@ -769,15 +858,38 @@ fn main() {
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).expect("data dir mode");
     }
-    let accounts = make_data_set(&data.join("db"));
+    let variant = std::env::var("IMS_BENCH_STORE").unwrap_or_else(|_| "sled".into());
+    let (pg_server, instances) = match variant.as_str() {
+        "sled" => (None, 1),
+        "postgres" => (Some(pg::PgServer::start()), 1),
+        "postgres2" => (Some(pg::PgServer::start()), 2),
+        other => panic!("IMS_BENCH_STORE={other}: use sled, postgres or postgres2"),
+    };
+    let accounts = match &pg_server {
+        None => make_data_set(Target::Sled(&data.join("db"))),
+        Some(db) => make_data_set(Target::Postgres(&db.url())),
+    };
 
-    let mut cmd = Command::new(&crs_bin);
-    cmd.args(["--listen", "127.0.0.1:0", "--min-iterations", "1000"])
-        .arg("--data")
-        .arg(&data)
-        .arg("--ms-key")
-        .arg(&key);
-    let crs = spawn(cmd, dir.path().join("crs.log"));
+    let crs_all: Vec<Proc> = (0..instances)
+        .map(|n| {
+            let mut cmd = Command::new(&crs_bin);
+            cmd.args(["--listen", "127.0.0.1:0", "--min-iterations", "1000"])
+                .arg("--ms-key")
+                .arg(&key);
+            match &pg_server {
+                None => {
+                    cmd.arg("--data").arg(&data);
+                }
+                Some(db) => {
+                    cmd.arg("--data")
+                        .arg(dir.path().join(format!("crs-local{n}")))
+                        .arg("--store")
+                        .arg(db.url());
+                }
+            }
+            spawn(cmd, dir.path().join(format!("crs{n}.log")))
+        })
+        .collect();
     let ms: Vec<Proc> = (0..2)
         .map(|n| {
             let mut cmd = Command::new(&ms_bin);
@@ -791,7 +903,7 @@ fn main() {
                 "0",
             ])
             .arg("--crs")
-            .arg(crs.addr.to_string())
+            .arg(crs_all[n % crs_all.len()].addr.to_string())
             .arg("--ms-key")
             .arg(&key);
             if let Some(w) = &ms_workers {
@@ -813,7 +925,7 @@ fn main() {
     let (hold, held_rx) = crossbeam_channel::unbounded();
     let world = Arc::new(World {
         epoch: Instant::now(),
-        crs: crs.addr,
+        crs: crs_all.iter().map(|c| c.addr).collect(),
         accounts,
         slots: (0..USERS)
             .map(|_| Slot {
@@ -844,7 +956,7 @@ fn main() {
         .map(|k| k * (BUDDIES / 2 + 1))
         .collect();
     let mut solo_rates = Vec::new();
-    for _ in 0..SOLO_ROUNDS {
+    for _ in 0..solo_rounds {
         let (took, errors) = run_parallel(&solo, clients, |i| world.login(i).map(|_| ()));
         report_errors("solo login", &errors);
         solo_rates.push((solo.len() - errors.len()) as f64 / took.as_secs_f64());
@@ -855,7 +967,19 @@ fn main() {
     world.arrivals.lock().clear();
     let rss_before = rss(&ms);
 
-    // Throughput rounds (also presence under full load).
+    // Throughput rounds (also presence under full load), with the CPU each
+    // process spends on them.
+    let cpu = || -> (f64, f64, f64) {
+        (
+            crs_all.iter().map(|p| cpu_secs(p.pid(), false)).sum(),
+            pg_server
+                .as_ref()
+                .and_then(|s| s.pid())
+                .map_or(0.0, pg_cpu_secs),
+            ms.iter().map(|p| cpu_secs(p.pid(), false)).sum(),
+        )
+    };
+    let cpu_before = cpu();
     let round_users: Vec<usize> = (0..round_n).collect();
     let mut rates = Vec::new();
     let mut sustained = Vec::new();
@@ -899,6 +1023,10 @@ fn main() {
             logout_rates[round]
         );
     }
+    let cpu_after = cpu();
+    // Logins and logouts both ran; per login, its logout included.
+    let round_logins = (round_n * rounds) as f64;
+    let per_login = |a: f64, b: f64| format!("{:.0}", (b - a) * 1e6 / round_logins);
     let online_users = round_n as f64;
     let ms_bytes_per_user = (rss_after.saturating_sub(rss_before) * 1024) as f64 / online_users;
 
@@ -906,12 +1034,12 @@ fn main() {
     // ones), then logins one at a time of users with about half their
     // buddies online.
     world.arrivals.lock().clear();
-    let background: Vec<usize> = (0..LIGHT_BACKGROUND).map(|k| 2 * k).collect();
+    let background: Vec<usize> = (0..light_background).map(|k| 2 * k).collect();
     let (_, errors) = run_parallel(&background, clients, |i| world.login(i).map(|_| ()));
     report_errors("background login", &errors);
     settle(&world, Duration::from_millis(300), Duration::from_secs(30));
     world.arrivals.lock().clear();
-    let light_users: Vec<usize> = (0..LIGHT_LOGINS).map(|k| 2 * k + 1).collect();
+    let light_users: Vec<usize> = (0..light_logins).map(|k| 2 * k + 1).collect();
     let expected_light = AtomicUsize::new(0);
     let (light_took, errors) = run_parallel(&light_users, 1, |i| {
         let before = world.arrived[i].load(Ordering::Relaxed);
@@ -946,8 +1074,8 @@ fn main() {
     let ms_pair = |v: &[f64]| format!("{:.2} / {:.2}", pct(v, 0.5) / 1e3, pct(v, 0.99) / 1e3);
     println!();
     println!(
-        "login bench: {USERS} users x {BUDDIES} buddies, 1 CRS + 2 MSs (release), \
-         {clients} simulated clients, {rounds} rounds of {round_n} logins"
+        "login bench: {USERS} users x {BUDDIES} buddies, {instances} CRS on {variant} + 2 MSs \
+         (release), {clients} simulated clients, {rounds} rounds of {round_n} logins"
     );
     println!("{:<46} {:>18} {:>10}", "metric", "value", "target");
     let row = |m: &str, v: String, t: &str| println!("{m:<46} {v:>18} {t:>10}");
@@ -997,7 +1125,7 @@ fn main() {
         "  one login and its pushes, each (ms)",
         format!(
             "{:.2}",
-            light_took.as_secs_f64() * 1e3 / LIGHT_LOGINS as f64
+            light_took.as_secs_f64() * 1e3 / light_logins as f64
         ),
         "",
     );
@@ -1035,6 +1163,16 @@ fn main() {
         row(&format!("  {why}"), format!("{n}"), "");
     }
     row(
+        "CPU per login+logout, CRS / PostgreSQL / MSs (us)",
+        format!(
+            "{} / {} / {}",
+            per_login(cpu_before.0, cpu_after.0),
+            per_login(cpu_before.1, cpu_after.1),
+            per_login(cpu_before.2, cpu_after.2)
+        ),
+        "",
+    );
+    row(
         "busy (503) retries",
         format!("{}", world.busy_retries.load(Ordering::Relaxed)),
         "",
@@ -1044,7 +1182,7 @@ fn main() {
         format!("{:.0}", total.elapsed().as_secs_f64()),
         "",
     );
-    for p in ms.iter().chain(std::iter::once(&crs)) {
+    for p in ms.iter().chain(crs_all.iter()) {
         let log = fs::read_to_string(&p.log).unwrap_or_default();
         let warnings = log.lines().filter(|l| l.contains("WARN")).count();
         if warnings > 0 {

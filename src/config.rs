@@ -180,6 +180,19 @@ pub fn crs_settings() -> Vec<Setting<CrsConfig>> {
             c.data_dir = v.text().into()
         })
         .flag("data", "DIR", "data directory (default ./ims-crs-data)"),
+        key("store", Kind::Text, |c: &mut C, v| c.store = Some(v.text())).flag(
+            "store",
+            "STORE",
+            "where the data lives: sled:DIR (default: sled in --data) or postgres://USER@HOST/DB",
+        ),
+        key("metrics", Kind::Text, |c: &mut C, v| {
+            c.metrics = Some(v.text())
+        })
+        .flag(
+            "metrics",
+            "ADDR",
+            "serve Prometheus metrics on http://ADDR/metrics",
+        ),
         key("ms_key", Kind::Text, |c: &mut C, v| {
             c.ms_key_file = v.text().into()
         })
@@ -261,8 +274,13 @@ pub fn ms_settings() -> Vec<Setting<MsConfig>> {
         ),
         key("crs", Kind::Text, |c: &mut C, v| c.crs = v.text()).flag(
             "crs",
+            "ADDR[,ADDR...]",
+            "the CRS (default 127.0.0.1:7100); A,B,C: instances of one directory, used in turn when one fails",
+        ),
+        key("metrics", Kind::Text, |c: &mut C, v| c.metrics = Some(v.text())).flag(
+            "metrics",
             "ADDR",
-            "the CRS (default 127.0.0.1:7100)",
+            "serve Prometheus metrics on http://ADDR/metrics",
         ),
         key("ms_key", Kind::Text, |c: &mut C, v| {
             c.ms_key_file = v.text().into()
@@ -359,8 +377,8 @@ pub fn client_settings() -> Vec<Setting<ClientProgram>> {
     vec![
         key("crs", Kind::Text, |c: &mut C, v| c.client.crs = v.text()).flag(
             "crs",
-            "ADDR",
-            "the CRS (default 127.0.0.1:7100)",
+            "ADDR[,ADDR...]",
+            "the CRS (default 127.0.0.1:7100); A,B,C: instances of one directory, tried in turn",
         ),
         key("listen", Kind::Text, |c: &mut C, v| {
             c.client.listen = v.text()

@@ -6,6 +6,7 @@
 //! - [`crypto`]: the only OpenSSL user; [`keyfile`]: secret files on disk;
 //! - [`seal`]: the AEAD envelope every link uses;
 //! - [`prethread`]: the fixed worker pool behind every listener;
+//! - [`metrics`]: the Prometheus `/metrics` endpoint of the servers;
 //! - [`proto`]: typed requests, replies, refusals and events of every link;
 //! - [`link`]: connect, seal, call, open and decode for every link, and
 //!   the key schedules both ends use;
@@ -21,6 +22,7 @@ pub mod crs;
 pub mod crypto;
 pub mod keyfile;
 pub mod link;
+pub mod metrics;
 pub mod ms;
 pub mod prethread;
 pub mod proto;

@@ -96,18 +96,36 @@ impl From<Refused> for LinkError {
 
 /// Connects to the first address `addr` resolves to that answers, within
 /// `timeout` each; small request/reply exchanges, so no Nagle delay.
+/// `addr` may list several (`A,B,C`: instances of one CRS directory): they
+/// are tried in order. Nothing is sent before the connection stands, so a
+/// request is never made twice.
 pub fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, LinkError> {
     let mut last = None;
-    let addrs = addr
-        .to_socket_addrs()
-        .map_err(|e| LinkError::Io(e.into()))?;
-    for a in addrs {
-        match connect_to(a, timeout) {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
+    for one in crs_list(addr) {
+        let addrs = match one.to_socket_addrs() {
+            Ok(a) => a,
+            Err(e) => {
+                last = Some(LinkError::Io(e.into()));
+                continue;
+            }
+        };
+        for a in addrs {
+            match connect_to(a, timeout) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
         }
     }
     Err(last.unwrap_or_else(|| LinkError::Resolve(addr.to_owned())))
+}
+
+/// The addresses of a comma-separated list, blanks dropped.
+pub fn crs_list(crs: &str) -> Vec<String> {
+    crs.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Connects to `addr` within `timeout`.
@@ -417,8 +435,15 @@ pub trait CrsCalls: Send + Sync {
 }
 
 /// Idle enrolled links, reused so that a login costs no handshake.
+///
+/// The CRS may be several instances serving one directory (`A,B,C`): the
+/// pool uses one at a time and, when it cannot be reached or refuses to
+/// enroll, moves to the next in the list (round and round), staying there
+/// until that one fails in turn.
 pub struct LinkPool {
-    crs: String,
+    crs: Vec<String>,
+    /// Index in `crs` of the instance in use.
+    current: std::sync::atomic::AtomicUsize,
     ms_key: Vec<u8>,
     me: Identity,
     timeout: Duration,
@@ -428,7 +453,8 @@ pub struct LinkPool {
 }
 
 impl LinkPool {
-    /// A pool of links to `crs`.
+    /// A pool of links to `crs`: one address or a comma-separated list of
+    /// instances of one directory.
     pub fn new(
         crs: String,
         ms_key: Vec<u8>,
@@ -436,8 +462,13 @@ impl LinkPool {
         timeout: Duration,
         max_idle: usize,
     ) -> LinkPool {
+        let mut list = crs_list(&crs);
+        if list.is_empty() {
+            list.push(crs);
+        }
         LinkPool {
-            crs,
+            crs: list,
+            current: std::sync::atomic::AtomicUsize::new(0),
             ms_key,
             me,
             timeout,
@@ -446,9 +477,41 @@ impl LinkPool {
         }
     }
 
-    /// A new enrolled link (not from the pool).
+    /// The CRS instance in use.
+    pub fn current(&self) -> &str {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        &self.crs[i % self.crs.len()]
+    }
+
+    /// A new enrolled link (not from the pool): to the instance in use, or
+    /// else to the next that answers.
     pub fn connect(&self) -> Result<Link, LinkError> {
-        Link::enroll(&self.crs, &self.ms_key, &self.me, self.timeout)
+        use std::sync::atomic::Ordering;
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for step in 0..self.crs.len() {
+            let i = (start + step) % self.crs.len();
+            match Link::enroll(&self.crs[i], &self.ms_key, &self.me, self.timeout) {
+                Ok(link) => {
+                    if step > 0
+                        && self
+                            .current
+                            .compare_exchange(start, i, Ordering::Relaxed, Ordering::Relaxed)
+                            .is_ok()
+                    {
+                        log::warn!(
+                            "CRS {} failed ({}); moved to {}",
+                            self.crs[start % self.crs.len()],
+                            last.as_ref().map(ToString::to_string).unwrap_or_default(),
+                            self.crs[i]
+                        );
+                    }
+                    return Ok(link);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| LinkError::Resolve("no CRS address".into())))
     }
 
     /// Drops every idle link (after the CRS restarted).

@@ -226,7 +226,7 @@ fn wrong_password_replay_and_wrong_mskey() {
     let wrong = c.client("erin-wrong", "not the password");
     wrong.send("/login erin");
     let reason = wrong.wait_error("login");
-    assert!(reason.contains("password failure"), "{reason}");
+    assert!(reason.contains("wrong name or password"), "{reason}");
     // No lock left behind: the right password works at once.
     let right = c.login("erin", PW);
     assert_eq!(right.quit().map(|s| s.success()), Some(true));
@@ -302,7 +302,15 @@ fn password_change_and_profile_search() {
     c.register("frank", PW);
     c.register("gina", PW);
     let frank = c.login("frank", PW);
+    // The current password is checked first: a wrong one changes nothing.
     frank.send("/passwd");
+    frank.send("not the password");
+    frank.send("brand new password");
+    assert!(frank
+        .wait_error("passwd")
+        .contains("current password is wrong"));
+    frank.send("/passwd");
+    frank.send(PW);
     frank.send("brand new password");
     frank.wait_ok("passwd");
     frank.send("/profile company Initech Corp");
@@ -326,7 +334,7 @@ fn password_change_and_profile_search() {
     frank.wait_event("logged-out", |_| true);
     let old = c.client("frank-old", PW);
     old.send("/login frank");
-    assert!(old.wait_error("login").contains("password failure"));
+    assert!(old.wait_error("login").contains("wrong name or password"));
     c.login("frank", "brand new password");
 }
 
@@ -600,7 +608,7 @@ fn operator_commands() {
     drop(kate);
     let again = c.client("kate-again", PW);
     again.send("/login kate");
-    assert!(again.wait_error("login").contains("password failure"));
+    assert!(again.wait_error("login").contains("wrong name or password"));
     assert!(!c.crs.op(&["user", "delete", "kate"]).status.success());
 
     // An operator with another key is refused.

@@ -1,10 +1,14 @@
-//! Tests of the CRS store (`ims::crs::store`): the sled store against the
-//! in-memory model, persistence across reopen and kill -9, atomicity under
-//! concurrency, name rules and every error variant.
+//! Tests of the CRS store (`ims::crs::store`): the sled and PostgreSQL
+//! stores against the in-memory model, persistence across reopen and kill
+//! -9, atomicity under concurrency, name rules and every error variant, and
+//! the PostgreSQL schema's versioning.
 //!
 //! The crash test re-executes this test binary as the writer child: with
-//! `IMS_STORE_CRASH_DIR` set, the otherwise empty test `crash_writer_child`
-//! runs the writer loop.
+//! `IMS_STORE_CRASH_DIR` (sled) or `IMS_STORE_CRASH_PG` (a database URL)
+//! set, the otherwise empty test `crash_writer_child` runs the writer loop.
+//! The PostgreSQL tests start their own server (see `pg/mod.rs`).
+
+mod pg;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
@@ -14,8 +18,8 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 
 use ims::crs::store::{
-    canonical, valid_username, BuddyRequest, MemStore, SearchHit, SledStore, Store, StoreError,
-    User, Verifier,
+    canonical, valid_username, BuddyRequest, MemStore, PgStore, SearchHit, SledStore, Store,
+    StoreError, User, Verifier,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -188,13 +192,11 @@ fn apply(s: &dyn Store, op: u32, rng: &mut StdRng) -> String {
     }
 }
 
-/// The sled store gives exactly the model's answers on a seeded random
+/// A durable store gives exactly the model's answers on a seeded random
 /// sequence of operations, and ends in exactly the model's state.
-#[test]
-fn model_sled_matches_memory() {
+/// `integrity` is the store's own full check.
+fn check_model(store: &dyn Store, integrity: &dyn Fn() -> Result<(), StoreError>) {
     const OPS: usize = 4000;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sled = SledStore::open(dir.path()).expect("open");
     let mem = MemStore::new();
     let mut ops = StdRng::seed_from_u64(0x1_5eed);
     for i in 0..OPS {
@@ -202,21 +204,35 @@ fn model_sled_matches_memory() {
         // Both stores see the same argument stream.
         let arg_seed: u64 = ops.gen();
         let want = apply(&mem, op, &mut StdRng::seed_from_u64(arg_seed));
-        let got = apply(&sled, op, &mut StdRng::seed_from_u64(arg_seed));
+        let got = apply(store, op, &mut StdRng::seed_from_u64(arg_seed));
         assert_eq!(got, want, "op #{i} (kind {op}) diverged");
         if i % 500 == 499 {
-            assert_eq!(snapshot(&sled), snapshot(&mem), "state after op #{i}");
+            assert_eq!(snapshot(store), snapshot(&mem), "state after op #{i}");
             check_consistent(&mem);
-            sled.check_integrity().expect("integrity");
+            integrity().expect("integrity");
         }
     }
     let end = snapshot(&mem);
-    assert_eq!(snapshot(&sled), end);
-    check_consistent(&sled);
-    sled.check_integrity().expect("integrity");
+    assert_eq!(snapshot(store), end);
+    check_consistent(store);
+    integrity().expect("integrity");
     // The sequence must actually have exercised the interesting states.
     assert!(end.iter().any(|u| !u.contacts.is_empty()), "no buddies");
     assert!(end.iter().any(|u| !u.requests.is_empty()), "no requests");
+}
+
+#[test]
+fn model_sled_matches_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sled = SledStore::open(dir.path()).expect("open");
+    check_model(&sled, &|| sled.check_integrity());
+}
+
+#[test]
+fn model_postgres_matches_memory() {
+    let server = pg::PgServer::start();
+    let store = PgStore::open(&server.url()).expect("open");
+    check_model(&store, &|| store.check_integrity());
 }
 
 /// Semantics the model test cannot show (it only compares the two stores).
@@ -349,12 +365,18 @@ fn semantics_sled() {
     s.check_integrity().expect("integrity");
 }
 
-/// Everything written is there, unchanged, after drop and reopen.
 #[test]
-fn reopen_keeps_everything() {
-    let dir = tempfile::tempdir().expect("tempdir");
+fn semantics_postgres() {
+    let server = pg::PgServer::start();
+    let s = PgStore::open(&server.url()).expect("open");
+    check_semantics(&s);
+    s.check_integrity().expect("integrity");
+}
+
+/// Everything written is there, unchanged, after drop and reopen.
+fn check_reopen(open: &dyn Fn() -> Box<dyn Store>, integrity: &dyn Fn() -> Result<(), StoreError>) {
     let before = {
-        let s = SledStore::open(dir.path()).expect("open");
+        let s = open();
         for (i, n) in NAMES.iter().enumerate() {
             s.create_user(user(n, i as u8)).expect("create");
         }
@@ -365,10 +387,10 @@ fn reopen_keeps_everything() {
         s.set_profile("judy", BTreeMap::from([("x".into(), "y".into())]))
             .expect("profile");
         s.delete_user("ivan").expect("delete");
-        snapshot(&s)
+        snapshot(&*s)
     };
-    let s = SledStore::open(dir.path()).expect("reopen");
-    assert_eq!(snapshot(&s), before);
+    let s = open();
+    assert_eq!(snapshot(&*s), before);
     assert_eq!(s.user_count(), Ok(NAMES.len() as u64 - 1));
     // The request index survived too: deleting a sender withdraws its request.
     s.delete_user("eve").expect("delete");
@@ -376,27 +398,50 @@ fn reopen_keeps_everything() {
         s.get_user("dave").expect("get").expect("dave").requests,
         vec![request("frank", 2)]
     );
-    check_consistent(&s);
-    s.check_integrity().expect("integrity");
+    check_consistent(&*s);
+    drop(s);
+    integrity().expect("integrity");
+}
+
+#[test]
+fn reopen_keeps_everything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    check_reopen(
+        &|| Box::new(SledStore::open(dir.path()).expect("open")),
+        &|| SledStore::open(dir.path()).expect("open").check_integrity(),
+    );
+}
+
+#[test]
+fn reopen_keeps_everything_postgres() {
+    let server = pg::PgServer::start();
+    let url = server.url();
+    check_reopen(&|| Box::new(PgStore::open(&url).expect("open")), &|| {
+        PgStore::open(&url).expect("open").check_integrity()
+    });
 }
 
 const CRASH_DIR_ENV: &str = "IMS_STORE_CRASH_DIR";
+const CRASH_PG_ENV: &str = "IMS_STORE_CRASH_PG";
 const CRASH_CYCLE_ENV: &str = "IMS_STORE_CRASH_CYCLE";
 
 /// Not a test on its own: the writer child of `kill_and_reopen`, active only
-/// when the parent sets `IMS_STORE_CRASH_DIR`. Creates users one by one and
-/// befriends each with the previous one, printing an ACK line after each
-/// call returns.
+/// when the parent sets `IMS_STORE_CRASH_DIR` or `IMS_STORE_CRASH_PG`.
+/// Creates users one by one and befriends each with the previous one,
+/// printing an ACK line after each call returns.
 #[test]
 fn crash_writer_child() {
-    let Some(dir) = std::env::var_os(CRASH_DIR_ENV) else {
+    let s: Box<dyn Store> = if let Some(dir) = std::env::var_os(CRASH_DIR_ENV) {
+        Box::new(SledStore::open(Path::new(&dir)).expect("child open"))
+    } else if let Ok(url) = std::env::var(CRASH_PG_ENV) {
+        Box::new(PgStore::open(&url).expect("child open"))
+    } else {
         return;
     };
     let cycle: u32 = std::env::var(CRASH_CYCLE_ENV)
         .ok()
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let s = SledStore::open(Path::new(&dir)).expect("child open");
     let mut out = std::io::stdout();
     let mut prev: Option<String> = None;
     // Bounded so an orphaned child cannot run forever.
@@ -419,6 +464,26 @@ fn crash_writer_child() {
 #[test]
 fn kill_and_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
+    check_kill_and_reopen((CRASH_DIR_ENV, dir.path().as_os_str().to_owned()), &|| {
+        let s = SledStore::open(dir.path()).expect("reopen after kill");
+        s.check_integrity().expect("integrity after kill");
+        Box::new(s)
+    });
+}
+
+/// The same against PostgreSQL: the client killed mid-write.
+#[test]
+fn kill_and_reopen_postgres() {
+    let server = pg::PgServer::start();
+    let url = server.url();
+    check_kill_and_reopen((CRASH_PG_ENV, url.clone().into()), &|| {
+        let s = PgStore::open(&url).expect("reopen after kill");
+        s.check_integrity().expect("integrity after kill");
+        Box::new(s)
+    });
+}
+
+fn check_kill_and_reopen(env: (&str, std::ffi::OsString), reopen: &dyn Fn() -> Box<dyn Store>) {
     let exe = std::env::current_exe().expect("current_exe");
     let mut rng = StdRng::seed_from_u64(0xdead);
     let mut acked_users: Vec<String> = Vec::new();
@@ -432,7 +497,7 @@ fn kill_and_reopen() {
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env(CRASH_DIR_ENV, dir.path())
+            .env(env.0, &env.1)
             .env(CRASH_CYCLE_ENV, cycle.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -462,7 +527,7 @@ fn kill_and_reopen() {
         child.wait().expect("reap child");
         assert_eq!(acks, kill_after, "child stopped early in cycle {cycle}");
 
-        let s = SledStore::open(dir.path()).expect("reopen after kill");
+        let s = reopen();
         for n in &acked_users {
             let u = s
                 .get_user(n)
@@ -478,8 +543,7 @@ fn kill_and_reopen() {
         for (a, b) in &acked_pairs {
             assert!(s.contacts(a).expect("contacts").contains(b), "lost {a}-{b}");
         }
-        check_consistent(&s);
-        s.check_integrity().expect("integrity after kill");
+        check_consistent(&*s);
     }
 }
 
@@ -559,6 +623,20 @@ fn concurrent_create_memory() {
 fn concurrent_create_sled() {
     let dir = tempfile::tempdir().expect("tempdir");
     check_create_race(Arc::new(SledStore::open(dir.path()).expect("open")));
+}
+
+#[test]
+fn concurrent_create_postgres() {
+    let server = pg::PgServer::start();
+    check_create_race(Arc::new(PgStore::open(&server.url()).expect("open")));
+}
+
+#[test]
+fn concurrent_buddies_postgres() {
+    let server = pg::PgServer::start();
+    let s = Arc::new(PgStore::open(&server.url()).expect("open"));
+    check_buddy_race(s.clone(), 200);
+    s.check_integrity().expect("integrity");
 }
 
 #[test]
@@ -654,6 +732,63 @@ fn errors_memory() {
 fn errors_sled() {
     let dir = tempfile::tempdir().expect("tempdir");
     check_errors(&SledStore::open(dir.path()).expect("open"));
+}
+
+#[test]
+fn errors_postgres() {
+    let server = pg::PgServer::start();
+    check_errors(&PgStore::open(&server.url()).expect("open"));
+}
+
+/// The schema is created once, opening again changes nothing, a database
+/// of a newer version is refused, a bad record is `Corrupt`, and an
+/// unreachable server is `Backend`.
+#[test]
+fn postgres_schema_versions_and_errors() {
+    use ims::crs::store::schema;
+    let server = pg::PgServer::start();
+    let url = server.url();
+    let s = PgStore::open(&url).expect("create");
+    s.create_user(user("alice", 1)).expect("create");
+    drop(s);
+    let s = PgStore::open(&url).expect("reopen migrates nothing");
+    assert_eq!(s.user_count(), Ok(1));
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    let v: i32 = c
+        .query_one("SELECT version FROM ims_schema", &[])
+        .expect("version")
+        .get(0);
+    assert_eq!(v, schema::CURRENT);
+    let rows = c.query("SELECT * FROM ims_schema", &[]).expect("rows");
+    assert_eq!(rows.len(), 1, "one version row");
+
+    // A bad profile is Corrupt, named.
+    c.execute(
+        "UPDATE users SET profile = '{nope' WHERE name = 'alice'",
+        &[],
+    )
+    .expect("vandalize");
+    let e = s.get_user("alice").expect_err("corrupt");
+    assert!(
+        matches!(e, StoreError::Corrupt(_)) && e.to_string().contains("alice"),
+        "{e}"
+    );
+    assert!(matches!(s.check_integrity(), Err(StoreError::Corrupt(_))));
+
+    c.execute("UPDATE ims_schema SET version = version + 1", &[])
+        .expect("bump");
+    match PgStore::open(&url) {
+        Err(StoreError::Backend(e)) => assert!(e.contains("newer"), "{e}"),
+        other => panic!("a newer schema must be refused: {other:?}"),
+    }
+    assert!(matches!(
+        PgStore::open("postgres://nobody@127.0.0.1:1/none"),
+        Err(StoreError::Backend(_))
+    ));
+    assert!(matches!(
+        PgStore::open("postgres://x@host:notaport/db"),
+        Err(StoreError::Backend(_))
+    ));
 }
 
 /// Bad bytes on disk are `Corrupt`, never a panic; unusable paths and a

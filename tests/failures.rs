@@ -449,7 +449,9 @@ fn wrong_passwords_slow_their_source_down() {
         refusals.push(guesser.wait_error("login"));
     }
     assert!(
-        refusals[..3].iter().all(|r| r.contains("password failure")),
+        refusals[..3]
+            .iter()
+            .all(|r| r.contains("wrong name or password")),
         "{refusals:?}"
     );
     assert!(

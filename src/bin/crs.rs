@@ -12,7 +12,9 @@ const USAGE: &str = "Usage:
   ims-crs genkey FILE                       write a new random MSkey to FILE (mode 0600)
   ims-crs [options]                         run the CRS
   ims-crs user list | user show NAME | user delete NAME   (operator; talks to the running CRS)
-  ims-crs ms list                           enrolled MSs, load, last heartbeat";
+  ims-crs ms list                           enrolled MSs, load, last heartbeat
+  ims-crs migrate --from STORE --to STORE   copy a directory (e.g. sled:DIR to postgres://...)
+                                            into an empty store, verified by counts and checksum";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -21,9 +23,11 @@ fn main() -> ExitCode {
     opts.optopt(
         "",
         "crs",
-        "for operator commands: the running CRS (default: the listen address)",
-        "ADDR",
+        "for operator commands: the running CRS (default: the listen address); A,B: any of these",
+        "ADDR[,ADDR...]",
     );
+    opts.optopt("", "from", "migrate: the store to copy", "STORE");
+    opts.optopt("", "to", "migrate: the empty store to copy into", "STORE");
     config::add_flags(&mut opts, &config::crs_settings());
     let m = match cli::parse("ims-crs", USAGE, opts, &args) {
         Parsed::Run(m) => m,
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
             ims::keyfile::generate_ms_key(&PathBuf::from(file)).map_err(|e| e.to_string())
         }
         ["user", rest @ ..] | ["ms", rest @ ..] => operator(&m, &config, free[0], rest),
+        ["migrate"] => migrate(&m, &config),
         _ => {
             eprintln!(
                 "ims-crs: unknown command '{}'; see ims-crs --help",
@@ -70,6 +75,25 @@ fn build_config(m: &getopts::Matches) -> Result<CrsConfig, String> {
     }
     config::apply_flags(m, &table, &mut c)?;
     Ok(c)
+}
+
+fn migrate(m: &getopts::Matches, config: &CrsConfig) -> Result<(), String> {
+    use ims::crs::store::StoreSpec;
+    let (Some(from), Some(to)) = (m.opt_str("from"), m.opt_str("to")) else {
+        return Err("migrate needs --from STORE and --to STORE".into());
+    };
+    let (from, to) = (StoreSpec::parse(&from)?, StoreSpec::parse(&to)?);
+    let key = ims::keyfile::read_ms_key(&config.ms_key_file).map_err(|e| e.to_string())?;
+    let r = crs::migrate::migrate(&from, &to, &key)?;
+    println!(
+        "migrated {} users, {} contacts, {} requests; checksum {} verified{}",
+        r.users,
+        r.contacts,
+        r.requests,
+        r.checksum,
+        if r.key_copied { "; CRS key copied" } else { "" }
+    );
+    Ok(())
 }
 
 fn serve(config: CrsConfig) -> Result<(), String> {

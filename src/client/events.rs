@@ -1,6 +1,13 @@
 //! What the client tells its user: one [`Event`] per thing that happened,
 //! printed as a line of text on a terminal or as one JSON object per line
 //! in `--json` mode (every object has an `"event"` key).
+//!
+//! Most strings in an event came from another program (a buddy's message,
+//! names, file names, profile fields, servers' reasons). A terminal acts on
+//! control characters, so every such string goes through [`clean`] before
+//! it is shown, in every mode: an escape sequence in a message is shown as
+//! text and can neither clear the screen, retitle the terminal, move the
+//! cursor nor forge a line. JSON escapes the same characters as `\uXXXX`.
 
 use serde::Serialize;
 
@@ -191,17 +198,39 @@ pub enum Event {
 
 impl Event {
     /// The event as one JSON line (without the newline).
+    /// JSON escapes the C0 controls itself; the other characters a
+    /// terminal would act on (DEL, C1, bidirectional overrides) are escaped
+    /// here too, so that the line is safe to show as it is.
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self)
-            .unwrap_or_else(|_| String::from("{\"event\":\"notice\",\"text\":\"unprintable\"}"))
+        let json = serde_json::to_string(self)
+            .unwrap_or_else(|_| String::from("{\"event\":\"notice\",\"text\":\"unprintable\"}"));
+        if !json.chars().any(is_control) {
+            return json;
+        }
+        // Such characters can only be inside strings (JSON's own syntax is
+        // plain ASCII), where `\uXXXX` means the same character.
+        let mut out = String::with_capacity(json.len() + 16);
+        for ch in json.chars() {
+            if is_control(ch) {
+                out.push_str(&format!("\\u{:04x}", ch as u32));
+            } else {
+                out.push(ch);
+            }
+        }
+        out
     }
 
-    /// The event as a line for people.
+    /// The event as a line for people (lines of our own making separated
+    /// by `\n`; every remote string cleaned).
     pub fn to_text(&self) -> String {
+        let c = clean;
         match self {
-            Event::Registered { user } => format!("registered {user}; log in with /login {user}"),
-            Event::LoggedIn { user } => format!("logged in as {user}"),
-            Event::LoggedOut { user } => format!("{user} logged out"),
+            Event::Registered { user } => {
+                let user = c(user);
+                format!("registered {user}; log in with /login {user}")
+            }
+            Event::LoggedIn { user } => format!("logged in as {}", c(user)),
+            Event::LoggedOut { user } => format!("{} logged out", c(user)),
             Event::Buddies { buddies } if buddies.is_empty() => {
                 "no buddies yet; find people with /search and /add".into()
             }
@@ -211,34 +240,39 @@ impl Event {
                     s.push_str(&format!(
                         "\n  {} {}",
                         if b.online { "*" } else { " " },
-                        b.user
+                        c(&b.user)
                     ));
                     s.push_str(if b.online { " (online)" } else { "" });
                 }
                 s
             }
-            Event::Online { user } => format!("* {user} is online"),
-            Event::Offline { user } => format!("  {user} went offline"),
+            Event::Online { user } => format!("* {} is online", c(user)),
+            Event::Offline { user } => format!("  {} went offline", c(user)),
             Event::Request { from } => {
+                let from = c(from);
                 format!("{from} wants to be your buddy: /accept {from} or /deny {from}")
             }
             Event::BuddyAdded { user, online } => {
                 format!(
-                    "{user} is now your buddy{}",
+                    "{} is now your buddy{}",
+                    c(user),
                     if *online { " (online)" } else { "" }
                 )
             }
-            Event::BuddyRemoved { user } => format!("{user} is no longer your buddy"),
-            Event::Denied { by } => format!("{by} denied your buddy request"),
+            Event::BuddyRemoved { user } => format!("{} is no longer your buddy", c(user)),
+            Event::Denied { by } => format!("{} denied your buddy request", c(by)),
             Event::SearchResults { results } if results.is_empty() => "no one found".into(),
             Event::SearchResults { results } => {
                 let mut s = String::from("found:");
                 for h in results {
-                    let fields: Vec<String> =
-                        h.profile.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    let fields: Vec<String> = h
+                        .profile
+                        .iter()
+                        .map(|(k, v)| format!("{}={}", c(k), c(v)))
+                        .collect();
                     s.push_str(&format!(
                         "\n  {}{} {}",
-                        h.user,
+                        c(&h.user),
                         if h.online { " (online)" } else { "" },
                         fields.join(", ")
                     ));
@@ -251,24 +285,33 @@ impl Event {
             Event::Profile { profile } => {
                 let mut s = String::from("profile:");
                 for (k, v) in profile {
-                    s.push_str(&format!("\n  {k}: {v}"));
+                    s.push_str(&format!("\n  {}: {}", c(k), c(v)));
                 }
                 s
             }
             Event::Ok { command, detail } => match detail {
-                Some(d) => format!("ok: {d}"),
-                None => format!("ok ({command})"),
+                Some(d) => format!("ok: {}", c(d)),
+                None => format!("ok ({})", c(command)),
             },
-            Event::Error { command, reason } => format!("error ({command}): {reason}"),
-            Event::Message { from, text, .. } => format!("<{from}> {text}"),
-            Event::Delivered { to, id } => format!("  (delivered to {to}, #{id})"),
-            Event::SendFailed { to, reason, .. } => format!("! not delivered to {to}: {reason}"),
+            Event::Error { command, reason } => format!("error ({}): {}", c(command), c(reason)),
+            Event::Message { from, text, .. } => match action(text) {
+                Some(act) => format!("* {} {}", c(from), c(act)),
+                None => format!("<{}> {}", c(from), c(text)),
+            },
+            Event::Delivered { to, id } => format!("  (delivered to {}, #{id})", c(to)),
+            Event::SendFailed { to, id, reason } => {
+                format!("! not delivered to {} (#{id}): {}", c(to), c(reason))
+            }
             Event::FileOffer {
                 from, name, size, ..
-            } => format!(
-                "{from} offers the file '{name}' ({}): /accept {from} or /deny {from}",
-                human_size(*size)
-            ),
+            } => {
+                let from = c(from);
+                format!(
+                    "{from} offers the file '{}' ({}): /accept {from} or /deny {from}",
+                    c(name),
+                    human_size(*size)
+                )
+            }
             Event::FileProgress {
                 peer,
                 direction,
@@ -276,38 +319,116 @@ impl Event {
                 size,
                 rate,
                 ..
-            } => {
-                let pct = if *size == 0 { 100 } else { bytes * 100 / size };
-                let filled = (pct / 5) as usize;
-                let left = if *rate == 0 {
-                    0
-                } else {
-                    size.saturating_sub(*bytes) / rate
-                };
-                format!(
-                    "[{}{}] {pct:>3}% {} {peer}: {} of {}, {}/s, {left}s left",
-                    "#".repeat(filled.min(20)),
-                    "-".repeat(20 - filled.min(20)),
-                    if direction == "send" { "to" } else { "from" },
-                    human_size(*bytes),
-                    human_size(*size),
-                    human_size(*rate)
-                )
-            }
+            } => progress_text(&c(peer), direction, *bytes, *size, *rate),
             Event::FileReceived {
                 from, path, size, ..
             } => {
-                format!("received {} from {from}: {path}", human_size(*size))
+                format!(
+                    "received {} from {}: {}",
+                    human_size(*size),
+                    c(from),
+                    c(path)
+                )
             }
             Event::FileSent { to, name, size } => {
-                format!("sent '{name}' ({}) to {to}", human_size(*size))
+                format!("sent '{}' ({}) to {}", c(name), human_size(*size), c(to))
             }
             Event::FileFailed {
                 peer, name, reason, ..
-            } => format!("! transfer of '{name}' with {peer} failed: {reason}"),
-            Event::Notice { text } => text.clone(),
+            } => format!(
+                "! transfer of '{}' with {} failed: {}",
+                c(name),
+                c(peer),
+                c(reason)
+            ),
+            Event::Notice { text } => text.lines().map(clean).collect::<Vec<_>>().join("\n"),
         }
     }
+}
+
+/// The action of a `/me` message: its text after the `/me ` prefix.
+pub fn action(text: &str) -> Option<&str> {
+    text.strip_prefix("/me ")
+}
+
+/// A transfer's progress as one line: a bar, percent, bytes, the rate over
+/// the last seconds and the time left (`?` while the rate is unknown).
+pub fn progress_text(peer: &str, direction: &str, bytes: u64, size: u64, rate: u64) -> String {
+    let pct = bytes
+        .saturating_mul(100)
+        .checked_div(size)
+        .unwrap_or(100)
+        .min(100);
+    let filled = (pct / 5) as usize;
+    let left = if bytes >= size {
+        "done".to_owned()
+    } else {
+        match size.saturating_sub(bytes).checked_div(rate) {
+            Some(secs) => format!("{} left", human_duration(secs)),
+            None => "? left".to_owned(),
+        }
+    };
+    let what = match direction {
+        "send" => format!("to {peer}"),
+        "hash" => format!("hashing for {peer}"),
+        _ => format!("from {peer}"),
+    };
+    let rate = if rate == 0 {
+        "-".to_owned()
+    } else {
+        format!("{}/s", human_size(rate))
+    };
+    format!(
+        "[{}{}] {pct:>3}% {what}: {} of {}, {rate}, {left}",
+        "#".repeat(filled.min(20)),
+        "-".repeat(20 - filled.min(20)),
+        human_size(bytes),
+        human_size(size),
+    )
+}
+
+/// Seconds for people: `42s`, `3m07s`, `2h05m`.
+pub fn human_duration(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m{:02}s", secs / 60, secs % 60),
+        _ => format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60),
+    }
+}
+
+/// Whether the terminal would act on `ch` rather than show it: C0 and C1
+/// controls, DEL, and the Unicode format characters that reorder or hide
+/// text (bidirectional overrides, line and paragraph separators).
+fn is_control(ch: char) -> bool {
+    matches!(ch,
+        '\u{0}'..='\u{1f}' | '\u{7f}'..='\u{9f}'
+        | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+        | '\u{2066}'..='\u{2069}' | '\u{061c}' | '\u{feff}')
+}
+
+/// `s` made harmless for a terminal and kept on one line: a tab becomes a
+/// space, other C0 controls and DEL are shown in caret notation (`^[` for
+/// ESC, `^J` for a newline), and C1 controls and the format characters
+/// that reorder or hide text (bidirectional overrides, zero-width and
+/// line-separator characters) as `<U+XXXX>`. Everything else is kept.
+pub fn clean(s: &str) -> String {
+    if !s.chars().any(is_control) {
+        return s.to_owned();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for ch in s.chars() {
+        match ch {
+            '\t' => out.push(' '),
+            '\u{0}'..='\u{1f}' => {
+                out.push('^');
+                out.push(char::from(ch as u8 ^ 0x40));
+            }
+            '\u{7f}' => out.push_str("^?"),
+            ch if is_control(ch) => out.push_str(&format!("<U+{:04X}>", ch as u32)),
+            ch => out.push(ch),
+        }
+    }
+    out
 }
 
 /// Bytes for people.
@@ -329,6 +450,75 @@ pub fn human_size(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote_strings_are_shown_inert() {
+        let hostile =
+            "\u{1b}[2J\u{1b}]0;pwned\u{7}\u{1b}[10;10H<alice> hi\nforged\u{9b}2J\u{202e}x\u{7f}\ty";
+        let cleaned = clean(hostile);
+        assert!(!cleaned.chars().any(|c| c.is_control()), "{cleaned:?}");
+        assert_eq!(
+            cleaned,
+            "^[[2J^[]0;pwned^G^[[10;10H<alice> hi^Jforged<U+009B>2J<U+202E>x^? y"
+        );
+        let every = [
+            Event::Message {
+                from: "a\u{1b}b".into(),
+                text: hostile.into(),
+                id: 1,
+            },
+            Event::FileOffer {
+                from: "a".into(),
+                id: 1,
+                name: hostile.into(),
+                size: 1,
+                content_type: "x".into(),
+            },
+            Event::SearchResults {
+                results: vec![Hit {
+                    user: "u".into(),
+                    profile: [("f\u{1b}".to_owned(), hostile.to_owned())].into(),
+                    online: true,
+                }],
+            },
+            Event::Error {
+                command: "c".into(),
+                reason: hostile.into(),
+            },
+            Event::Notice {
+                text: hostile.into(),
+            },
+        ];
+        for e in &every {
+            let text = e.to_text();
+            assert!(
+                !text.chars().any(|c| c.is_control() && c != '\n'),
+                "{text:?}"
+            );
+            let json = e.to_json();
+            assert!(!json.chars().any(|c| c.is_control()), "{json:?}");
+            assert!(!json.contains('\u{202e}'), "{json:?}");
+            // Still the same value once parsed.
+            let back: serde_json::Value = serde_json::from_str(&json).unwrap();
+            assert!(back.to_string().len() > 10);
+        }
+        // The text of a message stays on one line.
+        assert_eq!(every[0].to_text().lines().count(), 1);
+    }
+
+    #[test]
+    fn me_and_progress_lines() {
+        let e = Event::Message {
+            from: "bob".into(),
+            text: "/me waves".into(),
+            id: 3,
+        };
+        assert_eq!(e.to_text(), "* bob waves");
+        let p = progress_text("bob", "send", 50, 100, 0);
+        assert!(p.contains(" 50% to bob") && p.ends_with("? left"), "{p}");
+        let p = progress_text("bob", "receive", 1024, 2048, 512);
+        assert!(p.ends_with("512 B/s, 2s left"), "{p}");
+    }
 
     #[test]
     fn json_shapes() {

@@ -192,19 +192,56 @@ fn place(temp: &Path, dir: &Path, name: &str) -> std::io::Result<PathBuf> {
     Err(std::io::ErrorKind::AlreadyExists.into())
 }
 
-/// Throttled progress reports.
+/// How far back the transfer rate looks: long enough to smooth out bursts
+/// (the first chunks fill socket buffers at memory speed), short enough to
+/// follow a link that slows down.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+/// Before this much time has passed the rate is unknown (reported as 0)
+/// rather than a burst's figure.
+const RATE_SETTLE: Duration = Duration::from_millis(900);
+
+/// Throttled progress reports with the rate over a sliding window.
 struct Progress {
     started: Instant,
     last: Instant,
+    /// (when, bytes so far), oldest first, spanning at most [`RATE_WINDOW`].
+    samples: std::collections::VecDeque<(Instant, u64)>,
 }
 
 impl Progress {
     fn new() -> Progress {
         let now = Instant::now();
+        let mut samples = std::collections::VecDeque::new();
+        samples.push_back((now, 0));
         Progress {
             started: now,
             last: now - PROGRESS_EVERY,
+            samples,
         }
+    }
+
+    /// Bytes per second over the window ending now at `bytes`.
+    fn rate(&mut self, now: Instant, bytes: u64) -> u64 {
+        self.samples.push_back((now, bytes));
+        while self.samples.len() > 2
+            && self
+                .samples
+                .get(1)
+                .is_some_and(|(t, _)| now.duration_since(*t) >= RATE_WINDOW)
+        {
+            self.samples.pop_front();
+        }
+        if now.duration_since(self.started) < RATE_SETTLE {
+            return 0;
+        }
+        let Some(&(t0, b0)) = self.samples.front() else {
+            return 0;
+        };
+        let secs = now.duration_since(t0).as_secs_f64();
+        if secs <= 0.0 {
+            return 0;
+        }
+        (bytes.saturating_sub(b0) as f64 / secs) as u64
     }
 
     fn event(
@@ -219,15 +256,16 @@ impl Progress {
         if !force && self.last.elapsed() < PROGRESS_EVERY {
             return None;
         }
-        self.last = Instant::now();
-        let secs = self.started.elapsed().as_secs_f64().max(1e-6);
+        let now = Instant::now();
+        self.last = now;
+        let rate = self.rate(now, bytes);
         Some(Event::FileProgress {
             peer: peer.to_owned(),
             id,
             direction: direction.to_owned(),
             bytes,
             size,
-            rate: (bytes as f64 / secs) as u64,
+            rate,
         })
     }
 }
@@ -333,22 +371,35 @@ impl Client {
             return Err(format!("{} is not a file", path.display()));
         }
         let mut file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let id = self.next_id();
+        // Hashing a large file takes a while: say how far it got, as a
+        // transfer in the "hash" direction.
+        let mut progress = Progress::new();
+        let mut hashed = 0u64;
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = file
-                .read(&mut buf)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            if n == 0 {
-                break;
-            }
+        let read = loop {
+            let n = match file.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => n,
+                Err(e) => break Err(format!("{}: {e}", path.display())),
+            };
             hasher.update(&buf[..n]);
+            hashed = hashed.saturating_add(n as u64);
+            if let Some(e) = progress.event(&to, id, "hash", hashed, meta.len(), false) {
+                self.emit(e);
+            }
+        };
+        // The end of hashing, also when reading failed: a progress line
+        // shown for it can go.
+        if let Some(e) = progress.event(&to, id, "hash", hashed, hashed, true) {
+            self.emit(e);
         }
+        read?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "file".into());
-        let id = self.next_id();
         let t = Arc::new(OutTransfer {
             id,
             peer: to.clone(),
@@ -545,6 +596,8 @@ impl Client {
                         name: t.name.clone(),
                         size: t.size,
                     }),
+                    // A cancel here was reported by `cancel_transfers`.
+                    Err(_) if t.cancelled.load(Ordering::Relaxed) => {}
                     Err(reason) => client.emit(Event::FileFailed {
                         peer: t.peer.clone(),
                         id: t.id,

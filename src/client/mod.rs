@@ -1,6 +1,6 @@
 //! The client: registration, login, buddies and presence, and the
 //! pre-threaded listener that takes its MS's pushes (and, later, peers).
-//! [`ui`] puts a line-based terminal or JSON interface on top.
+//! [`ui`] puts a full-screen, a line-based or a JSON interface on top.
 
 pub mod account;
 pub mod events;
@@ -368,6 +368,11 @@ impl Client {
         self.state.lock().session().map(|s| s.user.clone())
     }
 
+    /// The address of our MS, if logged in.
+    pub fn ms_addr(&self) -> Option<String> {
+        self.state.lock().session().map(|s| s.ms.clone())
+    }
+
     /// Creates an account.
     pub fn register(
         &self,
@@ -596,7 +601,14 @@ impl Client {
             return 0;
         }
         let lost = match self.ms_call(&MsRequest::Ping) {
-            Ok(_) => return 0,
+            Ok(_) => {
+                if failures > 0 {
+                    self.emit(Event::Notice {
+                        text: "the messaging server answers again".into(),
+                    });
+                }
+                return 0;
+            }
             Err(ClientError::NotLoggedIn) => return 0,
             Err(ClientError::Refused(Refused {
                 refusal: Refusal::NotLoggedIn,
@@ -608,6 +620,12 @@ impl Client {
             }
             Err(e) => {
                 warn!("keepalive: {e}");
+                if failures == 0 {
+                    // The log has the details; people get one line.
+                    self.emit(Event::Notice {
+                        text: "lost contact with the messaging server; retrying...".into(),
+                    });
+                }
                 return failures + 1;
             }
         };
@@ -718,18 +736,36 @@ impl Client {
     }
 
     /// Changes the password: a new verifier, our key re-wrapped.
-    pub fn passwd(&self, new_password: &str) -> Result<(), AccountError> {
-        let (req, user) = {
+    pub fn passwd(&self, current: &str, new_password: &str) -> Result<(), AccountError> {
+        let current_check = self
+            .state
+            .lock()
+            .session()
+            .map(Session::password_check)
+            .ok_or(ClientError::NotLoggedIn)?;
+        // A PBKDF2 derivation: outside the lock.
+        if !session::is_password(&current_check, current, self.config.policy())? {
+            return Err(ClientError::Failed("the current password is wrong".into()));
+        }
+        if current == new_password {
+            return Err(ClientError::Failed(
+                "the new password is the current one".into(),
+            ));
+        }
+        let (req, check, user) = {
             let guard = self.state.lock();
             let s = guard.session().ok_or(ClientError::NotLoggedIn)?;
-            let req = s.rewrap(
+            let (req, check) = s.rewrap(
                 new_password,
                 self.config.kdf_iterations,
                 self.config.policy(),
             )?;
-            (req, s.user.clone())
+            (req, check, s.user.clone())
         };
         self.ms_call(&req)?;
+        if let Some(s) = self.state.lock().session_mut() {
+            s.password_changed(check);
+        }
         // The next login here expects the new parameters.
         if let MsRequest::Passwd { verifier, .. } = req {
             self.known_kdf.lock().insert(

@@ -880,16 +880,22 @@ impl Client {
         self.state.lock().session().map(|s| s.private_key.clone())
     }
 
-    /// Sends a text message; `delivered` or `send-failed` follows.
-    pub fn send_message(self: &Arc<Self>, to: &str, text: &str) -> Result<u64, String> {
+    /// Sends a text message: its id, and `delivered` or `send-failed`
+    /// follows; or the id it was given and why it could not be sent (then
+    /// no event follows).
+    pub fn send_message(self: &Arc<Self>, to: &str, text: &str) -> Result<u64, (u64, String)> {
+        // The id comes first so that a failure names the message it is about.
+        let id = self.next_id();
         if text.len() > MAX_TEXT_BYTES {
-            return Err(format!(
-                "message too long ({} bytes; at most {MAX_TEXT_BYTES})",
-                text.len()
+            return Err((
+                id,
+                format!(
+                    "message too long ({} bytes; at most {MAX_TEXT_BYTES})",
+                    text.len()
+                ),
             ));
         }
         let to = to.to_ascii_lowercase();
-        let id = self.next_id();
         self.send_request(
             &to,
             &PeerRequest::Msg {
@@ -898,7 +904,8 @@ impl Client {
             },
             id,
             PendingKind::Msg,
-        )?;
+        )
+        .map_err(|e| (id, e))?;
         self.set_last_peer(&to);
         Ok(id)
     }

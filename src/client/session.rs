@@ -41,6 +41,24 @@ pub struct Session {
     pub profile: Profile,
     /// The salt and iteration count this login derived with.
     pub kdf: KdfParams,
+    /// The StoredKey of this login's password: with `kdf`, a password
+    /// change checks the current password without asking the servers.
+    stored_key: [u8; 32],
+}
+
+/// A password's salt and iterations and its StoredKey.
+pub type PasswordCheck = (KdfParams, [u8; 32]);
+
+/// Whether `password` is the one `check` was made from (a PBKDF2
+/// derivation: done outside any lock).
+pub fn is_password(
+    check: &PasswordCheck,
+    password: &str,
+    policy: KdfPolicy,
+) -> Result<bool, ClientError> {
+    let (params, stored) = check;
+    let keys = PasswordKeys::derive(password, params, policy)?;
+    Ok(crypto::ct_eq(&keys.scram.stored_key, stored))
 }
 
 /// Where the client is: the one place its login lives. A push or a peer
@@ -244,6 +262,7 @@ impl Session {
             requests,
             profile: welcome.profile,
             kdf: params,
+            stored_key: keys.scram.stored_key,
         };
         Ok((session, conn))
     }
@@ -260,13 +279,26 @@ impl Session {
         Ok(req.read_reply(&inner).map_err(LinkError::from)??)
     }
 
-    /// A new verifier and our private key re-wrapped for `password`.
+    /// What tells whether a password is the one this login was made with
+    /// (see [`is_password`]).
+    pub fn password_check(&self) -> PasswordCheck {
+        (self.kdf.clone(), self.stored_key)
+    }
+
+    /// The password is now the one `check` was made from.
+    pub fn password_changed(&mut self, (kdf, stored_key): PasswordCheck) {
+        self.kdf = kdf;
+        self.stored_key = stored_key;
+    }
+
+    /// A new verifier and our private key re-wrapped for `password`, and
+    /// what checks the new password.
     pub fn rewrap(
         &self,
         password: &str,
         iterations: u32,
         policy: KdfPolicy,
-    ) -> Result<MsRequest, ClientError> {
+    ) -> Result<(MsRequest, PasswordCheck), ClientError> {
         if password.chars().count() < account::MIN_PASSWORD_LEN {
             return Err(ClientError::WeakPassword);
         }
@@ -277,10 +309,11 @@ impl Session {
             &self.private_key.to_der()?,
             &wrap_aad(&self.user),
         )?;
-        Ok(MsRequest::Passwd {
+        let request = MsRequest::Passwd {
             verifier: keys.verifier(&params),
             wrapped_key,
-        })
+        };
+        Ok((request, (params, keys.scram.stored_key)))
     }
 
     /// A signed buddy request for `to`.

@@ -21,6 +21,36 @@ pub const FREE_ATTEMPTS: u32 = 3;
 /// The longest delay after repeated attempts.
 pub const MAX_DELAY: Duration = Duration::from_secs(60);
 
+/// Where attempts are counted: in this process ([`Guesses`]), or in
+/// PostgreSQL so that every CRS instance on one directory sees the same
+/// counts (`live_pg::PgGuesses`).
+pub trait GuessCounter: Send + Sync {
+    /// Counts an attempt of `name` from `ip`, unless it must still wait:
+    /// then how long, and nothing is counted.
+    fn attempt(&self, name: &str, ip: IpAddr) -> Result<(), Duration>;
+    /// A login that proved its password clears the record.
+    fn succeeded(&self, name: &str, ip: IpAddr);
+}
+
+/// The delay earned by `count` attempts with `free` of them free, as
+/// [`Guesses::attempt`] applies it.
+pub fn earned(count: u32, free: u32) -> Duration {
+    if count < free {
+        Duration::ZERO
+    } else {
+        delay((count - free).saturating_add(FREE_ATTEMPTS))
+    }
+}
+
+impl GuessCounter for Guesses {
+    fn attempt(&self, name: &str, ip: IpAddr) -> Result<(), Duration> {
+        Guesses::attempt(self, name, ip)
+    }
+    fn succeeded(&self, name: &str, ip: IpAddr) {
+        Guesses::succeeded(self, name, ip)
+    }
+}
+
 /// Unfinished login attempts per (name, source) and when the last began.
 #[derive(Debug)]
 pub struct Guesses {
@@ -52,12 +82,7 @@ impl Guesses {
         }
         let now = Instant::now();
         let e = map.entry((name.to_owned(), ip)).or_insert((0, now));
-        let earned = if e.0 < self.free {
-            Duration::ZERO
-        } else {
-            delay((e.0 - self.free).saturating_add(FREE_ATTEMPTS))
-        };
-        if let Some(left) = earned.checked_sub(now.duration_since(e.1)) {
+        if let Some(left) = earned(e.0, self.free).checked_sub(now.duration_since(e.1)) {
             if !left.is_zero() {
                 return Err(left);
             }

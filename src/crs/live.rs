@@ -1,13 +1,26 @@
-//! The CRS's volatile state: enrolled MSs, who is online where, login
-//! locks, and the event queue of each MS.
+//! The CRS's live state: enrolled MSs, who is online where, login locks,
+//! and the event queue of each MS.
 //!
-//! None of this is durable on purpose: after a restart it is stale anyway
-//! (MSs re-enroll and report their users again), and keeping it in memory
-//! lets a login touch the disk not at all.
+//! It sits behind two traits so that it can live in this process or in
+//! PostgreSQL beside the durable store:
+//! - [`LiveState::lock`] opens one atomic view ([`LiveTx`]): everything done
+//!   through it happens at once, as under one lock (in memory it is a mutex
+//!   guard; in PostgreSQL a transaction holding an advisory lock that every
+//!   CRS instance on the database takes, see `live_pg`);
+//! - [`Wakeup`] wakes the `EVENTS` long polls when events are queued (in
+//!   PostgreSQL, also when another instance queued them: `LISTEN/NOTIFY`).
+//!
+//! In memory ([`MemLive`], the default with sled) none of this is durable
+//! on purpose: after a restart it is stale anyway (MSs re-enroll and report
+//! their users again), and keeping it in memory lets a login touch the disk
+//! not at all. In PostgreSQL it is shared, so several instances serve one
+//! directory and an MS may move from one to another.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::proto::crs::{Event, EventBatch, EventKind, MsInfo, Presence};
 
@@ -74,7 +87,222 @@ pub enum LockError {
     LoggedIn,
 }
 
-/// All volatile state, behind one lock in [`super::Crs`].
+/// Wakes the `EVENTS` long polls: generation numbers bumped on every wake,
+/// so a poll that read its generation before looking at its queue cannot
+/// miss a wake that comes before it starts waiting. A wake is for every
+/// poll or for one MS's; a poll's generation is the sum of both.
+///
+/// With the live state in this process, the handlers wake every poll after
+/// queuing events ([`Wakeup::notify_all`]). With it in PostgreSQL, wakes
+/// come from the database's notifications, each for one MS
+/// ([`Wakeup::notify_ms`]), so that an event does not make every MS's poll
+/// look at its queue: [`Wakeup::remote_only`] turns the handlers' wakes off.
+#[derive(Debug, Default)]
+pub struct Wakeup {
+    /// Wakes for everyone, and per MS.
+    generations: Mutex<(u64, HashMap<u64, u64>)>,
+    changed: Condvar,
+    remote_only: std::sync::atomic::AtomicBool,
+}
+
+impl Wakeup {
+    /// Wakes every waiting poll (ignored once [`Wakeup::remote_only`]).
+    pub fn notify_all(&self) {
+        if !self.remote_only.load(std::sync::atomic::Ordering::Relaxed) {
+            self.notify_everyone();
+        }
+    }
+
+    /// Wakes every waiting poll, always (to stop, or after a lost
+    /// connection to the database).
+    pub fn notify_everyone(&self) {
+        self.generations.lock().0 += 1;
+        self.changed.notify_all();
+    }
+
+    /// Wakes the polls of MS `ms`.
+    pub fn notify_ms(&self, ms: u64) {
+        *self.generations.lock().1.entry(ms).or_default() += 1;
+        self.changed.notify_all();
+    }
+
+    /// From now on only [`Wakeup::notify_ms`] and
+    /// [`Wakeup::notify_everyone`] wake.
+    pub fn remote_only(&self) {
+        self.remote_only
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn of(g: &(u64, HashMap<u64, u64>), ms: u64) -> u64 {
+        g.0.wrapping_add(g.1.get(&ms).copied().unwrap_or(0))
+    }
+
+    /// MS `ms`'s current generation, read before looking for events.
+    pub fn generation(&self, ms: u64) -> u64 {
+        Wakeup::of(&self.generations.lock(), ms)
+    }
+
+    /// Waits until MS `ms`'s generation moves past `seen`, at most `timeout`.
+    pub fn wait_past(&self, ms: u64, seen: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.generations.lock();
+        while Wakeup::of(&g, ms) == seen {
+            if self.changed.wait_until(&mut g, deadline).timed_out() {
+                return;
+            }
+        }
+    }
+}
+
+/// One atomic view of the live state; see the module documentation. The
+/// methods mirror [`Live`]'s. A backend that can fail (PostgreSQL) answers
+/// with the safe default after a failure (not enrolled, lock refused,
+/// nobody online) and reports the failure from [`LiveTx::commit`].
+pub trait LiveTx {
+    /// See [`Live::enroll`].
+    fn enroll(&mut self, address: &str, capacity: u32, instance: &str) -> (u64, Vec<String>);
+    /// See [`Live::notify_ms`].
+    fn notify_ms(&mut self, ms: u64, recipients: Vec<String>, kind: EventKind);
+    /// See [`Live::touch`].
+    fn touch(&mut self, id: u64) -> bool;
+    /// See [`Live::locate`].
+    fn locate(&mut self, heartbeat_timeout: Duration) -> Option<String>;
+    /// See [`Live::lock`].
+    fn lock(&mut self, user: &str, ms: u64, lease: Duration) -> Result<(), LockError>;
+    /// See [`Live::unlock`].
+    fn unlock(&mut self, user: &str, ms: u64);
+    /// See [`Live::holds_lock`].
+    fn holds_lock(&mut self, user: &str, ms: u64) -> bool;
+    /// See [`Live::set_online`].
+    fn set_online(&mut self, user: &str, ms: u64, presence: Presence) -> u64;
+    /// See [`Live::set_offline`].
+    fn set_offline(&mut self, user: &str, ms: Option<u64>) -> bool;
+    /// Where `user` is, if online.
+    fn online(&mut self, user: &str) -> Option<Online>;
+    /// Where each of `users` who is online is (one look-up for all).
+    fn online_many(
+        &mut self,
+        users: &std::collections::BTreeSet<String>,
+    ) -> HashMap<String, Online> {
+        users
+            .iter()
+            .filter_map(|u| self.online(u).map(|o| (u.clone(), o)))
+            .collect()
+    }
+    /// See [`Live::notify`] (called through the generic `notify`).
+    fn notify_users(&mut self, users: &mut dyn Iterator<Item = &str>, kind: &EventKind);
+    /// See [`Live::events`].
+    fn events(&mut self, ms: u64, ack: u64) -> Option<EventBatch>;
+    /// See [`Live::reap`].
+    fn reap(&mut self, timeout: Duration) -> Vec<String>;
+    /// See [`Live::ms_list`].
+    fn ms_list(&mut self) -> Vec<MsInfo>;
+    /// See [`Live::online_count`].
+    fn online_count(&mut self) -> usize;
+    /// See [`Live::address`].
+    fn address(&mut self, user: &str) -> Option<SocketAddr>;
+    /// Makes everything done through this view durable and visible to
+    /// others; an error if any step failed (then nothing took effect).
+    /// Dropping the view commits too, silently.
+    fn commit(self: Box<Self>) -> Result<(), String>;
+}
+
+impl dyn LiveTx + '_ {
+    /// Queues `kind` for each listed user who is online, grouped by MS.
+    pub fn notify<'a>(&mut self, users: impl IntoIterator<Item = &'a str>, kind: &EventKind) {
+        self.notify_users(&mut users.into_iter(), kind)
+    }
+}
+
+/// Where the live state is kept.
+pub trait LiveState: Send + Sync {
+    /// One atomic view; others wait until it is dropped or committed.
+    fn lock(&self) -> Box<dyn LiveTx + '_>;
+    /// How often an idle long poll looks at its queue even without a wake
+    /// (a lost notification is then late, never lost).
+    fn recheck(&self) -> Duration;
+    /// The directory's instance, if shared by every CRS instance on it (so
+    /// an MS moving between them keeps its users); `None`: per process.
+    fn shared_instance(&self) -> Option<String> {
+        None
+    }
+    /// Password attempts counted beside this live state, `free` of them
+    /// free, if it is shared; `None`: counted in this process.
+    fn shared_guesses(&self, free: u32) -> Option<Box<dyn super::guesses::GuessCounter>> {
+        let _ = free;
+        None
+    }
+}
+
+/// The live state in this process's memory.
+#[derive(Debug, Default)]
+pub struct MemLive(Mutex<Live>);
+
+impl LiveState for MemLive {
+    fn lock(&self) -> Box<dyn LiveTx + '_> {
+        Box::new(self.0.lock())
+    }
+
+    fn recheck(&self) -> Duration {
+        Duration::from_millis(100)
+    }
+}
+
+impl LiveTx for MutexGuard<'_, Live> {
+    fn enroll(&mut self, address: &str, capacity: u32, instance: &str) -> (u64, Vec<String>) {
+        Live::enroll(self, address, capacity, instance)
+    }
+    fn notify_ms(&mut self, ms: u64, recipients: Vec<String>, kind: EventKind) {
+        Live::notify_ms(self, ms, recipients, kind)
+    }
+    fn touch(&mut self, id: u64) -> bool {
+        Live::touch(self, id)
+    }
+    fn locate(&mut self, heartbeat_timeout: Duration) -> Option<String> {
+        Live::locate(self, heartbeat_timeout)
+    }
+    fn lock(&mut self, user: &str, ms: u64, lease: Duration) -> Result<(), LockError> {
+        Live::lock(self, user, ms, lease)
+    }
+    fn unlock(&mut self, user: &str, ms: u64) {
+        Live::unlock(self, user, ms)
+    }
+    fn holds_lock(&mut self, user: &str, ms: u64) -> bool {
+        Live::holds_lock(self, user, ms)
+    }
+    fn set_online(&mut self, user: &str, ms: u64, presence: Presence) -> u64 {
+        Live::set_online(self, user, ms, presence)
+    }
+    fn set_offline(&mut self, user: &str, ms: Option<u64>) -> bool {
+        Live::set_offline(self, user, ms)
+    }
+    fn online(&mut self, user: &str) -> Option<Online> {
+        Live::online(self, user).cloned()
+    }
+    fn notify_users(&mut self, users: &mut dyn Iterator<Item = &str>, kind: &EventKind) {
+        Live::notify(self, users, kind)
+    }
+    fn events(&mut self, ms: u64, ack: u64) -> Option<EventBatch> {
+        Live::events(self, ms, ack)
+    }
+    fn reap(&mut self, timeout: Duration) -> Vec<String> {
+        Live::reap(self, timeout)
+    }
+    fn ms_list(&mut self) -> Vec<MsInfo> {
+        Live::ms_list(self)
+    }
+    fn online_count(&mut self) -> usize {
+        Live::online_count(self)
+    }
+    fn address(&mut self, user: &str) -> Option<SocketAddr> {
+        Live::address(self, user)
+    }
+    fn commit(self: Box<Self>) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// All live state of one process, behind one lock in [`MemLive`].
 #[derive(Debug, Default)]
 pub struct Live {
     next_ms: u64,

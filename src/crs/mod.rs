@@ -1,9 +1,17 @@
 //! The central repository server: registered users (in a durable
 //! [`store`]), enrolled MSs, who is online where, and login locks (in
-//! volatile [`live`] state), served on one pre-threaded port.
+//! [`live`] state), served on one pre-threaded port.
+//!
+//! Two ways to run: on sled (the default), with the live state in this
+//! process; or on PostgreSQL, where the live state and the CRS's own key
+//! pair live in the database too, so several instances serve one directory.
 
 pub mod guesses;
+pub mod identity;
 pub mod live;
+pub mod live_pg;
+pub mod metrics;
+pub mod migrate;
 pub mod operator;
 pub mod service;
 pub mod store;
@@ -16,21 +24,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use log::{info, warn};
-use parking_lot::{Condvar, Mutex};
 
 use crate::crypto::{self, RsaPrivateKey, RsaPublicKey};
 use crate::keyfile;
 use crate::prethread::{self, Server};
-use live::Live;
-use store::{SledStore, Store};
+use live::{LiveState, MemLive, Wakeup};
+use store::{PgStore, SledStore, Store, StoreSpec};
 
 /// Everything the CRS needs to run; built from flags and the config file.
 #[derive(Clone, Debug)]
 pub struct CrsConfig {
     /// Where to listen (port 0: any free port).
     pub listen: String,
-    /// The sled database and the CRS's own key live here.
+    /// The sled database and the CRS's own key live here (with the default
+    /// store); local files only with a PostgreSQL store.
     pub data_dir: PathBuf,
+    /// Where the data lives (`sled:DIR` or a `postgres://` URL, see
+    /// [`StoreSpec`]); `None`: sled in `data_dir`.
+    pub store: Option<String>,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics: Option<String>,
     /// The pre-shared MSkey.
     pub ms_key_file: PathBuf,
     /// Whether clients may register themselves.
@@ -56,6 +69,8 @@ impl Default for CrsConfig {
         CrsConfig {
             listen: "127.0.0.1:7100".into(),
             data_dir: PathBuf::from("ims-crs-data"),
+            store: None,
+            metrics: None,
             ms_key_file: PathBuf::from("mskey"),
             registration_open: true,
             heartbeat_timeout: Duration::from_secs(15),
@@ -110,13 +125,15 @@ pub struct Crs {
     ms_key: Vec<u8>,
     identity: RsaPrivateKey,
     identity_public: RsaPublicKey,
-    live: Mutex<Live>,
-    /// Login attempts per (name, source), for every MS.
-    guesses: guesses::Guesses,
-    events_ready: Condvar,
+    live: Box<dyn LiveState>,
+    /// Login attempts per (name, source), for every MS (in PostgreSQL: of
+    /// every instance).
+    guesses: Box<dyn guesses::GuessCounter>,
+    events_ready: Arc<Wakeup>,
     stopping: AtomicBool,
-    /// Random per process: tells an MS whether the CRS it reaches is the
-    /// one it enrolled with (and so still knows its users).
+    /// Tells an MS whether the CRS it reaches is the one it enrolled with
+    /// (and so still knows its users): random per process with live state
+    /// in memory, the directory's with live state in PostgreSQL.
     instance: String,
 }
 
@@ -128,19 +145,59 @@ impl Crs {
         ms_key: Vec<u8>,
         identity: RsaPrivateKey,
     ) -> Crs {
+        Crs::with_live(
+            config,
+            store,
+            ms_key,
+            identity,
+            Box::new(MemLive::default()),
+            Arc::new(Wakeup::default()),
+        )
+    }
+
+    /// A CRS over `store` with its live state in `live`, whose wake-ups
+    /// come through `wakeup`.
+    pub fn with_live(
+        config: CrsConfig,
+        store: Arc<dyn Store>,
+        ms_key: Vec<u8>,
+        identity: RsaPrivateKey,
+        live: Box<dyn LiveState>,
+        wakeup: Arc<Wakeup>,
+    ) -> Crs {
         let identity_public = identity.public_key();
-        let guesses = guesses::Guesses::new(config.free_login_attempts);
+        let instance = live
+            .shared_instance()
+            .unwrap_or_else(|| crate::keyfile::hex(&crypto::random_array::<8>()));
+        let guesses = live
+            .shared_guesses(config.free_login_attempts)
+            .unwrap_or_else(|| Box::new(guesses::Guesses::new(config.free_login_attempts)));
         Crs {
             config,
             store,
             ms_key,
             identity,
             identity_public,
-            live: Mutex::new(Live::default()),
+            live,
             guesses,
-            events_ready: Condvar::new(),
+            events_ready: wakeup,
             stopping: AtomicBool::new(false),
-            instance: crate::keyfile::hex(&crypto::random_array::<8>()),
+            instance,
+        }
+    }
+
+    /// The same CRS with its store timed and its live state counted.
+    fn counted(self, m: &Arc<metrics::CrsMetrics>) -> Crs {
+        Crs {
+            store: Arc::new(metrics::TimedStore {
+                inner: self.store,
+                metrics: m.clone(),
+            }),
+            live: Box::new(metrics::CountingLive {
+                inner: self.live,
+                metrics: m.clone(),
+            }),
+            ..self
         }
     }
 
@@ -236,6 +293,7 @@ pub struct Running {
     crs: Arc<Crs>,
     server: Server,
     reaper: std::thread::JoinHandle<()>,
+    metrics: Option<crate::metrics::Endpoint>,
 }
 
 impl Running {
@@ -249,11 +307,17 @@ impl Running {
         self.server.stopper()
     }
 
+    /// Where `/metrics` is served, if it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|m| m.local_addr())
+    }
+
     /// Waits until stopped; joins every thread.
     pub fn join(self) {
         self.server.join();
+        drop(self.metrics);
         self.crs.stopping.store(true, Ordering::Relaxed);
-        self.crs.events_ready.notify_all();
+        self.crs.events_ready.notify_everyone();
         if self.reaper.join().is_err() {
             warn!("the reaper thread panicked");
         }
@@ -266,12 +330,50 @@ pub fn start(mut config: CrsConfig) -> Result<Running, CrsError> {
     // heartbeat) well within the heartbeat timeout.
     config.poll_timeout = config.poll_timeout.min(config.heartbeat_timeout / 3);
     let ms_key = keyfile::read_ms_key(&config.ms_key_file).map_err(CrsError::MsKey)?;
-    private_data_dir(&config.data_dir)?;
-    let store = SledStore::open(&config.data_dir.join("db")).map_err(CrsError::Store)?;
-    // Whatever the umask made of the database's files: ours alone.
-    make_private(&config.data_dir).map_err(CrsError::DataDir)?;
-    let identity = identity(&config.data_dir)?;
-    let crs = Arc::new(Crs::new(config.clone(), Arc::new(store), ms_key, identity));
+    let spec = match &config.store {
+        Some(text) => Some(
+            StoreSpec::parse(text).map_err(|e| CrsError::Store(store::StoreError::Backend(e)))?,
+        ),
+        None => None,
+    };
+    let crs = match &spec {
+        None | Some(StoreSpec::Sled(_)) => {
+            // `sled:DIR` is the same as `--data DIR`.
+            let dir = match &spec {
+                Some(StoreSpec::Sled(dir)) => dir.clone(),
+                _ => config.data_dir.clone(),
+            };
+            private_data_dir(&dir)?;
+            let store = SledStore::open(&dir.join("db")).map_err(CrsError::Store)?;
+            // Whatever the umask made of the database's files: ours alone.
+            make_private(&dir).map_err(CrsError::DataDir)?;
+            let identity = identity(&dir)?;
+            Crs::new(config.clone(), Arc::new(store), ms_key, identity)
+        }
+        Some(StoreSpec::Postgres(url)) => {
+            let store = PgStore::open(url).map_err(CrsError::Store)?;
+            info!(
+                "database {} (schema version {})",
+                store.pool().shown(),
+                store::schema::CURRENT
+            );
+            let (key, instance) =
+                identity::shared(store.pool(), &ms_key).map_err(CrsError::Identity)?;
+            let wakeup = Arc::new(Wakeup::default());
+            let live = live_pg::PgLive::start(url, instance, wakeup.clone())
+                .map_err(|e| CrsError::Store(store::StoreError::Backend(e)))?;
+            Crs::with_live(
+                config.clone(),
+                Arc::new(store),
+                ms_key,
+                key,
+                Box::new(live),
+                wakeup,
+            )
+        }
+    };
+    let metrics = metrics::CrsMetrics::new();
+    let crs = Arc::new(crs.counted(&metrics));
     let server = Server::bind(
         config.listen.as_str(),
         config.pool.clone(),
@@ -279,6 +381,24 @@ pub fn start(mut config: CrsConfig) -> Result<Running, CrsError> {
     )
     .map_err(CrsError::Listen)?;
     info!("CRS listening on {}", server.local_addr());
+    metrics.pool.attach(server.stats_source());
+    let endpoint = match &config.metrics {
+        None => None,
+        Some(addr) => {
+            let (m, c) = (metrics.clone(), crs.clone());
+            let refresh = Box::new(move || {
+                m.pool.refresh();
+                let mut live = c.live.lock();
+                let (online, enrolled) = (live.online_count(), live.ms_list().len());
+                drop(live);
+                m.set_live(online, enrolled);
+            });
+            Some(
+                crate::metrics::Endpoint::start(addr, metrics.registry.clone(), refresh)
+                    .map_err(CrsError::Listen)?,
+            )
+        }
+    };
     let reaper = {
         let crs = crs.clone();
         std::thread::Builder::new()
@@ -295,5 +415,6 @@ pub fn start(mut config: CrsConfig) -> Result<Running, CrsError> {
         crs,
         server,
         reaper,
+        metrics: endpoint,
     })
 }

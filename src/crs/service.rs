@@ -320,7 +320,10 @@ impl Crs {
         let who = if role == "admin" {
             Peer2::Admin
         } else {
-            Peer2::Ms(self.enroll_ms(&listen, capacity, &instance))
+            match self.try_enroll_ms(&listen, capacity, &instance) {
+                Ok(id) => Peer2::Ms(id),
+                Err(r) => return Err(r.to_message()),
+            }
         };
         let keys = enrollment_keys(&self.ms_key, ms_nonce, crs_nonce, Role::Responder);
         let id = match who {
@@ -347,7 +350,23 @@ impl Crs {
     /// Records an MS whose MSkey proof checked out; its id. Also the way
     /// handler tests enroll an MS without a socket.
     pub fn enroll_ms(&self, listen: &str, capacity: u32, instance: &str) -> u64 {
-        let (id, lost) = self.live.lock().enroll(listen, capacity, instance);
+        self.try_enroll_ms(listen, capacity, instance).unwrap_or(0)
+    }
+
+    /// As [`Crs::enroll_ms`]; refused when the live state cannot be written
+    /// (its database is unreachable).
+    pub fn try_enroll_ms(
+        &self,
+        listen: &str,
+        capacity: u32,
+        instance: &str,
+    ) -> Result<u64, Refused> {
+        let mut live = self.live.lock();
+        let (id, lost) = live.enroll(listen, capacity, instance);
+        if let Err(e) = live.commit() {
+            warn!("enrollment of {listen}: {e}");
+            return Err(Refused::new(Refusal::Unavailable, "live state unavailable"));
+        }
         if lost.is_empty() {
             debug!("MS {listen} (#{id}) opened a link");
         } else {
@@ -357,7 +376,7 @@ impl Crs {
             );
             self.tell_lost(lost);
         }
-        id
+        Ok(id)
     }
 
     /// An inner request of an enrolled link, as wire messages.
@@ -410,7 +429,10 @@ impl Crs {
                 let user = store::canonical(&user);
                 let mut live = self.live.lock();
                 match live.lock(&user, ms, self.config.lock_lease) {
-                    Ok(()) => Ok(CrsReply::Done),
+                    Ok(()) => match live.commit() {
+                        Ok(()) => Ok(CrsReply::Done),
+                        Err(_) => refuse(Refusal::Unavailable, "live state unavailable"),
+                    },
                     Err(LockError::LoggingIn) => {
                         refuse(Refusal::AlreadyLoggingIn, "already logging in")
                     }
@@ -571,12 +593,13 @@ impl Crs {
         if !live.holds_lock(user, ms) {
             return lost_lock();
         }
+        let online = live.online_many(&record.contacts);
         let contacts: Vec<Contact> = record
             .contacts
             .iter()
             .map(|c| Contact {
                 user: c.clone(),
-                online: live.online(c).map(|o| o.presence.clone()),
+                online: online.get(c).map(|o| o.presence.clone()),
             })
             .collect();
         let login = live.set_online(user, ms, presence.clone());
@@ -587,7 +610,9 @@ impl Crs {
                 presence,
             },
         );
-        drop(live);
+        if live.commit().is_err() {
+            return refuse(Refusal::Unavailable, "live state unavailable");
+        }
         self.events_ready.notify_all();
         info!("{user} online at {address}");
         Ok(CrsReply::Welcome {
@@ -640,7 +665,7 @@ impl Crs {
     fn search(&self, text: &str, limit: u32) -> Answer<CrsReply> {
         let limit = limit.clamp(1, self.config.max_search_results) as usize;
         let found = self.store.search(text, limit).map_err(store_err)?;
-        let live = self.live.lock();
+        let mut live = self.live.lock();
         let mut bytes = 0usize;
         let mut hits = Vec::new();
         for h in found {
@@ -790,9 +815,13 @@ impl Crs {
     /// some (or the poll timeout, an empty batch doubling as a heartbeat).
     fn poll_events(&self, ms: u64, ack: u64) -> Answer<CrsReply> {
         let deadline = Instant::now() + self.config.poll_timeout;
-        let mut live = self.live.lock();
         loop {
-            match live.events(ms, ack) {
+            // Read before looking, so a wake in between is not missed.
+            let seen = self.events_ready.generation(ms);
+            // Bound first: the view must be closed (the lock let go)
+            // before waiting.
+            let batch = self.live.lock().events(ms, ack);
+            match batch {
                 None => return refuse(Refusal::NotEnrolled, "not enrolled"),
                 Some(batch)
                     if !batch.events.is_empty()
@@ -802,11 +831,10 @@ impl Crs {
                     return Ok(CrsReply::Events(batch));
                 }
                 Some(_) => {
-                    // Wake at least every 100 ms so a stopping server answers promptly.
                     let wait = deadline
                         .saturating_duration_since(Instant::now())
-                        .min(std::time::Duration::from_millis(100));
-                    self.events_ready.wait_for(&mut live, wait);
+                        .min(self.live.recheck());
+                    self.events_ready.wait_past(ms, seen, wait);
                 }
             }
         }

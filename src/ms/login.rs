@@ -217,7 +217,10 @@ impl Ms {
         listen_port: u16,
         held: Option<Outbound>,
     ) -> Result<(Message, Arc<OnlineUser>), Refused> {
-        let failure = || Refused::new(Refusal::PasswordFailure, "password failure");
+        let failure = || {
+            self.users.failures.inc();
+            Refused::new(Refusal::PasswordFailure, "password failure")
+        };
         let Some(verifier) = &c.verifier else {
             return Err(failure());
         };

@@ -3,6 +3,7 @@
 
 pub mod limits;
 pub mod login;
+pub mod metrics;
 pub mod push;
 pub mod users;
 
@@ -58,6 +59,8 @@ pub struct MsConfig {
     pub search_rate: f64,
     /// The worker pool.
     pub pool: prethread::Config,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics: Option<String>,
 }
 
 impl Default for MsConfig {
@@ -80,6 +83,7 @@ impl Default for MsConfig {
                 name: "ms".into(),
                 ..prethread::Config::default()
             },
+            metrics: None,
         }
     }
 }
@@ -372,6 +376,7 @@ pub struct Running {
     ms: Arc<Ms>,
     server: Server,
     threads: Vec<JoinHandle<()>>,
+    metrics: Option<crate::metrics::Endpoint>,
 }
 
 impl Running {
@@ -388,6 +393,7 @@ impl Running {
     /// Waits until stopped: logs its users out at the CRS, joins every thread.
     pub fn join(self) {
         self.server.join();
+        drop(self.metrics);
         self.ms.stopping.store(true, Ordering::Relaxed);
         for user in self.ms.users.all() {
             if let Err(e) = self.ms.crs.call(&CrsRequest::Offline {
@@ -458,9 +464,16 @@ pub fn start(config: MsConfig) -> Result<Running, MsError> {
                 .map_err(MsError::Listen)?,
         );
     }
+    let metrics = match &config.metrics {
+        Some(addr) => {
+            Some(metrics::serve(addr, &ms, server.stats_source()).map_err(MsError::Listen)?)
+        }
+        None => None,
+    };
     Ok(Running {
         ms,
         server,
         threads,
+        metrics,
     })
 }

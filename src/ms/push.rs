@@ -27,6 +27,10 @@ type Job = (Arc<OnlineUser>, EventKind);
 pub struct Pusher {
     lanes: Vec<Sender<Job>>,
     threads: Vec<JoinHandle<()>>,
+    /// Pushes delivered (a metric).
+    pub pushed: prometheus_client::metrics::counter::Counter,
+    /// Pushes that failed or were dropped (a metric).
+    pub failed: prometheus_client::metrics::counter::Counter,
 }
 
 impl Pusher {
@@ -35,8 +39,11 @@ impl Pusher {
     pub fn start(n: usize) -> std::io::Result<Pusher> {
         let mut lanes = Vec::new();
         let mut threads = Vec::new();
+        let pushed = prometheus_client::metrics::counter::Counter::<u64>::default();
+        let failed = prometheus_client::metrics::counter::Counter::<u64>::default();
         for i in 0..n.max(1) {
             let (tx, rx) = bounded::<Job>(PUSH_QUEUE);
+            let (ok, bad) = (pushed.clone(), failed.clone());
             lanes.push(tx);
             threads.push(
                 std::thread::Builder::new()
@@ -48,7 +55,12 @@ impl Pusher {
                                 debug!("dropped a push to {}, who logged out", user.name);
                                 continue;
                             }
-                            if let Err(e) = push_one(&user, &event) {
+                            let result = push_one(&user, &event);
+                            if result.is_ok() {
+                                ok.inc();
+                            }
+                            if let Err(e) = result {
+                                bad.inc();
                                 // A client that just closed its connection
                                 // is the usual case: its close ends the login.
                                 if e.gone {
@@ -68,7 +80,12 @@ impl Pusher {
                     })?,
             );
         }
-        Ok(Pusher { lanes, threads })
+        Ok(Pusher {
+            lanes,
+            threads,
+            pushed,
+            failed,
+        })
     }
 
     /// Queues `event` for `user`'s client.
@@ -79,6 +96,7 @@ impl Pusher {
         match lane.try_send((user, event)) {
             Ok(()) => {}
             Err(TrySendError::Full((u, _))) => {
+                self.failed.inc();
                 warn!("push queue full; dropping a push to {}", u.name)
             }
             Err(TrySendError::Disconnected(_)) => {}

@@ -147,6 +147,10 @@ pub struct Users {
     /// Events that arrived for users whose login is between its `ONLINE`
     /// at the CRS and its entry here; applied when the entry is made.
     arriving: Mutex<HashMap<String, Vec<crate::proto::crs::Event>>>,
+    /// Logins completed here (a metric).
+    pub logins: prometheus_client::metrics::counter::Counter,
+    /// Logins refused for a wrong password or an unknown name (a metric).
+    pub failures: prometheus_client::metrics::counter::Counter,
 }
 
 impl Users {
@@ -191,6 +195,7 @@ impl Users {
         let mut arriving = self.arriving.lock();
         if let Some(user) = user {
             self.insert(user);
+            self.logins.inc();
         }
         arriving.remove(name).unwrap_or_default()
     }

@@ -360,6 +360,7 @@ impl<S: Service> Gate<S> {
         // before the gate itself is gone.
         if self.jobs.send(job).is_ok() {
             self.out += 1;
+            self.shared.counters.queued.fetch_add(1, Ordering::Relaxed);
         }
     }
 

@@ -60,7 +60,7 @@ pub use limits::{raise_open_files_limit, FD_RESERVE, MAX_PER_SOURCE};
 pub use outbound::Outbound;
 pub use server::{Server, Stopper};
 pub use signals::{stop_on_signals, SignalWatch};
-pub use stats::Stats;
+pub use stats::{Stats, StatsSource};
 
 /// The two ends of a served connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

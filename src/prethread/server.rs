@@ -29,7 +29,7 @@ use mio::{Poll, Registry, Waker};
 use parking_lot::Mutex;
 
 use super::gate::{gate_loop, Back, Job, WAKER};
-use super::stats::{Counters, Stats};
+use super::stats::{Counters, Stats, StatsSource};
 use super::worker::spawn_worker;
 use super::{Config, Service};
 use crate::wire::{code, Message};
@@ -278,7 +278,14 @@ impl Server {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
-        self.counters.snapshot()
+        self.stats_source().snapshot()
+    }
+
+    /// A handle that reads the counters from another thread.
+    pub fn stats_source(&self) -> StatsSource {
+        StatsSource {
+            counters: Arc::clone(&self.counters),
+        }
     }
 
     /// A handle that stops the server.

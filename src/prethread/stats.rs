@@ -1,6 +1,7 @@
 //! Counters of a running server, kept as atomics and read as a snapshot.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 
 /// A snapshot of a server's counters (see [`super::Server::stats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -20,6 +21,22 @@ pub struct Stats {
     pub open: u64,
     /// Worker threads that panicked (and were replaced).
     pub panicked: u64,
+    /// Whole requests waiting for a worker right now.
+    pub queued: u64,
+}
+
+/// Reads a server's counters from anywhere, for as long as it runs (a
+/// metrics endpoint); see [`super::Server::stats_source`].
+#[derive(Clone, Debug)]
+pub struct StatsSource {
+    pub(crate) counters: Arc<Counters>,
+}
+
+impl StatsSource {
+    /// A snapshot, queue depth included.
+    pub fn snapshot(&self) -> Stats {
+        self.counters.snapshot()
+    }
 }
 
 /// The live counters, shared by the acceptor and the workers.
@@ -31,6 +48,8 @@ pub(crate) struct Counters {
     pub active: AtomicUsize,
     pub held: AtomicUsize,
     pub open: AtomicUsize,
+    /// Jobs sent by the gate and not yet taken by a worker.
+    pub queued: AtomicUsize,
     pub panicked: AtomicU64,
 }
 
@@ -46,6 +65,7 @@ impl Counters {
             held: self.held.load(Relaxed) as u64,
             open: self.open.load(Relaxed) as u64,
             panicked: self.panicked.load(Relaxed),
+            queued: self.queued.load(Relaxed) as u64,
         }
     }
 

@@ -94,6 +94,7 @@ fn worker_main<S: Service>(shared: Arc<Shared<S>>, index: usize) {
         index,
     };
     while let Ok(job) = shared.rx.recv() {
+        shared.counters.queued.fetch_sub(1, Ordering::Relaxed);
         run_job(&shared, index, job);
     }
     drop(sentinel);

@@ -423,12 +423,22 @@ impl Ms {
         key: &Path,
         args: &[&str],
     ) -> Result<Ms, StartFailure> {
+        Ms::try_start_crs(env, &crs.to_string(), key, args)
+    }
+
+    /// Starts an MS given its `--crs` as text (a list `A,B` of instances).
+    pub fn try_start_crs(
+        env: &TestEnv,
+        crs: &str,
+        key: &Path,
+        args: &[&str],
+    ) -> Result<Ms, StartFailure> {
         let mut cmd = Command::new(MS_BIN);
         if !args.contains(&"--listen") {
             cmd.arg("--listen").arg("127.0.0.1:0");
         }
         cmd.arg("--crs")
-            .arg(crs.to_string())
+            .arg(crs)
             .arg("--ms-key")
             .arg(key)
             .arg("--fake-iterations")
@@ -524,13 +534,19 @@ pub struct Client {
 impl Client {
     /// Starts `ims-client --json` with `IMS_PASSWORD=password`; `label`
     /// names it in failure messages.
-    pub fn start(env: &TestEnv, crs: SocketAddr, label: &str, password: &str) -> Client {
+    /// `crs` is an address, or a list `A,B` of CRS instances.
+    pub fn start(
+        env: &TestEnv,
+        crs: impl std::fmt::Display,
+        label: &str,
+        password: &str,
+    ) -> Client {
         Client::start_with(env, crs, label, password, &[])
     }
 
     pub fn start_with(
         env: &TestEnv,
-        crs: SocketAddr,
+        crs: impl std::fmt::Display,
         label: &str,
         password: &str,
         args: &[&str],

@@ -5,9 +5,12 @@
 //! lives behind the [`Store`] trait. Volatile state (enrolled messaging
 //! servers, presence, login locks) is deliberately not here.
 //!
-//! Two implementations:
-//! - [`SledStore`]: the production store on sled; every mutating call returns
+//! Three implementations:
+//! - [`SledStore`]: the embedded default on sled; every mutating call returns
 //!   only after the change has been flushed to disk;
+//! - [`PgStore`]: PostgreSQL, for a directory that several CRS instances
+//!   serve together (the live state then lives there too, see
+//!   [`crate::crs::live`]);
 //! - [`MemStore`]: a `BTreeMap` under a mutex, the reference model in tests
 //!   and a cheap store for handler unit tests.
 //!
@@ -22,10 +25,40 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 mod memory;
+mod pg;
+pub mod schema;
 mod sled_store;
 
 pub use memory::MemStore;
+pub use pg::{describe, PgConn, PgPool, PgStore, TxError};
 pub use sled_store::SledStore;
+
+/// Where the CRS keeps its data: `--store` / `store =`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// `sled:DIR`: the embedded database in DIR.
+    Sled(std::path::PathBuf),
+    /// `postgres://...` (or `postgresql://...`): a PostgreSQL database.
+    Postgres(String),
+}
+
+impl StoreSpec {
+    /// Parses `sled:DIR` or a `postgres://` / `postgresql://` URL.
+    pub fn parse(text: &str) -> Result<StoreSpec, String> {
+        if let Some(dir) = text.strip_prefix("sled:") {
+            if dir.is_empty() {
+                return Err("store sled: needs a directory (sled:DIR)".into());
+            }
+            Ok(StoreSpec::Sled(dir.into()))
+        } else if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            Ok(StoreSpec::Postgres(text.to_owned()))
+        } else {
+            Err(format!(
+                "unknown store {text:?}: use sled:DIR or postgres://USER@HOST/DB"
+            ))
+        }
+    }
+}
 
 /// Longest user name, in bytes (names are ASCII).
 pub const MAX_NAME_LEN: usize = 32;
@@ -328,6 +361,20 @@ mod tests {
         assert_eq!(serde_json::from_str::<User>(old).unwrap(), user);
         assert!(serde_json::from_str::<User>(&old.replace("[48,130]", "\"M!\"")).is_err());
         assert!(serde_json::from_str::<User>(&old.replace("[48,130]", "[48,300]")).is_err());
+    }
+
+    #[test]
+    fn store_specs() {
+        assert_eq!(
+            StoreSpec::parse("sled:/var/lib/ims"),
+            Ok(StoreSpec::Sled("/var/lib/ims".into()))
+        );
+        for url in ["postgres://ims@db/ims", "postgresql://a:b@h:5433/d"] {
+            assert_eq!(StoreSpec::parse(url), Ok(StoreSpec::Postgres(url.into())));
+        }
+        for bad in ["sled:", "mysql://x", "/var/lib/ims", ""] {
+            assert!(StoreSpec::parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
