@@ -536,6 +536,8 @@ impl Client {
                 }
             }
             FromMs::Lost(id) if current == Some(id) => {
+                // The log has this; people get one line below.
+                warn!("the connection to the messaging server closed; the login ends");
                 self.drop_held();
                 self.peers.clear();
                 self.files.clear();
