@@ -267,6 +267,7 @@ impl Cluster {
                 kdf_iterations: KDF_ITERATIONS,
                 insecure_kdf: true,
                 download_dir: dir.join(format!("{name}-downloads")),
+                state_dir: dir.join(format!("{name}-state")),
                 ack_timeout: Duration::from_secs(60),
                 ..ClientConfig::default()
             };

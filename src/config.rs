@@ -441,6 +441,14 @@ pub fn client_settings() -> Vec<Setting<ClientProgram>> {
             "DIR",
             "where received files go (default ~/Downloads)",
         ),
+        key("state_dir", Kind::Text, |c: &mut C, v| {
+            c.client.state_dir = v.text().into()
+        })
+        .flag(
+            "state-dir",
+            "DIR",
+            "where the history and remembered buddy keys live (default ~/.local/state/ims)",
+        ),
         key("auto_accept_files", Kind::Switch, |c: &mut C, v| {
             c.client.auto_accept_files = v.on()
         }),

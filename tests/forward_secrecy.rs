@@ -189,6 +189,7 @@ impl Net {
             kdf_iterations: KDF_ITERATIONS,
             insecure_kdf: true,
             download_dir: self.dir.path().join(format!("{name}-dl")),
+            state_dir: self.dir.path().join(format!("{name}-state")),
             ack_timeout: Duration::from_secs(60),
             auto_accept_files: true,
             rekey_messages: rekey,

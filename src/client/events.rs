@@ -189,6 +189,28 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// The last lines of a conversation (`/history`).
+    History {
+        /// The buddy.
+        with: String,
+        /// Oldest first.
+        messages: Vec<super::history::Entry>,
+    },
+    /// The safety number of our key and a buddy's (`/verify`).
+    SafetyNumber {
+        /// The buddy.
+        user: String,
+        /// Twelve groups of five digits, the same on both sides.
+        number: String,
+        /// Whether the user recorded comparing it (`/verify NAME ok`).
+        verified: bool,
+    },
+    /// The servers hand out a key for a buddy that differs from the one
+    /// remembered: nothing goes to them until `/verify NAME ok`.
+    KeyChanged {
+        /// The buddy.
+        user: String,
+    },
     /// Something worth knowing that is no command's outcome.
     Notice {
         /// What.
@@ -340,6 +362,45 @@ impl Event {
                 c(name),
                 c(peer),
                 c(reason)
+            ),
+            Event::History { with, messages } if messages.is_empty() => {
+                format!("no history with {}", c(with))
+            }
+            Event::History { with, messages } => {
+                let mut s = format!("history with {}:", c(with));
+                for m in messages {
+                    let who = if m.direction == "sent" { "me" } else { with.as_str() };
+                    let state = match m.state.as_deref() {
+                        Some("delivered") | None => "",
+                        Some("failed") => " (not delivered)",
+                        Some(_) => " (pending)",
+                    };
+                    s.push_str(&format!("\n  <{}> {}{state}", c(who), c(&m.text)));
+                }
+                s
+            }
+            Event::SafetyNumber {
+                user,
+                number,
+                verified,
+            } => format!(
+                "safety number with {}: {}\n  {}",
+                c(user),
+                c(number),
+                if *verified {
+                    "verified".to_owned()
+                } else {
+                    format!(
+                        "not verified: compare it with {0} in person or by a call, then /verify {0} ok",
+                        c(user)
+                    )
+                }
+            ),
+            Event::KeyChanged { user } => format!(
+                "!! WARNING: the servers now give a different key for {0}. Nothing goes to {0} until you check: \
+                 compare /verify {0} with {0} (in person or by a call) and accept with /verify {0} ok. \
+                 Only {0} registering again explains this; otherwise someone may be listening.",
+                c(user)
             ),
             Event::Notice { text } => text.lines().map(clean).collect::<Vec<_>>().join("\n"),
         }

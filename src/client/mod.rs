@@ -6,8 +6,10 @@ pub mod account;
 pub mod events;
 pub mod files;
 pub mod handshake;
+pub mod history;
 pub mod peer;
 pub mod session;
+pub mod trust;
 pub mod ui;
 
 use std::net::{SocketAddr, TcpStream};
@@ -67,6 +69,9 @@ pub struct ClientConfig {
     pub ack_timeout: Duration,
     /// Where received files go.
     pub download_dir: PathBuf,
+    /// Where each account's remembered buddy keys live (a directory per
+    /// account).
+    pub state_dir: PathBuf,
     /// Accept every file a buddy offers without asking.
     pub auto_accept_files: bool,
     /// How often a logged-in client tells its MS it is alive; the MS logs
@@ -93,6 +98,18 @@ pub fn default_download_dir() -> PathBuf {
     }
 }
 
+/// The client's state directory: `$XDG_STATE_HOME/ims`,
+/// `~/.local/state/ims`, or `.ims-state` in the current directory.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(d).join("ims");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/state/ims"),
+        None => PathBuf::from(".ims-state"),
+    }
+}
+
 impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
@@ -106,6 +123,7 @@ impl Default for ClientConfig {
             timeout: Duration::from_secs(10),
             ack_timeout: Duration::from_secs(10),
             download_dir: default_download_dir(),
+            state_dir: default_state_dir(),
             auto_accept_files: false,
             keepalive_interval: Duration::from_secs(5),
             rekey_messages: DEFAULT_REKEY_MESSAGES,
@@ -140,6 +158,10 @@ pub struct Client {
     state: Mutex<State>,
     /// Each user's salt and iteration count at their last login here.
     known_kdf: Mutex<std::collections::HashMap<String, crypto::KdfParams>>,
+    /// The logged-in (or last) user's remembered buddy keys.
+    keys: Mutex<Option<(String, trust::KeyBook)>>,
+    /// The logged-in user's history, if it opened.
+    history: Mutex<Option<history::History>>,
     /// Serializes requests to the MS so their sequence numbers stay in order.
     calls: Mutex<()>,
     events: Sender<Event>,
@@ -313,6 +335,8 @@ impl Client {
             listen_port,
             state: Mutex::new(State::LoggedOut),
             known_kdf: Mutex::new(std::collections::HashMap::new()),
+            keys: Mutex::new(None),
+            history: Mutex::new(None),
             calls: Mutex::new(()),
             events,
             peers: peer::Peers::default(),
@@ -347,6 +371,7 @@ impl Client {
     }
 
     fn emit(&self, e: Event) {
+        self.record(&e);
         if self.events.send(e).is_err() {
             // The receiver goes away only when the interface is exiting.
             debug!("event dropped: the interface is gone");
@@ -403,6 +428,22 @@ impl Client {
                 State::LoggedOut => *state = State::LoggingIn,
             }
         }
+        // The remembered buddy keys first: a login that could not check
+        // them must not talk to anyone.
+        if let Ok(name) = account::normalize_name(user) {
+            let mut keys = self.keys.lock();
+            if keys.as_ref().map(|(u, _)| u) != Some(&name) {
+                match trust::KeyBook::open(&self.config.state_dir, &name) {
+                    Ok(book) => *keys = Some((name, book)),
+                    Err(e) => {
+                        *keys = None;
+                        *self.state.lock() = State::LoggedOut;
+                        self.changed.notify_all();
+                        return Err(ClientError::Failed(e.to_string()));
+                    }
+                }
+            }
+        }
         let notice = |text: String| self.emit(Event::Notice { text });
         let known = account::normalize_name(user)
             .ok()
@@ -434,11 +475,21 @@ impl Client {
         self.known_kdf
             .lock()
             .insert(user.clone(), session.kdf.clone());
+        let history = history::History::open(&self.config.state_dir, &user, session.history_key);
         let requests: Vec<String> = session.requests.keys().cloned().collect();
         let buddies = buddy_views(&session);
         *guard = State::LoggedIn(Box::new(session));
         // Pushes that raced the end of the login wait for this, so they
         // are never lost and print after these.
+        match history {
+            Ok(h) => *self.history.lock() = Some(h),
+            Err(e) => {
+                *self.history.lock() = None;
+                self.emit(Event::Notice {
+                    text: format!("{e}; nothing is recorded in this login"),
+                });
+            }
+        }
         self.emit(Event::LoggedIn { user });
         self.emit(Event::Buddies { buddies });
         for from in requests {
@@ -643,6 +694,91 @@ impl Client {
         0
     }
 
+    /// Keeps what `e` says about a conversation in the history.
+    fn record(&self, e: &Event) {
+        let guard = self.history.lock();
+        let Some(h) = guard.as_ref() else { return };
+        let r = match e {
+            Event::Message { from, text, id } => h.received(from, *id, peer::now_unix(), text),
+            Event::Delivered { to, id } => h.outcome(to, *id, true),
+            Event::SendFailed { to, id, .. } if *id != 0 => h.outcome(to, *id, false),
+            _ => Ok(()),
+        };
+        if let Err(e) = r {
+            warn!("history: {e}");
+        }
+    }
+
+    /// Keeps a message we are sending in the history.
+    pub(crate) fn record_sent(&self, to: &str, id: u64, text: &str) {
+        if let Some(h) = self.history.lock().as_ref() {
+            if let Err(e) = h.sent(to, id, peer::now_unix(), text) {
+                warn!("history: {e}");
+            }
+        }
+    }
+
+    /// `/history NAME [N]`: the last `n` lines with `name`.
+    pub fn history(&self, name: &str, n: usize) -> Result<Event, ClientError> {
+        let name = account::normalize_name(name)?;
+        if !self.is_logged_in() {
+            return Err(ClientError::NotLoggedIn);
+        }
+        let guard = self.history.lock();
+        let h = guard
+            .as_ref()
+            .ok_or_else(|| ClientError::Failed("the history is not open in this login".into()))?;
+        let messages = h
+            .last(&name, n)
+            .map_err(|e| ClientError::Failed(e.to_string()))?;
+        Ok(Event::History {
+            with: name,
+            messages,
+        })
+    }
+
+    /// `/verify NAME [ok]`: the safety number of our key and `name`'s
+    /// (its new key, if it changed); with `accept`, records that the user
+    /// compared it, which also accepts a changed key.
+    pub fn verify(&self, name: &str, accept: bool) -> Result<Event, ClientError> {
+        let name = account::normalize_name(name)?;
+        let (me, mine, presented) = {
+            let guard = self.settled_session();
+            let s = guard.session().ok_or(ClientError::NotLoggedIn)?;
+            let presented = match s.buddies.get(&name) {
+                None => return Err(ClientError::Failed(format!("{name} is not your buddy"))),
+                Some(p) => p.as_ref().map(|p| p.public_key.clone()),
+            };
+            (s.user.clone(), s.public_key.to_der()?, presented)
+        };
+        let mut keys = self.keys.lock();
+        let Some((_, book)) = keys.as_mut().filter(|(u, _)| *u == me) else {
+            return Err(ClientError::Failed(
+                "the remembered buddy keys are not open".into(),
+            ));
+        };
+        if accept {
+            let done = book
+                .accept(&name, presented.as_deref())
+                .map_err(|e| ClientError::Failed(e.to_string()))?;
+            if !done {
+                return Err(ClientError::Failed(format!(
+                    "no key of {name} seen yet; try again while {name} is online"
+                )));
+            }
+        }
+        let (theirs, verified) = book.shown(&name, presented.as_deref()).ok_or_else(|| {
+            ClientError::Failed(format!(
+                "no key of {name} seen yet; try again while {name} is online"
+            ))
+        })?;
+        Ok(Event::SafetyNumber {
+            number: trust::safety_number((&me, &mine), (&name, &theirs)),
+            user: name,
+            verified,
+        })
+    }
+
     /// Logs out; buddies are told by the servers.
     pub fn logout(&self) {
         let result = self.ms_call(&MsRequest::Logout);
@@ -757,14 +893,22 @@ impl Client {
         let (req, check, user) = {
             let guard = self.state.lock();
             let s = guard.session().ok_or(ClientError::NotLoggedIn)?;
-            let (req, check) = s.rewrap(
+            let (req, check, history_key) = s.rewrap(
                 new_password,
                 self.config.kdf_iterations,
                 self.config.policy(),
             )?;
-            (req, check, s.user.clone())
+            (req, (check, history_key), s.user.clone())
         };
+        let (check, history_key) = check;
         self.ms_call(&req)?;
+        if let Some(h) = self.history.lock().as_mut() {
+            if let Err(e) = h.rekey(history_key) {
+                self.emit(Event::Notice {
+                    text: format!("the history could not be re-sealed for the new password: {e}"),
+                });
+            }
+        }
         if let Some(s) = self.state.lock().session_mut() {
             s.password_changed(check);
         }

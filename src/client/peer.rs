@@ -29,6 +29,7 @@ use super::events::Event;
 use super::handshake::{
     self, EpochKeys, HandshakeError, Initiating, RekeyConfirmation, Rekeying, Tentative,
 };
+use super::trust::Check;
 use super::Client;
 use crate::crypto::{self, RsaPublicKey};
 use crate::proto::peer::{Ack, Confirm, Init, InitAck, PeerRequest, RekeyAck, PEER};
@@ -466,7 +467,7 @@ impl Peers {
     }
 }
 
-fn now_unix() -> u64 {
+pub(super) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -493,12 +494,40 @@ impl Client {
         match s.buddies.get(to) {
             None => Err(format!("{to} is not your buddy; /add {to} first")),
             Some(None) => Err(format!("{to} is offline")),
-            Some(Some(p)) => Ok((
-                s.user.clone(),
-                s.private_key.clone(),
-                p.address,
-                p.public_key.clone(),
-            )),
+            Some(Some(p)) => {
+                self.key_is_trusted(&s.user, to, &p.public_key)?;
+                Ok((
+                    s.user.clone(),
+                    s.private_key.clone(),
+                    p.address,
+                    p.public_key.clone(),
+                ))
+            }
+        }
+    }
+
+    /// Whether `key`, handed out by the servers for `buddy`, is the one
+    /// remembered (or seen for the first time); a changed key is reported
+    /// once and refused until the user accepts it with `/verify`.
+    fn key_is_trusted(&self, me: &str, buddy: &str, key: &[u8]) -> Result<(), String> {
+        let mut keys = self.keys.lock();
+        let Some((_, book)) = keys.as_mut().filter(|(u, _)| u == me) else {
+            return Err("the remembered buddy keys are not open".into());
+        };
+        match book.check(buddy, key) {
+            Ok(Check::Trusted) => Ok(()),
+            Ok(Check::Changed { first }) => {
+                if first {
+                    warn!("the servers hand out a new key for {buddy}");
+                    self.emit(Event::KeyChanged {
+                        user: buddy.to_owned(),
+                    });
+                }
+                Err(format!(
+                    "{buddy}'s key changed; compare the safety number (/verify {buddy}) and accept it with /verify {buddy} ok"
+                ))
+            }
+            Err(e) => Err(e.to_string()),
         }
     }
 
@@ -896,6 +925,7 @@ impl Client {
             ));
         }
         let to = to.to_ascii_lowercase();
+        self.record_sent(&to, id, text);
         self.send_request(
             &to,
             &PeerRequest::Msg {
@@ -905,7 +935,15 @@ impl Client {
             id,
             PendingKind::Msg,
         )
-        .map_err(|e| (id, e))?;
+        .map_err(|e| {
+            // No event follows this failure: the history is told here.
+            self.record(&Event::SendFailed {
+                to: to.clone(),
+                id,
+                reason: String::new(),
+            });
+            (id, e)
+        })?;
         self.set_last_peer(&to);
         Ok(id)
     }

@@ -39,6 +39,8 @@ pub struct Session {
     pub requests: BTreeMap<String, BuddyRequest>,
     /// Our profile.
     pub profile: Profile,
+    /// The key of this account's history on disk (from the password).
+    pub history_key: [u8; 32],
     /// The salt and iteration count this login derived with.
     pub kdf: KdfParams,
     /// The StoredKey of this login's password: with `kdf`, a password
@@ -246,6 +248,7 @@ impl Session {
             .filter(|r| request_is_genuine(r, &user))
             .map(|r| (r.from.clone(), r))
             .collect();
+        let history_key = super::history::history_key(&keys.wrap, &user);
         let session = Session {
             user,
             ms,
@@ -263,6 +266,7 @@ impl Session {
             profile: welcome.profile,
             kdf: params,
             stored_key: keys.scram.stored_key,
+            history_key,
         };
         Ok((session, conn))
     }
@@ -298,7 +302,7 @@ impl Session {
         password: &str,
         iterations: u32,
         policy: KdfPolicy,
-    ) -> Result<(MsRequest, PasswordCheck), ClientError> {
+    ) -> Result<(MsRequest, PasswordCheck, [u8; 32]), ClientError> {
         if password.chars().count() < account::MIN_PASSWORD_LEN {
             return Err(ClientError::WeakPassword);
         }
@@ -313,7 +317,8 @@ impl Session {
             verifier: keys.verifier(&params),
             wrapped_key,
         };
-        Ok((request, (params, keys.scram.stored_key)))
+        let history_key = super::history::history_key(&keys.wrap, &self.user);
+        Ok((request, (params, keys.scram.stored_key), history_key))
     }
 
     /// A signed buddy request for `to`.

@@ -117,6 +117,14 @@ pub const HELP: &[(&str, &str)] = &[
         "show your profile, or set FIELD (empty VALUE clears it)",
     ),
     (
+        "/history NAME [N]",
+        "show the last N (default 20) lines of your conversation with NAME",
+    ),
+    (
+        "/verify NAME [ok]",
+        "show the safety number with NAME; 'ok' records that you compared it (and accepts a changed key)",
+    ),
+    (
         "/passwd",
         "change your password (asks for the current one, then the new one twice)",
     ),
@@ -439,6 +447,40 @@ impl Commands {
                         "cancel",
                         Ok(Some(format!("cancelled {n} transfer(s) with {name}"))),
                     ),
+                }
+            }
+            "/history" => {
+                let (name, n) = match rest.split_whitespace().collect::<Vec<_>>().as_slice() {
+                    [name] => (name.to_string(), Some(20)),
+                    [name, n] => (name.to_string(), n.parse::<usize>().ok()),
+                    _ => (String::new(), None),
+                };
+                let Some(n) = n.filter(|_| !name.is_empty()) else {
+                    self.usage("history", "/history NAME [N]");
+                    return Vec::new();
+                };
+                match c.history(&name, n) {
+                    Ok(e) => self.emit(e),
+                    Err(e) => self.outcome("history", Err(e)),
+                }
+            }
+            "/verify" => {
+                let (name, accept) = match rest.split_whitespace().collect::<Vec<_>>().as_slice() {
+                    [name] => (name.to_string(), false),
+                    [name, "ok"] => (name.to_string(), true),
+                    _ => {
+                        self.usage("verify", "/verify NAME [ok]");
+                        return Vec::new();
+                    }
+                };
+                match c.verify(&name, accept) {
+                    Ok(e) => {
+                        self.emit(e);
+                        if accept {
+                            self.outcome("verify", Ok(Some(format!("{name}'s key is verified"))));
+                        }
+                    }
+                    Err(e) => self.outcome("verify", Err(e)),
                 }
             }
             "/remove" => {

@@ -40,6 +40,7 @@ use ratatui::widgets::Paragraph;
 use ratatui::{DefaultTerminal, Frame, Terminal};
 use unicode_width::UnicodeWidthChar;
 
+use super::super::history::Entry as HistoryEntry;
 use super::history::History;
 use super::plain::print_events;
 use super::{command_words, needs_secret, Commands, Passwords, Secret, Sent};
@@ -335,6 +336,9 @@ pub fn run(
     (code, std::thread::spawn(move || print_events(rx, false)))
 }
 
+/// Lines of history a new conversation window starts with.
+const WINDOW_HISTORY: usize = 20;
+
 /// The command thread: one command at a time, in the order typed.
 fn run_jobs(commands: Commands, jobs: Receiver<Job>, notes: Sender<Note>) {
     for job in jobs {
@@ -586,6 +590,16 @@ impl Screen {
         {
             return i;
         }
+        // A new conversation window starts with the recent history.
+        if self.me.is_some() {
+            self.jobs
+                .send(Job::Line(
+                    format!("/history {buddy} {WINDOW_HISTORY}"),
+                    None,
+                    0,
+                ))
+                .ok();
+        }
         self.windows.push(Window::new(Some(buddy)));
         self.windows.len() - 1
     }
@@ -621,6 +635,61 @@ impl Screen {
     }
 
     /// Adds every line of `text` (already cleaned) to window `w`.
+    /// Puts a conversation's history above what window `w` shows; the
+    /// messages the window already shows (the last ones of the history,
+    /// recorded as they came) are not repeated.
+    fn show_history(&mut self, w: usize, with: &str, messages: &[HistoryEntry]) {
+        let Some(win) = self.windows.get_mut(w) else {
+            return;
+        };
+        let shown = win
+            .lines
+            .iter()
+            .filter(|l| matches!(l.kind, Kind::Theirs | Kind::Ours))
+            .count();
+        let older = &messages[..messages.len().saturating_sub(shown)];
+        if older.is_empty() {
+            return;
+        }
+        let mut lines: Vec<Line> = older
+            .iter()
+            .map(|m| {
+                let ours = m.direction == "sent";
+                Line {
+                    stamp: String::from("--:--"),
+                    kind: if ours { Kind::Ours } else { Kind::Theirs },
+                    nick: Some(clean(if ours {
+                        self.me.as_deref().unwrap_or("me")
+                    } else {
+                        with
+                    })),
+                    text: clean(&m.text),
+                    // An id no live message has: ids start again at each
+                    // run, and a delivery must never mark an old line.
+                    sent: ours.then_some((u64::MAX, Some(m.state.as_deref() != Some("failed")))),
+                    token: 0,
+                }
+            })
+            .collect();
+        lines.push(Line {
+            stamp: String::from("--:--"),
+            kind: Kind::Info,
+            nick: None,
+            text: String::from("-- earlier messages above --"),
+            sent: None,
+            token: 0,
+        });
+        let n = lines.len();
+        let Some(win) = self.windows.get_mut(w) else {
+            return;
+        };
+        lines.append(&mut win.lines);
+        win.lines = lines;
+        if let Some(f) = win.first_unread.as_mut() {
+            *f += n;
+        }
+    }
+
     fn push_text(&mut self, w: usize, kind: Kind, text: &str) {
         let t = stamp();
         for l in text.split('\n') {
@@ -753,8 +822,22 @@ impl Screen {
             | Event::BuddyAdded { .. }
             | Event::BuddyRemoved { .. }
             | Event::Denied { .. } => self.push_text(0, Kind::Info, &e.to_text()),
+            Event::KeyChanged { user } => {
+                // In the buddy's window, where the next message would go,
+                // and in the main window.
+                let w = self.window_for(user);
+                self.push_text(w, Kind::Error, &e.to_text());
+                if w != 0 {
+                    self.push_text(0, Kind::Error, &e.to_text());
+                }
+            }
             Event::Error { .. } => self.push_text(active, Kind::Error, &e.to_text()),
-            Event::Notice { .. }
+            Event::History { with, messages } => {
+                let w = self.window_for(with);
+                self.show_history(w, with, messages);
+            }
+            Event::SafetyNumber { .. }
+            | Event::Notice { .. }
             | Event::Ok { .. }
             | Event::Buddies { .. }
             | Event::SearchResults { .. }
@@ -1483,6 +1566,36 @@ mod tests {
             text: text.into(),
             id: 1,
         }
+    }
+
+    #[test]
+    fn a_window_starts_with_the_older_history_and_a_changed_key_warns_there() {
+        let mut s = screen();
+        s.on_event(message("bob", "newest words"));
+        let entry = |direction: &str, text: &str| HistoryEntry {
+            direction: direction.into(),
+            id: 1,
+            time: 0,
+            text: text.into(),
+            state: (direction == "sent").then(|| "delivered".into()),
+        };
+        s.on_event(Event::History {
+            with: "bob".into(),
+            messages: vec![
+                entry("sent", "older question"),
+                entry("received", "older answer"),
+                entry("received", "newest words"),
+            ],
+        });
+        s.on_event(Event::KeyChanged { user: "bob".into() });
+        s.switch_to(1);
+        let rows = render(&s, 200, 12).join("\n");
+        assert_eq!(rows.matches("newest words").count(), 1, "{rows}");
+        let q = rows.find("older question").expect(&rows);
+        let a = rows.find("older answer").expect(&rows);
+        let n = rows.find("newest words").expect(&rows);
+        assert!(q < a && a < n, "{rows}");
+        assert!(rows.contains("different key for bob"), "{rows}");
     }
 
     #[test]
