@@ -20,12 +20,14 @@
 //!   round. Twice: for users none of whose buddies is online (the login
 //!   path alone), and for users 0..8000 whose ring neighbours log in around
 //!   them (each login then pushes presence to about 10 online buddies, each
-//!   push a connection from the MS to the buddy's client);
+//!   push a message on the buddy's held login connection);
 //! - presence latency: from the moment a client holds its login reply to
 //!   the moment each of its online buddies' clients holds the `online`
 //!   push (0 when the push came first), and from the moment it sent
-//!   `LOGIN`. Simulated clients share push listener ports and route each
-//!   `PUSH` by its clear `User` header to that user's push keys. Measured
+//!   `LOGIN`. Every simulated client keeps its login connection (the MS
+//!   pushes on it, and its close logs the user out); one poller thread
+//!   reads them all and routes each `PUSH` by its clear `User` header to
+//!   that user's push keys. A logout closes the connection. Measured
 //!   with logins one at a time against a background of online users (light
 //!   load), and during the throughput rounds (saturation);
 //! - MS memory: the MSs' VmRSS before and after the first round's users
@@ -48,11 +50,15 @@
 //! instances, PostgreSQL with its backends, MSs) is reported for the
 //! throughput rounds: on a shared machine it tells how the parts would
 //! scale each on its own machine.
+//!
+//! A quick run that only checks that the bench works:
+//! `IMS_BENCH_ROUNDS=1 IMS_BENCH_ROUND_USERS=200 IMS_BENCH_SOLO_ROUNDS=1
+//! IMS_BENCH_LIGHT=100 cargo bench --bench login`.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -66,7 +72,7 @@ use ims::proto;
 use ims::proto::crs::{EventKind, SEALED};
 use ims::proto::ms::{read_event, Challenge, MsRequest, PUSH};
 use ims::proto::Fields;
-use ims::seal::{Opener, Role, Sealer, SessionKeys};
+use ims::seal::{Opener, Role, SessionKeys};
 use ims::wire::io::{write_message, MessageReader};
 use ims::wire::{Limits, Message};
 use parking_lot::Mutex;
@@ -88,12 +94,12 @@ const ROUND_USERS: usize = 8_000;
 const ROUNDS: usize = 3;
 /// Simulated clients logging in at once (override: IMS_BENCH_CLIENTS).
 const CLIENTS: usize = 16;
-/// Push listener ports (100 users share one), and threads serving each.
-/// Real clients each have their own address; sharing a few ports would
-/// make the MSs' connects search long for a free port among the
-/// TIME_WAIT connections to the same destination.
-const PUSH_PORTS: usize = 100;
-const PUSH_THREADS: usize = 1;
+/// The listener port simulated clients announce; nothing connects there
+/// (the MS pushes on the login connection).
+const LISTEN_PORT: u16 = 7300;
+/// Tries of a login refused because the same user's previous login (just
+/// closed) has not ended yet at the servers.
+const LOGGED_IN_RETRIES: usize = 2000;
 /// Login path alone: users 11 apart on the ring (none is another's
 /// buddy, so no presence is pushed), logged in and out this many times.
 const SOLO_ROUNDS: usize = 6;
@@ -391,12 +397,9 @@ fn make_data_set(target: Target<'_>) -> Vec<Account> {
 
 // ---------------------------------------------------------------- clients
 
-/// A logged-in simulated user.
+/// A logged-in simulated user: its held login connection.
 struct Session {
-    ms: SocketAddr,
-    login: String,
-    send: Sealer,
-    recv: Opener,
+    held: TcpStream,
 }
 
 /// One user's client state.
@@ -420,7 +423,9 @@ struct World {
     crs: Vec<SocketAddr>,
     accounts: Vec<Account>,
     slots: Vec<Slot>,
-    push_ports: Vec<u16>,
+    /// Held connections go to the poller thread through this.
+    hold: crossbeam_channel::Sender<(usize, TcpStream, Vec<u8>)>,
+    wake: mio::Waker,
     arrivals: Arrivals,
     /// `online` pushes received about each user.
     arrived: Vec<AtomicUsize>,
@@ -451,8 +456,23 @@ fn busy(m: &Message) -> bool {
 
 impl World {
     /// One full login of user `i`; the number of buddies the CRS reported
-    /// online in the welcome (each should get a push).
+    /// online in the welcome (each should get a push). A refusal because
+    /// the user's previous login (whose connection was just closed) has
+    /// not ended yet is retried.
     fn login(&self, i: usize) -> Result<usize, String> {
+        for _ in 0..LOGGED_IN_RETRIES {
+            match self.login_once(i) {
+                Err(e) if e.starts_with("LOGIN: 409") => {
+                    self.busy_retries.fetch_add(1, Ordering::Relaxed);
+                    thread::sleep(Duration::from_millis(1));
+                }
+                other => return other,
+            }
+        }
+        Err("LOGIN: still logged in".into())
+    }
+
+    fn login_once(&self, i: usize) -> Result<usize, String> {
         let user = name(i);
         let acct = &self.accounts[i];
         // LOCATE, retried while the CRS is busy.
@@ -508,10 +528,9 @@ impl World {
         let push = SessionKeys::derive(&acct.keys.client_key, &context, Role::Initiator);
         let slot = &self.slots[i];
         *slot.push.lock() = Some(push.recv);
-        let port = self.push_ports[i % self.push_ports.len()];
         let login = MsRequest::Login {
             proof: proof.to_vec(),
-            listen_port: port,
+            listen_port: LISTEN_PORT,
         };
         slot.login_sent.store(now_ns(self.epoch), Ordering::Release);
         let reply = call(&mut conn, &login.to_message())?;
@@ -530,47 +549,33 @@ impl World {
         if !crypto::ct_eq(&expected, &signature) {
             return Err("bad server signature".into());
         }
-        let (send, mut recv) = (link.send, link.recv);
+        let mut recv = link.recv;
         let welcome = recv.open(&reply).map_err(|e| format!("welcome: {e}"))?;
         // Contacts serialize as {"user":..,"online":null} or with a
         // presence object; counting beats parsing for a load generator.
         let online = count(&welcome.body, br#""online":{"#);
-        *slot.session.lock() = Some(Session {
-            ms,
-            login: reply.req("Login").map_err(|e| e.to_string())?.to_owned(),
-            send,
-            recv,
-        });
+        // The connection now carries the login: the poller reads its pushes.
+        let (stream, rest) = conn.into_parts();
+        let held = stream.try_clone().map_err(|e| e.to_string())?;
+        self.hold
+            .send((i, stream, rest))
+            .map_err(|_| "the poller is gone".to_string())?;
+        let _ = self.wake.wake();
+        *slot.session.lock() = Some(Session { held });
         Ok(online)
     }
 
+    /// Logs user `i` out by closing its held connection: the MS ends the
+    /// login at once.
     fn logout(&self, i: usize) -> Result<(), String> {
         let slot = &self.slots[i];
-        let Some(mut s) = slot.session.lock().take() else {
+        let Some(s) = slot.session.lock().take() else {
             return Ok(());
         };
-        let sealed = s
-            .send
-            .seal(
-                SEALED,
-                &[("Login", &s.login)],
-                &MsRequest::Logout.to_message(),
-            )
-            .map_err(|e| e.to_string())?;
-        let mut conn = connect(s.ms).map_err(|e| format!("connect MS: {e}"))?;
-        let reply = call(&mut conn, &sealed)?;
-        let inner = if reply.method() == Some(SEALED) {
-            s.recv.open(&reply).map_err(|e| e.to_string())?
-        } else {
-            reply
-        };
+        let _ = s.held.shutdown(std::net::Shutdown::Both);
         *slot.push.lock() = None;
         slot.login_done.store(0, Ordering::Release);
-        if inner.is_success() {
-            Ok(())
-        } else {
-            Err(format!("LOGOUT: {:?}", inner.reason()))
-        }
+        Ok(())
     }
 
     /// One pushed message for one of our users: open it and note an
@@ -609,23 +614,80 @@ fn count(hay: &[u8], needle: &[u8]) -> usize {
     hay.windows(needle.len()).filter(|w| *w == needle).count()
 }
 
-/// Serves pushes on one listener until `stop`.
-fn push_server(world: Arc<World>, listener: TcpListener, stop: Arc<AtomicBool>) {
-    for stream in listener.incoming() {
-        if stop.load(Ordering::Relaxed) {
-            return;
+/// Reads every held login connection until `stop`: pushes go to
+/// [`World::on_push`]; a closed connection is forgotten.
+fn hold_loop(
+    world: Arc<World>,
+    mut poll: mio::Poll,
+    new: crossbeam_channel::Receiver<(usize, TcpStream, Vec<u8>)>,
+    stop: Arc<AtomicBool>,
+) {
+    use mio::unix::SourceFd;
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let mut conns: std::collections::HashMap<usize, (TcpStream, Vec<u8>)> =
+        std::collections::HashMap::new();
+    let mut next = 1usize;
+    let mut events = mio::Events::with_capacity(1024);
+    let mut chunk = vec![0u8; 64 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        let _ = poll.poll(&mut events, Some(Duration::from_millis(50)));
+        let mut ready: Vec<usize> = events
+            .iter()
+            .map(|e| e.token().0)
+            .filter(|&t| t != 0)
+            .collect();
+        while let Ok((_, stream, rest)) = new.try_recv() {
+            let _ = stream.set_nonblocking(true);
+            let fd = stream.as_raw_fd();
+            let token = next;
+            next += 1;
+            if poll
+                .registry()
+                .register(
+                    &mut SourceFd(&fd),
+                    mio::Token(token),
+                    mio::Interest::READABLE,
+                )
+                .is_ok()
+            {
+                conns.insert(token, (stream, rest));
+                ready.push(token);
+            }
         }
-        let Ok(stream) = stream else { continue };
-        let _ = stream.set_nodelay(true);
-        let mut reader = MessageReader::new(stream);
-        while let Ok(Some(m)) = reader.read_message(&Limits::DEFAULT, Instant::now() + TIMEOUT) {
-            let reply = if m.method() == Some(PUSH) {
-                world.on_push(&m)
-            } else {
-                Message::reply(405, "unknown method")
+        for token in ready {
+            let Some((stream, buf)) = conns.get_mut(&token) else {
+                continue;
             };
-            if write_message(reader.get_mut(), &reply, Instant::now() + TIMEOUT).is_err() {
-                break;
+            let mut closed = false;
+            loop {
+                match stream.read(&mut chunk) {
+                    Ok(0) => {
+                        closed = true;
+                        break;
+                    }
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            while let Ok(ims::wire::Status::Complete { message, used }) =
+                ims::wire::parse(buf, &Limits::DEFAULT)
+            {
+                buf.drain(..used);
+                if message.method() == Some(PUSH) {
+                    world.on_push(&message);
+                }
+            }
+            if closed {
+                if let Some((stream, _)) = conns.remove(&token) {
+                    let fd = stream.as_raw_fd();
+                    let _ = poll.registry().deregister(&mut SourceFd(&fd));
+                }
             }
         }
     }
@@ -751,6 +813,8 @@ fn report_errors(what: &str, errors: &[String]) {
 }
 
 fn main() {
+    // Every simulated login holds a connection: thousands of descriptors.
+    ims::prethread::raise_open_files_limit();
     // `cargo bench` passes --bench; any other argument filters benches by
     // name, as libtest would.
     let filter: Vec<String> = std::env::args()
@@ -855,11 +919,11 @@ fn main() {
         })
         .collect();
 
-    // Push listeners.
+    // The poller of held login connections.
     let stop = Arc::new(AtomicBool::new(false));
-    let listeners: Vec<TcpListener> = (0..PUSH_PORTS)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a push listener"))
-        .collect();
+    let poll = mio::Poll::new().expect("poller");
+    let wake = mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker");
+    let (hold, held_rx) = crossbeam_channel::unbounded();
     let world = Arc::new(World {
         epoch: Instant::now(),
         crs: crs_all.iter().map(|c| c.addr).collect(),
@@ -872,10 +936,8 @@ fn main() {
                 login_done: AtomicU64::new(0),
             })
             .collect(),
-        push_ports: listeners
-            .iter()
-            .map(|l| l.local_addr().expect("addr").port())
-            .collect(),
+        hold,
+        wake,
         arrivals: Mutex::new(Vec::new()),
         arrived: (0..USERS).map(|_| AtomicUsize::new(0)).collect(),
         pushes: AtomicU64::new(0),
@@ -883,17 +945,10 @@ fn main() {
         push_failures: Mutex::new(BTreeMap::new()),
         busy_retries: AtomicU64::new(0),
     });
-    let mut push_threads = Vec::new();
-    for l in &listeners {
-        for _ in 0..PUSH_THREADS {
-            let (w, l, s) = (
-                world.clone(),
-                l.try_clone().expect("clone listener"),
-                stop.clone(),
-            );
-            push_threads.push(thread::spawn(move || push_server(w, l, s)));
-        }
-    }
+    let holder = {
+        let (w, s) = (world.clone(), stop.clone());
+        thread::spawn(move || hold_loop(w, poll, held_rx, s))
+    };
 
     let rss = |procs: &[Proc]| -> u64 { procs.iter().map(|p| vm_rss_kib(p.pid())).sum() };
 
@@ -1008,14 +1063,7 @@ fn main() {
 
     let disk = dir_size(&data);
     stop.store(true, Ordering::Relaxed);
-    for l in &listeners {
-        for _ in 0..PUSH_THREADS {
-            let _ = TcpStream::connect(l.local_addr().expect("addr"));
-        }
-    }
-    for t in push_threads {
-        let _ = t.join();
-    }
+    let _ = holder.join();
 
     let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     let list = |v: &[f64]| {

@@ -141,6 +141,8 @@ const ITERATIONS: Kind = int(crate::crypto::PBKDF2_MAX_ITERATIONS as u64);
 const U32: Kind = int(u32::MAX as u64);
 /// Threads, queue places: more than a machine could run is a typo.
 const COUNT: Kind = int(1 << 20);
+/// Connections: far beyond any open-files limit is a typo.
+const CONNS: Kind = int(1 << 26);
 
 fn key<C>(key: &'static str, kind: Kind, set: fn(&mut C, Value)) -> Setting<C> {
     Setting {
@@ -241,6 +243,15 @@ pub fn crs_settings() -> Vec<Setting<CrsConfig>> {
         key("pool.idle_timeout_secs", Kind::Secs, |c: &mut C, v| {
             c.pool.idle_timeout = v.secs()
         }),
+        key("pool.write_deadline_secs", Kind::Secs, |c: &mut C, v| {
+            c.pool.write_deadline = v.secs()
+        }),
+        key("pool.max_connections", CONNS, |c: &mut C, v| {
+            c.pool.max_connections = v.int::<usize>().max(1)
+        }),
+        key("pool.max_per_source", CONNS, |c: &mut C, v| {
+            c.pool.max_per_source = v.int::<usize>().max(1)
+        }),
     ]
 }
 
@@ -335,6 +346,15 @@ pub fn ms_settings() -> Vec<Setting<MsConfig>> {
         ),
         key("pool.idle_timeout_secs", Kind::Secs, |c: &mut C, v| {
             c.pool.idle_timeout = v.secs()
+        }),
+        key("pool.write_deadline_secs", Kind::Secs, |c: &mut C, v| {
+            c.pool.write_deadline = v.secs()
+        }),
+        key("pool.max_connections", CONNS, |c: &mut C, v| {
+            c.pool.max_connections = v.int::<usize>().max(1)
+        }),
+        key("pool.max_per_source", CONNS, |c: &mut C, v| {
+            c.pool.max_per_source = v.int::<usize>().max(1)
         }),
     ]
 }
@@ -468,6 +488,15 @@ pub fn client_settings() -> Vec<Setting<ClientProgram>> {
         }),
         key("pool.idle_timeout_secs", Kind::Secs, |c: &mut C, v| {
             c.client.pool.idle_timeout = v.secs()
+        }),
+        key("pool.write_deadline_secs", Kind::Secs, |c: &mut C, v| {
+            c.client.pool.write_deadline = v.secs()
+        }),
+        key("pool.max_connections", CONNS, |c: &mut C, v| {
+            c.client.pool.max_connections = v.int::<usize>().max(1)
+        }),
+        key("pool.max_per_source", CONNS, |c: &mut C, v| {
+            c.client.pool.max_per_source = v.int::<usize>().max(1)
         }),
     ]
 }

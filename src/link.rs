@@ -184,6 +184,12 @@ impl Conn {
     pub fn into_stream(self) -> TcpStream {
         self.reader.into_parts().0
     }
+
+    /// The reader with any bytes that arrived after the last reply (e.g.
+    /// a push right behind a login's welcome), to go on reading.
+    pub fn into_reader(self) -> MessageReader<TcpStream> {
+        self.reader
+    }
 }
 
 /// The two directions of a sealed link and the clear headers every

@@ -134,91 +134,84 @@ fn buddies_and_presence_across_two_ms() {
     assert_eq!(shown["requests_from"], serde_json::json!([]), "{shown}");
 }
 
-/// A listener that answers `PROBE` for `user` like a live client; its port.
-fn alive_client(user: &'static str) -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let mut conn = Conn {
-                reader: ims::wire::io::MessageReader::new(conn),
-            };
-            if let Some(m) = conn.read() {
-                let reply = if m.method() == Some("PROBE") && m.header("User") == Some(user) {
-                    Message::ok().with_header("User", user)
-                } else {
-                    Message::ok()
-                };
-                conn.write_raw(&reply.encode());
-            }
-        }
-    });
-    port
-}
-
-/// 2. Twenty simultaneous logins of one user through both MSs: exactly
-///    one wins, the others are refused clearly, the user is online once.
+/// 2. Twenty simultaneous logins of one user through both MSs, ten times:
+///    each time exactly one wins, the others are refused clearly, and the
+///    CRS and both MSs agree that the user is online once, at the winner's
+///    MS. The winner's login lives as long as its connection: no probe and
+///    no other MS can take it over.
 #[test]
 fn simultaneous_logins_one_wins() {
     const N: usize = 20;
-    // Enough workers that every login's connection is served at once: all
-    // hellos first, then all proofs together, so the LOCKs really race.
-    // Twenty attempts of one name from one address at once would be
-    // guesses past the free ones: allow them here, where the lock is tested.
-    let c = Cluster::start_configured(2, "free_login_attempts = 100\n", &["--workers", "12"]);
+    const ROUNDS: usize = 10;
+    // Two hundred attempts of one name from one address would be guesses
+    // past the free ones and past the MSs' rate of logins per address:
+    // allow them here, where the lock is tested.
+    let c = Cluster::start_configured(2, "free_login_attempts = 1000\n", &["--login-rate", "0"]);
     c.register("dave", PW);
     let ms: Vec<SocketAddr> = c.ms.iter().map(|m| m.addr).collect();
-    // A live client for whoever wins: it answers the MS's probes, so the
-    // others are refused rather than taking over (as they would from a
-    // dead client).
-    let port = alive_client("dave");
-    let barrier = Arc::new(Barrier::new(N));
-    let threads: Vec<_> = (0..N)
-        .map(|i| {
-            let (barrier, ms) = (barrier.clone(), ms[i % 2]);
-            thread::spawn(move || {
-                let pending = std::panic::catch_unwind(|| raw::begin(ms, "dave", PW));
-                // Never leave the others waiting at the barrier.
-                barrier.wait();
-                let pending = pending.unwrap_or_else(|e| std::panic::resume_unwind(e));
-                assert!(pending.challenge.is_success(), "{:?}", pending.challenge);
-                raw::finish(pending, port).reply
+    for round in 0..ROUNDS {
+        // All hellos first, then all proofs together, so the LOCKs race.
+        let barrier = Arc::new(Barrier::new(N));
+        let threads: Vec<_> = (0..N)
+            .map(|i| {
+                let (barrier, ms) = (barrier.clone(), ms[i % 2]);
+                thread::spawn(move || {
+                    let pending = std::panic::catch_unwind(|| raw::begin(ms, "dave", PW));
+                    // Never leave the others waiting at the barrier.
+                    barrier.wait();
+                    let pending = pending.unwrap_or_else(|e| std::panic::resume_unwind(e));
+                    assert!(pending.challenge.is_success(), "{:?}", pending.challenge);
+                    (ms, raw::finish(pending, 40_000))
+                })
             })
-        })
-        .collect();
-    let replies: Vec<Message> = threads
-        .into_iter()
-        .map(|t| t.join().expect("login thread"))
-        .collect();
-    let won: Vec<&Message> = replies
-        .iter()
-        .filter(|r| r.method() == Some("SEALED"))
-        .collect();
-    assert_eq!(won.len(), 1, "exactly one login succeeds: {replies:?}");
-    for r in replies.iter().filter(|r| r.method() != Some("SEALED")) {
-        assert_eq!(raw::code(r), 409, "{r:?}");
-        let refusal = ims::proto::Refused::from_message(r).map(|r| r.refusal);
-        assert!(
-            matches!(
-                refusal,
-                Some(Refusal::AlreadyLoggedIn { .. } | Refusal::AlreadyLoggingIn)
-            ),
-            "unclear refusal: {r:?}"
+            .collect();
+        // Every login's connection stays open until the round is checked.
+        let logins: Vec<(SocketAddr, raw::Recorded)> = threads
+            .into_iter()
+            .map(|t| t.join().expect("login thread"))
+            .collect();
+        let won: Vec<&(SocketAddr, raw::Recorded)> =
+            logins.iter().filter(|(_, r)| r.session.is_some()).collect();
+        let replies: Vec<&Message> = logins.iter().map(|(_, r)| &r.reply).collect();
+        assert_eq!(
+            won.len(),
+            1,
+            "round {round}: exactly one login succeeds: {replies:?}"
         );
+        for (_, r) in logins.iter().filter(|(_, r)| r.session.is_none()) {
+            let r = &r.reply;
+            assert_eq!(raw::code(r), 409, "{r:?}");
+            let refusal = ims::proto::Refused::from_message(r).map(|r| r.refusal);
+            assert!(
+                matches!(
+                    refusal,
+                    Some(Refusal::AlreadyLoggedIn { .. } | Refusal::AlreadyLoggingIn)
+                ),
+                "unclear refusal: {r:?}"
+            );
+        }
+        // The CRS and the MSs agree: online once, at the winner's MS.
+        let shown = c.crs.show_user("dave");
+        assert!(shown["online"].is_string(), "dave is online: {shown}");
+        let list = c.crs.ms_list();
+        assert_eq!(list.iter().map(|(_, l)| l).sum::<u32>(), 1, "{list:?}");
+        let winner_ms = won[0].0.to_string();
+        assert!(
+            list.iter().any(|(a, l)| *a == winner_ms && *l == 1),
+            "the winner's MS {winner_ms} holds the login: {list:?}"
+        );
+        // The winner's connection closes: offline at once, ready for the
+        // next round.
+        drop(logins);
+        let end = Instant::now() + WAIT;
+        while !c.crs.show_user("dave")["online"].is_null() {
+            assert!(
+                Instant::now() < end,
+                "round {round}: dave stays online after his connection closed"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
     }
-    let logging_in = replies
-        .iter()
-        .filter(|r| r.header("Refusal") == Some("logging-in"))
-        .count();
-    eprintln!(
-        "1 login won, {logging_in} found it logging in, {} found it logged in",
-        N - 1 - logging_in
-    );
-    let shown = c.crs.show_user("dave");
-    assert!(shown["online"].is_string(), "dave is online: {shown}");
-    // Online once, and no login lease left behind at either MS.
-    let list = c.crs.ms_list();
-    assert_eq!(list.iter().map(|(_, l)| l).sum::<u32>(), 1, "{list:?}");
 }
 
 /// 3. A wrong password changes nothing; a recorded login replayed is

@@ -197,14 +197,17 @@ fn racing_logins_across_instances_one_wins() {
                 barrier.wait();
                 let pending = pending.unwrap_or_else(|e| std::panic::resume_unwind(e));
                 assert!(pending.challenge.is_success(), "{:?}", pending.challenge);
-                raw::finish(pending, port).reply
+                // The whole login: a winner's connection carries its
+                // login and must stay open until every racer is done.
+                raw::finish(pending, port)
             })
         })
         .collect();
-    let replies: Vec<Message> = threads
+    let logins: Vec<raw::Recorded> = threads
         .into_iter()
         .map(|t| t.join().expect("login thread"))
         .collect();
+    let replies: Vec<Message> = logins.iter().map(|r| r.reply.clone()).collect();
     let won = replies
         .iter()
         .filter(|r| r.method() == Some("SEALED"))

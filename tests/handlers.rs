@@ -583,7 +583,6 @@ fn ms_with_crs() -> (Arc<Crs>, Arc<Ms>) {
         MsConfig {
             fake_iterations: 99,
             push_threads: 1,
-            push_timeout: Duration::from_millis(200),
             ..MsConfig::default()
         },
         MS_KEY.to_vec(),
@@ -619,7 +618,7 @@ fn login(ms: &Arc<Ms>, user: &str, password: &str, port: u16) -> Result<Message,
         ch.iterations,
     );
     let proof = scram::client_proof(&keys.scram.client_key, &keys.scram.stored_key, &auth);
-    let sealed = ms.login(c, &proof, port)?;
+    let (sealed, _) = ms.login(c, &proof, port, None)?;
     // The client's side: the MS proved itself, and the welcome opens.
     assert_eq!(
         sealed.header("Server-Signature"),
@@ -654,7 +653,7 @@ fn ms_login_handlers() {
     let fake = ms.hello("nobody", vec![1; 24], peer).ok().unwrap();
     assert_eq!(fake.challenge().iterations, 99);
     assert_eq!(
-        ms.login(fake, &[0; 32], 7300).unwrap_err().refusal,
+        ms.login(fake, &[0; 32], 7300, None).err().unwrap().refusal,
         Refusal::PasswordFailure
     );
     assert_eq!(
@@ -667,19 +666,21 @@ fn ms_login_handlers() {
             .refusal,
         Refusal::PasswordFailure
     );
-    // Port 1 on loopback does not answer: a later login with the right
-    // password takes over; with a wrong one it is refused as logged in.
+    // Online now. A wrong proof gets exactly what it got while she was
+    // offline (the proof is checked before the lock): nothing tells
+    // whether she is online.
     login(&ms, "alice", PW, 1).unwrap();
-    match login(&ms, "alice", "wrong password", 1)
-        .unwrap_err()
-        .refusal
-    {
+    let online = login(&ms, "alice", "wrong password", 1).unwrap_err();
+    assert_eq!(online.refusal, Refusal::PasswordFailure);
+    assert_eq!(online.to_message().code(), Some(401));
+    // The right password while her login lives is refused: only the MS
+    // holding a login decides it has ended, never a newer login.
+    match login(&ms, "alice", PW, 1).unwrap_err().refusal {
         Refusal::AlreadyLoggedIn { address } => {
             assert_eq!(address, Some("127.0.0.1:1".parse().unwrap()))
         }
         other => panic!("{other:?}"),
     }
-    login(&ms, "alice", PW, 1).expect("the dead login is taken over");
 }
 
 #[test]

@@ -100,6 +100,7 @@ fn config(name: &str, workers: usize, queue: usize) -> Config {
         write_deadline: Duration::from_secs(5),
         shutdown_grace: Duration::from_secs(2),
         limits: Limits::DEFAULT,
+        ..Config::default()
     }
 }
 
@@ -402,7 +403,11 @@ fn stop_joins_every_thread_despite_idle_and_slow_peers() {
     cfg.shutdown_grace = Duration::from_secs(1);
     let server = Server::bind("127.0.0.1:0", cfg, service).unwrap();
     let addr = server.local_addr();
-    assert_eq!(wait_threads("sd-", 4), 4, "3 workers and the acceptor");
+    assert_eq!(
+        wait_threads("sd-", 5),
+        5,
+        "3 workers, the gate and the acceptor"
+    );
 
     // Two idle keep-alive connections, and one stuck in mid-message
     // (which only the end of the grace period can cut).
@@ -416,8 +421,9 @@ fn stop_joins_every_thread_despite_idle_and_slow_peers() {
     let mut half = TcpStream::connect(addr).unwrap();
     half.write_all(b"ECHO\r\nContent-Length: 10\r\n\r\nabc")
         .unwrap();
-    let stats = wait_for(&server, Duration::from_secs(5), |s| s.active == 3);
-    assert_eq!(stats.active, 3, "all three connections on a worker");
+    let stats = wait_for(&server, Duration::from_secs(5), |s| s.held == 3);
+    assert_eq!(stats.held, 3, "all three connections held by the gate");
+    assert_eq!(stats.active, 0, "no worker waits for a peer");
 
     let started = Instant::now();
     server.stop_and_join();
@@ -550,4 +556,33 @@ fn sigterm_stops_the_server() {
     server.join();
     assert!(started.elapsed() < Duration::from_secs(5));
     watch.close();
+}
+
+#[test]
+fn a_pipelined_burst_handled_slowly_is_not_timed_out_afterwards() {
+    let (service, entered, release) = service();
+    let mut cfg = config("burst", 2, 8);
+    cfg.message_deadline = Duration::from_secs(1);
+    let server = Server::bind("127.0.0.1:0", cfg, service).unwrap();
+    let mut client = Client::connect(server.local_addr());
+    // Two requests in one write: the worker takes the second from the
+    // buffer after the first, which it holds past the message deadline.
+    let mut burst = Message::request("BLOCK").encode();
+    burst.extend(echo("second").encode());
+    client.stream().write_all(&burst).unwrap();
+    entered
+        .recv_timeout(Duration::from_secs(10))
+        .expect("worker busy");
+    thread::sleep(Duration::from_millis(1500));
+    release.send(()).unwrap();
+    let first = client.recv().expect("reply").expect("not closed");
+    assert_eq!(first.code(), Some(code::OK));
+    let second = client.recv().expect("reply").expect("not closed");
+    assert_eq!(second.body, b"second");
+    // Whole messages were all it had: idle now, not late.
+    thread::sleep(Duration::from_millis(500));
+    let reply = client.call(&echo("later"));
+    assert_eq!(reply.code(), Some(code::OK), "{reply:?}");
+    assert_eq!(reply.body, b"later");
+    server.stop_and_join();
 }

@@ -339,7 +339,8 @@ fn the_constants_are_the_codes() {
         ("MAX_FILE_BODY", l.max_file_body as u64),
         ("MESSAGE_DEADLINE_SECS", secs(pool.message_deadline)),
         ("IDLE_TIMEOUT_SECS", secs(pool.idle_timeout)),
-        ("CRS_WORKERS", ims::crs::CRS_WORKERS as u64),
+        ("MAX_PER_SOURCE", ims::prethread::MAX_PER_SOURCE as u64),
+        ("FD_RESERVE", ims::prethread::FD_RESERVE),
         (
             "PBKDF2_MIN_ITERATIONS",
             crypto::PBKDF2_MIN_ITERATIONS.into(),

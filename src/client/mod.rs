@@ -13,13 +13,13 @@ pub mod trust;
 pub mod typing;
 pub mod ui;
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{debug, info, warn};
 use parking_lot::Mutex;
 
@@ -140,7 +140,6 @@ impl Default for ClientConfig {
             pool: prethread::Config {
                 name: "client".into(),
                 workers: 4,
-                queue: 16,
                 ..prethread::Config::default()
             },
         }
@@ -184,7 +183,39 @@ pub struct Client {
     /// Signalled when `state` changes: a login ends (installed or
     /// failed), the buddy list or a buddy's presence changes.
     changed: parking_lot::Condvar,
+    /// The login's connection to our MS while logged in.
+    held: Mutex<Option<Held>>,
+    /// Numbers held connections, so that news of an old one is ignored.
+    held_seq: AtomicU64,
+    /// Pushes and ends of held connections, from their reader threads to
+    /// the thread that applies them.
+    from_ms: (Sender<FromMs>, Receiver<FromMs>),
 }
+
+/// The held connection to our MS: requests and keepalives are written on
+/// it, their replies come back through `replies` from its reader thread.
+struct Held {
+    id: u64,
+    stream: Arc<TcpStream>,
+    replies: Receiver<Message>,
+}
+
+/// What a held connection's reader thread passes on.
+enum FromMs {
+    /// A push (a `PUSH` message) on connection `id`.
+    Push(u64, Message),
+    /// Connection `id` closed or failed.
+    Lost(u64),
+}
+
+/// Replies that may wait for their caller on a held connection; one
+/// request is outstanding at a time, so more means a confused MS.
+const HELD_REPLIES: usize = 4;
+
+/// How long the reader of a held connection waits for one message; the
+/// MS's keepalive replies come far more often, so this only bounds a
+/// connection that is open but dead without a close.
+const HELD_READ_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 /// A reply that does not fit its request.
 fn unexpected(reply: &MsReply) -> ClientError {
@@ -269,6 +300,22 @@ pub fn start(config: ClientConfig, events: Sender<Event>) -> std::io::Result<Run
                 }
             }
         })?;
+    let (weak, until, news) = (
+        Arc::downgrade(&client),
+        stopped.clone(),
+        client.from_ms.1.clone(),
+    );
+    std::thread::Builder::new()
+        .name("client-pushes".into())
+        .spawn(move || loop {
+            crossbeam_channel::select! {
+                recv(news) -> n => match (n, weak.upgrade()) {
+                    (Ok(n), Some(c)) => c.on_ms_news(n),
+                    _ => return,
+                },
+                recv(until) -> _ => return,
+            }
+        })?;
     let weak = Arc::downgrade(&client);
     std::thread::Builder::new()
         .name("client-keepalive".into())
@@ -308,6 +355,9 @@ impl Client {
             next_id: AtomicU64::new(1),
             last_peer: Mutex::new(None),
             changed: parking_lot::Condvar::new(),
+            held: Mutex::new(None),
+            held_seq: AtomicU64::new(1),
+            from_ms: crossbeam_channel::unbounded(),
         }
     }
 
@@ -414,7 +464,7 @@ impl Client {
         let known = account::normalize_name(user)
             .ok()
             .and_then(|u| self.known_kdf.lock().get(&u).cloned());
-        let result = Session::login(&Credentials {
+        let result = Session::login_held(&Credentials {
             crs: &self.config.crs,
             user,
             password,
@@ -426,7 +476,10 @@ impl Client {
             notice: &notice,
         });
         let mut guard = self.state.lock();
-        let session = match result {
+        let session = match result.and_then(|(s, conn)| {
+            self.hold(conn)?;
+            Ok(s)
+        }) {
             Ok(s) => s,
             Err(e) => {
                 *guard = State::LoggedOut;
@@ -486,17 +539,124 @@ impl Client {
         self.state.lock().session().map(|s| s.profile.clone())
     }
 
-    /// One sealed request to our MS, on a fresh connection, and its
-    /// typed reply. The session is not held during the exchange (pushes
-    /// and peers need it meanwhile); `calls` keeps requests in sequence.
+    /// Starts reading a login's held connection: replies go to whoever
+    /// waits in [`Client::ms_call`], pushes and the end to the thread
+    /// started by [`start`].
+    fn hold(&self, conn: Conn) -> Result<(), ClientError> {
+        let mut reader = conn.into_reader();
+        let stream = Arc::new(
+            reader
+                .get_ref()
+                .try_clone()
+                .map_err(|e| ClientError::Io(crate::link::LinkError::Io(e.into())))?,
+        );
+        let id = self.held_seq.fetch_add(1, Ordering::Relaxed);
+        let (reply_tx, replies) = crossbeam_channel::bounded(HELD_REPLIES);
+        let to_client = self.from_ms.0.clone();
+        std::thread::Builder::new()
+            .name("client-ms".into())
+            .spawn(move || loop {
+                let read = reader.read_message(&Limits::DEFAULT, Instant::now() + HELD_READ_WAIT);
+                match read {
+                    // Sealed replies are request-form too (`SEALED`): a
+                    // push is told apart by its method.
+                    Ok(Some(m)) if m.method() == Some(PUSH) => {
+                        if to_client.send(FromMs::Push(id, m)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Some(reply)) => {
+                        if reply_tx.try_send(reply).is_err() {
+                            warn!("the messaging server sent a reply nobody asked for");
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        let _ = to_client.send(FromMs::Lost(id));
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| ClientError::Io(crate::link::LinkError::Io(e.into())))?;
+        *self.held.lock() = Some(Held {
+            id,
+            stream,
+            replies,
+        });
+        Ok(())
+    }
+
+    /// Closes the held connection, if any (logout, or the login ended).
+    fn drop_held(&self) {
+        if let Some(h) = self.held.lock().take() {
+            let _ = h.stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Applies what a held connection's reader passed on.
+    fn on_ms_news(&self, news: FromMs) {
+        let current = self.held.lock().as_ref().map(|h| h.id);
+        match news {
+            FromMs::Push(id, m) if current == Some(id) => {
+                let answer = self.on_push(&m);
+                if !answer.is_success() {
+                    debug!("a push was refused: {:?}", answer.start);
+                }
+            }
+            FromMs::Lost(id) if current == Some(id) => {
+                // The log has this; people get one line below.
+                warn!("the connection to the messaging server closed; the login ends");
+                self.drop_held();
+                self.peers.clear();
+                self.files.clear();
+                if let Some(s) = self.state.lock().log_out() {
+                    self.emit(Event::Notice {
+                        text: format!(
+                            "the connection to the messaging server was lost; log in again with /login {}",
+                            s.user
+                        ),
+                    });
+                    self.emit(Event::LoggedOut { user: s.user });
+                }
+            }
+            // News of a connection that has already been replaced.
+            _ => {}
+        }
+    }
+
+    /// One sealed request to our MS on the login's held connection, and
+    /// its typed reply. The session is not held during the exchange
+    /// (pushes and peers need it meanwhile); `calls` keeps requests in
+    /// sequence.
     fn ms_call(&self, req: &MsRequest) -> Result<MsReply, ClientError> {
         let _serial = self.calls.lock();
-        let (sealed, ms) = {
+        let sealed = {
             let mut guard = self.state.lock();
             let s = guard.session_mut().ok_or(ClientError::NotLoggedIn)?;
-            (s.seal_request(req)?, s.ms.clone())
+            s.seal_request(req)?
         };
-        let reply = Conn::connect(&ms, self.config.timeout)?.exchange(&sealed)?;
+        let (stream, replies) = {
+            let held = self.held.lock();
+            let h = held.as_ref().ok_or(ClientError::NotLoggedIn)?;
+            (Arc::clone(&h.stream), h.replies.clone())
+        };
+        // A reply that came after its caller gave up is not ours.
+        while replies.try_recv().is_ok() {}
+        let io = |e: crate::wire::io::IoError| ClientError::Io(crate::link::LinkError::Io(e));
+        crate::wire::io::write_message(
+            &mut &*stream,
+            &sealed,
+            Instant::now() + self.config.timeout,
+        )
+        .map_err(io)?;
+        let reply = match replies.recv_timeout(self.config.timeout) {
+            Ok(reply) => reply,
+            Err(RecvTimeoutError::Timeout) => return Err(io(crate::wire::io::IoError::Timeout)),
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(io(crate::wire::io::IoError::Io(
+                    std::io::ErrorKind::ConnectionAborted.into(),
+                )))
+            }
+        };
         let mut guard = self.state.lock();
         let s = guard.session_mut().ok_or(ClientError::NotLoggedIn)?;
         s.open_reply(req, &reply)
@@ -538,6 +698,7 @@ impl Client {
                 return failures + 1;
             }
         };
+        self.drop_held();
         self.peers.clear();
         self.files.clear();
         self.typing.clear();
@@ -638,6 +799,7 @@ impl Client {
     /// Logs out; buddies are told by the servers.
     pub fn logout(&self) {
         let result = self.ms_call(&MsRequest::Logout);
+        self.drop_held();
         // Sessions with buddies end with the login.
         self.peers.clear();
         self.files.clear();
@@ -934,7 +1096,7 @@ enum PeerConn {
     Receiving(Box<files::Receiving>),
 }
 
-/// The client's listener service: pushes from its MS, and buddies.
+/// The client's listener service: its buddies' INIT, messages and files.
 struct Listener(Arc<Client>);
 
 impl Service for Listener {
@@ -953,15 +1115,9 @@ impl Service for Listener {
                 Some((reply, true)) => Outcome::ReplyAndClose(reply),
             };
         }
+        // Only buddies' traffic: pushes come on the held connection to the
+        // MS, and nothing here tells a stranger whether our user is online.
         match request.method() {
-            Some(PUSH) => Outcome::Reply(client.on_push(&request)),
-            // An MS asking whether this user's client is still here.
-            Some("PROBE") => {
-                Outcome::ReplyAndClose(match (client.user(), request.header("User")) {
-                    (Some(me), Some(asked)) if me == asked => Message::ok().with_header("User", me),
-                    _ => Refused::new(Refusal::NoSuchUser, "not logged in here").to_message(),
-                })
-            }
             Some(INIT) => {
                 let (reply, accepting) = client.on_init(&request);
                 if let Some(a) = accepting {

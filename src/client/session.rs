@@ -152,6 +152,13 @@ pub fn request_is_genuine(req: &BuddyRequest, to: &str) -> bool {
 impl Session {
     /// Asks the CRS for an MS and logs in there.
     pub fn login(c: &Credentials<'_>) -> Result<Session, ClientError> {
+        Session::login_held(c).map(|(s, _)| s)
+    }
+
+    /// As [`Session::login`], and the login's connection, which carries
+    /// the login from now on: the MS pushes on it, requests and keepalives
+    /// go on it, and its close ends the login.
+    pub fn login_held(c: &Credentials<'_>) -> Result<(Session, Conn), ClientError> {
         let user = account::normalize_name(c.user)?;
         let ms = match Conn::connect(c.crs, c.timeout)?.call(&ClientRequest::Locate)? {
             ClientReply::Ms(ms) => ms,
@@ -244,7 +251,7 @@ impl Session {
             .map(|r| (r.from.clone(), r))
             .collect();
         let history_key = super::history::history_key(&keys.wrap, &user);
-        Ok(Session {
+        let session = Session {
             user,
             ms,
             login: login_id,
@@ -263,7 +270,8 @@ impl Session {
             kdf: params,
             stored_key: keys.scram.stored_key,
             history_key,
-        })
+        };
+        Ok((session, conn))
     }
 
     /// Seals `req` for the MS; its reply goes through [`Session::open_reply`].

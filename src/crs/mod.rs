@@ -31,10 +31,6 @@ use crate::prethread::{self, Server};
 use live::{LiveState, MemLive, Wakeup};
 use store::{PgStore, SledStore, Store, StoreSpec};
 
-/// Default CRS workers: enough for the kept links of a dozen MSs (each
-/// holds up to its workers + 3) with room left for clients.
-pub const CRS_WORKERS: usize = 96;
-
 /// Everything the CRS needs to run; built from flags and the config file.
 #[derive(Clone, Debug)]
 pub struct CrsConfig {
@@ -83,16 +79,10 @@ impl Default for CrsConfig {
             min_iterations: crypto::PBKDF2_MIN_ITERATIONS,
             max_search_results: 50,
             free_login_attempts: guesses::FREE_ATTEMPTS,
-            // Every MS keeps links open for good (its event long poll, its
-            // heartbeat and a pool of up to its workers + 2 request links),
-            // and a kept connection holds a worker while idle. Sized by the
-            // CPUs (4 workers on 2 cores), two MSs took every worker and
-            // clients' LOCATE and REGISTER waited in the queue until they
-            // timed out. These workers mostly wait, so size by links.
+            // Kept links wait in the pool's gate, not on a worker, so the
+            // workers are sized by CPU work like every other server's.
             pool: prethread::Config {
                 name: "crs".into(),
-                workers: CRS_WORKERS,
-                queue: 4 * CRS_WORKERS,
                 ..prethread::Config::default()
             },
         }

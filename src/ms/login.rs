@@ -1,5 +1,10 @@
 //! The MS's service: the login handshake as typed connection states
 //! (PROTOCOL.md §6), then sealed requests of logged-in users.
+//!
+//! A login's connection is held for the whole login: the MS pushes on it,
+//! the client's keepalives and requests come on it, and its close ends the
+//! login at once. The proof is checked before anything else happens, so a
+//! wrong password learns nothing about whether its user is online.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -13,7 +18,7 @@ use super::Ms;
 use crate::crypto::{self, scram};
 use crate::keyfile::hex;
 use crate::link::{login_keys, push_keys, Channel, LinkError};
-use crate::prethread::{Outcome, Peer, Service};
+use crate::prethread::{Outbound, Outcome, Peer, Service};
 use crate::proto::crs::{CrsReply, CrsRequest, Verifier, Welcome, SEALED};
 use crate::proto::ms::{Challenge, MsReply, MsRequest};
 use crate::proto::{self, Answer, ProtoError, Refusal, Refused};
@@ -45,9 +50,12 @@ impl Challenged {
 /// The state of one client connection to the MS.
 pub enum ClientConn {
     /// Nothing yet: a login starts, or a logged-in user's sealed request.
-    New(SocketAddr),
+    /// With the connection's writer when served over a socket.
+    New(SocketAddr, Option<Outbound>),
     /// Waiting for `LOGIN`.
-    Challenged(Box<Challenged>),
+    Challenged(Box<Challenged>, Option<Outbound>),
+    /// This connection carries the login: held until it closes.
+    LoggedIn(Arc<OnlineUser>),
 }
 
 /// The MS as a [`Service`].
@@ -57,19 +65,46 @@ impl Service for MsService {
     type Session = ClientConn;
 
     fn open(&self, peer: &Peer) -> ClientConn {
-        ClientConn::New(peer.remote)
+        ClientConn::New(peer.remote, None)
+    }
+
+    fn open_with(&self, peer: &Peer, out: &Outbound) -> ClientConn {
+        ClientConn::New(peer.remote, Some(out.clone()))
+    }
+
+    fn held(&self, conn: &ClientConn) -> bool {
+        matches!(conn, ClientConn::LoggedIn(_))
+    }
+
+    fn close(&self, conn: ClientConn) {
+        if let ClientConn::LoggedIn(user) = conn {
+            self.0.connection_closed(&user);
+        }
     }
 
     fn handle(&self, conn: &mut ClientConn, request: Message) -> Outcome {
         let ms = &self.0;
         match conn {
-            ClientConn::New(peer) => match request.method() {
+            ClientConn::LoggedIn(user) => match request.method() {
+                // Only this login's requests ride its connection.
+                Some(SEALED) if request.header("Login") == Some(user.login.as_str()) => {
+                    ms.sealed(&request)
+                }
+                _ => Outcome::ReplyAndClose(
+                    Refused::new(
+                        Refusal::BadRequest,
+                        "expected a sealed request of this login",
+                    )
+                    .to_message(),
+                ),
+            },
+            ClientConn::New(peer, out) => match request.method() {
                 Some("LOGIN-HELLO") => match MsRequest::from_message(&request) {
                     Ok(MsRequest::LoginHello { user, client_nonce }) => {
                         match ms.hello(&user, client_nonce, *peer) {
                             Ok(c) => {
                                 let reply = c.challenge.to_message();
-                                *conn = ClientConn::Challenged(Box::new(c));
+                                *conn = ClientConn::Challenged(Box::new(c), out.take());
                                 Outcome::Reply(reply)
                             }
                             Err(r) => Outcome::ReplyAndClose(r.to_message()),
@@ -82,16 +117,24 @@ impl Service for MsService {
                 Some(m) => Outcome::ReplyAndClose(ProtoError::UnknownMethod(m.to_owned()).reply()),
                 None => Outcome::Close,
             },
-            ClientConn::Challenged(_) => {
-                let ClientConn::Challenged(c) =
-                    std::mem::replace(conn, ClientConn::New(([0, 0, 0, 0], 0).into()))
+            ClientConn::Challenged(..) => {
+                let ClientConn::Challenged(c, out) =
+                    std::mem::replace(conn, ClientConn::New(([0, 0, 0, 0], 0).into(), None))
                 else {
                     return Outcome::Close;
                 };
                 let reply = match MsRequest::from_message(&request) {
                     Ok(MsRequest::Login { proof, listen_port }) => {
-                        match ms.login(*c, &proof, listen_port) {
-                            Ok(sealed) => sealed,
+                        let held = out.is_some();
+                        match ms.login(*c, &proof, listen_port, out) {
+                            // Over a socket the connection now carries the
+                            // login; without one (handler tests) it ends.
+                            // (The welcome was written by `login`.)
+                            Ok((_, user)) if held => {
+                                *conn = ClientConn::LoggedIn(user);
+                                return Outcome::Silent;
+                            }
+                            Ok((sealed, _)) => sealed,
                             Err(r) => r.to_message(),
                         }
                     }
@@ -163,13 +206,17 @@ impl Ms {
         })
     }
 
-    /// `LOGIN`: checks the proof; the sealed welcome, or a refusal.
+    /// `LOGIN`: checks the proof, then takes the login lock; the sealed
+    /// welcome and the new login, or a refusal. `held` is the connection
+    /// that will carry the login (pushes, keepalives, its close); the
+    /// welcome is written on it here, before any push can be.
     pub fn login(
         self: &Arc<Self>,
         c: Challenged,
         proof: &[u8],
         listen_port: u16,
-    ) -> Result<Message, Refused> {
+        held: Option<Outbound>,
+    ) -> Result<(Message, Arc<OnlineUser>), Refused> {
         let failure = || {
             self.users.failures.inc();
             Refused::new(Refusal::PasswordFailure, "password failure")
@@ -184,45 +231,21 @@ impl Ms {
             &c.challenge.salt,
             c.challenge.iterations,
         );
-        let proof_ok = || {
-            <&[u8; 32]>::try_from(verifier.stored_key.as_slice())
-                .ok()
-                .and_then(|stored| scram::verify_proof(stored, &auth, proof))
-        };
-        // Step 3: the design's per-user lock at the CRS.
-        match self.lock(&c.user) {
-            Ok(()) => {}
-            Err(r) => match r.refusal {
-                Refusal::AlreadyLoggedIn { address } => {
-                    // The design refuses a second login while the first is
-                    // alive; a login whose client is gone (crashed, lost its
-                    // network) must not lock its user out. With a good
-                    // password, probe.
-                    let alive =
-                        address.is_none_or(|a| super::probe(a, &c.user, self.config.push_timeout));
-                    if alive || proof_ok().is_none() {
-                        return Err(r);
-                    }
-                    info!(
-                        "{}'s old client does not answer; this login takes over",
-                        c.user
-                    );
-                    if let Err(e) = self.crs.call(&CrsRequest::Takeover {
-                        user: c.user.clone(),
-                    }) {
-                        return unavailable(&format!("takeover of {}", c.user), &e);
-                    }
-                    self.lock(&c.user)?;
-                }
-                _ => return Err(r),
-            },
-        }
-        // Step 4: a wrong proof changes nothing (its attempt was counted).
-        let Some(client_key) = proof_ok() else {
-            self.unlock(&c.user);
+        // Step 4 first: a wrong proof, for a user online or not, gets the
+        // same answer, takes no lock and makes no one probe anyone (its
+        // attempt was counted when the verifier was fetched).
+        let Some(client_key) = <&[u8; 32]>::try_from(verifier.stored_key.as_slice())
+            .ok()
+            .and_then(|stored| scram::verify_proof(stored, &auth, proof))
+        else {
             info!("login of {}: password failure", c.user);
             return Err(failure());
         };
+        // Step 3: the per-user lock at the CRS. A user online elsewhere is
+        // refused ("already logged in") for as long as the MS holding that
+        // login holds its connection: only that MS decides it has ended,
+        // from its own connection (its close, or its silence).
+        self.lock(&c.user)?;
         let Ok(server_key) = <&[u8; 32]>::try_from(verifier.server_key.as_slice()) else {
             self.unlock(&c.user);
             return Err(Refused::new(Refusal::Internal, "malformed verifier"));
@@ -277,6 +300,7 @@ impl Ms {
             ),
             link: Mutex::new(Channel::new(keys, vec![("Login", login.clone())])),
             push: Mutex::new(push.send),
+            held,
             last_seen: AtomicU64::new(super::users::now_ms()),
             number: AtomicU64::new(number),
             ended: Default::default(),
@@ -288,11 +312,25 @@ impl Ms {
         );
         match sealed {
             Ok(m) => {
-                for held in self.users.finish(&c.user, Some(user)) {
+                // On a held connection the welcome goes out here, before
+                // the login is in the table: every push comes after it.
+                if let Some(out) = &user.held {
+                    if let Err(e) = out.send(&m) {
+                        warn!("cannot send {}'s welcome: {e}", c.user);
+                        self.users.finish(&c.user, None);
+                        if let Err(e) = self.crs.call(&CrsRequest::Offline {
+                            user: c.user.clone(),
+                        }) {
+                            warn!("telling the CRS {} is gone: {e}", c.user);
+                        }
+                        return Err(Refused::new(Refusal::Internal, "internal error"));
+                    }
+                }
+                for held in self.users.finish(&c.user, Some(user.clone())) {
                     self.apply(held);
                 }
                 info!("{} logged in from {address}", c.user);
-                Ok(m)
+                Ok((m, user))
             }
             Err(e) => {
                 warn!("cannot seal the welcome: {e}");

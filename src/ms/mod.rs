@@ -19,7 +19,7 @@ use log::{debug, info, warn};
 
 use crate::crypto;
 use crate::keyfile;
-use crate::link::{Conn, CrsCalls, Identity, LinkError, LinkPool};
+use crate::link::{CrsCalls, Identity, LinkError, LinkPool};
 use crate::prethread::{self, Server};
 use crate::proto::crs::{CrsReply, CrsRequest, EventKind};
 use push::Pusher;
@@ -44,12 +44,11 @@ pub struct MsConfig {
     pub crs_timeout: Duration,
     /// Threads pushing events to clients.
     pub push_threads: usize,
-    /// Bound on one push (connect, write, acknowledgement).
-    pub push_timeout: Duration,
     /// PBKDF2 iterations shown for names that do not exist.
     pub fake_iterations: u32,
-    /// A client silent this long (no keepalive, no request) is probed, and
-    /// logged out if it does not answer.
+    /// A client silent this long on its held connection (no keepalive, no
+    /// request) is logged out: its connection is closed. A connection that
+    /// closes logs its user out at once.
     pub client_timeout: Duration,
     /// Login attempts a second from one address (0: no limit), with a
     /// burst of `login_burst`.
@@ -75,7 +74,6 @@ impl Default for MsConfig {
             heartbeat_interval: Duration::from_secs(3),
             crs_timeout: Duration::from_secs(5),
             push_threads: 4,
-            push_timeout: Duration::from_secs(3),
             fake_iterations: crypto::PBKDF2_MIN_ITERATIONS,
             client_timeout: Duration::from_secs(15),
             login_rate: 5.0,
@@ -146,7 +144,7 @@ impl Ms {
         crs: Arc<dyn CrsCalls>,
         links: Option<Arc<LinkPool>>,
     ) -> std::io::Result<Arc<Ms>> {
-        let pusher = Pusher::start(config.push_threads, config.push_timeout)?;
+        let pusher = Pusher::start(config.push_threads)?;
         Ok(Arc::new(Ms {
             login_limit: limits::Buckets::new(config.login_burst, config.login_rate),
             search_limit: limits::Buckets::new(10, config.search_rate),
@@ -319,26 +317,42 @@ impl Ms {
         }
     }
 
-    /// Logs out clients that stopped sending keepalives and do not answer
-    /// a probe; their buddies are told by the CRS.
+    /// Logs out clients that stopped sending keepalives on their held
+    /// connection: the connection is closed, and its close logs the user
+    /// out (see [`Ms::connection_closed`]); their buddies are told by the
+    /// CRS. Only the MS holding a login decides that it is dead, and only
+    /// from its own connection.
     fn reap_clients(&self) {
         for user in self.users.silent(self.config.client_timeout) {
-            if probe(user.address, &user.name, self.config.push_timeout) {
-                user.touch();
-                continue;
-            }
-            if self.users.remove(&user.name, Some(&user.login)).is_some() {
-                warn!(
-                    "{}'s client at {} is gone; logging it out",
-                    user.name, user.address
-                );
-                if let Err(e) = self.crs.call(&CrsRequest::Offline {
-                    user: user.name.clone(),
-                }) {
-                    warn!("telling the CRS {} is gone: {e}", user.name);
-                }
+            warn!("{}'s client is silent; logging it out", user.name);
+            if user.held.is_some() {
+                user.drop_connection();
+            } else {
+                self.end_login(&user);
             }
         }
+    }
+
+    /// The held connection of `user`'s login has closed (the client quit
+    /// or died, its machine rebooted, or we closed it): the login ends now.
+    pub(crate) fn connection_closed(&self, user: &users::OnlineUser) {
+        if self.end_login(user) {
+            info!("{}'s connection closed; logged out", user.name);
+        }
+    }
+
+    /// Ends `user`'s login here and at the CRS, if it is still the
+    /// current one; whether it was.
+    fn end_login(&self, user: &users::OnlineUser) -> bool {
+        if self.users.remove(&user.name, Some(&user.login)).is_none() {
+            return false;
+        }
+        if let Err(e) = self.crs.call(&CrsRequest::Offline {
+            user: user.name.clone(),
+        }) {
+            warn!("telling the CRS {} is gone: {e}", user.name);
+        }
+        true
     }
 
     fn heartbeat_loop(self: Arc<Self>) {
@@ -355,18 +369,6 @@ impl Ms {
             }
         }
     }
-}
-
-/// Whether a client answering as `user` listens at `address`.
-pub fn probe(address: SocketAddr, user: &str, timeout: Duration) -> bool {
-    let Ok(stream) = crate::link::connect_to(address, timeout) else {
-        return false;
-    };
-    let probe = crate::wire::Message::request("PROBE").with_header("User", user);
-    matches!(
-        Conn::new(stream, timeout).exchange(&probe),
-        Ok(r) if r.is_success() && r.header("User") == Some(user)
-    )
 }
 
 /// A started MS.

@@ -1,22 +1,21 @@
 //! Pushes to clients: a fixed set of pusher threads, each owning a share
 //! of the users (by a hash of the name) so that one client's pushes leave
-//! in order; a push opens a connection, sends one sealed `PUSH`, reads the
-//! acknowledgement, and closes (the MS keeps no socket per user).
+//! in order. A push is one sealed `PUSH` written on the client's held
+//! login connection (PROTOCOL.md §6); the client does not answer it, the
+//! connection's delivery order and its keepalives are the acknowledgement.
+//! The MS never connects to a client.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use crossbeam_channel::{bounded, Sender, TrySendError};
 use log::{debug, warn};
 
 use super::users::OnlineUser;
-use crate::link::{connect_to, Conn};
 use crate::proto::crs::EventKind;
 use crate::proto::ms::{event_message, PUSH};
-use crate::proto::Refused;
 
 /// Pushes waiting per pusher thread; past this a push is dropped with a
 /// warning rather than letting one slow client grow memory without bound.
@@ -35,8 +34,9 @@ pub struct Pusher {
 }
 
 impl Pusher {
-    /// Starts `n` pusher threads; `timeout` bounds connect, write and ack.
-    pub fn start(n: usize, timeout: Duration) -> std::io::Result<Pusher> {
+    /// Starts `n` pusher threads; each push is bounded by the pool's write
+    /// deadline on the held connection.
+    pub fn start(n: usize) -> std::io::Result<Pusher> {
         let mut lanes = Vec::new();
         let mut threads = Vec::new();
         let pushed = prometheus_client::metrics::counter::Counter::<u64>::default();
@@ -55,15 +55,26 @@ impl Pusher {
                                 debug!("dropped a push to {}, who logged out", user.name);
                                 continue;
                             }
-                            let result = push_one(&user, &event, timeout);
+                            let result = push_one(&user, &event);
                             if result.is_ok() {
                                 ok.inc();
                             }
                             if let Err(e) = result {
                                 bad.inc();
-                                warn!("push to {} at {} failed: {e}", user.name, user.address);
-                                // Probe it at the next check rather than wait for its timeout.
-                                user.suspect();
+                                // A client that just closed its connection
+                                // is the usual case: its close ends the login.
+                                if e.gone {
+                                    debug!("push to {}: {}; its login ends", user.name, e.why);
+                                } else {
+                                    warn!(
+                                        "push to {} failed: {}; ending its login",
+                                        user.name, e.why
+                                    );
+                                }
+                                // A held connection that cannot take a push
+                                // within the write deadline is not trusted
+                                // with later ones: its close ends the login.
+                                user.drop_connection();
                             }
                         }
                     })?,
@@ -103,22 +114,30 @@ impl Pusher {
     }
 }
 
-fn push_one(user: &OnlineUser, event: &EventKind, timeout: Duration) -> Result<(), String> {
+/// Why a push was not written.
+struct PushFailed {
+    /// The client has gone (its connection closed or reset).
+    gone: bool,
+    why: String,
+}
+
+fn push_one(user: &OnlineUser, event: &EventKind) -> Result<(), PushFailed> {
+    let failed = |gone: bool, why: String| PushFailed { gone, why };
+    let Some(out) = &user.held else {
+        return Err(failed(false, "no held connection".into()));
+    };
     let sealed = user
         .push
         .lock()
         .seal(PUSH, &[("User", &user.name)], &event_message(event))
-        .map_err(|e| e.to_string())?;
-    let stream = connect_to(user.address, timeout).map_err(|e| e.to_string())?;
-    let reply = Conn::new(stream, timeout)
-        .exchange(&sealed)
-        .map_err(|e| e.to_string())?;
-    if reply.is_success() {
-        debug!("pushed to {}", user.name);
-        return Ok(());
-    }
-    match Refused::from_message(&reply) {
-        Some(r) => Err(format!("client answered {r}")),
-        None => Err("the client's answer is not a reply".into()),
-    }
+        .map_err(|e| failed(false, e.to_string()))?;
+    out.send(&sealed).map_err(|e| {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionReset, NotConnected};
+        failed(
+            matches!(e.kind(), BrokenPipe | ConnectionReset | NotConnected),
+            e.to_string(),
+        )
+    })?;
+    debug!("pushed to {}", user.name);
+    Ok(())
 }

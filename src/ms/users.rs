@@ -19,8 +19,13 @@ pub struct OnlineUser {
     pub name: String,
     /// The login's id, the clear `Login` header of the client's requests.
     pub login: String,
-    /// Where the client's listener takes pushes.
+    /// Where the client's listener takes its buddies' connections (told
+    /// to buddies by the CRS; the MS itself never connects there).
     pub address: SocketAddr,
+    /// The client's login connection, held for the whole login: pushes go
+    /// out on it, and its close ends the login. `None` only for a login
+    /// made without a socket (handler tests).
+    pub held: Option<crate::prethread::Outbound>,
     /// Buddies (mutual), kept current by the CRS's events.
     pub contacts: Mutex<Names>,
     /// Opens the client's requests and seals our replies.
@@ -59,9 +64,12 @@ impl OnlineUser {
         self.last_seen.store(now_ms(), Ordering::Relaxed);
     }
 
-    /// Makes the next check probe the client (a push to it failed).
-    pub fn suspect(&self) {
-        self.last_seen.store(0, Ordering::Relaxed);
+    /// Ends the held connection (a push failed, or the client went
+    /// silent): the pool then closes it and the login ends.
+    pub fn drop_connection(&self) {
+        if let Some(out) = &self.held {
+            out.close();
+        }
     }
 }
 

@@ -1,14 +1,23 @@
 //! The pre-threaded server pool behind every listener (CRS, MS, client).
 //!
-//! One acceptor thread blocks in `accept()` and hands each connection to a
-//! fixed pool of named worker threads through a bounded channel. Nothing is
-//! spawned per connection and nothing queues without bound: when the queue
-//! is full the acceptor answers `503 busy` without blocking and closes.
+//! Three kinds of thread, all started with the server; nothing is spawned
+//! per connection:
+//! - the **acceptor** blocks in `accept()`, checks the connection limits
+//!   (held per server, per source address) and hands the connection on;
+//! - the **gate** holds every connection between messages in a readiness
+//!   poller, reads what arrives without blocking into the connection's
+//!   buffer and runs the no-I/O parser on it; only a whole message goes to
+//!   a worker, with its connection. It enforces the per-message deadline
+//!   (from the first byte) and the idle timeout;
+//! - a fixed pool of **workers** runs the synchronous handlers: it gets a
+//!   whole message, calls [`Service::handle`], writes the reply under the
+//!   write deadline and gives the connection back to the gate. A worker
+//!   never waits for a peer to send, so idle or trickling peers cost a
+//!   buffer, not a thread, and the pool is sized by CPU work.
 //!
-//! A worker serves one connection at a time: it calls [`Service::open`],
-//! then reads one message at a time under an absolute deadline, passes it to
-//! [`Service::handle`] and acts on the [`Outcome`], until the peer closes,
-//! errs, times out or the server stops; then [`Service::close`].
+//! [`Service::open`] runs when the gate takes a connection,
+//! [`Service::close`] on a worker when it ends (the peer closed, an error,
+//! a deadline, the server stopping).
 //!
 //! Handlers see only messages, so they can be tested without sockets: call
 //! `open` and `handle` directly.
@@ -33,6 +42,9 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+mod gate;
+mod limits;
+mod outbound;
 mod server;
 mod signals;
 mod stats;
@@ -44,6 +56,8 @@ use std::time::Duration;
 
 use crate::wire::{Limits, Message};
 
+pub use limits::{raise_open_files_limit, FD_RESERVE, MAX_PER_SOURCE};
+pub use outbound::Outbound;
 pub use server::{Server, Stopper};
 pub use signals::{stop_on_signals, SignalWatch};
 pub use stats::{Stats, StatsSource};
@@ -77,6 +91,12 @@ pub enum Outcome {
     /// The worker is busy until it returns; it must bound its own I/O with
     /// timeouts. When it returns, the connection is over and
     /// [`Service::close`] is called.
+    ///
+    /// This is the one way a peer can hold a worker, so it is bounded to
+    /// links whose peer has already proved who it is. No link uses it
+    /// today: file transfers stream as ordinary messages (each chunk a
+    /// whole message under the session's file limits, answered
+    /// [`Outcome::Silent`]), so they too wait in the gate between chunks.
     Takeover(TakeoverFn),
 }
 
@@ -101,8 +121,14 @@ pub trait Service: Send + Sync + 'static {
     /// Per-connection state, e.g. sealed-link keys or login state.
     type Session: Send;
 
-    /// A connection was handed to a worker; make its session.
+    /// A connection was accepted; make its session.
     fn open(&self, peer: &Peer) -> Self::Session;
+
+    /// As [`Service::open`], with the handle that writes on the connection,
+    /// for a service that pushes on held links (the default ignores it).
+    fn open_with(&self, peer: &Peer, _out: &Outbound) -> Self::Session {
+        self.open(peer)
+    }
 
     /// One request arrived; say what to do about it.
     fn handle(&self, session: &mut Self::Session, request: Message) -> Outcome;
@@ -117,6 +143,14 @@ pub trait Service: Send + Sync + 'static {
     fn limits(&self, _session: &Self::Session) -> Option<Limits> {
         None
     }
+
+    /// Whether this session is a held link (e.g. a logged-in client's
+    /// connection to its MS) that stays open while silent: the idle
+    /// timeout does not apply to it; its own keepalives decide liveness.
+    /// The default, `false`, closes it after [`Config::idle_timeout`].
+    fn held(&self, _session: &Self::Session) -> bool {
+        false
+    }
 }
 
 /// How a [`Server`] runs.
@@ -127,15 +161,23 @@ pub struct Config {
     pub name: String,
     /// Worker threads, spawned at start and kept at this number. At least 1.
     pub workers: usize,
-    /// Accepted connections that may wait for a worker; beyond that the
-    /// acceptor answers `503 busy`. 0 means a connection is accepted only
-    /// when a worker is idle and waiting.
+    /// Whole requests that may wait for a worker; a request beyond that is
+    /// answered `503 busy` and its connection closed, so that a burst
+    /// cannot build an unbounded backlog of work.
     pub queue: usize,
+    /// Connections open at once (held by the gate or served by a worker);
+    /// beyond that a new connection gets `503 busy` at once. Each costs a
+    /// file descriptor, so the default is sized from the open-files limit.
+    pub max_connections: usize,
+    /// Connections open at once from one source address; beyond that a new
+    /// one from that address gets `503 busy`.
+    pub max_per_source: usize,
     /// Time a message has to arrive in full once it is due: the first
-    /// message of a connection from when a worker picks it up, later ones
-    /// from their first byte.
+    /// message of a connection from the accept, later ones from their
+    /// first byte. A slow sender is closed when it passes.
     pub message_deadline: Duration,
-    /// How long a connection may stay silent between messages.
+    /// How long a connection may stay silent between messages, unless its
+    /// session is held (see [`Service::held`]).
     pub idle_timeout: Duration,
     /// Time a reply has to be written in full; a peer that stops reading
     /// cannot hold a worker longer.
@@ -148,15 +190,23 @@ pub struct Config {
 }
 
 impl Default for Config {
-    /// Twice the CPUs in workers (4..=64), a queue of four per worker,
-    /// 10 s per message, 30 s idle, 10 s per reply and 5 s of grace.
+    /// Twice the CPUs in workers (4..=64), 256 requests waiting per
+    /// worker, connections from the open-files limit (raised to its hard
+    /// limit, less [`FD_RESERVE`]), [`MAX_PER_SOURCE`] per source, 10 s per
+    /// message, 30 s idle, 10 s per reply and 5 s of grace.
     fn default() -> Self {
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         let workers = (2 * cpus).clamp(4, 64);
+        let files = raise_open_files_limit();
+        let max_connections = usize::try_from(files.saturating_sub(FD_RESERVE))
+            .unwrap_or(usize::MAX)
+            .max(1);
         Config {
             name: "ims".to_owned(),
             workers,
-            queue: 4 * workers,
+            queue: 256 * workers,
+            max_connections,
+            max_per_source: MAX_PER_SOURCE,
             message_deadline: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             write_deadline: Duration::from_secs(10),

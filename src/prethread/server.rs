@@ -1,26 +1,34 @@
 //! The server: binding, the acceptor thread, stopping and joining.
 //!
-//! The acceptor blocks in `accept()` and hands connections to the workers
-//! with `try_send` on a bounded channel; a full channel means `503 busy`
-//! at once, so the only queue is one of fixed size. [`Stopper::stop`] wakes
-//! the acceptor by connecting to the listener; the acceptor then drops the
-//! channel's sender (workers drain what is queued, refusing it, and exit),
-//! waits up to the grace period for the requests in flight, and shuts down
-//! the sockets of any still running so that no peer can delay the stop.
+//! The acceptor blocks in `accept()`, checks the connection against the
+//! limits (connections held, connections per source address) and hands it
+//! to the gate (see `gate`), which holds it until a whole message has
+//! arrived. A refused connection gets `503 busy` at once and each source
+//! is named in the log at most once a minute, so that a flood cannot flood
+//! the log. [`Stopper::stop`] wakes the acceptor by connecting to the
+//! listener; the gate then ends every connection it holds and waits for
+//! the workers to give back theirs; the acceptor waits up to the grace
+//! period for the requests in flight and shuts down the sockets of any
+//! still running so that no peer can delay the stop.
 
+use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{
     IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs,
 };
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
-use log::{debug, info, warn};
+use crossbeam_channel::{Receiver, Sender};
+use log::{info, warn};
+use mio::unix::SourceFd;
+use mio::{Poll, Registry, Waker};
 use parking_lot::Mutex;
 
+use super::gate::{gate_loop, Back, Job, WAKER};
 use super::stats::{Counters, Stats, StatsSource};
 use super::worker::spawn_worker;
 use super::{Config, Service};
@@ -37,6 +45,14 @@ const GRACE_POLL: Duration = Duration::from_millis(10);
 /// Pause after an `accept()` error such as EMFILE, so that a persistent
 /// error does not spin the acceptor.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// A refused source is named in the log at most this often, so that a
+/// flood of connections costs one log line a minute, not one each.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Sources remembered for [`REFUSAL_LOG_EVERY`]; past this many the old
+/// entries are dropped (a spoofed spread of sources cannot grow it).
+const REFUSAL_LOG_SOURCES: usize = 4096;
 
 /// The stop flag and how to wake the acceptor; shared by every [`Stopper`].
 #[derive(Debug)]
@@ -83,7 +99,17 @@ impl Stopper {
 pub(crate) struct Shared<S: Service> {
     pub config: Config,
     pub service: Arc<S>,
-    pub rx: Receiver<TcpStream>,
+    /// Jobs from the gate.
+    pub rx: Receiver<Job<S>>,
+    /// To the gate: new connections, connections to hold again, ends.
+    pub back: Sender<Back<S>>,
+    /// Wakes the gate's poll when something is sent on `back`.
+    pub waker: Waker,
+    /// The gate's poller, to stop watching a connection that ends or is
+    /// taken over.
+    pub registry: Registry,
+    /// Connections open, per source address, for the per-source limit.
+    pub sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
     pub stopper: Stopper,
     pub counters: Arc<Counters>,
     /// Every worker thread ever spawned and not yet joined, replacements
@@ -96,6 +122,47 @@ pub(crate) struct Shared<S: Service> {
     pub live_workers: AtomicUsize,
     /// The encoded `503` sent to connections refused by a worker after stop.
     pub shutting_down: Vec<u8>,
+    /// The encoded `503` sent when too many requests wait for a worker.
+    pub busy: Vec<u8>,
+}
+
+impl<S: Service> Shared<S> {
+    /// Sends to the gate and wakes it.
+    pub fn send_back(&self, msg: Back<S>) {
+        if self.back.send(msg).is_ok() {
+            if let Err(e) = self.waker.wake() {
+                warn!("{}: cannot wake the gate: {e}", self.config.name);
+            }
+        }
+    }
+
+    /// Stops watching a connection (it ends, or a handler takes it).
+    pub fn unwatch(&self, stream: &TcpStream) {
+        let fd = stream.as_raw_fd();
+        let _ = self.registry.deregister(&mut SourceFd(&fd));
+    }
+}
+
+/// Counts one open connection against its source and the server's total
+/// until dropped, wherever the connection ends.
+pub(crate) struct Ticket {
+    source: IpAddr,
+    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    counters: Arc<Counters>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut sources = self.sources.lock();
+        if let Some(n) = sources.get_mut(&self.source) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                sources.remove(&self.source);
+            }
+        }
+        drop(sources);
+        self.counters.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A running pre-threaded server. Dropping it stops it and waits for its
@@ -104,8 +171,6 @@ pub struct Server {
     local_addr: SocketAddr,
     stopper: Stopper,
     counters: Arc<Counters>,
-    /// The queue's receiving end, only to read its length.
-    queue: Receiver<TcpStream>,
     acceptor: Option<JoinHandle<()>>,
     handles: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
@@ -143,15 +208,25 @@ impl Server {
                 wake: wake_addr(local_addr),
             }),
         };
-        let (tx, rx) = crossbeam_channel::bounded(config.queue);
+        // Jobs are bounded by the connections held (one each at most);
+        // `config.queue` bounds how many may wait (see the gate).
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (back, back_rx) = crossbeam_channel::unbounded();
+        let poll = Poll::new()?;
+        let waker = Waker::new(poll.registry(), WAKER)?;
+        let registry = poll.registry().try_clone()?;
         let counters = Arc::new(Counters::default());
         let handles = Arc::new(Mutex::new(Vec::new()));
-        let queue = rx.clone();
         let shared = Arc::new(Shared {
             slots: (0..config.workers).map(|_| Mutex::new(None)).collect(),
             config,
             service,
             rx,
+            back,
+            waker,
+            registry,
+            sources: Arc::new(Mutex::new(HashMap::new())),
+            busy: Message::reply(code::BUSY, "busy").encode(),
             stopper: stopper.clone(),
             counters: Arc::clone(&counters),
             handles: Arc::clone(&handles),
@@ -162,7 +237,6 @@ impl Server {
             local_addr,
             stopper,
             counters,
-            queue,
             acceptor: None,
             handles,
         };
@@ -174,17 +248,25 @@ impl Server {
                 return Err(e);
             }
         }
+        let gate_shared = Arc::clone(&shared);
+        let gate = thread::Builder::new()
+            .name(format!("{}-gate", shared.config.name))
+            .spawn(move || gate_loop(poll, back_rx, tx, gate_shared))?;
+        server.handles.lock().push(gate);
         let name = format!("{}-acc", shared.config.name);
         let workers = shared.config.workers;
         let acc_shared = Arc::clone(&shared);
         server.acceptor = Some(
             thread::Builder::new()
                 .name(name)
-                .spawn(move || accept_loop(listener, tx, acc_shared))?,
+                .spawn(move || accept_loop(listener, acc_shared))?,
         );
         info!(
-            "{}: listening on {local_addr} with {workers} workers",
-            shared.config.name
+            "{}: listening on {local_addr} with {workers} workers, up to {} connections ({} per source); open-files limit {}",
+            shared.config.name,
+            shared.config.max_connections,
+            shared.config.max_per_source,
+            super::raise_open_files_limit()
         );
         Ok(server)
     }
@@ -203,7 +285,6 @@ impl Server {
     pub fn stats_source(&self) -> StatsSource {
         StatsSource {
             counters: Arc::clone(&self.counters),
-            queue: self.queue.clone(),
         }
     }
 
@@ -267,10 +348,10 @@ fn wake_addr(local: SocketAddr) -> SocketAddr {
 
 /// The acceptor thread: accept, hand over or refuse, and after a stop,
 /// supervise the grace period.
-fn accept_loop<S: Service>(listener: TcpListener, tx: Sender<TcpStream>, shared: Arc<Shared<S>>) {
+fn accept_loop<S: Service>(listener: TcpListener, shared: Arc<Shared<S>>) {
     let name = &shared.config.name;
-    let busy = Message::reply(code::BUSY, "busy").encode();
     let mut last_error_log: Option<Instant> = None;
+    let mut refusals = RefusalLog::default();
     loop {
         match listener.accept() {
             Ok((stream, remote)) => {
@@ -278,12 +359,17 @@ fn accept_loop<S: Service>(listener: TcpListener, tx: Sender<TcpStream>, shared:
                     break;
                 }
                 Counters::bump(&shared.counters.accepted);
-                match tx.try_send(stream) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(stream) | TrySendError::Disconnected(stream)) => {
+                match admit(&shared, remote.ip()) {
+                    Ok(ticket) => shared.send_back(Back::New(stream, ticket)),
+                    Err(why) => {
                         Counters::bump(&shared.counters.rejected_busy);
-                        debug!("{name}: {remote} refused: busy");
-                        refuse(stream, &busy);
+                        if refusals.should_log(remote.ip()) {
+                            warn!(
+                                "{name}: refusing connections from {}: {why} (logged once a minute per source)",
+                                remote.ip()
+                            );
+                        }
+                        refuse(stream, &shared.busy);
                     }
                 }
             }
@@ -312,7 +398,8 @@ fn accept_loop<S: Service>(listener: TcpListener, tx: Sender<TcpStream>, shared:
     // No new connections: close the listener (peers are refused from now
     // on) and let the workers see the end of the channel.
     drop(listener);
-    drop(tx);
+    // The gate has seen the stop flag; wake it so that it acts at once.
+    let _ = shared.waker.wake();
     let grace_end = Instant::now() + shared.config.shutdown_grace;
     while shared.live_workers.load(Ordering::SeqCst) > 0 && Instant::now() < grace_end {
         thread::sleep(GRACE_POLL);
@@ -330,6 +417,53 @@ fn accept_loop<S: Service>(listener: TcpListener, tx: Sender<TcpStream>, shared:
         warn!("{name}: grace period over, shut down {cut} connections in flight");
     }
     info!("{name}: stopped accepting");
+}
+
+/// Counts a new connection from `source`, or says which limit refuses it.
+fn admit<S: Service>(shared: &Shared<S>, source: IpAddr) -> Result<Ticket, &'static str> {
+    let config = &shared.config;
+    let mut sources = shared.sources.lock();
+    if shared.counters.open.load(Ordering::Relaxed) >= config.max_connections {
+        return Err("connections held at the limit");
+    }
+    let n = sources.entry(source).or_insert(0);
+    if *n >= config.max_per_source {
+        return Err("connections from this source at the limit");
+    }
+    *n += 1;
+    shared.counters.open.fetch_add(1, Ordering::Relaxed);
+    Ok(Ticket {
+        source,
+        sources: Arc::clone(&shared.sources),
+        counters: Arc::clone(&shared.counters),
+    })
+}
+
+/// When each refused source was last named in the log.
+#[derive(Default)]
+struct RefusalLog {
+    last: HashMap<IpAddr, Instant>,
+}
+
+impl RefusalLog {
+    /// Whether a refusal of `source` should be logged now.
+    fn should_log(&mut self, source: IpAddr) -> bool {
+        let now = Instant::now();
+        if self.last.len() >= REFUSAL_LOG_SOURCES {
+            self.last
+                .retain(|_, t| now.saturating_duration_since(*t) < REFUSAL_LOG_EVERY);
+            if self.last.len() >= REFUSAL_LOG_SOURCES {
+                self.last.clear();
+            }
+        }
+        match self.last.get(&source) {
+            Some(t) if now.saturating_duration_since(*t) < REFUSAL_LOG_EVERY => false,
+            _ => {
+                self.last.insert(source, now);
+                true
+            }
+        }
+    }
 }
 
 /// Refuses a connection without ever blocking: one nonblocking write of

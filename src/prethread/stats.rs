@@ -1,10 +1,7 @@
 //! Counters of a running server, kept as atomics and read as a snapshot.
 
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
-
-use crossbeam_channel::Receiver;
 
 /// A snapshot of a server's counters (see [`super::Server::stats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -18,9 +15,13 @@ pub struct Stats {
     pub timed_out: u64,
     /// Connections being served by a worker right now.
     pub active: u64,
+    /// Connections waiting in the gate for their next message.
+    pub held: u64,
+    /// Connections open: held, being served, or queued for a worker.
+    pub open: u64,
     /// Worker threads that panicked (and were replaced).
     pub panicked: u64,
-    /// Accepted connections waiting for a worker right now.
+    /// Whole requests waiting for a worker right now.
     pub queued: u64,
 }
 
@@ -29,16 +30,12 @@ pub struct Stats {
 #[derive(Clone, Debug)]
 pub struct StatsSource {
     pub(crate) counters: Arc<Counters>,
-    pub(crate) queue: Receiver<TcpStream>,
 }
 
 impl StatsSource {
     /// A snapshot, queue depth included.
     pub fn snapshot(&self) -> Stats {
-        Stats {
-            queued: self.queue.len() as u64,
-            ..self.counters.snapshot()
-        }
+        self.counters.snapshot()
     }
 }
 
@@ -49,6 +46,10 @@ pub(crate) struct Counters {
     pub rejected_busy: AtomicU64,
     pub timed_out: AtomicU64,
     pub active: AtomicUsize,
+    pub held: AtomicUsize,
+    pub open: AtomicUsize,
+    /// Jobs sent by the gate and not yet taken by a worker.
+    pub queued: AtomicUsize,
     pub panicked: AtomicU64,
 }
 
@@ -61,8 +62,10 @@ impl Counters {
             rejected_busy: self.rejected_busy.load(Relaxed),
             timed_out: self.timed_out.load(Relaxed),
             active: self.active.load(Relaxed) as u64,
+            held: self.held.load(Relaxed) as u64,
+            open: self.open.load(Relaxed) as u64,
             panicked: self.panicked.load(Relaxed),
-            queued: 0,
+            queued: self.queued.load(Relaxed) as u64,
         }
     }
 

@@ -1,13 +1,11 @@
-//! The worker threads: take a connection from the channel, serve it to the
-//! end, take the next.
+//! The worker threads: take a job from the gate, run it, take the next.
 //!
-//! Every read has an absolute deadline, so a silent or trickling peer holds
-//! a worker for at most `message_deadline` (or `idle_timeout` plus that
-//! between messages); every write has one too. Waits for the first byte of
-//! a message are cut into short slices so that a stop is noticed quickly.
+//! A job is a whole message with its connection, or a connection to end.
+//! A worker never waits for a peer to send: it runs the handler, writes
+//! the reply under the write deadline, handles any whole messages that
+//! were pipelined behind it, and sends the connection back to the gate.
 //! A worker that panics is replaced by its [`Sentinel`].
 
-use std::fmt;
 use std::io::{self, ErrorKind, Read};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::Ordering;
@@ -17,15 +15,13 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
 
-use super::server::{refuse, Shared};
+use super::gate::{next_message, refuse_on, Back, Conn, End, Job};
+use super::outbound::Outbound;
+use super::server::Shared;
 use super::stats::Counters;
-use super::{Outcome, Peer, Service};
-use crate::wire::io::{write_all_by, write_message, IoError, MessageReader};
+use super::{Outcome, Service};
+use crate::wire::io::write_message;
 use crate::wire::{code, Message};
-
-/// Longest single wait for the first byte of a message; bounds how long
-/// an idle connection keeps a worker after a stop.
-const WAIT_SLICE: Duration = Duration::from_millis(100);
 
 /// Longest time spent writing a `408` to a peer that was too slow.
 const TIMEOUT_REPLY_DEADLINE: Duration = Duration::from_secs(1);
@@ -97,20 +93,15 @@ fn worker_main<S: Service>(shared: Arc<Shared<S>>, index: usize) {
         shared: Arc::clone(&shared),
         index,
     };
-    while let Ok(stream) = shared.rx.recv() {
-        if shared.stopper.is_stopped() {
-            // Accepted before the stop but not started: refuse, don't serve.
-            refuse(stream, &shared.shutting_down);
-            continue;
-        }
-        serve(&shared, index, stream);
+    while let Ok(job) = shared.rx.recv() {
+        shared.counters.queued.fetch_sub(1, Ordering::Relaxed);
+        run_job(&shared, index, job);
     }
     drop(sentinel);
 }
 
 /// Counts a connection as active and keeps a clone of its socket in the
-/// worker's slot while it is served; undone on drop, panics included
-/// (which also closes the connection, as the clone is the last handle).
+/// worker's slot while it is served; undone on drop, panics included.
 struct ActiveGuard<'a, S: Service> {
     shared: &'a Shared<S>,
     index: usize,
@@ -133,266 +124,219 @@ impl<S: Service> Drop for ActiveGuard<'_, S> {
     }
 }
 
-/// Why a connection ended, for the debug log.
-enum End {
-    /// The peer closed between messages.
-    PeerClosed,
-    /// The handler asked to close.
-    Closed,
-    /// The server is stopping.
-    Stopped,
-    /// Silent between messages for longer than `idle_timeout`.
-    Idle,
-    /// A message did not arrive in full by its deadline.
-    ReadTimeout,
-    /// A reply could not be written by its deadline.
-    WriteTimeout,
-    /// The peer sent bytes that are not a message.
-    Malformed(crate::wire::Error),
-    /// The socket failed.
-    Io(io::Error),
-    /// A handler took the socket over.
-    TakenOver,
+/// Tells the gate that a connection it handed out will not come back,
+/// when dropped without being disarmed: also when a handler panics, so
+/// that the gate's count of connections out stays right and a stop ends.
+struct DoneGuard<'a, S: Service> {
+    shared: &'a Shared<S>,
+    armed: bool,
 }
 
-impl fmt::Display for End {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            End::PeerClosed => f.write_str("peer closed"),
-            End::Closed => f.write_str("closed by handler"),
-            End::Stopped => f.write_str("server stopping"),
-            End::Idle => f.write_str("idle timeout"),
-            End::ReadTimeout => f.write_str("message deadline passed"),
-            End::WriteTimeout => f.write_str("write deadline passed"),
-            End::Malformed(e) => write!(f, "malformed message: {e}"),
-            End::Io(e) => write!(f, "i/o error: {e}"),
-            End::TakenOver => f.write_str("taken over"),
+impl<S: Service> Drop for DoneGuard<'_, S> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.send_back(Back::Done);
         }
     }
 }
 
-/// Serves one connection from `open` to `close`.
-fn serve<S: Service>(shared: &Shared<S>, index: usize, stream: TcpStream) {
-    let picked_up = Instant::now();
-    let peer = match (stream.peer_addr(), stream.local_addr()) {
-        (Ok(remote), Ok(local)) => Peer { remote, local },
-        // Already reset by the peer: nothing to serve.
-        _ => return,
+/// Runs one job: a request (and any whole requests pipelined behind it),
+/// or the end of a connection.
+fn run_job<S: Service>(shared: &Shared<S>, index: usize, job: Job<S>) {
+    let mut done = DoneGuard {
+        shared,
+        armed: true,
     };
-    // Replies are written whole in one call; don't let Nagle delay them.
-    let _ = stream.set_nodelay(true);
-    let _active = ActiveGuard::new(shared, index, &stream);
-    let mut session = shared.service.open(&peer);
-    let (end, requests) = converse(shared, &mut session, stream, picked_up);
-    shared.service.close(session);
-    debug!(
-        "{}: {} served {requests} requests in {:?}, end: {end}",
-        shared.config.name,
-        peer.remote,
-        picked_up.elapsed()
-    );
+    match job {
+        Job::Request(conn, request) => {
+            let _active = ActiveGuard::new(shared, index, &conn.stream);
+            if let Some(mut conn) = converse(shared, conn, request) {
+                let now = Instant::now();
+                conn.since = now;
+                // The clock of a message runs from its first byte: bytes
+                // left over are the start of the next one, whose clock
+                // starts now (the worker kept it meanwhile); none, none.
+                conn.first_byte = (!conn.buf.is_empty()).then_some(now);
+                done.armed = false;
+                shared.send_back(Back::Return(conn));
+            }
+        }
+        Job::End(conn, end) => finish(shared, conn, end),
+    }
 }
 
-/// The request loop of one connection; returns why it ended and how many
-/// requests were handled.
+/// Handles `request` and any whole requests already buffered behind it.
+/// Returns the connection when it should go back to the gate, `None` when
+/// it has been ended here.
 fn converse<S: Service>(
     shared: &Shared<S>,
-    session: &mut S::Session,
-    stream: TcpStream,
-    picked_up: Instant,
-) -> (End, u64) {
+    mut conn: Box<Conn<S>>,
+    mut request: Message,
+) -> Option<Box<Conn<S>>> {
     let config = &shared.config;
-    let counters = &shared.counters;
-    let mut reader = MessageReader::new(stream);
-    let mut requests = 0u64;
     // Encoded replies held back while pipelined requests are buffered.
     let mut held: Vec<u8> = Vec::new();
-    // Writes the held replies; why the connection must end if that failed.
-    let write_held = |stream: &mut TcpStream, held: &mut Vec<u8>| -> Result<(), End> {
-        if held.is_empty() {
-            return Ok(());
-        }
-        let result = write_all_by(stream, held, Instant::now() + config.write_deadline);
-        held.clear();
-        result.map_err(|e| write_failed(e, counters))
-    };
     loop {
-        let limits = shared.service.limits(session).unwrap_or(config.limits);
-        let deadline = if requests == 0 {
-            // The first message is due from pickup, silent or not.
-            let deadline = picked_up + config.message_deadline;
-            if !reader.has_buffered() {
-                match wait_for_data(reader.get_ref(), deadline, shared) {
-                    Wait::Data => {}
-                    Wait::Eof => return (End::PeerClosed, requests),
-                    Wait::Stopped => return (End::Stopped, requests),
-                    Wait::Timeout => {
-                        Counters::bump(&counters.timed_out);
-                        reply_timeout(reader.get_mut());
-                        return (End::ReadTimeout, requests);
-                    }
-                    Wait::Failed(e) => return (End::Io(e), requests),
-                }
-            }
-            deadline
-        } else {
-            // Keep-alive: no new request is started once stopping.
-            if shared.stopper.is_stopped() {
-                let end = write_held(reader.get_mut(), &mut held).err();
-                return (end.unwrap_or(End::Stopped), requests);
-            }
-            if !reader.has_buffered() {
-                if let Err(end) = write_held(reader.get_mut(), &mut held) {
-                    return (end, requests);
-                }
-                let idle_end = Instant::now() + config.idle_timeout;
-                match wait_for_data(reader.get_ref(), idle_end, shared) {
-                    Wait::Data => {}
-                    Wait::Eof => return (End::PeerClosed, requests),
-                    Wait::Stopped => return (End::Stopped, requests),
-                    Wait::Timeout => {
-                        Counters::bump(&counters.timed_out);
-                        return (End::Idle, requests);
-                    }
-                    Wait::Failed(e) => return (End::Io(e), requests),
-                }
-            }
-            // From its first byte, the message has `message_deadline`.
-            Instant::now() + config.message_deadline
-        };
-
-        // Held replies go out before the reader waits for more bytes.
-        let mut held_failed = None;
-        let read = reader.read_message_with(&limits, deadline, |stream| {
-            write_held(stream, &mut held).map_err(|end| {
-                held_failed = Some(end);
-                IoError::Io(io::ErrorKind::BrokenPipe.into())
-            })
-        });
-        if let Some(end) = held_failed {
-            return (end, requests);
-        }
-        // Replies to requests before a malformed one still go first.
-        if read.is_err() {
-            if let Err(end) = write_held(reader.get_mut(), &mut held) {
-                return (end, requests);
-            }
-        }
-        let request = match read {
-            Ok(Some(request)) => request,
-            Ok(None) => return (End::PeerClosed, requests),
-            Err(IoError::Timeout) => {
-                Counters::bump(&counters.timed_out);
-                reply_timeout(reader.get_mut());
-                return (End::ReadTimeout, requests);
-            }
-            Err(IoError::Wire(e)) => {
-                let reply = Message::reply(e.reply_code(), &e.to_string());
-                let write_end = Instant::now() + config.write_deadline;
-                if write_message(reader.get_mut(), &reply, write_end).is_ok() {
-                    linger_close(reader.get_mut());
-                }
-                return (End::Malformed(e), requests);
-            }
-            Err(IoError::Io(e)) => return (End::Io(e), requests),
-        };
-        requests += 1;
-
-        let (reply, close) = match shared.service.handle(session, request) {
+        conn.requests += 1;
+        let (reply, close) = match shared.service.handle(&mut conn.session, request) {
             Outcome::Reply(reply) => (Some(reply), false),
             Outcome::ReplyAndClose(reply) => (Some(reply), true),
             Outcome::Silent => (None, false),
             Outcome::Close => (None, true),
             Outcome::Takeover(take) => {
-                if let Err(end) = write_held(reader.get_mut(), &mut held) {
-                    return (end, requests);
+                if let Err(end) = write_held(&conn.out, &mut held, shared) {
+                    finish(shared, conn, end);
+                    return None;
                 }
-                let (stream, buffered) = reader.into_parts();
+                conn.out.detach();
+                shared.unwatch(&conn.stream);
+                let stream = match conn.stream.try_clone() {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        finish(shared, conn, End::Io(e));
+                        return None;
+                    }
+                };
+                let buffered = std::mem::take(&mut conn.buf);
+                let _ = stream.set_nonblocking(false);
                 let _ = stream.set_read_timeout(None);
                 let _ = stream.set_write_timeout(None);
                 take(stream, buffered);
-                return (End::TakenOver, requests);
+                finish(shared, conn, End::TakenOver);
+                return None;
             }
         };
+        let limits = shared
+            .service
+            .limits(&conn.session)
+            .unwrap_or(config.limits);
+        let next = if close {
+            Ok(None)
+        } else {
+            next_message(&mut conn.buf, &limits)
+        };
         if let Some(reply) = reply {
-            let pipelined = !close && reader.has_buffered();
+            let pipelined = matches!(next, Ok(Some(_)));
             if (pipelined || !held.is_empty()) && reply.body.len() < MAX_HELD {
                 reply.encode_into(&mut held);
-                if !pipelined || held.len() >= MAX_HELD {
-                    if let Err(end) = write_held(reader.get_mut(), &mut held) {
-                        return (end, requests);
-                    }
+                if (!pipelined || held.len() >= MAX_HELD)
+                    && write_held(&conn.out, &mut held, shared).is_err()
+                {
+                    finish(shared, conn, End::WriteTimeout);
+                    return None;
                 }
             } else {
-                if let Err(end) = write_held(reader.get_mut(), &mut held) {
-                    return (end, requests);
+                if let Err(end) = write_held(&conn.out, &mut held, shared) {
+                    finish(shared, conn, end);
+                    return None;
                 }
-                let write_end = Instant::now() + config.write_deadline;
-                if let Err(e) = write_message(reader.get_mut(), &reply, write_end) {
-                    return (write_failed(e, counters), requests);
+                if let Err(e) = conn.out.send(&reply) {
+                    let end = write_failed(e, &shared.counters);
+                    finish(shared, conn, end);
+                    return None;
                 }
             }
+        }
+        if let Err(end) = match next {
+            Ok(Some(_)) => Ok(()),
+            _ => write_held(&conn.out, &mut held, shared),
+        } {
+            finish(shared, conn, end);
+            return None;
         }
         if close {
-            if let Err(end) = write_held(reader.get_mut(), &mut held) {
-                return (end, requests);
+            finish(shared, conn, End::Closed);
+            return None;
+        }
+        match next {
+            Ok(Some(message)) => {
+                // Keep-alive: no new request is started once stopping.
+                if shared.stopper.is_stopped() {
+                    finish(shared, conn, End::Stopped);
+                    return None;
+                }
+                request = message;
             }
-            return (End::Closed, requests);
+            Ok(None) => return Some(conn),
+            Err(e) => {
+                finish(shared, conn, End::Malformed(e));
+                return None;
+            }
         }
     }
+}
+
+/// Writes the held replies; why the connection must end if that failed.
+fn write_held<S: Service>(
+    out: &Outbound,
+    held: &mut Vec<u8>,
+    shared: &Shared<S>,
+) -> Result<(), End> {
+    if held.is_empty() {
+        return Ok(());
+    }
+    let result = out.write_all(held);
+    held.clear();
+    result.map_err(|e| write_failed(e, &shared.counters))
+}
+
+/// Ends a connection: its last words if `end` calls for them, then
+/// [`Service::close`] and the close of the socket.
+// Connections travel boxed (small channel messages); unboxing each just
+// to end it would copy it for nothing.
+#[allow(clippy::boxed_local)]
+fn finish<S: Service>(shared: &Shared<S>, conn: Box<Conn<S>>, end: End) {
+    // No push may start now: these are the connection's last words.
+    conn.out.detach();
+    shared.unwatch(&conn.stream);
+    let mut stream: &TcpStream = &conn.stream;
+    match &end {
+        End::ReadTimeout => {
+            let _ = stream.set_nonblocking(false);
+            reply_timeout(&mut stream);
+        }
+        End::Stopped if conn.requests == 0 => {
+            refuse_on(stream, &shared.shutting_down);
+        }
+        End::Malformed(e) => {
+            let _ = stream.set_nonblocking(false);
+            let reply = Message::reply(e.reply_code(), &e.to_string());
+            let write_end = Instant::now() + shared.config.write_deadline;
+            if write_message(&mut stream, &reply, write_end).is_ok() {
+                linger_close(&mut stream);
+            }
+        }
+        _ => {}
+    }
+    let Conn {
+        session,
+        peer,
+        requests,
+        since,
+        ..
+    } = *conn;
+    shared.service.close(session);
+    debug!(
+        "{}: {} served {requests} requests, last {:?} ago, end: {end}",
+        shared.config.name,
+        peer.remote,
+        since.elapsed()
+    );
 }
 
 /// Why a connection ends when a reply could not be written.
-fn write_failed(e: IoError, counters: &Counters) -> End {
-    match e {
-        IoError::Timeout => {
-            Counters::bump(&counters.timed_out);
-            End::WriteTimeout
-        }
-        IoError::Io(e) => End::Io(e),
-        // Writing never parses; kept for completeness.
-        IoError::Wire(e) => End::Malformed(e),
-    }
-}
-
-/// What waiting for the first byte of a message found.
-enum Wait {
-    Data,
-    Eof,
-    Stopped,
-    Timeout,
-    Failed(io::Error),
-}
-
-/// Waits until a byte can be read, the peer closes, `until` passes or the
-/// server stops, in slices of at most [`WAIT_SLICE`]. Peeking leaves the
-/// bytes for the message reader.
-fn wait_for_data<S: Service>(stream: &TcpStream, until: Instant, shared: &Shared<S>) -> Wait {
-    let mut probe = [0u8; 1];
-    loop {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Wait::Timeout;
-        }
-        if let Err(e) = stream.set_read_timeout(Some(left.min(WAIT_SLICE))) {
-            return Wait::Failed(e);
-        }
-        match stream.peek(&mut probe) {
-            Ok(0) => return Wait::Eof,
-            Ok(_) => return Wait::Data,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Wait::Failed(e),
-        }
-        if shared.stopper.is_stopped() {
-            return Wait::Stopped;
-        }
+fn write_failed(e: io::Error, counters: &Counters) -> End {
+    if e.kind() == ErrorKind::TimedOut {
+        Counters::bump(&counters.timed_out);
+        End::WriteTimeout
+    } else {
+        End::Io(e)
     }
 }
 
 /// Best effort `408` to a peer that was too slow; it is tiny, so it only
 /// fails if the peer has stopped reading as well.
-fn reply_timeout(stream: &mut TcpStream) {
+fn reply_timeout(stream: &mut &TcpStream) {
     let reply = Message::reply(code::TIMEOUT, "timeout");
     let _ = write_message(stream, &reply, Instant::now() + TIMEOUT_REPLY_DEADLINE);
 }
@@ -400,7 +344,7 @@ fn reply_timeout(stream: &mut TcpStream) {
 /// After an error reply: stop writing and read what the peer still sends,
 /// briefly and boundedly, so that our close is not a reset that would
 /// destroy the reply in the peer's receive buffer.
-fn linger_close(stream: &mut TcpStream) {
+fn linger_close(stream: &mut &TcpStream) {
     let _ = stream.shutdown(Shutdown::Write);
     let end = Instant::now() + LINGER_TIME;
     let mut sink = [0u8; 16 * 1024];

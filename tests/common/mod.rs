@@ -820,22 +820,37 @@ pub mod raw {
         }
     }
 
-    /// One sealed request/reply to an MS as a logged-in user.
-    pub fn ms_request(ms: SocketAddr, login: &mut LoggedIn, req: &MsRequest) -> Message {
+    /// One sealed request/reply to an MS as a logged-in user, on the
+    /// login's held connection (pushes on it are skipped). `_ms` is where
+    /// the login is, for the reader.
+    pub fn ms_request(_ms: SocketAddr, login: &mut LoggedIn, req: &MsRequest) -> Message {
         let sealed = login
             .send
             .seal(SEALED, &[("Login", &login.login)], &req.to_message())
             .expect("seal");
-        let reply = Conn::connect(ms).call(&sealed);
+        write_message(
+            login.conn.reader.get_mut(),
+            &sealed,
+            Instant::now() + TIMEOUT,
+        )
+        .expect("write");
+        let reply = loop {
+            let m = login.conn.read().expect("a reply");
+            if m.method() != Some(ims::proto::ms::PUSH) {
+                break m;
+            }
+        };
         assert_eq!(reply.method(), Some(SEALED), "unsealed reply: {reply:?}");
         login.recv.open(&reply).expect("open reply")
     }
 
-    /// What a successful raw login leaves.
+    /// What a successful raw login leaves: its held connection (dropping
+    /// it ends the login) and its keys.
     pub struct LoggedIn {
         pub login: String,
         pub send: ims::seal::Sealer,
         pub recv: ims::seal::Opener,
+        pub conn: Conn,
     }
 
     /// The bytes a login sent and what came back.
@@ -921,7 +936,10 @@ pub mod raw {
         }
         .to_message();
         let reply = conn.call(&login);
-        let session = (reply.method() == Some(SEALED)).then(|| {
+        let sealed = reply.method() == Some(SEALED);
+        let reply_ref = &reply;
+        let session = sealed.then(move || {
+            let reply = reply_ref;
             let expected = scram::server_signature(&keys.scram.server_key, &auth);
             let signature = reply.req_b64("Server-Signature").expect("Server-Signature");
             assert!(
@@ -932,11 +950,12 @@ pub mod raw {
             context.extend_from_slice(&ch.server_nonce);
             let keys = SessionKeys::derive(&keys.scram.client_key, &context, Role::Initiator);
             let (send, mut recv) = (keys.send, keys.recv);
-            recv.open(&reply).expect("welcome opens");
+            recv.open(reply).expect("welcome opens");
             LoggedIn {
                 login: reply.req("Login").expect("Login").to_owned(),
                 send,
                 recv,
+                conn,
             }
         });
         Recorded {
