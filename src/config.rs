@@ -17,6 +17,7 @@ use serde::Deserialize;
 use crate::client::ClientConfig;
 use crate::crs::CrsConfig;
 use crate::ms::MsConfig;
+use crate::prethread;
 
 /// Why a configuration file was refused.
 #[derive(Debug)]
@@ -167,6 +168,78 @@ impl<C> Setting<C> {
     }
 }
 
+/// A configuration that holds a worker pool's settings under `[pool]`.
+trait HasPool {
+    /// The pool's settings.
+    fn pool_mut(&mut self) -> &mut prethread::Config;
+}
+
+impl HasPool for CrsConfig {
+    fn pool_mut(&mut self) -> &mut prethread::Config {
+        &mut self.pool
+    }
+}
+
+impl HasPool for MsConfig {
+    fn pool_mut(&mut self) -> &mut prethread::Config {
+        &mut self.pool
+    }
+}
+
+impl HasPool for ClientProgram {
+    fn pool_mut(&mut self) -> &mut prethread::Config {
+        &mut self.client.pool
+    }
+}
+
+/// Whether the pool's busiest knobs also get command-line flags (the
+/// servers' do; the client's listener is tuned from its file only).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PoolFlags {
+    Yes,
+    No,
+}
+
+/// The `[pool]` settings every program shares, written once.
+fn pool_settings<C: HasPool>(flags: PoolFlags) -> Vec<Setting<C>> {
+    let workers = key("pool.workers", COUNT, |c: &mut C, v| {
+        c.pool_mut().workers = v.int::<usize>().max(1)
+    });
+    let deadline = key("pool.message_deadline_secs", Kind::Secs, |c: &mut C, v| {
+        c.pool_mut().message_deadline = v.secs()
+    });
+    let (workers, deadline) = match flags {
+        PoolFlags::Yes => (
+            workers.flag("workers", "N", "worker threads"),
+            deadline.flag(
+                "message-deadline",
+                "SECS",
+                "seconds within which one whole request must arrive (default 10)",
+            ),
+        ),
+        PoolFlags::No => (workers, deadline),
+    };
+    vec![
+        workers,
+        key("pool.queue", COUNT, |c: &mut C, v| {
+            c.pool_mut().queue = v.int()
+        }),
+        deadline,
+        key("pool.idle_timeout_secs", Kind::Secs, |c: &mut C, v| {
+            c.pool_mut().idle_timeout = v.secs()
+        }),
+        key("pool.write_deadline_secs", Kind::Secs, |c: &mut C, v| {
+            c.pool_mut().write_deadline = v.secs()
+        }),
+        key("pool.max_connections", CONNS, |c: &mut C, v| {
+            c.pool_mut().max_connections = v.int::<usize>().max(1)
+        }),
+        key("pool.max_per_source", CONNS, |c: &mut C, v| {
+            c.pool_mut().max_per_source = v.int::<usize>().max(1)
+        }),
+    ]
+}
+
 /// The CRS's settings.
 pub fn crs_settings() -> Vec<Setting<CrsConfig>> {
     type C = CrsConfig;
@@ -227,32 +300,10 @@ pub fn crs_settings() -> Vec<Setting<CrsConfig>> {
         key("free_login_attempts", U32, |c: &mut C, v| {
             c.free_login_attempts = v.int()
         }),
-        key("pool.workers", COUNT, |c: &mut C, v| {
-            c.pool.workers = v.int::<usize>().max(1)
-        })
-        .flag("workers", "N", "worker threads"),
-        key("pool.queue", COUNT, |c: &mut C, v| c.pool.queue = v.int()),
-        key("pool.message_deadline_secs", Kind::Secs, |c: &mut C, v| {
-            c.pool.message_deadline = v.secs()
-        })
-        .flag(
-            "message-deadline",
-            "SECS",
-            "seconds within which one whole request must arrive (default 10)",
-        ),
-        key("pool.idle_timeout_secs", Kind::Secs, |c: &mut C, v| {
-            c.pool.idle_timeout = v.secs()
-        }),
-        key("pool.write_deadline_secs", Kind::Secs, |c: &mut C, v| {
-            c.pool.write_deadline = v.secs()
-        }),
-        key("pool.max_connections", CONNS, |c: &mut C, v| {
-            c.pool.max_connections = v.int::<usize>().max(1)
-        }),
-        key("pool.max_per_source", CONNS, |c: &mut C, v| {
-            c.pool.max_per_source = v.int::<usize>().max(1)
-        }),
     ]
+    .into_iter()
+    .chain(pool_settings(PoolFlags::Yes))
+    .collect()
 }
 
 /// The MS's settings.
@@ -331,32 +382,10 @@ pub fn ms_settings() -> Vec<Setting<MsConfig>> {
         key("search_rate_per_sec", Kind::Rate, |c: &mut C, v| {
             c.search_rate = v.rate()
         }),
-        key("pool.workers", COUNT, |c: &mut C, v| {
-            c.pool.workers = v.int::<usize>().max(1)
-        })
-        .flag("workers", "N", "worker threads"),
-        key("pool.queue", COUNT, |c: &mut C, v| c.pool.queue = v.int()),
-        key("pool.message_deadline_secs", Kind::Secs, |c: &mut C, v| {
-            c.pool.message_deadline = v.secs()
-        })
-        .flag(
-            "message-deadline",
-            "SECS",
-            "seconds within which one whole request must arrive (default 10)",
-        ),
-        key("pool.idle_timeout_secs", Kind::Secs, |c: &mut C, v| {
-            c.pool.idle_timeout = v.secs()
-        }),
-        key("pool.write_deadline_secs", Kind::Secs, |c: &mut C, v| {
-            c.pool.write_deadline = v.secs()
-        }),
-        key("pool.max_connections", CONNS, |c: &mut C, v| {
-            c.pool.max_connections = v.int::<usize>().max(1)
-        }),
-        key("pool.max_per_source", CONNS, |c: &mut C, v| {
-            c.pool.max_per_source = v.int::<usize>().max(1)
-        }),
     ]
+    .into_iter()
+    .chain(pool_settings(PoolFlags::Yes))
+    .collect()
 }
 
 /// The client program's configuration: the client's, and whom to log in
@@ -477,28 +506,10 @@ pub fn client_settings() -> Vec<Setting<ClientProgram>> {
         key("rekey_interval_secs", Kind::Secs, |c: &mut C, v| {
             c.client.rekey_interval = v.secs()
         }),
-        key("pool.workers", COUNT, |c: &mut C, v| {
-            c.client.pool.workers = v.int::<usize>().max(1)
-        }),
-        key("pool.queue", COUNT, |c: &mut C, v| {
-            c.client.pool.queue = v.int()
-        }),
-        key("pool.message_deadline_secs", Kind::Secs, |c: &mut C, v| {
-            c.client.pool.message_deadline = v.secs()
-        }),
-        key("pool.idle_timeout_secs", Kind::Secs, |c: &mut C, v| {
-            c.client.pool.idle_timeout = v.secs()
-        }),
-        key("pool.write_deadline_secs", Kind::Secs, |c: &mut C, v| {
-            c.client.pool.write_deadline = v.secs()
-        }),
-        key("pool.max_connections", CONNS, |c: &mut C, v| {
-            c.client.pool.max_connections = v.int::<usize>().max(1)
-        }),
-        key("pool.max_per_source", CONNS, |c: &mut C, v| {
-            c.client.pool.max_per_source = v.int::<usize>().max(1)
-        }),
     ]
+    .into_iter()
+    .chain(pool_settings(PoolFlags::No))
+    .collect()
 }
 
 /// Adds every flag of `table` to `opts`.
