@@ -144,6 +144,8 @@ const U32: Kind = int(u32::MAX as u64);
 const COUNT: Kind = int(1 << 20);
 /// Connections: far beyond any open-files limit is a typo.
 const CONNS: Kind = int(1 << 26);
+/// Bytes of offline messages one mailbox may hold: up to 64 GiB.
+const BYTES: Kind = int(1 << 36);
 
 fn key<C>(key: &'static str, kind: Kind, set: fn(&mut C, Value)) -> Setting<C> {
     Setting {
@@ -299,6 +301,21 @@ pub fn crs_settings() -> Vec<Setting<CrsConfig>> {
         }),
         key("free_login_attempts", U32, |c: &mut C, v| {
             c.free_login_attempts = v.int()
+        }),
+        key("mail_per_recipient", COUNT, |c: &mut C, v| {
+            c.mail_limits.per_recipient = v.int()
+        }),
+        key("mail_bytes_per_recipient", BYTES, |c: &mut C, v| {
+            c.mail_limits.bytes_per_recipient = v.int()
+        }),
+        key("mail_per_sender", COUNT, |c: &mut C, v| {
+            c.mail_limits.per_sender = v.int()
+        }),
+        key("mail_bytes_per_sender", BYTES, |c: &mut C, v| {
+            c.mail_limits.bytes_per_sender = v.int()
+        }),
+        key("mail_max_age_secs", Kind::Secs, |c: &mut C, v| {
+            c.mail_max_age = v.secs()
         }),
     ]
     .into_iter()

@@ -111,6 +111,12 @@ pub enum Event {
         text: String,
         /// The sender's id of the message.
         id: u64,
+        /// When it was sent (RFC 3339, UTC), for a message that waited.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sent_at: Option<String>,
+        /// It waited at the servers while we were offline.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        offline: bool,
     },
     /// A buddy started or stopped typing to us.
     Typing {
@@ -121,6 +127,17 @@ pub enum Event {
     },
     /// A message we sent arrived.
     Delivered {
+        /// To whom.
+        to: String,
+        /// Our id of the message.
+        id: u64,
+        /// It was an offline message, read at the recipient's login.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        offline: bool,
+    },
+    /// A message to a buddy who is offline was sealed and filed at the
+    /// servers; `delivered` (offline) follows when they read it.
+    Queued {
         /// To whom.
         to: String,
         /// Our id of the message.
@@ -330,13 +347,28 @@ impl Event {
                 None => format!("ok ({})", c(command)),
             },
             Event::Error { command, reason } => format!("error ({}): {}", c(command), c(reason)),
+            Event::Message {
+                from,
+                text,
+                sent_at: Some(at),
+                ..
+            } => match action(text) {
+                Some(act) => format!("[{}] * {} {}", c(at), c(from), c(act)),
+                None => format!("[{}] <{}> {}", c(at), c(from), c(text)),
+            },
             Event::Message { from, text, .. } => match action(text) {
                 Some(act) => format!("* {} {}", c(from), c(act)),
                 None => format!("<{}> {}", c(from), c(text)),
             },
             Event::Typing { from, state } if state == "on" => format!("  {} is typing…", c(from)),
             Event::Typing { from, .. } => format!("  {} stopped typing", c(from)),
-            Event::Delivered { to, id } => format!("  (delivered to {}, #{id})", c(to)),
+            Event::Delivered {
+                to,
+                id,
+                offline: true,
+            } => format!("  (delivered to {} when they came online, #{id})", c(to)),
+            Event::Delivered { to, id, .. } => format!("  (delivered to {}, #{id})", c(to)),
+            Event::Queued { to, id } => format!("  queued for {} (offline), #{id}", c(to)),
             Event::SendFailed { to, id, reason } => {
                 format!("! not delivered to {} (#{id}): {}", c(to), c(reason))
             }
@@ -543,6 +575,8 @@ mod tests {
                 from: "a\u{1b}b".into(),
                 text: hostile.into(),
                 id: 1,
+                sent_at: None,
+                offline: false,
             },
             Event::FileOffer {
                 from: "a".into(),
@@ -589,6 +623,8 @@ mod tests {
             from: "bob".into(),
             text: "/me waves".into(),
             id: 3,
+            sent_at: None,
+            offline: false,
         };
         assert_eq!(e.to_text(), "* bob waves");
         let p = progress_text("bob", "send", 50, 100, 0);

@@ -7,6 +7,7 @@ pub mod events;
 pub mod files;
 pub mod handshake;
 pub mod history;
+pub mod offline;
 pub mod peer;
 pub mod session;
 pub mod trust;
@@ -171,6 +172,8 @@ pub struct Client {
     keys: Mutex<Option<(String, trust::KeyBook)>>,
     /// The logged-in user's history, if it opened.
     history: Mutex<Option<history::History>>,
+    /// The logged-in user's seen offline-message ids and acknowledgements.
+    mailbox: Mutex<Option<offline::Mailbox>>,
     /// Serializes requests to the MS so their sequence numbers stay in order.
     calls: Mutex<()>,
     events: Sender<Event>,
@@ -324,6 +327,7 @@ pub fn start(config: ClientConfig, events: Sender<Event>) -> std::io::Result<Run
             while let Some(c) = weak.upgrade() {
                 let next = Instant::now() + c.config.keepalive_interval;
                 failures = c.keepalive(failures);
+                c.flush_mail_acks();
                 drop(c);
                 if !matches!(stopped.recv_deadline(next), Err(RecvTimeoutError::Timeout)) {
                     return;
@@ -347,6 +351,7 @@ impl Client {
             known_kdf: Mutex::new(std::collections::HashMap::new()),
             keys: Mutex::new(None),
             history: Mutex::new(None),
+            mailbox: Mutex::new(None),
             calls: Mutex::new(()),
             events,
             peers: peer::Peers::default(),
@@ -506,6 +511,7 @@ impl Client {
                 });
             }
         }
+        self.open_mailbox(&user);
         self.emit(Event::LoggedIn { user });
         self.emit(Event::Buddies { buddies });
         for from in requests {
@@ -553,7 +559,14 @@ impl Client {
         let id = self.held_seq.fetch_add(1, Ordering::Relaxed);
         let (reply_tx, replies) = crossbeam_channel::bounded(HELD_REPLIES);
         let to_client = self.from_ms.0.clone();
-        std::thread::Builder::new()
+        // Known before its reader starts: pushes right after the welcome
+        // (offline messages) must not look like news of an old connection.
+        *self.held.lock() = Some(Held {
+            id,
+            stream,
+            replies,
+        });
+        let started = std::thread::Builder::new()
             .name("client-ms".into())
             .spawn(move || loop {
                 let read = reader.read_message(&Limits::DEFAULT, Instant::now() + HELD_READ_WAIT);
@@ -576,12 +589,11 @@ impl Client {
                     }
                 }
             })
-            .map_err(|e| ClientError::Io(crate::link::LinkError::Io(e.into())))?;
-        *self.held.lock() = Some(Held {
-            id,
-            stream,
-            replies,
-        });
+            .map(|_| ());
+        if let Err(e) = started {
+            self.drop_held();
+            return Err(ClientError::Io(crate::link::LinkError::Io(e.into())));
+        }
         Ok(())
     }
 
@@ -716,8 +728,8 @@ impl Client {
         let guard = self.history.lock();
         let Some(h) = guard.as_ref() else { return };
         let r = match e {
-            Event::Message { from, text, id } => h.received(from, *id, peer::now_unix(), text),
-            Event::Delivered { to, id } => h.outcome(to, *id, true),
+            Event::Message { from, text, id, .. } => h.received(from, *id, peer::now_unix(), text),
+            Event::Delivered { to, id, .. } => h.outcome(to, *id, true),
             Event::SendFailed { to, id, .. } if *id != 0 => h.outcome(to, *id, false),
             _ => Ok(()),
         };
@@ -1063,6 +1075,13 @@ impl Client {
                 Event::BuddyRemoved { user: buddy }
             }
             EventKind::Denied { by } => Event::Denied { by },
+            k @ (EventKind::Mail { .. } | EventKind::Receipt { .. }) => {
+                drop(guard);
+                self.on_mail_push(k);
+                return Message::ok();
+            }
+            // For MSs only.
+            EventKind::MailWaiting { .. } => return Message::ok(),
             EventKind::Evicted { user, .. } => {
                 if user != s.user {
                     return Message::ok();

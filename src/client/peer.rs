@@ -509,7 +509,7 @@ impl Client {
     /// Whether `key`, handed out by the servers for `buddy`, is the one
     /// remembered (or seen for the first time); a changed key is reported
     /// once and refused until the user accepts it with `/verify`.
-    fn key_is_trusted(&self, me: &str, buddy: &str, key: &[u8]) -> Result<(), String> {
+    pub(super) fn key_is_trusted(&self, me: &str, buddy: &str, key: &[u8]) -> Result<(), String> {
         let mut keys = self.keys.lock();
         let Some((_, book)) = keys.as_mut().filter(|(u, _)| u == me) else {
             return Err("the remembered buddy keys are not open".into());
@@ -930,16 +930,29 @@ impl Client {
         }
         let to = to.to_ascii_lowercase();
         self.record_sent(&to, id, text);
-        self.send_request(
-            &to,
-            &PeerRequest::Msg {
+        // A buddy who is offline, or whose client cannot be reached, gets
+        // it sealed through the servers (PROTOCOL.md §7, "Offline messages").
+        let offline = self.buddy_is_offline(&to);
+        let sent = if offline {
+            Err(String::new())
+        } else {
+            self.send_request(
+                &to,
+                &PeerRequest::Msg {
+                    id,
+                    text: text.to_owned(),
+                },
                 id,
-                text: text.to_owned(),
-            },
-            id,
-            PendingKind::Msg,
-        )
-        .map_err(|e| {
+                PendingKind::Msg,
+            )
+        };
+        let sent = match sent {
+            Err(_) if offline || self.buddy_unreachable(&to) => {
+                self.send_offline(&to, id, text).map(|_| ())
+            }
+            other => other,
+        };
+        sent.map_err(|e| {
             // No event follows this failure: the history is told here.
             self.record(&Event::SendFailed {
                 to: to.clone(),
@@ -977,6 +990,7 @@ impl Client {
             (PendingKind::Msg, Ok(())) => self.emit(Event::Delivered {
                 to: to.to_owned(),
                 id,
+                offline: false,
             }),
             (PendingKind::Msg, Err(reason)) => self.emit(Event::SendFailed {
                 to: to.to_owned(),
@@ -1290,6 +1304,8 @@ impl Client {
                     from: from.to_owned(),
                     text,
                     id,
+                    sent_at: None,
+                    offline: false,
                 });
                 Ack::done(id)
             }

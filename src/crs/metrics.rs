@@ -123,7 +123,7 @@ pub struct TimedStore {
 }
 
 impl TimedStore {
-    fn time<T>(&self, op: &'static str, f: impl FnOnce() -> T) -> T {
+    pub(crate) fn time<T>(&self, op: &'static str, f: impl FnOnce() -> T) -> T {
         let start = Instant::now();
         let v = f();
         self.metrics.observe(op, start.elapsed());

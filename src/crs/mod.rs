@@ -10,6 +10,7 @@ pub mod guesses;
 pub mod identity;
 pub mod live;
 pub mod live_pg;
+pub mod mail;
 pub mod metrics;
 pub mod migrate;
 pub mod operator;
@@ -60,6 +61,11 @@ pub struct CrsConfig {
     pub max_search_results: u32,
     /// Login attempts of one name from one address before each must wait.
     pub free_login_attempts: u32,
+    /// Bounds of the offline messages waiting per recipient and per sender.
+    pub mail_limits: store::MailLimits,
+    /// Offline messages older than this are deleted unread (their senders
+    /// told `expired`).
+    pub mail_max_age: Duration,
     /// The worker pool.
     pub pool: prethread::Config,
 }
@@ -79,6 +85,8 @@ impl Default for CrsConfig {
             min_iterations: crypto::PBKDF2_MIN_ITERATIONS,
             max_search_results: 50,
             free_login_attempts: guesses::FREE_ATTEMPTS,
+            mail_limits: store::MailLimits::default(),
+            mail_max_age: mail::DEFAULT_MAX_AGE,
             // Kept links wait in the pool's gate, not on a worker, so the
             // workers are sized by CPU work like every other server's.
             pool: prethread::Config {
@@ -404,9 +412,11 @@ pub fn start(mut config: CrsConfig) -> Result<Running, CrsError> {
         std::thread::Builder::new()
             .name("crs-reaper".into())
             .spawn(move || {
+                let mut expiry = mail::Expiry::default();
                 while !crs.stopping() {
                     std::thread::sleep(Duration::from_millis(250));
                     crs.reap();
+                    expiry.tick(&crs);
                 }
             })
             .map_err(CrsError::Listen)?

@@ -505,6 +505,10 @@ impl Crs {
                 self.block(&store::canonical(&user), &store::canonical(&who), on)
             }
             Events { ack } => self.poll_events(ms, ack),
+            Key { user, who } => self.buddy_key(&store::canonical(&user), &store::canonical(&who)),
+            Queue { user, blob } => self.queue_mail(&store::canonical(&user), blob),
+            Mail { user, after } => self.mail_page(&store::canonical(&user), after),
+            MailAck { user, ids } => self.mail_ack(&store::canonical(&user), &ids),
             ListUsers { .. } | ShowUser { .. } | DeleteUser { .. } | ListMs => refuse(
                 Refusal::WrongLink,
                 "operator requests need an operator link",
@@ -589,6 +593,8 @@ impl Crs {
         // The password was proved from this address: its guesses are forgiven.
         self.guesses.succeeded(user, address.ip());
         let requests = self.pending_requests(&record);
+        // On a failed look-up the MS asks anyway: an empty answer costs little.
+        let mail = self.store.has_mail(user).unwrap_or(true);
         let presence = Presence {
             address,
             public_key: record.public_key.clone(),
@@ -642,6 +648,7 @@ impl Crs {
                 requests,
                 profile: record.profile,
                 blocked: record.blocked.iter().cloned().collect(),
+                mail,
             },
             login,
         })

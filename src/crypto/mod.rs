@@ -11,7 +11,9 @@
 //! - SHA-256, HMAC-SHA256, HKDF-SHA256 and a constant-time compare;
 //! - PBKDF2 password keys under a [`KdfPolicy`];
 //! - the SCRAM-SHA-256 arithmetic and private-key wrapping ([`scram`]);
-//! - base64 for header values ([`b64_encode`], [`b64_decode`]).
+//! - base64 for header values ([`b64_encode`], [`b64_decode`]);
+//! - sealed offline messages ([`offline`]: RSA-OAEP-wrapped AES-256-GCM,
+//!   signed with RSA-PSS).
 //!
 //! Nothing here logs, and no type that holds a secret prints it in `Debug`.
 
@@ -19,6 +21,7 @@ mod aead;
 mod error;
 mod hash;
 mod kdf;
+pub mod offline;
 mod rsa;
 pub mod scram;
 mod x25519;

@@ -305,6 +305,7 @@ impl Ms {
             number: AtomicU64::new(number),
             ended: Default::default(),
         });
+        let mail = welcome.mail;
         let inner = MsReply::Welcome(Box::new(welcome)).to_message();
         let sealed = user.link.lock().seal_with(
             &[("Server-Signature", &crypto::b64_encode(&signature))],
@@ -328,6 +329,9 @@ impl Ms {
                 }
                 for held in self.users.finish(&c.user, Some(user.clone())) {
                     self.apply(held);
+                }
+                if mail {
+                    self.want_mail(user.clone());
                 }
                 info!("{} logged in from {address}", c.user);
                 Ok((m, user))
@@ -452,12 +456,16 @@ impl Ms {
                 who,
                 on,
             },
+            MsRequest::Key(who) => CrsRequest::Key { user: name, who },
+            MsRequest::Queue(blob) => CrsRequest::Queue { user: name, blob },
+            MsRequest::MailAck(ids) => CrsRequest::MailAck { user: name, ids },
         };
         match self.crs.call(&to_crs) {
             Ok(CrsReply::Done) => Ok(MsReply::Done),
             Ok(CrsReply::Stored) => Ok(MsReply::Stored),
             Ok(CrsReply::Hits(h)) => Ok(MsReply::Hits(h)),
             Ok(CrsReply::Contact(c)) => Ok(MsReply::Contact(c)),
+            Ok(CrsReply::Key(k)) => Ok(MsReply::Key(k)),
             Ok(other) => {
                 warn!("the CRS answered {other:?} to a request of {}", user.name);
                 Err(Refused::new(Refusal::Internal, "internal error"))

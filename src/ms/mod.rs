@@ -3,6 +3,7 @@
 
 pub mod limits;
 pub mod login;
+pub mod mail;
 pub mod metrics;
 pub mod push;
 pub mod users;
@@ -125,6 +126,8 @@ pub struct Ms {
     stopping: AtomicBool,
     login_limit: limits::Buckets<std::net::IpAddr>,
     search_limit: limits::Buckets<String>,
+    /// Offline messages being fetched for users here.
+    mail: mail::Mailroom,
 }
 
 impl Ms {
@@ -155,6 +158,7 @@ impl Ms {
             users: Users::default(),
             pusher,
             stopping: AtomicBool::new(false),
+            mail: mail::Mailroom::default(),
         }))
     }
 
@@ -198,6 +202,12 @@ impl Ms {
                         true
                     }
                     EventKind::Request(_) | EventKind::Denied { .. } => true,
+                    EventKind::MailWaiting { .. } => {
+                        self.want_mail(user.clone());
+                        false
+                    }
+                    // Fetched with MAIL, never sent as events.
+                    EventKind::Mail { .. } | EventKind::Receipt { .. } => false,
                     EventKind::Evicted { login, .. } => {
                         // Only the old login, not a newer one here.
                         let old = *login == user.number.load(std::sync::atomic::Ordering::Relaxed);
@@ -230,9 +240,12 @@ impl Ms {
                 })
             });
             let ok = match online {
-                Some(Ok(CrsReply::Welcome { login, .. })) => {
+                Some(Ok(CrsReply::Welcome { login, welcome })) => {
                     user.number
                         .store(login, std::sync::atomic::Ordering::Relaxed);
+                    if welcome.mail {
+                        self.want_mail(user.clone());
+                    }
                     true
                 }
                 _ => false,
@@ -455,6 +468,7 @@ pub fn start(config: MsConfig) -> Result<Running, MsError> {
     for (name, f) in [
         ("ms-events", Ms::event_loop as fn(Arc<Ms>)),
         ("ms-heartbeat", Ms::heartbeat_loop as fn(Arc<Ms>)),
+        ("ms-mail", Ms::mail_loop as fn(Arc<Ms>)),
     ] {
         let ms = ms.clone();
         threads.push(

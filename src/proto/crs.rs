@@ -163,6 +163,10 @@ pub struct Welcome {
     /// The users this user blocks.
     #[serde(default)]
     pub blocked: Vec<String>,
+    /// Offline messages or receipts wait for this user (the MS fetches
+    /// them with `MAIL` and pushes them after the welcome).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mail: bool,
 }
 
 /// One directory search result.
@@ -234,6 +238,37 @@ pub enum EventKind {
         /// The old login's number (the `Login-Number` of its `ONLINE`): a
         /// newer login of the same user may already be at the same MS.
         login: u64,
+    },
+    /// CRS → MS: offline messages or receipts wait for `user`, who is
+    /// online there: fetch them (`MAIL`) and push them.
+    MailWaiting {
+        /// Whose.
+        user: String,
+    },
+    /// MS → client (and in `MAIL` answers): a sealed offline message.
+    Mail {
+        /// Its number at the CRS (for paging; not the message id).
+        seq: u64,
+        /// The sealed blob (PROTOCOL.md §7, "Offline messages").
+        #[serde(with = "b64_serde")]
+        blob: Vec<u8>,
+        /// The sender's public key as the CRS has it (DER).
+        #[serde(with = "b64_serde")]
+        public_key: Vec<u8>,
+    },
+    /// MS → client (and in `MAIL` answers): what became of an offline
+    /// message the recipient sent.
+    Receipt {
+        /// Its number at the CRS.
+        seq: u64,
+        /// The message's recipient.
+        to: String,
+        /// The message id (hex).
+        id: String,
+        /// The sender's own number of the message.
+        number: u64,
+        /// `delivered` or `expired`.
+        outcome: String,
     },
 }
 
@@ -415,6 +450,35 @@ pub enum CrsRequest {
         /// Last event number processed (0: none yet).
         ack: u64,
     },
+    /// `user` wants `who`'s public key, to seal an offline message to
+    /// them (buddies only).
+    Key {
+        /// Who asks.
+        user: String,
+        /// Whose key.
+        who: String,
+    },
+    /// `user` files a sealed offline message (the body).
+    Queue {
+        /// The sender, as the MS authenticated them.
+        user: String,
+        /// The blob.
+        blob: Vec<u8>,
+    },
+    /// Offline messages and receipts waiting for `user`, after `after`.
+    Mail {
+        /// Whose.
+        user: String,
+        /// The last number already fetched (0: from the start).
+        after: u64,
+    },
+    /// `user`'s client acknowledges offline messages and receipts by id.
+    MailAck {
+        /// Who.
+        user: String,
+        /// Message ids (hex).
+        ids: Vec<String>,
+    },
     /// Operator: registered names after `after`.
     ListUsers {
         /// Start after this name.
@@ -489,6 +553,20 @@ impl CrsRequest {
                 .with_header("Who", who)
                 .with_header("Block", if *on { "on" } else { "off" }),
             Events { ack } => Message::request("EVENTS").with_header("Ack", ack),
+            Key { user, who } => Message::request("KEY")
+                .with_header("User", user)
+                .with_header("Who", who),
+            Queue { user, blob } => Message::request("QUEUE")
+                .with_header("User", user)
+                .with_header("Content-Type", "application/octet-stream")
+                .with_body(blob.clone()),
+            Mail { user, after } => Message::request("MAIL")
+                .with_header("User", user)
+                .with_header("After", after),
+            MailAck { user, ids } => Message::request("MAIL-ACK")
+                .with_header("User", user)
+                .with_header("Content-Type", "application/json")
+                .with_body(json(ids)),
             ListUsers { after, limit } => {
                 let m = Message::request("LIST-USERS").with_header("Limit", limit);
                 match after {
@@ -566,6 +644,22 @@ impl CrsRequest {
                 },
                 "EVENTS" => Events {
                     ack: m.req_parse("Ack")?,
+                },
+                "KEY" => Key {
+                    user: user()?,
+                    who: m.req("Who")?.to_owned(),
+                },
+                "QUEUE" => Queue {
+                    user: user()?,
+                    blob: m.body.clone(),
+                },
+                "MAIL" => Mail {
+                    user: user()?,
+                    after: m.req_parse("After")?,
+                },
+                "MAIL-ACK" => MailAck {
+                    user: user()?,
+                    ids: m.json()?,
                 },
                 "LIST-USERS" => ListUsers {
                     after: m.header("After").map(str::to_owned),
@@ -681,6 +775,11 @@ pub enum CrsReply {
     User(Box<UserView>),
     /// `LIST-MS`.
     MsList(Vec<MsInfo>),
+    /// `KEY`: a public key (DER).
+    Key(Vec<u8>),
+    /// `MAIL`: offline messages and receipts, in order (`Mail` and
+    /// `Receipt` events).
+    Mail(Vec<EventKind>),
 }
 
 impl CrsReply {
@@ -699,6 +798,10 @@ impl CrsReply {
             CrsReply::Users(u) => json_reply(u),
             CrsReply::User(u) => json_reply(u),
             CrsReply::MsList(l) => json_reply(l),
+            CrsReply::Key(der) => Message::ok()
+                .with_header("Content-Type", "application/octet-stream")
+                .with_body(der.clone()),
+            CrsReply::Mail(items) => json_reply(items),
         }
     }
 }
@@ -729,7 +832,11 @@ impl Request for CrsRequest {
             | Deny { .. }
             | Remove { .. }
             | Block { .. }
+            | Queue { .. }
+            | MailAck { .. }
             | DeleteUser { .. } => map(done_answer(m), |()| CrsReply::Done),
+            Key { .. } => map(done_answer(m), |()| CrsReply::Key(m.body.clone())),
+            Mail { .. } => map(json_answer(m), CrsReply::Mail),
             Add { .. } => map(done_answer(m), |()| {
                 if m.code() == Some(code::STORED) {
                     CrsReply::Stored

@@ -64,6 +64,12 @@ pub enum MsRequest {
     },
     /// Still here (also answers the MS's question whether we are alive).
     Ping,
+    /// A buddy's public key, to seal an offline message to them.
+    Key(String),
+    /// File a sealed offline message (the blob) at the CRS.
+    Queue(Vec<u8>),
+    /// Offline messages and receipts shown: the CRS may delete them.
+    MailAck(Vec<String>),
 }
 
 impl MsRequest {
@@ -101,6 +107,13 @@ impl MsRequest {
                 .with_header("Who", who)
                 .with_header("Block", if *on { "on" } else { "off" }),
             Ping => Message::request("PING"),
+            Key(who) => Message::request("KEY").with_header("Who", who),
+            Queue(blob) => Message::request("QUEUE")
+                .with_header("Content-Type", "application/octet-stream")
+                .with_body(blob.clone()),
+            MailAck(ids) => Message::request("MAIL-ACK")
+                .with_header("Content-Type", "application/json")
+                .with_body(json(ids)),
         }
     }
 
@@ -143,6 +156,9 @@ impl MsRequest {
                     },
                 },
                 "PING" => Ping,
+                "KEY" => Key(m.req("Who")?.to_owned()),
+                "QUEUE" => Queue(m.body.clone()),
+                "MAIL-ACK" => MailAck(m.json()?),
                 other => return Err(ProtoError::UnknownMethod(other.to_owned())),
             },
         )
@@ -195,6 +211,8 @@ pub enum MsReply {
     Hits(Vec<Hit>),
     /// `ACCEPT`: the new buddy.
     Contact(Contact),
+    /// `KEY`: the buddy's public key (DER).
+    Key(Vec<u8>),
 }
 
 impl MsReply {
@@ -207,6 +225,9 @@ impl MsReply {
             MsReply::Stored => Message::reply(code::STORED, "stored until they log in"),
             MsReply::Hits(h) => json_reply(h),
             MsReply::Contact(c) => json_reply(c),
+            MsReply::Key(der) => Message::ok()
+                .with_header("Content-Type", "application/octet-stream")
+                .with_body(der.clone()),
         }
     }
 }
@@ -232,9 +253,16 @@ impl Request for MsRequest {
                 None => Challenge::from_message(m).map(|c| Ok(MsReply::Challenge(c))),
             },
             Login { .. } => map(json_answer(m), |w| MsReply::Welcome(Box::new(w))),
-            Logout | Passwd { .. } | SetProfile(_) | Deny(_) | Remove(_) | Block { .. } | Ping => {
-                map(done_answer(m), |()| MsReply::Done)
-            }
+            Logout
+            | Passwd { .. }
+            | SetProfile(_)
+            | Deny(_)
+            | Remove(_)
+            | Block { .. }
+            | Ping
+            | Queue(_)
+            | MailAck(_) => map(done_answer(m), |()| MsReply::Done),
+            Key(_) => map(done_answer(m), |()| MsReply::Key(m.body.clone())),
             Add { .. } => map(done_answer(m), |()| {
                 if m.code() == Some(code::STORED) {
                     MsReply::Stored
@@ -297,6 +325,9 @@ mod tests {
             },
             MsRequest::Accept("joe".into()),
             MsRequest::Remove("bob".into()),
+            MsRequest::Key("bob".into()),
+            MsRequest::Queue(vec![0, 1, 2, 255]),
+            MsRequest::MailAck(vec!["00ff".into(), "abcd".into()]),
         ];
         for r in reqs {
             assert_eq!(MsRequest::from_message(&r.to_message()).unwrap(), r);

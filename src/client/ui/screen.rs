@@ -801,13 +801,21 @@ impl Screen {
                     self.typists.remove(&clean(from));
                 }
             }
-            Event::Message { from, text, .. } => {
+            Event::Message {
+                from,
+                text,
+                sent_at,
+                ..
+            } => {
                 self.typists.remove(&clean(from));
                 let w = self.window_for(from);
-                let (nick, text) = match action(text) {
+                let (nick, mut text) = match action(text) {
                     Some(act) => (None, format!("* {} {}", clean(from), clean(act))),
                     None => (Some(clean(from)), clean(text)),
                 };
+                if let Some(at) = sent_at {
+                    text.push_str(&format!("  (sent {}, while you were offline)", clean(at)));
+                }
                 self.push_line(
                     w,
                     Line {
@@ -821,7 +829,11 @@ impl Screen {
                     true,
                 );
             }
-            Event::Delivered { to, id } => {
+            Event::Queued { to, .. } => {
+                let w = self.window_for(to);
+                self.push_text(w, Kind::Info, e.to_text().trim_start());
+            }
+            Event::Delivered { to, id, .. } => {
                 if !self.mark_sent(to, *id, true) {
                     self.early.insert((to.clone(), *id));
                 }
@@ -1639,6 +1651,8 @@ mod tests {
             from: from.into(),
             text: text.into(),
             id: 1,
+            sent_at: None,
+            offline: false,
         }
     }
 
@@ -1710,6 +1724,7 @@ mod tests {
         s.on_event(Event::Delivered {
             to: "bob".into(),
             id: 7,
+            offline: false,
         });
         s.on_sent(
             0,
@@ -1769,6 +1784,7 @@ mod tests {
         s.on_event(Event::Delivered {
             to: "bob".into(),
             id: 11,
+            offline: false,
         });
         s.on_sent(
             1,
@@ -1795,6 +1811,7 @@ mod tests {
         s.on_event(Event::Delivered {
             to: "bob".into(),
             id: 12,
+            offline: false,
         });
         let rows = render(&s, 60, 10);
         assert!(

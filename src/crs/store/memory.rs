@@ -16,6 +16,8 @@ use super::{checked, search_matches, BuddyRequest, SearchHit, Store, StoreError,
 #[derive(Debug, Default)]
 pub struct MemStore {
     users: Mutex<BTreeMap<String, User>>,
+    /// Offline messages and receipts (see [`super::mail`]).
+    pub(super) mail: Mutex<super::mail::MemMail>,
 }
 
 impl MemStore {

@@ -2,7 +2,8 @@
 //! key material, buddy lists and pending buddy requests.
 //!
 //! Everything the central repository server must remember across a restart
-//! lives behind the [`Store`] trait. Volatile state (enrolled messaging
+//! lives behind the [`Store`] trait (offline messages behind its part
+//! [`MailStore`]). Volatile state (enrolled messaging
 //! servers, presence, login locks) is deliberately not here.
 //!
 //! Three implementations:
@@ -24,11 +25,15 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub mod mail;
+mod mail_pg;
+mod mail_sled;
 mod memory;
 mod pg;
 pub mod schema;
 mod sled_store;
 
+pub use mail::{MailEntry, MailLimits, MailStore, Outcome, Queued, Receipt, StoredMail};
 pub use memory::MemStore;
 pub use pg::{describe, PgConn, PgPool, PgStore, TxError};
 pub use sled_store::SledStore;
@@ -241,7 +246,7 @@ impl std::error::Error for StoreError {}
 ///
 /// All `name`-like parameters are validated ([`StoreError::InvalidName`]) and
 /// compared in canonical form.
-pub trait Store: Send + Sync {
+pub trait Store: Send + Sync + MailStore {
     /// Registers `user` under `canonical(user.name)`. The stored record starts
     /// with no contacts and no requests whatever `user` carries (buddies are
     /// made only through [`Store::make_buddies`]). `NameTaken` if the name

@@ -106,6 +106,38 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (owner, blocked)
     );
     "#,
+    // 5: offline messages (sealed blobs the CRS cannot read) and their
+    // receipts, numbered from one sequence so that a user's entries of
+    // both kinds come in the order they were filed. No references to
+    // users: mail of a deleted account expires.
+    r#"
+    CREATE SEQUENCE mail_seq;
+    CREATE TABLE mail (
+        seq          bigint PRIMARY KEY,
+        id           text   NOT NULL,
+        recipient    text COLLATE "C" NOT NULL,
+        sender       text COLLATE "C" NOT NULL,
+        number       bigint NOT NULL,
+        stored_unix  bigint NOT NULL,
+        blob         bytea  NOT NULL,
+        UNIQUE (recipient, id)
+    );
+    CREATE INDEX mail_recipient ON mail (recipient, seq);
+    CREATE INDEX mail_sender ON mail (sender);
+    CREATE INDEX mail_stored ON mail (stored_unix);
+    CREATE TABLE receipts (
+        seq          bigint PRIMARY KEY,
+        owner        text COLLATE "C" NOT NULL,
+        recipient    text COLLATE "C" NOT NULL,
+        id           text   NOT NULL,
+        number       bigint NOT NULL,
+        outcome      text   NOT NULL,
+        stored_unix  bigint NOT NULL,
+        UNIQUE (owner, id)
+    );
+    CREATE INDEX receipts_owner ON receipts (owner, seq);
+    CREATE INDEX receipts_stored ON receipts (stored_unix);
+    "#,
 ];
 
 /// The version this program writes.

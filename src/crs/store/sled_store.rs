@@ -35,9 +35,11 @@ use super::{checked, search_matches, BuddyRequest, SearchHit, Store, StoreError,
 /// Durable store on sled; see the module documentation.
 #[derive(Debug)]
 pub struct SledStore {
-    db: sled::Db,
+    pub(super) db: sled::Db,
     users: sled::Tree,
     outbox: sled::Tree,
+    /// Offline messages and receipts (see [`super::mail_sled`]).
+    pub(super) mail: super::mail_sled::MailTrees,
 }
 
 /// Result type inside a transaction closure.
@@ -169,7 +171,13 @@ impl SledStore {
         let db = open_db(dir)?;
         let users = db.open_tree("users").map_err(backend)?;
         let outbox = db.open_tree("outbox").map_err(backend)?;
-        Ok(SledStore { db, users, outbox })
+        let mail = super::mail_sled::MailTrees::open(&db)?;
+        Ok(SledStore {
+            db,
+            users,
+            outbox,
+            mail,
+        })
     }
 
     /// Runs `f` as one transaction over both trees, then flushes to disk.
