@@ -188,7 +188,7 @@ fn check_semantics(s: &dyn MailStore) {
     assert_eq!(s.mail_for("dave", 0, 10, 1).expect("page").len(), 1);
     assert_eq!(s.mail_for("dave", 0, 4, 10_000).expect("page").len(), 4);
     // Acknowledged: gone, and alice has a receipt.
-    let senders = s.ack_mail("bob", &[m.id.clone()]).expect("ack");
+    let senders = s.ack_mail("bob", std::slice::from_ref(&m.id)).expect("ack");
     assert_eq!(senders.into_iter().collect::<Vec<_>>(), ["alice"]);
     assert_eq!(s.has_mail("bob"), Ok(false));
     let r = s.mail_for("alice", 0, 10, 10_000).expect("receipts");
@@ -201,11 +201,11 @@ fn check_semantics(s: &dyn MailStore) {
     );
     // Acknowledging again changes nothing; alice's ack drops her receipt.
     assert!(s
-        .ack_mail("bob", &[m.id.clone()])
+        .ack_mail("bob", std::slice::from_ref(&m.id))
         .expect("again")
         .is_empty());
     assert!(s
-        .ack_mail("alice", &[m.id.clone()])
+        .ack_mail("alice", std::slice::from_ref(&m.id))
         .expect("receipt")
         .is_empty());
     assert!(s.mail_for("alice", 0, 10, 10_000).expect("none").is_empty());

@@ -396,6 +396,13 @@ fn the_constants_are_the_codes() {
         ("REKEY_INTERVAL_SECS", secs(client.rekey_interval)),
         ("EPOCH_GRACE_SECS", secs(ims::client::peer::EPOCH_GRACE)),
         ("DRAINED_HOLD_SECS", secs(ims::client::peer::DRAINED_HOLD)),
+        ("OFFLINE_ID_LEN", crypto::offline::ID_LEN as u64),
+        ("MAX_OFFLINE_BLOB", crypto::offline::MAX_BLOB as u64),
+        ("MAIL_PAGE_ITEMS", ims::crs::mail::MAIL_PAGE_ITEMS as u64),
+        ("MAIL_PAGE_BYTES", ims::crs::mail::MAIL_PAGE_BYTES as u64),
+        ("MAX_ACK_IDS", ims::crs::mail::MAX_ACK_IDS as u64),
+        ("MAIL_MAX_AGE_SECS", secs(crs.mail_max_age)),
+        ("SEEN_KEEP_SECS", ims::client::offline::SEEN_KEEP_SECS),
     ]
     .into_iter()
     .collect();

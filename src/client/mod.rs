@@ -810,6 +810,8 @@ impl Client {
 
     /// Logs out; buddies are told by the servers.
     pub fn logout(&self) {
+        // Offline messages shown: told before the login ends.
+        self.flush_mail_acks();
         let result = self.ms_call(&MsRequest::Logout);
         self.drop_held();
         // Sessions with buddies end with the login.

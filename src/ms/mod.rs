@@ -256,6 +256,14 @@ impl Ms {
                     user.name
                 );
                 self.users.remove(&user.name, Some(&user.login));
+            } else if self.users.by_login(&user.login).is_none() {
+                // The login ended while it was being announced: its own
+                // OFFLINE may have reached the CRS before our ONLINE.
+                if let Err(e) = self.crs.call(&CrsRequest::Offline {
+                    user: user.name.clone(),
+                }) {
+                    warn!("telling the CRS {} is gone: {e}", user.name);
+                }
             }
         }
     }

@@ -11,8 +11,11 @@
 //! - `receipts`: owner `0x00` seq -> JSON [`Receipt`];
 //! - `receipt_ids`: owner `0x00` id -> seq.
 //!
-//! Numbers come from sled's persistent id generator (plus one, so that
-//! `after = 0` means "from the start"): increasing across restarts.
+//! Numbers come from a counter kept in `mail_tally` under the key
+//! [`SEQ_KEY`] (no name starts with `0xff`), taken inside the transaction
+//! that files the entry, so they increase across restarts and crashes
+//! (sled's own id generator may hand out lower ids again after a kill).
+//! The first is 1, so that `after = 0` means "from the start".
 
 use std::collections::BTreeSet;
 
@@ -35,6 +38,9 @@ pub struct MailTrees {
 }
 
 type Tx<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+/// Key of the last number given out, in `mail_tally`.
+const SEQ_KEY: &[u8] = b"\xffseq";
 
 fn backend(e: sled::Error) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -80,6 +86,19 @@ struct T<'a> {
 }
 
 impl T<'_> {
+    /// The next number, taken in this transaction.
+    fn next_seq(&self) -> Tx<u64> {
+        let last = match self.tally.get(SEQ_KEY)? {
+            None => 0,
+            Some(v) => seq_of(&v).or_else(abort)?,
+        };
+        let Some(next) = last.checked_add(1) else {
+            return abort(StoreError::Backend("mail numbers exhausted".into()));
+        };
+        self.tally.insert(SEQ_KEY, &next.to_be_bytes())?;
+        Ok(next)
+    }
+
     fn tally(&self, k: &[u8]) -> Tx<Tally> {
         match self.tally.get(k)? {
             None => Ok(Tally::default()),
@@ -135,8 +154,9 @@ impl T<'_> {
         Ok(())
     }
 
-    fn file_receipt(&self, m: &StoredMail, outcome: Outcome, seq: u64, now: u64) -> Tx<()> {
+    fn file_receipt(&self, m: &StoredMail, outcome: Outcome, now: u64) -> Tx<()> {
         self.drop_receipt(&m.from, &m.id)?;
+        let seq = self.next_seq()?;
         let r = Receipt {
             seq,
             owner: m.from.clone(),
@@ -190,22 +210,14 @@ impl SledStore {
         self.db.flush().map_err(backend)?;
         Ok(value)
     }
-
-    fn next_seq(&self) -> Result<u64, StoreError> {
-        self.db
-            .generate_id()
-            .map_err(backend)?
-            .checked_add(1)
-            .ok_or_else(|| StoreError::Backend("mail numbers exhausted".into()))
-    }
 }
 
 impl MailStore for SledStore {
     fn queue_mail(&self, mut m: StoredMail, l: &MailLimits) -> Result<Queued, StoreError> {
         m.from = checked(&m.from)?;
         m.to = checked(&m.to)?;
-        m.seq = self.next_seq()?;
         self.mail_write(|t| {
+            let mut m = m.clone();
             if t.ids.get(key(&m.to, m.id.as_bytes()))?.is_some() {
                 return Ok(Queued::Duplicate);
             }
@@ -223,6 +235,7 @@ impl MailStore for SledStore {
             {
                 return Ok(Queued::SenderFull);
             }
+            m.seq = t.next_seq()?;
             t.mail
                 .insert(key(&m.to, &m.seq.to_be_bytes()), encode(&m).or_else(abort)?)?;
             t.ids
@@ -272,17 +285,13 @@ impl MailStore for SledStore {
 
     fn ack_mail(&self, user: &str, ids: &[String]) -> Result<BTreeSet<String>, StoreError> {
         let user = checked(user)?;
-        let seqs = ids
-            .iter()
-            .map(|_| self.next_seq())
-            .collect::<Result<Vec<u64>, _>>()?;
         let now = now_unix();
         self.mail_write(|t| {
             let mut senders = BTreeSet::new();
-            for (id, seq) in ids.iter().zip(&seqs) {
+            for id in ids {
                 t.drop_receipt(&user, id)?;
                 if let Some(m) = t.take_mail(&user, id)? {
-                    t.file_receipt(&m, Outcome::Delivered, *seq, now)?;
+                    t.file_receipt(&m, Outcome::Delivered, now)?;
                     senders.insert(m.from);
                 }
             }
@@ -318,13 +327,12 @@ impl MailStore for SledStore {
         }
         let now = now_unix();
         for (to, id) in old {
-            let seq = self.next_seq()?;
             if let Some(from) = self.mail_write(|t| {
                 // Acknowledged meanwhile: nothing to expire.
                 let Some(m) = t.take_mail(&to, &id)? else {
                     return Ok(None);
                 };
-                t.file_receipt(&m, Outcome::Expired, seq, now)?;
+                t.file_receipt(&m, Outcome::Expired, now)?;
                 Ok(Some(m.from))
             })? {
                 senders.insert(from);
