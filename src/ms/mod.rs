@@ -23,6 +23,7 @@ use crate::keyfile;
 use crate::link::{CrsCalls, Identity, LinkError, LinkPool};
 use crate::prethread::{self, Server};
 use crate::proto::crs::{CrsReply, CrsRequest, EventKind};
+use crate::proto::Refusal;
 use push::Pusher;
 use users::Users;
 
@@ -233,6 +234,17 @@ impl Ms {
             let lock = self.crs.call(&CrsRequest::Lock {
                 user: user.name.clone(),
             });
+            // Logged in through us after the CRS restarted, before this
+            // loop noticed it: the CRS already has this very login.
+            if let Err(LinkError::Refused(r)) = &lock {
+                if r.refusal
+                    == (Refusal::AlreadyLoggedIn {
+                        address: Some(user.address),
+                    })
+                {
+                    continue;
+                }
+            }
             let online = lock.is_ok().then(|| {
                 self.crs.call(&CrsRequest::Online {
                     user: user.name.clone(),
