@@ -447,6 +447,8 @@ impl Ms {
             MsRequest::Accept(from) => CrsRequest::Accept { user: name, from },
             MsRequest::Deny(from) => CrsRequest::Deny { user: name, from },
             MsRequest::Remove(buddy) => CrsRequest::Remove { user: name, buddy },
+            MsRequest::SetStatus(info) => CrsRequest::SetStatus { user: name, info },
+            MsRequest::Reveal(to) => CrsRequest::Reveal { user: name, to },
             MsRequest::Block { who, on } => CrsRequest::Block {
                 user: name,
                 who,

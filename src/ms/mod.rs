@@ -186,9 +186,9 @@ impl Ms {
             let relevant = {
                 let mut contacts = user.contacts.lock();
                 match &event.kind {
-                    EventKind::Online { user: u, .. } | EventKind::Offline { user: u } => {
-                        contacts.contains(u)
-                    }
+                    EventKind::Online { user: u, .. }
+                    | EventKind::Offline { user: u }
+                    | EventKind::Status { user: u, .. } => contacts.contains(u),
                     EventKind::BuddyAdded { buddy, .. } => {
                         contacts.insert(buddy.clone());
                         true
