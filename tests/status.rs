@@ -416,6 +416,9 @@ fn a_buddy_on_another_ms_sees_status_and_message_and_they_hold_across_relogin() 
     let b = wait_buddy(&bob, "alice", |b| b["online"] == false);
     assert_eq!(b["status"], "offline", "{b}");
     let alice = c.login("alice", PW);
+    alice.wait_event("notice", |e| {
+        field(e, "text") == "your status: away: back at 2 (kept from your last login)"
+    });
     bob.wait_event("online", |e| e["user"] == "alice");
     bob.wait_event("status", |e| {
         e["user"] == "alice" && e["status"] == "away" && e["message"] == "back at 2"
@@ -541,4 +544,22 @@ fn auto_away_after_the_idle_limit_and_back_at_the_next_input() {
     alice.wait_event("message", |e| e["text"] == "ping");
     let b = wait_buddy(&bob, "alice", |_| true);
     assert_eq!(b["status"], "busy", "{b}");
+
+    // Logging out while auto-away ends it first: the next login finds
+    // the status chosen, not the one the client set.
+    alice.send("/status available");
+    alice.wait_ok("status");
+    bob.wait_event("status", |e| {
+        e["status"] == "available" && e["message"] == ""
+    });
+    bob.wait_event("status", |e| e["status"] == "away" && e["message"] == "");
+    alice.send("/logout");
+    alice.wait_event("logged-out", |e| e["user"] == "alice");
+    bob.wait_event("offline", |e| e["user"] == "alice");
+    alice.send("/login alice");
+    alice.wait_event("logged-in", |e| e["user"] == "alice");
+    bob.wait_event("online", |e| e["user"] == "alice");
+    let b = wait_buddy(&bob, "alice", |b| b["online"] == true);
+    assert_eq!(b["status"], "available", "{b}");
+    assert!(!alice.saw(|e| field(e, "text").contains("kept from your last login")));
 }

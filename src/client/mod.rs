@@ -526,7 +526,9 @@ impl Client {
         let history = history::History::open(&self.config.state_dir, &user, session.history_key);
         let requests: Vec<String> = session.requests.keys().cloned().collect();
         let buddies = buddy_views(&session);
+        let kept = session.status.clone();
         *guard = State::LoggedIn(Box::new(session));
+        self.idle_restart();
         // Pushes that raced the end of the login wait for this, so they
         // are never lost and print after these.
         match history {
@@ -539,6 +541,11 @@ impl Client {
             }
         }
         self.emit(Event::LoggedIn { user });
+        if kept != StatusInfo::default() {
+            self.emit(Event::Notice {
+                text: status::kept_text(&kept),
+            });
+        }
         self.emit(Event::Buddies { buddies });
         for from in requests {
             self.emit(Event::Request { from });
@@ -830,6 +837,7 @@ impl Client {
 
     /// Logs out; buddies are told by the servers.
     pub fn logout(&self) {
+        self.end_auto_away();
         let result = self.ms_call(&MsRequest::Logout);
         self.drop_held();
         // Sessions with buddies end with the login.

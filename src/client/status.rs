@@ -73,6 +73,18 @@ pub fn shown(online: bool, info: Option<&StatusInfo>) -> (bool, String, String) 
     }
 }
 
+/// Our status as found at login (kept at the CRS from an earlier one).
+pub fn kept_text(info: &StatusInfo) -> String {
+    if info.message.is_empty() {
+        format!("your status: {} (kept from your last login)", info.status)
+    } else {
+        format!(
+            "your status: {}: {} (kept from your last login)",
+            info.status, info.message
+        )
+    }
+}
+
 /// `status` and `message` as kept from a push: the message bounded.
 pub fn received(status: Status, message: &str) -> StatusInfo {
     StatusInfo {
@@ -150,6 +162,20 @@ impl Client {
         }
     }
 
+    /// A command line came in: as [`Client::note_input`], but an
+    /// auto-away ends before the command runs (a `/logout` must find it
+    /// ended), on the caller's thread, which waits for its MS anyway.
+    pub fn note_line(&self) {
+        let (restore, chosen) = {
+            let mut a = self.away.state.lock();
+            a.last_input = Instant::now();
+            (a.restore.take(), a.chosen)
+        };
+        if let Some(prev) = restore {
+            self.back_from_away(prev, chosen);
+        }
+    }
+
     fn back_from_away(&self, prev: StatusInfo, chosen: u64) {
         let status = prev.status;
         let _one_at_a_time = self.away.apply.lock();
@@ -165,6 +191,26 @@ impl Client {
                 command: "status".into(),
                 reason: format!("could not end auto-away: {e}"),
             }),
+        }
+    }
+
+    /// A login starts the idle clock afresh (time at a password prompt
+    /// is not idleness of a login).
+    pub(super) fn idle_restart(&self) {
+        let mut a = self.away.state.lock();
+        a.last_input = Instant::now();
+        a.restore = None;
+    }
+
+    /// Before a logout: an auto-away in force ends, so that the next
+    /// login does not find a status the client set by itself.
+    pub(super) fn end_auto_away(&self) {
+        let Some(prev) = self.away.state.lock().restore.take() else {
+            return;
+        };
+        let _one_at_a_time = self.away.apply.lock();
+        if let Err(e) = self.apply_status(prev) {
+            warn!("could not end auto-away before logging out: {e}");
         }
     }
 

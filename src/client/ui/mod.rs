@@ -384,7 +384,7 @@ impl Commands {
         };
         let c = &self.client;
         // Any line is input: the idle clock restarts and auto-away ends.
-        c.note_input();
+        c.note_line();
         let not_logged_in = |command: &str| {
             self.error(command, "not logged in; /login NAME first");
         };
