@@ -1155,6 +1155,37 @@ fn statuses_show_in_the_status_bar_and_the_buddy_list() {
     });
 }
 
+/// Auto-away in full screen: `away` after the idle limit (shown beside
+/// our name), and any key ends it.
+#[test]
+fn auto_away_ends_at_a_keypress() {
+    let c = Cluster::start(1);
+    c.register("alice", PW);
+    c.register("bob", PW);
+    let config = c.env.path().join("away.toml");
+    std::fs::write(&config, "auto_away_secs = 1\n").unwrap();
+    let alice = Pane::client(
+        &c,
+        "alice",
+        &["--user", "alice", "-c", config.to_str().unwrap()],
+        100,
+        30,
+    );
+    alice.wait_text("logged in as alice");
+    let bob = c.login("bob", PW);
+    alice.line("/add bob");
+    bob.wait_event("request", |e| e["from"] == "alice");
+    bob.send("/accept alice");
+    alice.wait_text("bob is now your buddy (online)");
+
+    alice.wait_text("[alice (away) @");
+    bob.wait_event("status", |e| e["user"] == "alice" && e["status"] == "away");
+    alice.type_text("x");
+    bob.wait_event("status", |e| {
+        e["user"] == "alice" && e["status"] == "available"
+    });
+}
+
 /// Typing in a buddy's window tells them (on as the first key goes in,
 /// off when the line is sent), and their typing shows in the status bar.
 #[test]
