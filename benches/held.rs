@@ -242,6 +242,7 @@ fn make_data_set(db: &Path, users: usize) -> (Vec<scram::Keys>, Vec<Vec<u8>>) {
                             requests: Vec::new(),
                             created_unix: 1_700_000_000,
                             blocked: Default::default(),
+                            ..Default::default()
                         };
                         (i, user, keys, params.salt)
                     })
@@ -452,7 +453,9 @@ fn main() {
     }
     let limit = ims::prethread::raise_open_files_limit();
     let mut users = knob("IMS_BENCH_HELD_USERS", USERS as u64) as usize;
-    let most = limit.saturating_sub(SPARE_FDS) as usize;
+    // This process holds two descriptors per user (the poller reads one,
+    // the keepalive writer uses its clone); the MS, one.
+    let most = (limit.saturating_sub(SPARE_FDS) / 2) as usize;
     if users > most {
         eprintln!(
             "held bench: the open-files limit is {limit}: {users} users cut to {most} \

@@ -3,6 +3,7 @@
 
 use super::crs::{json, json_reply, Contact, EventKind, Hit, Profile, Verifier, Welcome};
 use super::reply::{done_answer, json_answer};
+use super::status::StatusInfo;
 use super::{Answer, Fields, ProtoError, Refused, Request};
 use crate::crypto;
 use crate::wire::{code, Message};
@@ -62,6 +63,11 @@ pub enum MsRequest {
         /// Block or unblock.
         on: bool,
     },
+    /// Our status and personal message.
+    SetStatus(StatusInfo),
+    /// We are invisible and about to write to this buddy: let them take
+    /// our session (see `REVEAL` in PROTOCOL.md).
+    Reveal(String),
     /// Still here (also answers the MS's question whether we are alive).
     Ping,
     /// A buddy's public key, to seal an offline message to them.
@@ -106,6 +112,10 @@ impl MsRequest {
             Block { who, on } => Message::request("BLOCK")
                 .with_header("Who", who)
                 .with_header("Block", if *on { "on" } else { "off" }),
+            SetStatus(info) => Message::request("STATUS")
+                .with_header("Content-Type", "application/json")
+                .with_body(json(info)),
+            Reveal(to) => Message::request("REVEAL").with_header("To", to),
             Ping => Message::request("PING"),
             Key(who) => Message::request("KEY").with_header("Who", who),
             Queue(blob) => Message::request("QUEUE")
@@ -155,6 +165,8 @@ impl MsRequest {
                         _ => return Err(ProtoError::Invalid("Block")),
                     },
                 },
+                "STATUS" => SetStatus(m.json::<StatusInfo>()?.checked()?),
+                "REVEAL" => Reveal(m.req("To")?.to_owned()),
                 "PING" => Ping,
                 "KEY" => Key(m.req("Who")?.to_owned()),
                 "QUEUE" => Queue(m.body.clone()),
@@ -259,6 +271,8 @@ impl Request for MsRequest {
             | Deny(_)
             | Remove(_)
             | Block { .. }
+            | SetStatus(_)
+            | Reveal(_)
             | Ping
             | Queue(_)
             | MailAck(_) => map(done_answer(m), |()| MsReply::Done),
@@ -325,6 +339,11 @@ mod tests {
             },
             MsRequest::Accept("joe".into()),
             MsRequest::Remove("bob".into()),
+            MsRequest::SetStatus(StatusInfo {
+                status: crate::proto::status::Status::Busy,
+                message: "in a meeting".into(),
+            }),
+            MsRequest::Reveal("bob".into()),
             MsRequest::Key("bob".into()),
             MsRequest::Queue(vec![0, 1, 2, 255]),
             MsRequest::MailAck(vec!["00ff".into(), "abcd".into()]),

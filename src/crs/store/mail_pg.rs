@@ -1,5 +1,5 @@
 //! Offline messages in the PostgreSQL store (see [`super::mail`] and the
-//! tables of schema version 5).
+//! tables of schema version 6).
 //!
 //! Each call is one transaction. The bounds of a new message are checked
 //! under two advisory locks, its recipient's and its sender's (always in

@@ -106,7 +106,13 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (owner, blocked)
     );
     "#,
-    // 5: offline messages (sealed blobs the CRS cannot read) and their
+    // 5: each user's status and personal message, kept across logins.
+    r#"
+    ALTER TABLE users
+        ADD COLUMN status         text NOT NULL DEFAULT 'available',
+        ADD COLUMN status_message text NOT NULL DEFAULT '';
+    "#,
+    // 6: offline messages (sealed blobs the CRS cannot read) and their
     // receipts, numbered from one sequence so that a user's entries of
     // both kinds come in the order they were filed. No references to
     // users: mail of a deleted account expires.
