@@ -959,3 +959,138 @@ fn ms_service_login_as_connection_states() {
         Refusal::NotLoggedIn
     );
 }
+
+/// `KEY`, `QUEUE`, `MAIL` and `MAIL-ACK`: offline messages are filed only
+/// from their signed sender to a buddy who does not block them, fetched in
+/// order, and acknowledged into a receipt for the sender.
+#[test]
+fn crs_offline_mail_requests() {
+    use ims::crypto::offline;
+    use ims::proto::crs::EventKind;
+    let crs = new_crs(crs_config());
+    let ms = Peer2::Ms(crs.enroll_ms("127.0.0.1:7101", 10, "one"));
+    for user in ["alice", "bob", "carol"] {
+        assert!(client(&crs, registration(&crs, user, Profile::new())).is_ok());
+    }
+    assert!(call(&crs, ms, signed_add("alice", "bob")).is_ok());
+    assert!(call(
+        &crs,
+        ms,
+        CrsRequest::Accept {
+            user: "bob".into(),
+            from: "alice".into()
+        }
+    )
+    .is_ok());
+    let key = |user: &str, who: &str| {
+        call(
+            &crs,
+            ms,
+            CrsRequest::Key {
+                user: user.into(),
+                who: who.into(),
+            },
+        )
+    };
+    let Ok(CrsReply::Key(der)) = key("alice", "bob") else {
+        panic!("no key")
+    };
+    assert_eq!(der, rsa().1.public_key().to_der().unwrap());
+    assert_eq!(kind(&key("alice", "carol")), Some(Refusal::NotABuddy));
+    let seal = |from: &str, to: &str, id: u8| {
+        let h = offline::Header {
+            from: from.into(),
+            to: to.into(),
+            id: [id; 16],
+            sent_at: 1_764_750_000,
+            number: u64::from(id),
+        };
+        offline::seal(&h, b"hi", &rsa().1, &rsa().1.public_key()).unwrap()
+    };
+    let queue = |user: &str, blob: Vec<u8>| {
+        call(
+            &crs,
+            ms,
+            CrsRequest::Queue {
+                user: user.into(),
+                blob,
+            },
+        )
+    };
+    let blob = seal("alice", "bob", 1);
+    assert_eq!(queue("alice", blob.clone()), Ok(CrsReply::Done));
+    assert_eq!(queue("alice", blob.clone()), Ok(CrsReply::Done), "a retry");
+    assert_eq!(
+        kind(&queue("carol", blob.clone())),
+        Some(Refusal::BadRequest)
+    );
+    assert_eq!(
+        kind(&queue("alice", seal("alice", "carol", 2))),
+        Some(Refusal::NotABuddy)
+    );
+    let mut forged = blob.clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    assert_eq!(kind(&queue("alice", forged)), Some(Refusal::BadSignature));
+    assert_eq!(
+        kind(&queue("alice", b"not a blob".to_vec())),
+        Some(Refusal::BadRequest)
+    );
+    let mail = |user: &str| {
+        let Ok(CrsReply::Mail(items)) = call(
+            &crs,
+            ms,
+            CrsRequest::Mail {
+                user: user.into(),
+                after: 0,
+            },
+        ) else {
+            panic!("no mail answer")
+        };
+        items
+    };
+    let items = mail("bob");
+    assert_eq!(items.len(), 1, "filed once");
+    assert!(matches!(&items[0], EventKind::Mail { blob: b, .. } if *b == blob));
+    let ack = |user: &str, ids: Vec<String>| {
+        call(
+            &crs,
+            ms,
+            CrsRequest::MailAck {
+                user: user.into(),
+                ids,
+            },
+        )
+    };
+    assert_eq!(
+        kind(&ack("bob", vec!["zz".into()])),
+        Some(Refusal::BadRequest)
+    );
+    // Another user's acknowledgement deletes nothing.
+    assert_eq!(ack("carol", vec!["01".repeat(16)]), Ok(CrsReply::Done));
+    assert_eq!(mail("bob").len(), 1);
+    assert_eq!(ack("bob", vec!["01".repeat(16)]), Ok(CrsReply::Done));
+    assert!(mail("bob").is_empty());
+    let receipts = mail("alice");
+    assert!(
+        matches!(&receipts[..], [EventKind::Receipt { to, number: 1, outcome, .. }]
+            if to == "bob" && outcome == "delivered"),
+        "{receipts:?}"
+    );
+    // Bob blocks alice: nothing more is filed from her.
+    assert!(call(
+        &crs,
+        ms,
+        CrsRequest::Block {
+            user: "bob".into(),
+            who: "alice".into(),
+            on: true
+        }
+    )
+    .is_ok());
+    assert_eq!(
+        kind(&queue("alice", seal("alice", "bob", 3))),
+        Some(Refusal::NotABuddy)
+    );
+    assert!(mail("bob").is_empty());
+}
