@@ -459,9 +459,10 @@ fn invisible_looks_offline_yet_messages_flow_both_ways() {
     bob.wait_event("offline", |e| e["user"] == "alice");
     let b = wait_buddy(&bob, "alice", |b| b["online"] == false);
     assert_eq!(b["status"], "offline", "{b}");
-    // Bob cannot reach her: she is offline to him.
+    // Bob cannot reach her: she is offline to him, and his message waits
+    // for her at the servers as for anyone offline.
     bob.send("/msg alice are you there?");
-    bob.wait_event("send-failed", |e| e["to"] == "alice");
+    bob.wait_event("queued", |e| e["to"] == "alice");
     assert!(!alice.saw(|e| e["event"] == "message"));
 
     // She writes; he gets it, and his answer reaches her.
@@ -494,6 +495,10 @@ fn invisible_looks_offline_yet_messages_flow_both_ways() {
     bob.wait_event("online", |e| e["user"] == "alice");
     let b = wait_buddy(&bob, "alice", |b| b["online"] == true);
     assert_eq!(b["status"], "available", "{b}");
+    // Only now does the message that waited reach her, and bob hears so.
+    let m = alice.wait_event("message", |e| e["text"] == "are you there?");
+    assert_eq!(m["offline"], true, "{m}");
+    bob.wait_event("delivered", |e| e["to"] == "alice" && e["offline"] == true);
 }
 
 #[test]

@@ -12,9 +12,10 @@
 //! interface has taken it, (4) it is acknowledged, and only the
 //! acknowledgement lets the CRS delete it. A kill before (1) leaves it at
 //! the CRS, to come again and be shown then; after (1) it comes again but
-//! is recognised and only acknowledged. The one gap is a kill in the
-//! microseconds between (1) and the interface printing it: then it is in
-//! the history (`/history`) but was not printed.
+//! is recognised and only acknowledged. The one gap is a kill between
+//! (1) and the interface printing it (a thread hand-over; on a busy
+//! machine up to a few milliseconds): then it is in the history
+//! (`/history`) but was not printed.
 
 use std::collections::HashMap;
 use std::fs;
@@ -323,13 +324,17 @@ impl Client {
         mailbox.pending.push(id);
         drop(guard);
         self.set_last_peer(&h.from);
-        self.emit(Event::Message {
+        let e = Event::Message {
             from: h.from,
             text,
             id: h.number,
             sent_at: Some(rfc3339(h.sent_at)),
             offline: true,
-        });
+        };
+        // To the interface first, the history after: the gap between
+        // remembering and printing stays as short as it can be.
+        let _ = self.events.send(e.clone());
+        self.record(&e);
         self.wait_shown();
     }
 

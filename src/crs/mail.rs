@@ -21,6 +21,7 @@ use super::Crs;
 use crate::crypto::{offline, RsaPublicKey};
 use crate::keyfile::hex;
 use crate::proto::crs::{CrsReply, EventKind};
+use crate::proto::status::Status;
 use crate::proto::{Answer, Refusal, Refused};
 
 /// Default of `mail_max_age_secs`: the longest the settings allow.
@@ -199,8 +200,16 @@ impl Crs {
     }
 
     /// Tells the MSs of those of `users` who are online that something
-    /// waits for them.
-    fn tell_mail_waiting(&self, users: impl IntoIterator<Item = String>) {
+    /// waits for them. Not an invisible user: a message they read at once
+    /// would tell its sender (by its receipt) that they are online; theirs
+    /// come when they show themselves, or at their next login.
+    pub(super) fn tell_mail_waiting(&self, users: impl IntoIterator<Item = String>) {
+        let users: Vec<String> = users
+            .into_iter()
+            .filter(
+                |u| !matches!(self.store.get_user(u), Ok(Some(r)) if r.status == Status::Invisible),
+            )
+            .collect();
         let mut live = self.live.lock();
         let mut told = false;
         for u in users {

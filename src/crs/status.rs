@@ -110,6 +110,13 @@ impl Crs {
         }
         drop(live);
         self.events_ready.notify_all();
+        if was_invisible
+            && info.status != Status::Invisible
+            && self.store.has_mail(&user).unwrap_or(true)
+        {
+            // Offline messages that waited while the user looked offline.
+            self.tell_mail_waiting([user]);
+        }
         Ok(CrsReply::Done)
     }
 
