@@ -11,6 +11,7 @@
 
 use serde::Serialize;
 
+pub use super::relay::Via;
 use crate::proto::crs::{Hit, Profile};
 
 /// A buddy as listed by `/buddies`.
@@ -20,6 +21,9 @@ pub struct BuddyView {
     pub user: String,
     /// Online now.
     pub online: bool,
+    /// How we reach them, once a connection was made this login.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<Via>,
 }
 
 /// Everything the client reports.
@@ -125,6 +129,8 @@ pub enum Event {
         to: String,
         /// Our id of the message.
         id: u64,
+        /// Whether it went straight to them or through the relay.
+        via: Via,
     },
     /// A message we sent did not arrive.
     SendFailed {
@@ -178,6 +184,8 @@ pub enum Event {
         path: String,
         /// Hex SHA-256 (checked against the sender's).
         sha256: String,
+        /// Whether it came straight from them or through the relay.
+        via: Via,
     },
     /// A file we sent arrived and was checked.
     FileSent {
@@ -190,6 +198,8 @@ pub enum Event {
         /// Bytes the receiver already had from a transfer that broke off
         /// (not sent again).
         resumed: u64,
+        /// Whether it went straight to them or through the relay.
+        via: Via,
     },
     /// A transfer failed or was cancelled; no partial file is left, but
     /// for the data of one that broke off, kept (hidden) to resume.
@@ -279,6 +289,9 @@ impl Event {
                         c(&b.user)
                     ));
                     s.push_str(if b.online { " (online)" } else { "" });
+                    if b.via == Some(Via::Relay) {
+                        s.push_str(" through the relay");
+                    }
                 }
                 s
             }
@@ -336,7 +349,14 @@ impl Event {
             },
             Event::Typing { from, state } if state == "on" => format!("  {} is typing…", c(from)),
             Event::Typing { from, .. } => format!("  {} stopped typing", c(from)),
-            Event::Delivered { to, id } => format!("  (delivered to {}, #{id})", c(to)),
+            Event::Delivered {
+                to,
+                id,
+                via: Via::Direct,
+            } => format!("  (delivered to {}, #{id})", c(to)),
+            Event::Delivered { to, id, .. } => {
+                format!("  (delivered to {} through the relay, #{id})", c(to))
+            }
             Event::SendFailed { to, id, reason } => {
                 format!("! not delivered to {} (#{id}): {}", c(to), c(reason))
             }
@@ -368,9 +388,23 @@ impl Event {
                     c(path)
                 )
             }
-            Event::FileSent { to, name, size, .. } => {
-                format!("sent '{}' ({}) to {}", c(name), human_size(*size), c(to))
-            }
+            Event::FileSent {
+                to,
+                name,
+                size,
+                via,
+                ..
+            } => format!(
+                "sent '{}' ({}) to {}{}",
+                c(name),
+                human_size(*size),
+                c(to),
+                if *via == Via::Relay {
+                    " through the relay"
+                } else {
+                    ""
+                }
+            ),
             Event::FileFailed {
                 peer, name, reason, ..
             } => format!(
@@ -607,7 +641,8 @@ mod tests {
             Event::Buddies {
                 buddies: vec![BuddyView {
                     user: "alice".into(),
-                    online: true
+                    online: true,
+                    via: None,
                 }]
             }
             .to_json(),

@@ -21,6 +21,7 @@ use crate::link::{login_keys, push_keys, Channel, LinkError};
 use crate::prethread::{Outbound, Outcome, Peer, Service};
 use crate::proto::crs::{CrsReply, CrsRequest, Verifier, Welcome, SEALED};
 use crate::proto::ms::{Challenge, MsReply, MsRequest};
+use crate::proto::relay::RELAY;
 use crate::proto::{self, Answer, ProtoError, Refusal, Refused};
 use crate::seal::Role;
 use crate::wire::Message;
@@ -89,6 +90,12 @@ impl Service for MsService {
                 // Only this login's requests ride its connection.
                 Some(SEALED) if request.header("Login") == Some(user.login.as_str()) => {
                     ms.sealed(&request)
+                }
+                // A relayed connection's bytes: not answered (PROTOCOL.md §7).
+                Some(RELAY) => {
+                    user.touch();
+                    ms.relay_from(user, request);
+                    Outcome::Silent
                 }
                 _ => Outcome::ReplyAndClose(
                     Refused::new(

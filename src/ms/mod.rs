@@ -5,6 +5,7 @@ pub mod limits;
 pub mod login;
 pub mod metrics;
 pub mod push;
+pub mod relay;
 pub mod users;
 
 use std::fmt;
@@ -61,7 +62,17 @@ pub struct MsConfig {
     pub pool: prethread::Config,
     /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
     pub metrics: Option<String>,
+    /// Bytes a second one user may send through the relay (0: no limit).
+    pub relay_rate: f64,
+    /// Bytes of one user's relayed frames this MS holds at most.
+    pub relay_queue_bytes: u64,
 }
+
+/// Default of [`MsConfig::relay_rate`]: 64 MiB/s, a 100 MB file in under
+/// two seconds, while a few such users do not fill a gigabit link.
+pub const DEFAULT_RELAY_RATE: f64 = 64.0 * 1024.0 * 1024.0;
+/// Default of [`MsConfig::relay_queue_bytes`]: eight circuits' windows.
+pub const DEFAULT_RELAY_QUEUE_BYTES: u64 = 8 * crate::proto::relay::RELAY_WINDOW;
 
 impl Default for MsConfig {
     fn default() -> Self {
@@ -84,6 +95,8 @@ impl Default for MsConfig {
                 ..prethread::Config::default()
             },
             metrics: None,
+            relay_rate: DEFAULT_RELAY_RATE,
+            relay_queue_bytes: DEFAULT_RELAY_QUEUE_BYTES,
         }
     }
 }
@@ -125,6 +138,8 @@ pub struct Ms {
     stopping: AtomicBool,
     login_limit: limits::Buckets<std::net::IpAddr>,
     search_limit: limits::Buckets<String>,
+    /// Connections of clients that cannot reach each other.
+    pub(crate) relay: relay::Relay,
 }
 
 impl Ms {
@@ -148,6 +163,7 @@ impl Ms {
         Ok(Arc::new(Ms {
             login_limit: limits::Buckets::new(config.login_burst, config.login_rate),
             search_limit: limits::Buckets::new(10, config.search_rate),
+            relay: relay::Relay::new(config.relay_rate, config.relay_queue_bytes),
             config,
             ms_key,
             crs,

@@ -821,7 +821,7 @@ impl Screen {
                     true,
                 );
             }
-            Event::Delivered { to, id } => {
+            Event::Delivered { to, id, .. } => {
                 if !self.mark_sent(to, *id, true) {
                     self.early.insert((to.clone(), *id));
                 }
@@ -1710,6 +1710,7 @@ mod tests {
         s.on_event(Event::Delivered {
             to: "bob".into(),
             id: 7,
+            via: crate::client::events::Via::Direct,
         });
         s.on_sent(
             0,
@@ -1769,6 +1770,7 @@ mod tests {
         s.on_event(Event::Delivered {
             to: "bob".into(),
             id: 11,
+            via: crate::client::events::Via::Direct,
         });
         s.on_sent(
             1,
@@ -1795,6 +1797,7 @@ mod tests {
         s.on_event(Event::Delivered {
             to: "bob".into(),
             id: 12,
+            via: crate::client::events::Via::Direct,
         });
         let rows = render(&s, 60, 10);
         assert!(
