@@ -442,3 +442,85 @@ fn a_relayed_flood_does_not_slow_another_relayed_pair() {
     assert_eq!(got["via"], "relay");
     assert_eq!(fs::read(field(&got, "path")).unwrap(), data);
 }
+
+#[test]
+fn unreachable_clients_on_two_mss_talk_through_both() {
+    let c0 = Cluster::start(0);
+    let taps = [MsTap::start(), MsTap::start()];
+    let mut c = c0;
+    for tap in &taps {
+        let ms = Ms::try_start(
+            &c.env,
+            c.crs.addr,
+            &c.env.key,
+            &["--advertise", &tap.addr.to_string()],
+        )
+        .unwrap_or_else(|e| panic!("the MS did not start: {e:?}"));
+        *tap.target.lock().unwrap() = Some(ms.addr);
+        c.ms.push(ms);
+    }
+    c.register("alice", PW);
+    c.register("bob", PW);
+    let dl = c.env.path().join("dl-bob");
+    let dl_arg = dl.display().to_string();
+    let mut bob_args: Vec<&str> = UNREACHABLE.to_vec();
+    bob_args.extend(["--download-dir", &dl_arg]);
+    let alice = login_with(&c, "alice", UNREACHABLE);
+    let bob = login_with(&c, "bob", &bob_args);
+    // One on each MS (the CRS hands out the less loaded one).
+    let at = |ms: &Ms, who: &str| ms.log_text().contains(&format!("{who} logged in from"));
+    assert!(
+        (at(&c.ms[0], "alice") && at(&c.ms[1], "bob"))
+            || (at(&c.ms[1], "alice") && at(&c.ms[0], "bob")),
+        "alice and bob are not on different MSs"
+    );
+    befriend(&alice, "alice", &bob, "bob");
+
+    let secret = "across two servers 6120";
+    let d = chat(&alice, &bob, "bob", secret);
+    assert_eq!(d["via"], "relay", "{d}");
+    let d = chat(&bob, &alice, "alice", "and back again 8841");
+    assert_eq!(d["via"], "relay", "{d}");
+
+    let content = b"two-server file content 31337 ".repeat(30_000);
+    let file = c.env.path().join("cross.txt");
+    fs::write(&file, &content).unwrap();
+    alice.send(&format!("/send bob {}", file.display()));
+    bob.wait_event("file-offer", |e| e["from"] == "alice");
+    bob.send("/accept alice");
+    let got = bob.wait_for(
+        "file-received",
+        |e| e["event"] == "file-received",
+        Duration::from_secs(60),
+    );
+    assert_eq!(got["via"], "relay", "{got}");
+    assert_eq!(fs::read(field(&got, "path")).unwrap(), content);
+    let sent = alice.wait_for(
+        "file-sent",
+        |e| e["event"] == "file-sent",
+        Duration::from_secs(30),
+    );
+    assert_eq!(sent["via"], "relay", "{sent}");
+
+    // The MSs linked to each other, through the taps, and nothing of the
+    // conversation showed on any of their connections.
+    for tap in &taps {
+        let seen = tap.seen();
+        assert!(
+            contains(&seen, b"RELAY-HELLO"),
+            "no MS link through this tap"
+        );
+        assert!(seen.len() > content.len() / 2, "too little relayed here");
+        for needle in [
+            secret.as_bytes(),
+            b"and back again 8841",
+            b"two-server file content",
+        ] {
+            assert!(
+                !contains(&seen, needle),
+                "{:?} crossed an MS in the clear",
+                String::from_utf8_lossy(needle)
+            );
+        }
+    }
+}

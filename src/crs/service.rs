@@ -505,6 +505,14 @@ impl Crs {
                 self.block(&store::canonical(&user), &store::canonical(&who), on)
             }
             Events { ack } => self.poll_events(ms, ack),
+            FindMs { user } => {
+                let mut live = self.live.lock();
+                let at = live.online(&store::canonical(&user)).map(|o| o.ms);
+                match at.and_then(|id| live.ms_list().into_iter().find(|m| m.id == id)) {
+                    Some(m) => Ok(CrsReply::MsAddress(m.address)),
+                    None => refuse(Refusal::NoSuchUser, "not online"),
+                }
+            }
             ListUsers { .. } | ShowUser { .. } | DeleteUser { .. } | ListMs => refuse(
                 Refusal::WrongLink,
                 "operator requests need an operator link",

@@ -57,6 +57,8 @@ pub enum ClientConn {
     Challenged(Box<Challenged>, Option<Outbound>),
     /// This connection carries the login: held until it closes.
     LoggedIn(Arc<OnlineUser>),
+    /// Another MS's relay link (PROTOCOL.md §7): its frames for our users.
+    Link(Box<super::mslink::Accepted>),
 }
 
 /// The MS as a [`Service`].
@@ -74,7 +76,7 @@ impl Service for MsService {
     }
 
     fn held(&self, conn: &ClientConn) -> bool {
-        matches!(conn, ClientConn::LoggedIn(_))
+        matches!(conn, ClientConn::LoggedIn(_) | ClientConn::Link(_))
     }
 
     fn close(&self, conn: ClientConn) {
@@ -121,8 +123,43 @@ impl Service for MsService {
                     Err(e) => Outcome::ReplyAndClose(e.reply()),
                 },
                 Some(SEALED) => ms.sealed(&request),
+                Some(super::mslink::HELLO) => match super::mslink::hello(&ms.ms_key, &request) {
+                    Ok((reply, state)) => {
+                        *conn = ClientConn::Link(Box::new(state));
+                        Outcome::Reply(reply)
+                    }
+                    Err(r) => Outcome::ReplyAndClose(r.to_message()),
+                },
                 Some(m) => Outcome::ReplyAndClose(ProtoError::UnknownMethod(m.to_owned()).reply()),
                 None => Outcome::Close,
+            },
+            ClientConn::Link(link) => match &mut **link {
+                super::mslink::Accepted::Open(opener) => {
+                    let frame = opener
+                        .open_owned(request)
+                        .map_err(|e| e.to_string())
+                        .and_then(|inner| {
+                            crate::proto::relay::Frame::from_message(inner)
+                                .map_err(|e| e.to_string())
+                        });
+                    match frame {
+                        Ok(f) => {
+                            ms.relay_from_link(f);
+                            Outcome::Silent
+                        }
+                        Err(e) => {
+                            warn!("a relay link sent a bad frame ({e}); closed");
+                            Outcome::Close
+                        }
+                    }
+                }
+                challenged => match super::mslink::prove(&ms.ms_key, challenged, &request) {
+                    Ok(opener) => {
+                        *challenged = super::mslink::Accepted::Open(Box::new(opener));
+                        Outcome::Reply(Message::ok())
+                    }
+                    Err(r) => Outcome::ReplyAndClose(r.to_message()),
+                },
             },
             ClientConn::Challenged(..) => {
                 let ClientConn::Challenged(c, out) =

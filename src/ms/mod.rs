@@ -4,6 +4,7 @@
 pub mod limits;
 pub mod login;
 pub mod metrics;
+pub mod mslink;
 pub mod push;
 pub mod relay;
 pub mod users;
@@ -460,6 +461,7 @@ pub fn start(config: MsConfig) -> Result<Running, MsError> {
     info!("enrolled with the CRS at {} as {advertise}", config.crs);
     let ms =
         Ms::new(config.clone(), ms_key, links.clone(), Some(links)).map_err(MsError::Listen)?;
+    *ms.relay.me.lock() = advertise.clone();
     let server = Server::from_listener(
         listener,
         config.pool.clone(),

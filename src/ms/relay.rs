@@ -38,6 +38,11 @@ pub struct Budget {
 }
 
 impl Budget {
+    /// `weight` bytes of this sender's left the queues.
+    pub fn release(&self, weight: u64) {
+        self.queued.fetch_sub(weight, Ordering::Relaxed);
+    }
+
     fn new(burst: f64) -> Budget {
         Budget {
             queued: AtomicU64::new(0),
@@ -91,14 +96,19 @@ pub struct Relay {
     pub relayed: prometheus_client::metrics::counter::Counter,
     /// Frames refused or dropped (a metric).
     pub refused: prometheus_client::metrics::counter::Counter,
+    /// Links to other MSs.
+    links: super::mslink::Links,
+    /// Our own address (as enrolled), never a route elsewhere.
+    pub(crate) me: Mutex<String>,
+    /// Where users logged in elsewhere are, as the CRS said lately.
+    routes: Mutex<HashMap<String, (String, Instant)>>,
 }
 
-/// Where a frame goes when its receiver is not logged in here.
-pub trait Onward {
-    /// Sends `frame` (with `from` and `to` set) towards `to`'s MS; false
-    /// when `to` is not online anywhere we can reach.
-    fn forward(&self, frame: Frame) -> bool;
-}
+/// How long the CRS's answer to where a user is logged in is reused.
+const ROUTE_TTL: Duration = Duration::from_secs(5);
+
+/// Finds where users not logged in here are: their MS's address.
+pub type Locate<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 impl Relay {
     /// A relay with these bounds.
@@ -110,6 +120,9 @@ impl Relay {
             budgets: Mutex::default(),
             relayed: Default::default(),
             refused: Default::default(),
+            links: Default::default(),
+            me: Mutex::default(),
+            routes: Mutex::default(),
         }
     }
 
@@ -138,7 +151,7 @@ impl Relay {
         sender: &Arc<OnlineUser>,
         message: Message,
         find: impl Fn(&str) -> Option<Arc<OnlineUser>>,
-        onward: Option<&dyn Onward>,
+        onward: Option<(Locate<'_>, &[u8], Duration)>,
     ) {
         let mut frame = match Frame::from_message(message) {
             Ok(f) => f,
@@ -166,11 +179,84 @@ impl Relay {
                 }
             }
             None => {
-                let sent = onward.is_some_and(|o| o.forward(frame.clone()));
+                let sent = onward.is_some_and(|(locate, key, timeout)| {
+                    self.forward(frame.clone(), locate, key, timeout)
+                });
                 if !sent {
                     self.close_at(sender, &to, &frame);
                 }
             }
+        }
+    }
+
+    /// Sends `frame` (names set) to its receiver's MS over a link; false
+    /// when the receiver is not logged in anywhere else, or the sender is
+    /// over its queue bound.
+    pub fn forward(&self, frame: Frame, locate: Locate<'_>, key: &[u8], timeout: Duration) -> bool {
+        let (Some(from), Some(to)) = (frame.from.clone(), frame.to.clone()) else {
+            return false;
+        };
+        let cached = self
+            .routes
+            .lock()
+            .get(&to)
+            .filter(|(_, at)| at.elapsed() < ROUTE_TTL)
+            .map(|(a, _)| a.clone());
+        let addr = match cached {
+            Some(a) => a,
+            None => {
+                let Some(a) = locate(&to) else {
+                    return false;
+                };
+                let mut routes = self.routes.lock();
+                if routes.len() > 100_000 {
+                    routes.retain(|_, (_, at)| at.elapsed() < ROUTE_TTL);
+                }
+                routes.insert(to.clone(), (a.clone(), Instant::now()));
+                a
+            }
+        };
+        let weight = frame.weight();
+        let budget = self.budget(&from);
+        let queued = budget.queued.fetch_add(weight, Ordering::Relaxed);
+        if queued.saturating_add(weight) > self.queue_bytes && frame.op != Op::Close {
+            budget.release(weight);
+            warn!(
+                "{from} is over its relay queue bound; circuit {} closed",
+                frame.circuit
+            );
+            return false;
+        }
+        self.relayed.inc_by(frame.data.len() as u64);
+        self.links
+            .send(&addr, key, timeout, (frame, Some((budget, weight))));
+        true
+    }
+
+    /// A frame from another MS's link (names set by that MS): to its
+    /// receiver here; one that cannot be delivered is answered with a
+    /// close from the receiver's name, sent back the same way.
+    pub fn from_link(
+        &self,
+        frame: Frame,
+        find: impl Fn(&str) -> Option<Arc<OnlineUser>>,
+        locate: Locate<'_>,
+        key: &[u8],
+        timeout: Duration,
+    ) {
+        let (Some(from), Some(to)) = (frame.from.clone(), frame.to.clone()) else {
+            self.refused.inc();
+            return;
+        };
+        let delivered = find(&to).is_some_and(|r| self.deliver(&r, frame.clone()));
+        if !delivered && frame.op != Op::Close {
+            self.refused.inc();
+            // The route may be stale: ask again next time.
+            self.routes.lock().remove(&to);
+            let mut close = Frame::new(frame.circuit, !frame.opener, Op::Close, Vec::new());
+            close.from = Some(to);
+            close.to = Some(from);
+            self.forward(close, locate, key, timeout);
         }
     }
 
@@ -335,8 +421,39 @@ fn lane(
 impl super::Ms {
     /// A `RELAY` frame on `sender`'s held connection.
     pub(crate) fn relay_from(&self, sender: &Arc<OnlineUser>, message: Message) {
-        self.relay
-            .from_client(sender, message, |n| self.users.by_name(n), None)
+        let locate = |user: &str| self.locate_user(user);
+        self.relay.from_client(
+            sender,
+            message,
+            |n| self.users.by_name(n),
+            Some((&locate, &self.ms_key, self.config.crs_timeout)),
+        )
+    }
+
+    /// A sealed frame on a proven link from another MS.
+    pub(crate) fn relay_from_link(&self, frame: Frame) {
+        let locate = |user: &str| self.locate_user(user);
+        self.relay.from_link(
+            frame,
+            |n| self.users.by_name(n),
+            &locate,
+            &self.ms_key,
+            self.config.crs_timeout,
+        )
+    }
+
+    /// The address of the MS where `user` is logged in, if another.
+    fn locate_user(&self, user: &str) -> Option<String> {
+        match self.crs.call(&crate::proto::crs::CrsRequest::FindMs {
+            user: user.to_owned(),
+        }) {
+            Ok(crate::proto::crs::CrsReply::MsAddress(a)) if a != *self.relay.me.lock() => Some(a),
+            Ok(_) => None,
+            Err(e) => {
+                debug!("where is {user}: {e}");
+                None
+            }
+        }
     }
 }
 
