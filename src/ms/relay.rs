@@ -460,6 +460,103 @@ impl super::Ms {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::link::Channel;
+    use crate::prethread::Outbound;
+    use crate::seal::{Role, SessionKeys};
+    use crate::wire::io::MessageReader;
+    use crate::wire::Limits;
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+
+    /// A login of `name` with `contacts`, its held connection (if any)
+    /// the server end of a loopback pair whose other end is returned.
+    fn user(name: &str, contacts: &[&str], held: bool) -> (Arc<OnlineUser>, Option<TcpStream>) {
+        let keys = || SessionKeys::derive(&[1; 32], b"test", Role::Responder);
+        let (out, far) = if held {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let far = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (near, _) = l.accept().unwrap();
+            near.set_nonblocking(true).unwrap();
+            (
+                Some(Outbound::new(Arc::new(near), Duration::from_secs(3))),
+                Some(far),
+            )
+        } else {
+            (None, None)
+        };
+        let user = OnlineUser {
+            name: name.into(),
+            login: format!("login-{name}"),
+            address: "127.0.0.1:1".parse().unwrap(),
+            held: out,
+            contacts: Mutex::new(contacts.iter().map(|c| c.to_string()).collect()),
+            link: Mutex::new(Channel::new(keys(), Vec::new())),
+            push: Mutex::new(keys().send),
+            last_seen: AtomicU64::new(0),
+            number: AtomicU64::new(0),
+            ended: Default::default(),
+        };
+        (Arc::new(user), far)
+    }
+
+    fn frame(from: &str, circuit: u64, len: usize) -> Frame {
+        let mut f = Frame::new(circuit, true, Op::Data, vec![7; len]);
+        f.from = Some(from.into());
+        f
+    }
+
+    #[test]
+    fn a_receiver_that_stops_reading_is_dropped_and_stalls_no_one_else() {
+        let relay = Relay::new(0.0, 1 << 30);
+        let (bob, bob_far) = user("bob", &["alice"], true);
+        let (carol, carol_far) = user("carol", &["dave"], true);
+        // Carol reads; bob never does.
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        let carol_far = carol_far.unwrap();
+        std::thread::spawn(move || {
+            let mut r = MessageReader::new(carol_far);
+            for _ in 0..5 {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let m = r.read_message(&Limits::DEFAULT, deadline).unwrap().unwrap();
+                let f = Frame::from_message(m).unwrap();
+                assert_eq!(f.from.as_deref(), Some("dave"));
+            }
+            let _ = done_tx.send(Instant::now());
+        });
+        // Far more than the socket buffers hold (loopback's may take
+        // tens of MiB).
+        for i in 0..256 {
+            assert!(relay.deliver(&bob, frame("alice", i, 256 * 1024)));
+        }
+        // Not buddies: refused.
+        assert!(!relay.deliver(&bob, frame("dave", 1, 10)));
+        for i in 0..5 {
+            assert!(relay.deliver(&carol, frame("dave", i, 1000)));
+        }
+        let carol_done = done_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("carol's frames never came");
+        // Bob's frames are dropped once a write missed its deadline (all
+        // of them can never be written: nothing reads them), and nothing
+        // of alice's stays counted against her.
+        let end = Instant::now() + Duration::from_secs(60);
+        while relay.budget("alice").queued.load(Ordering::Relaxed) > 0 {
+            assert!(Instant::now() < end, "alice's frames stay queued");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let bob_dropped = Instant::now();
+        assert!(carol_done < bob_dropped, "carol waited for bob");
+        // His connection was closed: what was written, then the end.
+        let mut bob_far = bob_far.unwrap();
+        bob_far
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut all = Vec::new();
+        bob_far
+            .read_to_end(&mut all)
+            .expect("bob's connection never closed");
+        assert!(all.len() < 256 * 256 * 1024, "everything was written");
+    }
 
     #[test]
     fn the_bucket_paces_past_its_burst() {
