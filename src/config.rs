@@ -387,6 +387,9 @@ pub fn ms_settings() -> Vec<Setting<MsConfig>> {
             Kind::Int { max: 1 << 40 },
             |c: &mut C, v| c.relay_rate = v.int::<u64>() as f64,
         ),
+        key("probe_timeout_secs", Kind::Secs, |c: &mut C, v| {
+            c.probe_timeout = v.secs()
+        }),
         key("relay_queue_bytes", Kind::Int { max: 1 << 40 }, |c: &mut C, v| {
             c.relay_queue_bytes = v.int()
         }),

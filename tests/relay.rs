@@ -239,6 +239,13 @@ fn unreachable_clients_talk_through_the_relay_which_sees_no_plaintext_and_passes
     let dave = c.login("dave", PW);
     befriend(&carol, "carol", &dave, "dave");
 
+    // Their MS found their listeners unreachable at login and told the
+    // CRS so (port 0): buddies relay at once. Carol's answered.
+    assert_eq!(field(&c.crs.show_user("bob"), "online"), "127.0.0.1:0");
+    assert_eq!(field(&c.crs.show_user("alice"), "online"), "127.0.0.1:0");
+    let carol_at = c.crs.show_user("carol");
+    assert!(!field(&carol_at, "online").ends_with(":0"), "{carol_at}");
+
     // Both ways, each through the relay.
     let secret = "the merger closes on friday 7731";
     let d = chat(&alice, &bob, "bob", secret);

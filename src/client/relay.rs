@@ -184,7 +184,8 @@ impl Client {
         to: &str,
         address: SocketAddr,
     ) -> Result<(TcpStream, Via), String> {
-        if self.relays.route(to) == Via::Direct {
+        // Port 0: its MS found the listener unreachable at login.
+        if self.relays.route(to) == Via::Direct && address.port() != 0 {
             let wait = self.config.direct_connect_timeout.min(self.config.timeout);
             match crate::link::connect_to(address, wait) {
                 Ok(s) => {

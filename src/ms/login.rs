@@ -294,7 +294,18 @@ impl Ms {
             self.unlock(&c.user);
             return Err(Refused::new(Refusal::Internal, "malformed verifier"));
         };
-        let address = SocketAddr::new(c.peer.ip(), listen_port);
+        let mut address = SocketAddr::new(c.peer.ip(), listen_port);
+        // Once per login (over a socket), whether buddies can reach the
+        // listener; port 0 tells them they cannot, so that they relay at
+        // once (PROTOCOL.md §6, step 8).
+        let probe = self.config.probe_timeout;
+        if held.is_some() && !probe.is_zero() && !super::relay::reachable(address, probe) {
+            info!(
+                "{}'s listener at {address} cannot be reached; buddies will relay",
+                c.user
+            );
+            address.set_port(0);
+        }
         // Steps 5, 7-9: the CRS records the address, releases the lock,
         // pushes the change and gives us the user's record.
         // Events for this user may come before the user is in our table.

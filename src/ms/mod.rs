@@ -65,6 +65,9 @@ pub struct MsConfig {
     pub metrics: Option<String>,
     /// Bytes a second one user may send through the relay (0: no limit).
     pub relay_rate: f64,
+    /// How long the MS tries a new login's listener (to tell its buddies
+    /// whether to relay at once); zero: never tried.
+    pub probe_timeout: Duration,
     /// Bytes of one user's relayed frames this MS holds at most.
     pub relay_queue_bytes: u64,
 }
@@ -97,6 +100,7 @@ impl Default for MsConfig {
             },
             metrics: None,
             relay_rate: DEFAULT_RELAY_RATE,
+            probe_timeout: Duration::from_secs(1),
             relay_queue_bytes: DEFAULT_RELAY_QUEUE_BYTES,
         }
     }

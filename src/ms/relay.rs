@@ -418,6 +418,15 @@ fn lane(
     }
 }
 
+/// Whether a listener answers at `address` within `timeout` (the
+/// connection is closed at once, nothing is sent).
+pub fn reachable(address: std::net::SocketAddr, timeout: Duration) -> bool {
+    if address.port() == 0 {
+        return false;
+    }
+    std::net::TcpStream::connect_timeout(&address, timeout).is_ok()
+}
+
 impl super::Ms {
     /// A `RELAY` frame on `sender`'s held connection.
     pub(crate) fn relay_from(&self, sender: &Arc<OnlineUser>, message: Message) {
