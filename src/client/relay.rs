@@ -49,6 +49,11 @@ impl Via {
     }
 }
 
+/// Circuits open at once: each costs two threads and a loopback
+/// connection, and a buddy needs one for messages each way and one per
+/// transfer, so more means a buddy opening them to exhaust us.
+pub const MAX_CIRCUITS: usize = 256;
+
 /// How long a circuit's sender waits for the receiver to acknowledge
 /// what it has in flight before it gives the circuit up.
 const CREDIT_WAIT: Duration = Duration::from_secs(60);
@@ -284,7 +289,13 @@ impl Client {
         let circuit = self.relays.circuits.lock().get(&key).cloned();
         match (frame.op, circuit) {
             (Op::Open, None) => {
-                if let Err(e) = self.accept_circuit(key.clone()) {
+                let full = self.relays.circuits.lock().len() >= MAX_CIRCUITS;
+                let accepted = if full {
+                    Err(format!("{MAX_CIRCUITS} circuits open"))
+                } else {
+                    self.accept_circuit(key.clone())
+                };
+                if let Err(e) = accepted {
                     debug!("relayed connection from {from} refused: {e}");
                     let _ = self.send_frame(&key, Op::Close, Vec::new());
                 }
