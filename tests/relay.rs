@@ -33,6 +33,8 @@ enum Inject {
     Replay,
     /// Flips a bit near the end of its bytes (inside the sealed body).
     Flip,
+    /// Holds it back and sends it after the next one.
+    Swap,
 }
 
 /// A proxy in front of an MS (clients are given its address by the CRS,
@@ -43,6 +45,8 @@ struct MsTap {
     target: Arc<Mutex<Option<SocketAddr>>>,
     seen: Arc<Mutex<Vec<u8>>>,
     inject: Arc<Mutex<(Inject, String)>>,
+    /// A frame held back by [`Inject::Swap`].
+    held: Arc<Mutex<Option<Message>>>,
     /// Each user's connection towards its client, to write forged frames on.
     clients: Arc<Mutex<HashMap<String, Arc<Mutex<TcpStream>>>>>,
 }
@@ -55,13 +59,15 @@ impl MsTap {
             target: Arc::default(),
             seen: Arc::default(),
             inject: Arc::new(Mutex::new((Inject::Nothing, String::new()))),
+            held: Arc::default(),
             clients: Arc::default(),
         };
-        let (target, seen, inject, clients) = (
+        let (target, seen, inject, clients, held) = (
             tap.target.clone(),
             tap.seen.clone(),
             tap.inject.clone(),
             tap.clients.clone(),
+            tap.held.clone(),
         );
         thread::spawn(move || {
             for inbound in listener.incoming() {
@@ -104,7 +110,7 @@ impl MsTap {
                     });
                 }
                 // MS to client: recorded, and altered when asked.
-                let (seen, inject) = (seen.clone(), inject.clone());
+                let (seen, inject, held) = (seen.clone(), inject.clone(), held.clone());
                 thread::spawn(move || {
                     let mut r = MessageReader::new(ms);
                     while let Ok(Some(m)) = r.read_message(&Limits::DEFAULT, far()) {
@@ -121,8 +127,18 @@ impl MsTap {
                             }
                         };
                         let mut out = vec![m.clone()];
+                        let mine = is_data && *user.lock().unwrap() == inject.lock().unwrap().1;
+                        if what == Inject::Swap {
+                            *held.lock().unwrap() = Some(m.clone());
+                            out.clear();
+                        } else if mine {
+                            // The frame held back goes after this one.
+                            if let Some(h) = held.lock().unwrap().take() {
+                                out.push(h);
+                            }
+                        }
                         match what {
-                            Inject::Nothing => {}
+                            Inject::Nothing | Inject::Swap => {}
                             Inject::Replay => out.push(m),
                             Inject::Flip => {
                                 let at = out[0].body.len() - 10;
@@ -337,6 +353,28 @@ fn unreachable_clients_talk_through_the_relay_which_sees_no_plaintext_and_passes
     assert_eq!(
         count(&bob, |e| e["event"] == "message"
             && e["text"] == "flip me 2"),
+        0
+    );
+
+    // Two relayed messages swapped: the later one is shown, the earlier
+    // (now out of order) refused, never shown.
+    let dropped = alice.log_text().matches("bob refused our message").count();
+    tap.arm(Inject::Swap, "bob");
+    alice.send("/msg bob first of two");
+    let end = Instant::now() + WAIT;
+    while tap.held.lock().unwrap().is_none() {
+        assert!(Instant::now() < end, "the tap never held a frame");
+        thread::sleep(Duration::from_millis(10));
+    }
+    alice.send("/msg bob second of two");
+    bob.wait_event("message", |e| e["text"] == "second of two");
+    alice.wait_event("delivered", |e| e["to"] == "bob");
+    wait_log(&bob, "refused a message from alice", refusals + 3);
+    wait_log(&alice, "bob refused our message", dropped + 1);
+    chat(&alice, &bob, "bob", "after the swap");
+    assert_eq!(
+        count(&bob, |e| e["event"] == "message"
+            && e["text"] == "first of two"),
         0
     );
 
