@@ -14,7 +14,8 @@
 //!    loopback TCP, and seal → TCP → open of 64 KiB records.
 //!
 //! Each measure is taken for a direct pair, a pair whose listeners cannot
-//! be reached (relayed by one MS) and such a pair on two MSs.
+//! be reached (relayed by one MS) and such a pair on two MSs; the MSs'
+//! per-user relay rate limit is off, so that the relay's own speed shows.
 //!
 //! `cargo bench --bench chat`; `IMS_BENCH_QUICK=1` for small sizes (seconds).
 //! Full sizes need the `--bench` argument that `cargo bench` passes (run
@@ -421,11 +422,13 @@ impl Cluster {
         })
         .expect("CRS start");
         let crs_addr = crs.local_addr().to_string();
+        // The relay's own speed is measured, not its per-user limit.
         let ms = ms::start(ms::MsConfig {
             listen: "127.0.0.1:0".into(),
             crs: crs_addr.clone(),
             ms_key_file: ms_key.clone(),
             fake_iterations: KDF_ITERATIONS,
+            relay_rate: 0.0,
             ..ms::MsConfig::default()
         })
         .expect("MS start");
@@ -477,6 +480,7 @@ impl Cluster {
             ms_key_file: ms_key,
             fake_iterations: KDF_ITERATIONS,
             capacity: 1,
+            relay_rate: 0.0,
             ..ms::MsConfig::default()
         })
         .expect("second MS start");
