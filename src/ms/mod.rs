@@ -145,6 +145,9 @@ pub struct Ms {
     search_limit: limits::Buckets<String>,
     /// Connections of clients that cannot reach each other.
     pub(crate) relay: relay::Relay,
+    /// `STATUS` and `REVEAL` per user: each is a write at the CRS and
+    /// pushes to every buddy.
+    status_limit: limits::Buckets<String>,
 }
 
 impl Ms {
@@ -169,6 +172,7 @@ impl Ms {
             login_limit: limits::Buckets::new(config.login_burst, config.login_rate),
             search_limit: limits::Buckets::new(10, config.search_rate),
             relay: relay::Relay::new(config.relay_rate, config.relay_queue_bytes),
+            status_limit: limits::Buckets::new(login::STATUS_BURST, login::STATUS_PER_SEC),
             config,
             ms_key,
             crs,
@@ -207,9 +211,9 @@ impl Ms {
             let relevant = {
                 let mut contacts = user.contacts.lock();
                 match &event.kind {
-                    EventKind::Online { user: u, .. } | EventKind::Offline { user: u } => {
-                        contacts.contains(u)
-                    }
+                    EventKind::Online { user: u, .. }
+                    | EventKind::Offline { user: u }
+                    | EventKind::Status { user: u, .. } => contacts.contains(u),
                     EventKind::BuddyAdded { buddy, .. } => {
                         contacts.insert(buddy.clone());
                         true

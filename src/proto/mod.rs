@@ -10,6 +10,7 @@ pub mod ms;
 pub mod peer;
 pub mod relay;
 pub mod reply;
+pub mod status;
 
 pub use fields::{b64_serde, Fields};
 pub use reply::{Answer, Refusal, Refused, Request};
