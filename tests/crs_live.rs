@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use ims::crs::live::{LiveState, LockError, MemLive, Wakeup};
 use ims::crs::live_pg::PgLive;
 use ims::crs::store::PgStore;
+use ims::prethread::Park;
 use ims::proto::crs::{EventKind, Presence};
 
 fn presence() -> Presence {
@@ -147,9 +148,17 @@ fn contract_memory() {
 }
 
 fn pg_live(url: &str, instance: &str) -> (PgLive, Arc<Wakeup>) {
-    let wakeup = Arc::new(Wakeup::default());
-    let live = PgLive::start(url, instance.into(), wakeup.clone()).expect("live state");
+    let (live, wakeup, _) = pg_live_watched(url, instance);
     (live, wakeup)
+}
+
+/// As [`pg_live`], with a park prepared before the listener starts: the
+/// listener wakes every poll once it has connected.
+fn pg_live_watched(url: &str, instance: &str) -> (PgLive, Arc<Wakeup>, Park) {
+    let wakeup = Arc::new(Wakeup::default());
+    let connected = wakeup.parking().prepare(0, LONG);
+    let live = PgLive::start(url, instance.into(), wakeup.clone()).expect("live state");
+    (live, wakeup, connected)
 }
 
 #[test]
@@ -167,7 +176,7 @@ fn two_postgres_instances_share_state_and_wake_each_other() {
     let server = pg::PgServer::start();
     PgStore::open(&server.url()).expect("schema");
     let (one, _) = pg_live(&server.url(), "dir");
-    let (two, woken) = pg_live(&server.url(), "dir");
+    let (two, woken, connected) = pg_live_watched(&server.url(), "dir");
     let (ms, _) = one.lock().enroll("m:1", 10, "i");
     assert_eq!(two.lock().enroll("m:1", 10, "i").0, ms, "the same MS");
     one.lock().lock("zed", ms, LONG).expect("lease");
@@ -175,26 +184,25 @@ fn two_postgres_instances_share_state_and_wake_each_other() {
     one.lock().set_online("zed", ms, presence());
     assert_eq!(two.lock().online("zed").map(|o| o.ms), Some(ms));
 
-    // Let the listener connect before looking for its wake-up.
+    // Let the listener connect (it wakes every poll when it does) before
+    // looking for its wake-up.
     let deadline = Instant::now() + LONG;
-    while woken.generation(ms) == 0 && Instant::now() < deadline {
+    while !woken.parking().woken(&connected) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let seen = woken.generation(ms);
-    let other = woken.generation(ms + 1000);
+    let mine = woken.parking().prepare(ms, LONG);
+    let other = woken.parking().prepare(ms + 1000, LONG);
     one.lock()
         .notify(["zed"], &EventKind::Offline { user: "q".into() });
-    woken.wait_past(ms, seen, LONG);
+    while !woken.parking().woken(&mine) && Instant::now() < deadline + LONG {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
-        woken.generation(ms) > seen,
+        woken.parking().woken(&mine),
         "NOTIFY woke the other instance"
     );
     // Only that MS's polls.
-    assert_eq!(
-        woken.generation(ms + 1000),
-        other,
-        "another MS's poll slept on"
-    );
+    assert!(!woken.parking().woken(&other), "another MS's poll slept on");
     let batch = two.lock().events(ms, 0).expect("enrolled");
     assert_eq!(batch.events.len(), 1);
 }

@@ -20,8 +20,9 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use parking_lot::{Mutex, MutexGuard};
 
+use crate::prethread::Parking;
 use crate::proto::crs::{Event, EventBatch, EventKind, MsInfo, Presence};
 
 /// Most events kept for one MS that does not poll; past this the oldest
@@ -87,10 +88,11 @@ pub enum LockError {
     LoggedIn,
 }
 
-/// Wakes the `EVENTS` long polls: generation numbers bumped on every wake,
-/// so a poll that read its generation before looking at its queue cannot
-/// miss a wake that comes before it starts waiting. A wake is for every
-/// poll or for one MS's; a poll's generation is the sum of both.
+/// Wakes the `EVENTS` long polls. A poll with nothing to answer is parked
+/// in the server's gate (it holds no worker) on its MS's id, through
+/// [`Wakeup::parking`]; a wake is for every poll or for one MS's. A poll
+/// prepares its park before looking at its queue, so a wake that comes
+/// between the look and the park is not missed (see [`Parking`]).
 ///
 /// With the live state in this process, the handlers wake every poll after
 /// queuing events ([`Wakeup::notify_all`]). With it in PostgreSQL, wakes
@@ -99,9 +101,7 @@ pub enum LockError {
 /// look at its queue: [`Wakeup::remote_only`] turns the handlers' wakes off.
 #[derive(Debug, Default)]
 pub struct Wakeup {
-    /// Wakes for everyone, and per MS.
-    generations: Mutex<(u64, HashMap<u64, u64>)>,
-    changed: Condvar,
+    parking: Parking,
     remote_only: std::sync::atomic::AtomicBool,
 }
 
@@ -116,14 +116,12 @@ impl Wakeup {
     /// Wakes every waiting poll, always (to stop, or after a lost
     /// connection to the database).
     pub fn notify_everyone(&self) {
-        self.generations.lock().0 += 1;
-        self.changed.notify_all();
+        self.parking.wake_all();
     }
 
     /// Wakes the polls of MS `ms`.
     pub fn notify_ms(&self, ms: u64) {
-        *self.generations.lock().1.entry(ms).or_default() += 1;
-        self.changed.notify_all();
+        self.parking.wake(ms);
     }
 
     /// From now on only [`Wakeup::notify_ms`] and
@@ -133,24 +131,9 @@ impl Wakeup {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn of(g: &(u64, HashMap<u64, u64>), ms: u64) -> u64 {
-        g.0.wrapping_add(g.1.get(&ms).copied().unwrap_or(0))
-    }
-
-    /// MS `ms`'s current generation, read before looking for events.
-    pub fn generation(&self, ms: u64) -> u64 {
-        Wakeup::of(&self.generations.lock(), ms)
-    }
-
-    /// Waits until MS `ms`'s generation moves past `seen`, at most `timeout`.
-    pub fn wait_past(&self, ms: u64, seen: u64, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut g = self.generations.lock();
-        while Wakeup::of(&g, ms) == seen {
-            if self.changed.wait_until(&mut g, deadline).timed_out() {
-                return;
-            }
-        }
+    /// Where the polls park, keyed by MS id.
+    pub fn parking(&self) -> &Parking {
+        &self.parking
     }
 }
 
@@ -243,8 +226,11 @@ impl LiveState for MemLive {
         Box::new(self.0.lock())
     }
 
+    /// Every change here that queues an event wakes the polls in this
+    /// same process, so this is only a backstop: a parked poll is resumed
+    /// once a second at most without one.
     fn recheck(&self) -> Duration {
-        Duration::from_millis(100)
+        Duration::from_secs(1)
     }
 }
 
