@@ -147,6 +147,26 @@ fn contract_memory() {
     check_contract(&MemLive::default());
 }
 
+/// In memory, queuing an event wakes the polls of its MS, and only those.
+#[test]
+fn memory_wakes_only_the_ms_with_events() {
+    let wakeup = Arc::new(Wakeup::default());
+    let live = MemLive::waking(wakeup.clone());
+    let (a, _) = live.lock().enroll("m:1", 10, "i");
+    let (b, _) = live.lock().enroll("m:2", 10, "j");
+    live.lock().lock("zed", a, LONG).expect("lease");
+    live.lock().set_online("zed", a, presence());
+    let at_a = wakeup.parking().prepare(a, LONG);
+    let at_b = wakeup.parking().prepare(b, LONG);
+    live.lock()
+        .notify(["zed", "nobody"], &EventKind::Offline { user: "q".into() });
+    assert!(wakeup.parking().woken(&at_a), "zed's MS is woken");
+    assert!(!wakeup.parking().woken(&at_b), "the other MS sleeps on");
+    live.lock()
+        .notify_ms(b, vec!["x".into()], EventKind::Offline { user: "q".into() });
+    assert!(wakeup.parking().woken(&at_b), "notify_ms wakes its MS");
+}
+
 fn pg_live(url: &str, instance: &str) -> (PgLive, Arc<Wakeup>) {
     let (live, wakeup, _) = pg_live_watched(url, instance);
     (live, wakeup)

@@ -18,6 +18,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard};
@@ -94,25 +95,17 @@ pub enum LockError {
 /// prepares its park before looking at its queue, so a wake that comes
 /// between the look and the park is not missed (see [`Parking`]).
 ///
-/// With the live state in this process, the handlers wake every poll after
-/// queuing events ([`Wakeup::notify_all`]). With it in PostgreSQL, wakes
-/// come from the database's notifications, each for one MS
-/// ([`Wakeup::notify_ms`]), so that an event does not make every MS's poll
-/// look at its queue: [`Wakeup::remote_only`] turns the handlers' wakes off.
+/// Wakes are for one MS each ([`Wakeup::notify_ms`]), so that an event
+/// does not make every MS's poll look at its queue: with the live state in
+/// this process, [`Live`] wakes an MS's polls as it queues an event for it
+/// ([`MemLive::waking`]); in PostgreSQL the wakes come from the database's
+/// notifications, sent at commit (see `live_pg`).
 #[derive(Debug, Default)]
 pub struct Wakeup {
     parking: Parking,
-    remote_only: std::sync::atomic::AtomicBool,
 }
 
 impl Wakeup {
-    /// Wakes every waiting poll (ignored once [`Wakeup::remote_only`]).
-    pub fn notify_all(&self) {
-        if !self.remote_only.load(std::sync::atomic::Ordering::Relaxed) {
-            self.notify_everyone();
-        }
-    }
-
     /// Wakes every waiting poll, always (to stop, or after a lost
     /// connection to the database).
     pub fn notify_everyone(&self) {
@@ -122,13 +115,6 @@ impl Wakeup {
     /// Wakes the polls of MS `ms`.
     pub fn notify_ms(&self, ms: u64) {
         self.parking.wake(ms);
-    }
-
-    /// From now on only [`Wakeup::notify_ms`] and
-    /// [`Wakeup::notify_everyone`] wake.
-    pub fn remote_only(&self) {
-        self.remote_only
-            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Where the polls park, keyed by MS id.
@@ -221,16 +207,27 @@ pub trait LiveState: Send + Sync {
 #[derive(Debug, Default)]
 pub struct MemLive(Mutex<Live>);
 
+impl MemLive {
+    /// Live state that wakes MS `ms`'s polls through `wakeup` whenever it
+    /// queues an event for `ms`.
+    pub fn waking(wakeup: Arc<Wakeup>) -> MemLive {
+        MemLive(Mutex::new(Live {
+            wakeup: Some(wakeup),
+            ..Live::default()
+        }))
+    }
+}
+
 impl LiveState for MemLive {
     fn lock(&self) -> Box<dyn LiveTx + '_> {
         Box::new(self.0.lock())
     }
 
-    /// Every change here that queues an event wakes the polls in this
-    /// same process, so this is only a backstop: a parked poll is resumed
-    /// once a second at most without one.
+    /// Never: the only two places that queue an event wake its MS's polls
+    /// at once (see [`MemLive::waking`]), in this same process, so no wake
+    /// can be lost; an idle poll waits for its whole time.
     fn recheck(&self) -> Duration {
-        Duration::from_secs(1)
+        Duration::MAX
     }
 }
 
@@ -298,6 +295,8 @@ pub struct Live {
     /// Users online per MS, kept with `online` so that `LOCATE` need not
     /// count everyone online (logins in progress are few: those it counts).
     online_at: HashMap<u64, u32>,
+    /// Wakes an MS's event polls when an event is queued for it.
+    wakeup: Option<Arc<Wakeup>>,
     locks: HashMap<String, Lease>,
 }
 
@@ -355,6 +354,15 @@ impl Live {
     pub fn notify_ms(&mut self, ms: u64, recipients: Vec<String>, kind: EventKind) {
         if let Some(entry) = self.ms.get_mut(&ms) {
             entry.queue.push_back(Event { recipients, kind });
+            self.queued(ms);
+        }
+    }
+
+    /// Wakes MS `ms`'s polls: an event was queued for it. Under the lock,
+    /// which a woken poll then waits for, so it sees the event.
+    fn queued(&self, ms: u64) {
+        if let Some(wakeup) = &self.wakeup {
+            wakeup.notify_ms(ms);
         }
     }
 
@@ -488,6 +496,7 @@ impl Live {
                     recipients,
                     kind: kind.clone(),
                 });
+                self.queued(ms);
             }
         }
     }

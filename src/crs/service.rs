@@ -131,7 +131,7 @@ impl Service for CrsService {
                             ack,
                             deadline: Instant::now() + crs.config.poll_timeout,
                         };
-                        return answer_poll(crs, conn, link, poll, crs.start_poll(ms));
+                        return answer_poll(crs, conn, link, poll, crs.heard_from(ms));
                     }
                 }
                 let reply = crs.sealed_request(link.who, &inner);
@@ -469,7 +469,7 @@ impl Crs {
     pub fn call(&self, who: Peer2, req: CrsRequest) -> Answer<CrsReply> {
         match who {
             Peer2::Ms(ms) => {
-                self.start_poll(ms)?;
+                self.heard_from(ms)?;
                 self.ms_request(ms, req)
             }
             Peer2::Admin => self.admin_request(req),
@@ -478,7 +478,7 @@ impl Crs {
 
     /// What every request of an MS starts with: it counts as a sign of
     /// life, unless the MS was reaped while it was away.
-    fn start_poll(&self, ms: u64) -> Answer<()> {
+    fn heard_from(&self, ms: u64) -> Answer<()> {
         if self.live.lock().touch(ms) {
             Ok(())
         } else {
@@ -541,8 +541,6 @@ impl Crs {
                             login,
                         },
                     );
-                    // Woken here too, in case `offline` finds them gone.
-                    self.events_ready.notify_all();
                     self.offline(&user, None);
                     info!("{user}'s old login at MS #{old_ms} is gone; a new login takes over");
                 }
@@ -655,7 +653,6 @@ impl Crs {
                             },
                         );
                         drop(live);
-                        self.events_ready.notify_all();
                         info!("operator deleted {name}");
                         Ok(CrsReply::Done)
                     }
@@ -723,7 +720,6 @@ impl Crs {
         if live.commit().is_err() {
             return refuse(Refusal::Unavailable, "live state unavailable");
         }
-        self.events_ready.notify_all();
         info!("{user} online at {address}");
         Ok(CrsReply::Welcome {
             welcome: Welcome {
@@ -773,7 +769,6 @@ impl Crs {
         };
         live.notify([who], &event);
         drop(live);
-        self.events_ready.notify_all();
         Ok(CrsReply::Done)
     }
 
@@ -806,7 +801,6 @@ impl Crs {
                 },
             );
             drop(live);
-            self.events_ready.notify_all();
             info!("{user} offline");
         }
     }
@@ -880,7 +874,6 @@ impl Crs {
                 }),
             );
             drop(live);
-            self.events_ready.notify_all();
             Ok(CrsReply::Done)
         } else {
             Ok(CrsReply::Stored)
@@ -913,7 +906,6 @@ impl Crs {
             },
         );
         drop(live);
-        self.events_ready.notify_all();
         // The new buddy, so the accepting client can talk at once, without
         // waiting for its own push.
         Ok(CrsReply::Contact(Contact {
@@ -931,7 +923,6 @@ impl Crs {
                         by: user.to_owned(),
                     },
                 );
-                self.events_ready.notify_all();
                 Ok(CrsReply::Done)
             }
             Ok(false) | Err(StoreError::InvalidName) => {
@@ -958,7 +949,6 @@ impl Crs {
                     },
                 );
                 drop(live);
-                self.events_ready.notify_all();
                 Ok(CrsReply::Done)
             }
             Ok(false) => refuse(Refusal::NotABuddy, "not a buddy"),
@@ -1013,6 +1003,5 @@ impl Crs {
                 &EventKind::Offline { user: user.clone() },
             );
         }
-        self.events_ready.notify_all();
     }
 }
