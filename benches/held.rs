@@ -452,7 +452,9 @@ fn main() {
     }
     let limit = ims::prethread::raise_open_files_limit();
     let mut users = knob("IMS_BENCH_HELD_USERS", USERS as u64) as usize;
-    let most = limit.saturating_sub(SPARE_FDS) as usize;
+    // This process holds two descriptors per user (the poller reads one,
+    // the keepalive writer uses its clone); the MS, one.
+    let most = (limit.saturating_sub(SPARE_FDS) / 2) as usize;
     if users > most {
         eprintln!(
             "held bench: the open-files limit is {limit}: {users} users cut to {most} \

@@ -180,6 +180,10 @@ pub struct Files {
     outgoing: Mutex<HashMap<(String, u64), Arc<OutTransfer>>>,
     /// In order of arrival: `/accept NAME` takes the oldest offer from NAME.
     incoming: Mutex<Vec<Arc<InTransfer>>>,
+    /// Held while an offer is answered: taking the offer, choosing its
+    /// resumption file and marking it accepted are one step, so that two
+    /// answers at once neither take the same offer nor the same file.
+    answering: Mutex<()>,
 }
 
 impl Files {
@@ -484,7 +488,10 @@ pub struct Receiving {
     temp: PathBuf,
     /// Kept (for a resumption) if the transfer breaks off.
     keep: bool,
-    sink: Sink,
+    /// Opened by the first frame that opens under the transfer's keys,
+    /// never before: a forged first frame must not touch the file (the
+    /// sink truncates it to the resumed prefix as it starts).
+    sink: Option<Sink>,
     written: u64,
     progress: Progress,
     done: bool,
@@ -571,6 +578,7 @@ impl Client {
 
     fn answer_file(self: &Arc<Self>, peer: &str, accept: bool) -> Result<bool, String> {
         let peer = peer.to_ascii_lowercase();
+        let answering = self.files.answering.lock();
         let Some(t) = self.files.take_offer(&peer) else {
             return Ok(false);
         };
@@ -583,6 +591,7 @@ impl Client {
         } else {
             self.files.remove_in(&peer, t.id);
         }
+        drop(answering);
         let id = self.next_id();
         self.send_request(
             &peer,
@@ -967,16 +976,9 @@ impl Client {
             .ok_or_else(|| Message::reply(code::FORBIDDEN, "transfer not accepted"))?;
         fs::create_dir_all(dir).map_err(fail)?;
         let temp = part.path.clone();
-        // Not yet started (no frame opened): the file is only opened, and
-        // a forged connection neither truncates nor deletes what was kept.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&temp)
-            .map_err(fail)?;
-        let sink = Sink::start(file, temp.clone(), part.offset).map_err(fail)?;
+        // The file is opened by the first frame that opens (see
+        // `on_file_message`): a forged connection neither truncates nor
+        // deletes what was kept.
         Ok(Receiving {
             transfer,
             session,
@@ -986,7 +988,7 @@ impl Client {
             send: keys.send,
             temp,
             keep: part.keep,
-            sink,
+            sink: None,
             written: part.offset,
             progress: Progress::from(part.offset),
             done: false,
@@ -1017,6 +1019,25 @@ impl Client {
             }
             *state = InState::Receiving;
             r.started = true;
+            drop(state);
+            let opened = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&r.temp)
+                .and_then(|file| Sink::start(file, r.temp.clone(), r.written));
+            match opened {
+                Ok(sink) => r.sink = Some(sink),
+                Err(e) => {
+                    warn!("cannot receive into {}: {e}", r.temp.display());
+                    // Reported when the connection closes, as the transfer broke off.
+                    return Some((
+                        Message::reply(code::INTERNAL, "cannot write the file"),
+                        true,
+                    ));
+                }
+            }
         }
         let cannot_write = || {
             Some((
@@ -1034,7 +1055,7 @@ impl Client {
                         true,
                     ));
                 }
-                if !r.sink.write((plain, data)) {
+                if !r.sink.as_ref().is_some_and(|s| s.write((plain, data))) {
                     return cannot_write();
                 }
                 r.written += len;
@@ -1051,10 +1072,10 @@ impl Client {
                 None
             }
             Ok(PeerRequest::FileEnd { id }) if id == t.id => {
-                let (file, hasher) = match r.sink.finish() {
-                    Ok(done) => done,
+                let (file, hasher) = match r.sink.take().map(|mut s| s.finish()) {
+                    Some(Ok(done)) => done,
                     // Reported when the connection closes, as the transfer broke off.
-                    Err(_) => return cannot_write(),
+                    _ => return cannot_write(),
                 };
                 let reply = match self.finish(r, file, hasher) {
                     Ok(()) => Ack::done(id),
@@ -1080,7 +1101,9 @@ impl Client {
     /// `hasher`, and moves it into place.
     fn finish(&self, r: &mut Receiving, file: File, hasher: Sha256) -> Result<(), String> {
         let t = r.transfer.clone();
-        self.files.remove_in(&t.peer, t.id);
+        // The transfer stays listed (its resumption file taken) until the
+        // file is in place: an offer of the same file accepted meanwhile
+        // must not take this one's complete data for a prefix to resume.
         let sha = hex(&hasher.finish());
         if r.written != t.size {
             return Err(self.abandon(r, "the file is shorter than offered"));
@@ -1094,6 +1117,7 @@ impl Client {
         match place(&r.temp, &self.config.download_dir, &safe_name(&t.name)) {
             Ok(path) => {
                 r.done = true;
+                self.files.remove_in(&t.peer, t.id);
                 let name = path
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -1115,7 +1139,9 @@ impl Client {
     fn abandon(&self, r: &mut Receiving, reason: &str) -> String {
         r.done = true;
         // Nothing may still be writing to the file being removed.
-        let _ = r.sink.finish();
+        if let Some(mut sink) = r.sink.take() {
+            let _ = sink.finish();
+        }
         if let Err(e) = fs::remove_file(&r.temp) {
             warn!("removing {}: {e}", r.temp.display());
         }
@@ -1134,8 +1160,7 @@ impl Client {
         if !r.started {
             // No frame of this connection opened: the transfer is untouched
             // (still accepted, waiting for its real sender), and so is its
-            // file.
-            let _ = r.sink.finish();
+            // file, which nothing has opened.
             return;
         }
         if r.done {
@@ -1143,7 +1168,7 @@ impl Client {
         }
         if r.transfer.cancelled.load(Ordering::Relaxed) {
             self.abandon(&mut r, "cancelled");
-        } else if r.keep && r.sink.finish().is_ok() {
+        } else if r.keep && r.sink.take().is_some_and(|mut s| s.finish().is_ok()) {
             // What arrived stays for a resumption of the same file.
             r.done = true;
             self.files.remove_in(&r.transfer.peer, r.transfer.id);

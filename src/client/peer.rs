@@ -302,13 +302,20 @@ impl PeerSession {
         e.find(id).is_some()
     }
 
-    /// The keys of a new file transfer's channel, in the current epoch,
-    /// and that epoch's id.
+    /// The keys of a new file transfer's channel and its epoch's id: the
+    /// epoch our message channel seals in. While a re-key we answered is
+    /// unconfirmed that is the newest retired one, not the current: the
+    /// buddy may not hold the new epoch yet, and would refuse the
+    /// transfer's first chunk as of an unknown session.
     pub fn file_channel(&self, id: u64, from: &str, to: &str, role: Role) -> (SessionKeys, String) {
         let e = self.epochs.lock();
+        let epoch = match (&e.rekey, e.retired.first()) {
+            (Rekey::Answered { .. }, Some(old)) => old,
+            _ => &e.current,
+        };
         (
-            e.current.keys.channel(&file_label(id, from, to), role),
-            e.current.id().to_owned(),
+            epoch.keys.channel(&file_label(id, from, to), role),
+            epoch.id().to_owned(),
         )
     }
 
