@@ -165,6 +165,11 @@ fn memory_wakes_only_the_ms_with_events() {
     live.lock()
         .notify_ms(b, vec!["x".into()], EventKind::Offline { user: "q".into() });
     assert!(wakeup.parking().woken(&at_b), "notify_ms wakes its MS");
+    // A reaped MS's poll learns at once that it must enroll again.
+    let at_a = wakeup.parking().prepare(a, LONG);
+    assert!(!wakeup.parking().woken(&at_a));
+    live.lock().reap(Duration::ZERO);
+    assert!(wakeup.parking().woken(&at_a), "reaping wakes its MS");
 }
 
 fn pg_live(url: &str, instance: &str) -> (PgLive, Arc<Wakeup>) {

@@ -223,9 +223,10 @@ impl LiveState for MemLive {
         Box::new(self.0.lock())
     }
 
-    /// Never: the only two places that queue an event wake its MS's polls
-    /// at once (see [`MemLive::waking`]), in this same process, so no wake
-    /// can be lost; an idle poll waits for its whole time.
+    /// Never: every change a poll waits for (an event queued for its MS,
+    /// its MS dropped) wakes that MS's polls at once, in this same process
+    /// (see [`MemLive::waking`]), so no wake can be lost; an idle poll
+    /// waits for its whole time.
     fn recheck(&self) -> Duration {
         Duration::MAX
     }
@@ -317,6 +318,8 @@ impl Live {
             // still waiting, say) find their id gone and end.
             lost = self.drop_users_of(id);
             self.ms.remove(&id);
+            // Its waiting poll is told now, not at its deadline.
+            self.queued(id);
         }
         self.next_ms += 1;
         let id = self.next_ms;
@@ -358,8 +361,9 @@ impl Live {
         }
     }
 
-    /// Wakes MS `ms`'s polls: an event was queued for it. Under the lock,
-    /// which a woken poll then waits for, so it sees the event.
+    /// Wakes MS `ms`'s polls: an event was queued for it, or it is no
+    /// longer enrolled. Under the lock, which a woken poll then waits for,
+    /// so it sees the change.
     fn queued(&self, ms: u64) {
         if let Some(wakeup) = &self.wakeup {
             wakeup.notify_ms(ms);
@@ -527,6 +531,9 @@ impl Live {
         for id in dead {
             lost.extend(self.drop_users_of(id));
             self.ms.remove(&id);
+            // A poll it left waiting learns at once that it must enroll
+            // again (the MS may only have been cut off for a while).
+            self.queued(id);
         }
         lost
     }
