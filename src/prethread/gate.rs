@@ -25,7 +25,7 @@
 //! Anything that may block or take time (a handler, `Service::close`, a
 //! `408` to a slow peer) runs on a worker: the gate only reads and parses.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
@@ -254,7 +254,7 @@ struct Gate<S: Service> {
     /// Every connection held here, parked ones included.
     conns: HashMap<usize, Box<Conn<S>>>,
     /// The parked connections by key.
-    parked: HashMap<u64, Vec<usize>>,
+    parked: HashMap<u64, HashSet<usize>>,
     next_id: usize,
     /// Connections handed to workers and not yet back or done.
     out: usize,
@@ -271,7 +271,7 @@ impl<S: Service> Gate<S> {
         let id = conn.id;
         let woken = match &conn.park {
             Some(park) => {
-                self.parked.entry(park.key()).or_default().push(id);
+                self.parked.entry(park.key()).or_default().insert(id);
                 self.shared.counters.parked.fetch_add(1, Ordering::Relaxed);
                 // A service that parks without wake-ups only has deadlines.
                 self.parking
@@ -292,7 +292,7 @@ impl<S: Service> Gate<S> {
         if let Some(park) = conn.park.take() {
             self.shared.counters.parked.fetch_sub(1, Ordering::Relaxed);
             if let Some(ids) = self.parked.get_mut(&park.key()) {
-                ids.retain(|&other| other != id);
+                ids.remove(&id);
                 if ids.is_empty() {
                     self.parked.remove(&park.key());
                 }

@@ -319,7 +319,9 @@ mod served {
         let config = Config {
             name: "park".into(),
             workers: 1,
-            queue: 4,
+            // Room for every request of a test to wait: a busy machine
+            // may deliver them all while the one worker is busy.
+            queue: 64,
             ..Config::default()
         };
         Server::bind("127.0.0.1:0", config, Arc::clone(service)).unwrap()
