@@ -242,6 +242,7 @@ fn make_data_set(db: &Path, users: usize) -> (Vec<scram::Keys>, Vec<Vec<u8>>) {
                             requests: Vec::new(),
                             created_unix: 1_700_000_000,
                             blocked: Default::default(),
+                            ..Default::default()
                         };
                         (i, user, keys, params.salt)
                     })

@@ -350,6 +350,7 @@ fn make_data_set(target: Target<'_>) -> Vec<Account> {
                             requests: Vec::new(),
                             created_unix: 1_700_000_000,
                             blocked: Default::default(),
+                            ..Default::default()
                         };
                         (
                             i,

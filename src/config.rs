@@ -500,6 +500,9 @@ pub fn client_settings() -> Vec<Setting<ClientProgram>> {
         key("keepalive_interval_secs", Kind::Secs, |c: &mut C, v| {
             c.client.keepalive_interval = v.secs()
         }),
+        key("auto_away_secs", Kind::Secs, |c: &mut C, v| {
+            c.client.auto_away = v.secs()
+        }),
         key("rekey_messages", COUNT, |c: &mut C, v| {
             c.client.rekey_messages = v.int()
         }),

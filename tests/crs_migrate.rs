@@ -56,6 +56,7 @@ fn loaded_user(i: usize) -> User {
         requests,
         created_unix: 1_700_000_000 + i as u64,
         blocked: Default::default(),
+        ..Default::default()
     }
 }
 

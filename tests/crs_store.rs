@@ -63,6 +63,7 @@ fn user(name: &str, seed: u8) -> User {
         requests: Vec::new(),
         created_unix: 1_700_000_000 + u64::from(seed),
         blocked: BTreeSet::new(),
+        ..Default::default()
     }
 }
 
@@ -373,6 +374,25 @@ fn check_semantics(s: &dyn Store) {
         Err(StoreError::NoSuchUser)
     );
     assert_eq!(s.set_blocked("alice", "nobody-yet", false), Ok(true));
+
+    // Status and personal message: kept in the record, any text.
+    use ims::proto::status::Status;
+    let status = |s: &dyn Store| {
+        let u = s.get_user("alice").expect("get").expect("alice");
+        (u.status, u.status_message)
+    };
+    assert_eq!(status(s), (Status::Available, String::new()));
+    assert_eq!(
+        s.set_status("Alice", Status::Away, "at lunch ☕ 'x' \\"),
+        Ok(())
+    );
+    assert_eq!(status(s), (Status::Away, "at lunch ☕ 'x' \\".to_string()));
+    assert_eq!(s.set_status("alice", Status::Invisible, ""), Ok(()));
+    assert_eq!(status(s), (Status::Invisible, String::new()));
+    assert_eq!(
+        s.set_status("no-such", Status::Busy, ""),
+        Err(StoreError::NoSuchUser)
+    );
 }
 
 #[test]
@@ -411,6 +431,8 @@ fn check_reopen(open: &dyn Fn() -> Box<dyn Store>, integrity: &dyn Fn() -> Resul
             .expect("profile");
         s.delete_user("ivan").expect("delete");
         s.set_blocked("bob", "grace", true).expect("block");
+        s.set_status("carol", ims::proto::status::Status::Busy, "deadline")
+            .expect("status");
         snapshot(&*s)
     };
     let s = open();

@@ -199,7 +199,10 @@ fn a_restarted_ms_makes_its_clients_log_in_again() {
     loop {
         alice.send("/buddies");
         let b = alice.wait_event("buddies", |_| true);
-        if b["buddies"] == serde_json::json!([{"user": "bob", "online": true}]) {
+        if b["buddies"].as_array().map(Vec::len) == Some(1)
+            && b["buddies"][0]["user"] == "bob"
+            && b["buddies"][0]["online"] == true
+        {
             break;
         }
         assert!(

@@ -17,7 +17,7 @@ use ims::ms::login::MsService;
 use ims::ms::{Ms, MsConfig};
 use ims::prethread::{Outcome, Peer, Service};
 use ims::proto::crs::{
-    ClientReply, ClientRequest, CrsReply, CrsRequest, Profile, Registration, Verifier,
+    ClientReply, ClientRequest, CrsReply, CrsRequest, Profile, Registration, StatusInfo, Verifier,
     MAX_PROFILE_BYTES, MAX_PROFILE_FIELDS, REGISTER_AAD,
 };
 use ims::proto::ms::{MsReply, MsRequest};
@@ -729,6 +729,14 @@ fn ms_user_request_handlers() {
         (MsRequest::Deny("bob".into()), Err(Refusal::NoSuchRequest)),
         (MsRequest::Remove("bob".into()), Err(Refusal::NotABuddy)),
         (
+            MsRequest::SetStatus(StatusInfo {
+                status: ims::proto::status::Status::Away,
+                message: "at lunch".into(),
+            }),
+            Ok(MsReply::Done),
+        ),
+        (MsRequest::Reveal("bob".into()), Ok(MsReply::Done)),
+        (
             MsRequest::Add {
                 to: "alice".into(),
                 nonce: vec![1; 16],
@@ -755,6 +763,12 @@ fn ms_user_request_handlers() {
             _ => panic!("{req:?}: expected {expect:?}, got {got:?}"),
         }
     }
+    // Status changes are rate-limited per user (two of the burst taken above).
+    let limited = (0..ims::ms::login::STATUS_BURST)
+        .map(|_| ms.user_request(&alice, MsRequest::SetStatus(StatusInfo::default())))
+        .filter(|r| matches!(r, Err(e) if matches!(e.refusal, Refusal::RateLimited { .. })))
+        .count();
+    assert!(limited >= 1, "no STATUS was rate-limited");
     match ms.user_request(&alice, MsRequest::Search("alice".into())) {
         Ok(MsReply::Hits(h)) => assert_eq!(h.len(), 1),
         other => panic!("{other:?}"),

@@ -370,6 +370,12 @@ fn the_constants_are_the_codes() {
         ("MAX_PROFILE_VALUE", pc::MAX_PROFILE_VALUE as u64),
         ("MAX_PROFILE_BYTES", pc::MAX_PROFILE_BYTES as u64),
         ("MAX_SEARCH_REPLY_BYTES", pc::MAX_SEARCH_REPLY_BYTES as u64),
+        ("STATUS_BURST", ims::ms::login::STATUS_BURST.into()),
+        ("STATUS_PER_SEC", ims::ms::login::STATUS_PER_SEC as u64),
+        (
+            "MAX_STATUS_MESSAGE_BYTES",
+            ims::proto::status::MAX_STATUS_MESSAGE_BYTES as u64,
+        ),
         ("SEARCH_LIMIT", ims::ms::login::SEARCH_LIMIT.into()),
         ("FREE_ATTEMPTS", ims::crs::guesses::FREE_ATTEMPTS.into()),
         ("MAX_DELAY_SECS", secs(ims::crs::guesses::MAX_DELAY)),

@@ -1128,6 +1128,64 @@ fn a_lost_server_is_one_human_line_and_logs_stay_off_screen() {
     );
 }
 
+/// A buddy's status shows in the status bar and beside their name in
+/// `/buddies` with their personal message; our own beside our name.
+#[test]
+fn statuses_show_in_the_status_bar_and_the_buddy_list() {
+    let c = Cluster::start(1);
+    c.register("alice", PW);
+    c.register("bob", PW);
+    let alice = Pane::client(&c, "alice", &["--user", "alice"], 100, 30);
+    alice.wait_text("logged in as alice");
+    let bob = c.login("bob", PW);
+    alice.line("/add bob");
+    bob.wait_event("request", |e| e["from"] == "alice");
+    bob.send("/accept alice");
+    alice.wait_text("bob is now your buddy (online)");
+
+    bob.send("/status busy in a call");
+    alice.wait_text("bob is busy: in a call");
+    alice.wait_text("[online: bob(busy)]");
+    alice.line("/buddies");
+    alice.wait_text("* bob (busy): in a call");
+    alice.line("/status away lunch");
+    alice.wait_text("[alice (away) @");
+    bob.wait_event("status", |e| {
+        e["user"] == "alice" && e["status"] == "away" && e["message"] == "lunch"
+    });
+}
+
+/// Auto-away in full screen: `away` after the idle limit (shown beside
+/// our name), and any key ends it.
+#[test]
+fn auto_away_ends_at_a_keypress() {
+    let c = Cluster::start(1);
+    c.register("alice", PW);
+    c.register("bob", PW);
+    let config = c.env.path().join("away.toml");
+    std::fs::write(&config, "auto_away_secs = 1\n").unwrap();
+    let alice = Pane::client(
+        &c,
+        "alice",
+        &["--user", "alice", "-c", config.to_str().unwrap()],
+        100,
+        30,
+    );
+    alice.wait_text("logged in as alice");
+    let bob = c.login("bob", PW);
+    alice.line("/add bob");
+    bob.wait_event("request", |e| e["from"] == "alice");
+    bob.send("/accept alice");
+    alice.wait_text("bob is now your buddy (online)");
+
+    alice.wait_text("[alice (away) @");
+    bob.wait_event("status", |e| e["user"] == "alice" && e["status"] == "away");
+    alice.type_text("x");
+    bob.wait_event("status", |e| {
+        e["user"] == "alice" && e["status"] == "available"
+    });
+}
+
 /// Typing in a buddy's window tells them (on as the first key goes in,
 /// off when the line is sent), and their typing shows in the status bar.
 #[test]

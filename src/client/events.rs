@@ -20,6 +20,11 @@ pub struct BuddyView {
     pub user: String,
     /// Online now.
     pub online: bool,
+    /// `available`, `away` or `busy` while online; `offline` otherwise
+    /// (also for a buddy who is invisible).
+    pub status: String,
+    /// The buddy's personal message while online (may be empty).
+    pub message: String,
 }
 
 /// Everything the client reports.
@@ -55,6 +60,16 @@ pub enum Event {
     Offline {
         /// Who.
         user: String,
+    },
+    /// An online buddy's status or personal message (not end to end:
+    /// the servers carry it).
+    Status {
+        /// Who.
+        user: String,
+        /// `available`, `away` or `busy`.
+        status: String,
+        /// Their personal message (may be empty).
+        message: String,
     },
     /// Someone asks to become our buddy (signature checked).
     Request {
@@ -278,12 +293,29 @@ impl Event {
                         if b.online { "*" } else { " " },
                         c(&b.user)
                     ));
-                    s.push_str(if b.online { " (online)" } else { "" });
+                    if b.online && b.status != "available" {
+                        s.push_str(&format!(" ({})", c(&b.status)));
+                    } else if b.online {
+                        s.push_str(" (online)");
+                    }
+                    if b.online && !b.message.is_empty() {
+                        s.push_str(&format!(": {}", c(&b.message)));
+                    }
                 }
                 s
             }
             Event::Online { user } => format!("* {} is online", c(user)),
             Event::Offline { user } => format!("  {} went offline", c(user)),
+            Event::Status {
+                user,
+                status,
+                message,
+            } if message.is_empty() => format!("* {} is {}", c(user), c(status)),
+            Event::Status {
+                user,
+                status,
+                message,
+            } => format!("* {} is {}: {}", c(user), c(status), c(message)),
             Event::Request { from } => {
                 let from = c(from);
                 format!("{from} wants to be your buddy: /accept {from} or /deny {from}")
@@ -565,6 +597,19 @@ mod tests {
             Event::Notice {
                 text: hostile.into(),
             },
+            Event::Status {
+                user: "a".into(),
+                status: "away".into(),
+                message: hostile.into(),
+            },
+            Event::Buddies {
+                buddies: vec![BuddyView {
+                    user: "a".into(),
+                    online: true,
+                    status: "busy".into(),
+                    message: hostile.into(),
+                }],
+            },
         ];
         for e in &every {
             let text = e.to_text();
@@ -607,11 +652,22 @@ mod tests {
             Event::Buddies {
                 buddies: vec![BuddyView {
                     user: "alice".into(),
-                    online: true
+                    online: true,
+                    status: "away".into(),
+                    message: "at lunch".into(),
                 }]
             }
             .to_json(),
-            r#"{"event":"buddies","buddies":[{"user":"alice","online":true}]}"#
+            r#"{"event":"buddies","buddies":[{"user":"alice","online":true,"status":"away","message":"at lunch"}]}"#
+        );
+        assert_eq!(
+            Event::Status {
+                user: "alice".into(),
+                status: "away".into(),
+                message: "at lunch".into(),
+            }
+            .to_json(),
+            r#"{"event":"status","user":"alice","status":"away","message":"at lunch"}"#
         );
         assert_eq!(
             Event::Ok {

@@ -9,6 +9,7 @@ pub mod handshake;
 pub mod history;
 pub mod peer;
 pub mod session;
+pub mod status;
 pub mod trust;
 pub mod typing;
 pub mod ui;
@@ -29,6 +30,7 @@ use crate::prethread::{self, Outcome, Peer, Server, Service};
 use crate::proto::crs::{EventKind, Hit, Profile};
 use crate::proto::ms::{read_event, MsReply, MsRequest, PUSH};
 use crate::proto::peer::{CONFIRM, INIT, PEER};
+use crate::proto::status::{Status, StatusInfo};
 use crate::proto::{Refusal, Refused};
 use crate::wire::{Limits, Message};
 use account::{AccountError, ClientError, NewAccount};
@@ -45,6 +47,10 @@ pub const DEFAULT_REKEY_MESSAGES: u64 = 500;
 /// Default of [`ClientConfig::rekey_interval`]: a day of conversation spans
 /// several.
 pub const DEFAULT_REKEY_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Default of [`ClientConfig::auto_away`]: ten minutes away from the
+/// keyboard, as other messengers have it.
+pub const DEFAULT_AUTO_AWAY: Duration = Duration::from_secs(600);
 
 /// Everything the client needs.
 #[derive(Clone, Debug)]
@@ -91,6 +97,9 @@ pub struct ClientConfig {
     pub rekey_messages: u64,
     /// Re-key a conversation whose keys are this old (at its next message).
     pub rekey_interval: Duration,
+    /// Set `away` after this long without input while `available`
+    /// (zero: never).
+    pub auto_away: Duration,
 }
 
 /// The user's download directory: `$XDG_DOWNLOAD_DIR`, `~/Downloads`, or
@@ -137,6 +146,7 @@ impl Default for ClientConfig {
             keepalive_interval: Duration::from_secs(5),
             rekey_messages: DEFAULT_REKEY_MESSAGES,
             rekey_interval: DEFAULT_REKEY_INTERVAL,
+            auto_away: DEFAULT_AUTO_AWAY,
             pool: prethread::Config {
                 name: "client".into(),
                 workers: 4,
@@ -177,6 +187,7 @@ pub struct Client {
     peers: peer::Peers,
     files: files::Files,
     typing: typing::Typing,
+    away: status::Away,
     next_id: AtomicU64,
     /// Whom we last wrote to or heard from: plain lines go there.
     last_peer: Mutex<Option<String>>,
@@ -228,9 +239,14 @@ fn unexpected(reply: &MsReply) -> ClientError {
 fn buddy_views(s: &Session) -> Vec<BuddyView> {
     s.buddies
         .iter()
-        .map(|(u, p)| BuddyView {
-            user: u.clone(),
-            online: p.is_some(),
+        .map(|(u, p)| {
+            let (online, status, message) = status::shown(p.is_some(), s.buddy_status.get(u));
+            BuddyView {
+                user: u.clone(),
+                online,
+                status,
+                message,
+            }
         })
         .collect()
 }
@@ -316,6 +332,21 @@ pub fn start(config: ClientConfig, events: Sender<Event>) -> std::io::Result<Run
                 recv(until) -> _ => return,
             }
         })?;
+    if !config.auto_away.is_zero() {
+        let (weak, until) = (Arc::downgrade(&client), stopped.clone());
+        std::thread::Builder::new()
+            .name("client-away".into())
+            .spawn(move || {
+                while let Some(c) = weak.upgrade() {
+                    c.auto_away_tick();
+                    let next = Instant::now() + c.config.auto_away.min(status::AWAY_TICK);
+                    drop(c);
+                    if !matches!(until.recv_deadline(next), Err(RecvTimeoutError::Timeout)) {
+                        return;
+                    }
+                }
+            })?;
+    }
     let weak = Arc::downgrade(&client);
     std::thread::Builder::new()
         .name("client-keepalive".into())
@@ -352,6 +383,7 @@ impl Client {
             peers: peer::Peers::default(),
             files: files::Files::default(),
             typing: typing::Typing::default(),
+            away: status::Away::default(),
             next_id: AtomicU64::new(1),
             last_peer: Mutex::new(None),
             changed: parking_lot::Condvar::new(),
@@ -494,7 +526,9 @@ impl Client {
         let history = history::History::open(&self.config.state_dir, &user, session.history_key);
         let requests: Vec<String> = session.requests.keys().cloned().collect();
         let buddies = buddy_views(&session);
+        let kept = session.status.clone();
         *guard = State::LoggedIn(Box::new(session));
+        self.idle_restart();
         // Pushes that raced the end of the login wait for this, so they
         // are never lost and print after these.
         match history {
@@ -507,6 +541,11 @@ impl Client {
             }
         }
         self.emit(Event::LoggedIn { user });
+        if kept != StatusInfo::default() {
+            self.emit(Event::Notice {
+                text: status::kept_text(&kept),
+            });
+        }
         self.emit(Event::Buddies { buddies });
         for from in requests {
             self.emit(Event::Request { from });
@@ -798,6 +837,7 @@ impl Client {
 
     /// Logs out; buddies are told by the servers.
     pub fn logout(&self) {
+        self.end_auto_away();
         let result = self.ms_call(&MsRequest::Logout);
         self.drop_held();
         // Sessions with buddies end with the login.
@@ -893,6 +933,8 @@ impl Client {
         if let Some(s) = self.state.lock().session_mut() {
             s.requests.remove(&name);
             if let Some(c) = contact.filter(|c| c.user == name) {
+                s.buddy_status
+                    .insert(c.user.clone(), status::received(c.status, &c.message));
                 s.buddies.insert(c.user, c.online);
             }
         }
@@ -1014,26 +1056,86 @@ impl Client {
             Ok(k) => k,
             Err(e) => return e.reply(),
         };
+        // A second event to show after the first (a status after an online).
+        let mut also = None;
         let event = match kind {
-            EventKind::Online { user, presence } => {
-                match s.buddies.get(&user) {
-                    // Not a buddy, or the same login announced again (the
-                    // CRS restarted): nothing changes.
-                    None => return Message::ok(),
-                    Some(Some(p)) if *p == presence => return Message::ok(),
-                    Some(_) => {}
-                }
+            EventKind::Online {
+                user,
+                presence,
+                status,
+                message,
+            } => {
+                // Not a buddy: nothing changes.
+                let Some(was) = s.buddies.get(&user).cloned() else {
+                    return Message::ok();
+                };
+                let info = status::received(status, &message);
+                let was_shown = was.is_some() && !s.status_hidden(&user);
+                // The same login announced again (the CRS restarted, or a
+                // status change) keeps its session.
+                let same_login = matches!(&was, Some(p) if *p == presence);
+                let old_info = s.buddy_status.insert(user.clone(), info.clone());
                 s.buddies.insert(user.clone(), Some(presence));
-                // A new login of theirs: any old session's keys are gone with it.
-                self.peers.drop_session(&user);
-                Event::Online { user }
+                if !same_login {
+                    // A new login of theirs: any old session's keys are gone with it.
+                    self.peers.drop_session(&user);
+                }
+                let news = (info.status != Status::Available || !info.message.is_empty())
+                    .then(|| status_event(&user, &info));
+                match (was_shown, info.status != Status::Invisible) {
+                    // Invisible, and writing to us: reachable, shown offline.
+                    (false, false) => {
+                        drop(guard);
+                        self.changed.notify_all();
+                        return Message::ok();
+                    }
+                    (true, false) => Event::Offline { user },
+                    (true, true) if same_login => {
+                        if old_info.as_ref() == Some(&info) {
+                            return Message::ok();
+                        }
+                        status_event(&user, &info)
+                    }
+                    (_, true) => {
+                        also = news;
+                        Event::Online { user }
+                    }
+                }
+            }
+            EventKind::Status {
+                user,
+                status,
+                message,
+            } => {
+                if !matches!(s.buddies.get(&user), Some(Some(_))) {
+                    return Message::ok();
+                }
+                let info = status::received(status, &message);
+                if info.status == Status::Invisible {
+                    // The CRS says OFFLINE for this; taken as one.
+                    s.buddies.insert(user.clone(), None);
+                    s.buddy_status.remove(&user);
+                    self.peers.drop_session(&user);
+                    Event::Offline { user }
+                } else {
+                    s.buddy_status.insert(user.clone(), info.clone());
+                    status_event(&user, &info)
+                }
             }
             EventKind::Offline { user } => {
                 if !s.buddies.contains_key(&user) {
                     return Message::ok();
                 }
+                let was_shown =
+                    matches!(s.buddies.get(&user), Some(Some(_))) && !s.status_hidden(&user);
                 s.buddies.insert(user.clone(), None);
+                s.buddy_status.remove(&user);
                 self.peers.drop_session(&user);
+                if !was_shown {
+                    drop(guard);
+                    self.changed.notify_all();
+                    return Message::ok();
+                }
                 Event::Offline { user }
             }
             EventKind::Request(r) => {
@@ -1048,9 +1150,19 @@ impl Client {
                 s.requests.insert(from.clone(), r);
                 Event::Request { from }
             }
-            EventKind::BuddyAdded { buddy, online } => {
+            EventKind::BuddyAdded {
+                buddy,
+                online,
+                status,
+                message,
+            } => {
                 let is_online = online.is_some();
                 s.requests.remove(&buddy);
+                let info = status::received(status, &message);
+                if is_online && (info.status != Status::Available || !info.message.is_empty()) {
+                    also = Some(status_event(&buddy, &info));
+                }
+                s.buddy_status.insert(buddy.clone(), info);
                 s.buddies.insert(buddy.clone(), online);
                 Event::BuddyAdded {
                     user: buddy,
@@ -1059,6 +1171,7 @@ impl Client {
             }
             EventKind::BuddyRemoved { buddy } => {
                 s.buddies.remove(&buddy);
+                s.buddy_status.remove(&buddy);
                 self.peers.drop_session(&buddy);
                 Event::BuddyRemoved { user: buddy }
             }
@@ -1082,7 +1195,19 @@ impl Client {
         drop(guard);
         self.changed.notify_all();
         self.emit(event);
+        if let Some(e) = also {
+            self.emit(e);
+        }
         Message::ok()
+    }
+}
+
+/// A buddy's status change as shown.
+fn status_event(user: &str, info: &StatusInfo) -> Event {
+    Event::Status {
+        user: user.to_owned(),
+        status: info.status.as_str().to_owned(),
+        message: info.message.clone(),
     }
 }
 

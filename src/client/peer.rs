@@ -577,6 +577,8 @@ impl Client {
         if let Some(s) = self.peers.get(to) {
             return Ok(s);
         }
+        // Invisible, we show offline to `to`, whose client would refuse us.
+        self.reveal_if_invisible(to);
         // The buddy is opening one with us right now: use theirs. Checked
         // under the `opening` lock, which on_init holds while it decides
         // between answering and refusing, so that one of the two sides

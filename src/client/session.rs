@@ -41,6 +41,11 @@ pub struct Session {
     pub profile: Profile,
     /// The users we block, as kept at the CRS.
     pub blocked: std::collections::BTreeSet<String>,
+    /// Our status and personal message, as kept at the CRS.
+    pub status: crate::proto::status::StatusInfo,
+    /// The status of buddies the servers said are online (`invisible`:
+    /// one who wrote to us while invisible, shown offline).
+    pub buddy_status: BTreeMap<String, crate::proto::status::StatusInfo>,
     /// The key of this account's history on disk (from the password).
     pub history_key: [u8; 32],
     /// The salt and iteration count this login derived with.
@@ -150,6 +155,11 @@ pub fn request_is_genuine(req: &BuddyRequest, to: &str) -> bool {
 }
 
 impl Session {
+    /// Whether `buddy`, though reachable, shows offline (invisible).
+    pub fn status_hidden(&self, buddy: &str) -> bool {
+        matches!(self.buddy_status.get(buddy), Some(i) if i.status == crate::proto::status::Status::Invisible)
+    }
+
     /// Asks the CRS for an MS and logs in there.
     pub fn login(c: &Credentials<'_>) -> Result<Session, ClientError> {
         Session::login_held(c).map(|(s, _)| s)
@@ -259,6 +269,16 @@ impl Session {
             public_key,
             link,
             push: push.recv,
+            buddy_status: welcome
+                .contacts
+                .iter()
+                .filter(|c| c.online.is_some())
+                .map(|c| {
+                    let info = super::status::received(c.status, &c.message);
+                    (c.user.clone(), info)
+                })
+                .collect(),
+            status: super::status::received(welcome.status, &welcome.message),
             buddies: welcome
                 .contacts
                 .into_iter()

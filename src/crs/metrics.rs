@@ -189,6 +189,16 @@ impl Store for TimedStore {
     fn set_blocked(&self, name: &str, who: &str, on: bool) -> Result<bool, StoreError> {
         self.time("set_blocked", || self.inner.set_blocked(name, who, on))
     }
+    fn set_status(
+        &self,
+        name: &str,
+        status: crate::proto::status::Status,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        self.time("set_status", || {
+            self.inner.set_status(name, status, message)
+        })
+    }
 }
 
 /// The live state, counted.

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod operator;
 pub mod service;
+mod status;
 pub mod store;
 
 use std::fmt;

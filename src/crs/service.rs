@@ -11,7 +11,6 @@
 //! with the events. So any number of MSs can keep a poll open on a CRS
 //! with a handful of workers.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,7 +24,7 @@ use crate::link::{enrollment_keys, Channel, ENROLL_NONCE_LEN, MIN_ENROLL_NONCE_L
 use crate::prethread::{Outcome, Park, Parking, Peer, Service};
 use crate::proto::crs::{
     self as pc, BuddyRequest, ClientReply, ClientRequest, Contact, CrsReply, CrsRequest, EventKind,
-    Hit, Presence, Profile, Registration, UserView, Verifier, Welcome,
+    Hit, Presence, Profile, Registration, Status, StatusInfo, UserView, Verifier, Welcome,
 };
 use crate::proto::{self, Answer, Fields, ProtoError, Refusal, Refused};
 use crate::seal::Role;
@@ -195,7 +194,7 @@ fn answer_poll(
     seal_reply(conn, link, &to_message(answer, CrsReply::to_message))
 }
 
-fn refuse<T>(refusal: Refusal, reason: &str) -> Answer<T> {
+pub(super) fn refuse<T>(refusal: Refusal, reason: &str) -> Answer<T> {
     Err(Refused::new(refusal, reason))
 }
 
@@ -214,7 +213,7 @@ fn store_err(e: StoreError) -> Refused {
 }
 
 /// A store error where a missing or invalid name means "no such user".
-fn user_err(e: StoreError) -> Refused {
+pub(super) fn user_err(e: StoreError) -> Refused {
     match e {
         StoreError::NoSuchUser | StoreError::InvalidName => {
             Refused::new(Refusal::NoSuchUser, "no such user")
@@ -587,6 +586,8 @@ impl Crs {
             Block { user, who, on } => {
                 self.block(&store::canonical(&user), &store::canonical(&who), on)
             }
+            SetStatus { user, info } => self.set_status(&user, info),
+            Reveal { user, to } => self.reveal(&user, &to),
             // Answered at once: only a poll on a link waits (see `handle`).
             Events { ack } => {
                 let batch = self.live.lock().events(ms, ack);
@@ -682,13 +683,8 @@ impl Crs {
             address,
             public_key: record.public_key.clone(),
         };
-        // A buddy who blocks this user looks offline to them.
-        let blocked_by: BTreeSet<String> = record
-            .contacts
-            .iter()
-            .filter(|c| self.blocks(c, user))
-            .cloned()
-            .collect();
+        // A buddy who blocks this user, or is invisible, looks offline to them.
+        let view = self.contacts_view(user, &record.contacts);
         let mut live = self.live.lock();
         if !live.holds_lock(user, ms) {
             return lost_lock();
@@ -697,26 +693,42 @@ impl Crs {
         let contacts: Vec<Contact> = record
             .contacts
             .iter()
-            .map(|c| Contact {
-                user: c.clone(),
-                online: online
+            .map(|c| {
+                let online = online
                     .get(c)
-                    .filter(|_| !blocked_by.contains(c))
-                    .map(|o| o.presence.clone()),
+                    .filter(|_| !view.hidden.contains(c))
+                    .map(|o| o.presence.clone());
+                let info = view
+                    .status
+                    .get(c)
+                    .filter(|_| online.is_some())
+                    .cloned()
+                    .unwrap_or_default();
+                Contact {
+                    user: c.clone(),
+                    online,
+                    status: info.status,
+                    message: info.message,
+                }
             })
             .collect();
         let login = live.set_online(user, ms, presence.clone());
-        live.notify(
-            record
-                .contacts
-                .iter()
-                .filter(|c| !record.blocked.contains(*c))
-                .map(String::as_str),
-            &EventKind::Online {
-                user: user.to_owned(),
-                presence,
-            },
-        );
+        // An invisible user's buddies hear nothing.
+        if record.status != Status::Invisible {
+            live.notify(
+                record
+                    .contacts
+                    .iter()
+                    .filter(|c| !record.blocked.contains(*c))
+                    .map(String::as_str),
+                &EventKind::Online {
+                    user: user.to_owned(),
+                    presence,
+                    status: record.status,
+                    message: record.status_message.clone(),
+                },
+            );
+        }
         if live.commit().is_err() {
             return refuse(Refusal::Unavailable, "live state unavailable");
         }
@@ -730,6 +742,8 @@ impl Crs {
                 requests,
                 profile: record.profile,
                 blocked: record.blocked.iter().cloned().collect(),
+                status: record.status,
+                message: record.status_message,
             },
             login,
         })
@@ -753,6 +767,11 @@ impl Crs {
         if !changed || !self.store.contacts(user).is_ok_and(|c| c.contains(who)) {
             return Ok(CrsReply::Done);
         }
+        let info = self.status_of(user);
+        if !on && info.status == Status::Invisible {
+            // Unblocked, but still looking offline to everyone.
+            return Ok(CrsReply::Done);
+        }
         let mut live = self.live.lock();
         let Some(presence) = live.online(user).map(|o| o.presence.clone()) else {
             return Ok(CrsReply::Done);
@@ -765,6 +784,8 @@ impl Crs {
             EventKind::Online {
                 user: user.to_owned(),
                 presence,
+                status: info.status,
+                message: info.message,
             }
         };
         live.notify([who], &event);
@@ -827,6 +848,11 @@ impl Crs {
                 profile: h.profile,
             });
         }
+        drop(live);
+        // Someone invisible is offline to the directory too.
+        for h in hits.iter_mut().filter(|h| h.online) {
+            h.online = self.status_of(&h.user).status != Status::Invisible;
+        }
         Ok(CrsReply::Hits(hits))
     }
 
@@ -888,14 +914,33 @@ impl Crs {
             Err(e) => return Err(store_err(e)),
         }
         self.store.make_buddies(user, from).map_err(store_err)?;
+        let (user_s, from_s) = (self.status_of(user), self.status_of(from));
         let mut live = self.live.lock();
-        let user_p = live.online(user).map(|o| o.presence.clone());
-        let from_p = live.online(from).map(|o| o.presence.clone());
+        // An invisible one of the two shows offline to the other.
+        let user_p = live
+            .online(user)
+            .map(|o| o.presence.clone())
+            .filter(|_| user_s.status != Status::Invisible);
+        let from_p = live
+            .online(from)
+            .map(|o| o.presence.clone())
+            .filter(|_| from_s.status != Status::Invisible);
+        // Each sees the other's status while the other shows online.
+        let shown = |p: &Option<Presence>, s: &StatusInfo| {
+            if p.is_some() {
+                s.clone()
+            } else {
+                StatusInfo::default()
+            }
+        };
+        let (user_s, from_s) = (shown(&user_p, &user_s), shown(&from_p, &from_s));
         live.notify(
             [user],
             &EventKind::BuddyAdded {
                 buddy: from.to_owned(),
                 online: from_p.clone(),
+                status: from_s.status,
+                message: from_s.message.clone(),
             },
         );
         live.notify(
@@ -903,6 +948,8 @@ impl Crs {
             &EventKind::BuddyAdded {
                 buddy: user.to_owned(),
                 online: user_p,
+                status: user_s.status,
+                message: user_s.message,
             },
         );
         drop(live);
@@ -911,6 +958,8 @@ impl Crs {
         Ok(CrsReply::Contact(Contact {
             user: from.to_owned(),
             online: from_p,
+            status: from_s.status,
+            message: from_s.message,
         }))
     }
 

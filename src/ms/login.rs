@@ -447,6 +447,14 @@ impl Ms {
             MsRequest::Accept(from) => CrsRequest::Accept { user: name, from },
             MsRequest::Deny(from) => CrsRequest::Deny { user: name, from },
             MsRequest::Remove(buddy) => CrsRequest::Remove { user: name, buddy },
+            MsRequest::SetStatus(_) | MsRequest::Reveal(_) if !self.status_limit.take(&name) => {
+                return Err(Refused::new(
+                    Refusal::RateLimited { retry_after: None },
+                    "too many status changes; try again shortly",
+                ));
+            }
+            MsRequest::SetStatus(info) => CrsRequest::SetStatus { user: name, info },
+            MsRequest::Reveal(to) => CrsRequest::Reveal { user: name, to },
             MsRequest::Block { who, on } => CrsRequest::Block {
                 user: name,
                 who,
@@ -470,3 +478,10 @@ impl Ms {
 
 /// Most results of a directory search asked of the CRS.
 pub const SEARCH_LIMIT: u32 = 50;
+
+/// `STATUS` and `REVEAL` requests a user may make at once: an invisible
+/// user writing to a dozen buddies reveals to each.
+pub const STATUS_BURST: u32 = 20;
+/// `STATUS` and `REVEAL` requests per second after a burst: people do not
+/// change their status more often, and each is a write at the CRS.
+pub const STATUS_PER_SEC: f64 = 2.0;

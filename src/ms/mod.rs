@@ -125,6 +125,9 @@ pub struct Ms {
     stopping: AtomicBool,
     login_limit: limits::Buckets<std::net::IpAddr>,
     search_limit: limits::Buckets<String>,
+    /// `STATUS` and `REVEAL` per user: each is a write at the CRS and
+    /// pushes to every buddy.
+    status_limit: limits::Buckets<String>,
 }
 
 impl Ms {
@@ -148,6 +151,7 @@ impl Ms {
         Ok(Arc::new(Ms {
             login_limit: limits::Buckets::new(config.login_burst, config.login_rate),
             search_limit: limits::Buckets::new(10, config.search_rate),
+            status_limit: limits::Buckets::new(login::STATUS_BURST, login::STATUS_PER_SEC),
             config,
             ms_key,
             crs,
@@ -186,9 +190,9 @@ impl Ms {
             let relevant = {
                 let mut contacts = user.contacts.lock();
                 match &event.kind {
-                    EventKind::Online { user: u, .. } | EventKind::Offline { user: u } => {
-                        contacts.contains(u)
-                    }
+                    EventKind::Online { user: u, .. }
+                    | EventKind::Offline { user: u }
+                    | EventKind::Status { user: u, .. } => contacts.contains(u),
                     EventKind::BuddyAdded { buddy, .. } => {
                         contacts.insert(buddy.clone());
                         true

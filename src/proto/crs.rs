@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use super::reply::{done_answer, json_answer};
+pub use super::status::{Status, StatusInfo};
 use super::{b64_serde, Answer, Fields, ProtoError, Refused, Request};
 use crate::crypto;
 use crate::wire::{code, Message};
@@ -140,6 +141,12 @@ pub struct Contact {
     pub user: String,
     /// Present while the buddy is online.
     pub online: Option<Presence>,
+    /// The buddy's status while online (`available` otherwise).
+    #[serde(default)]
+    pub status: Status,
+    /// The buddy's personal message while online (empty otherwise).
+    #[serde(default)]
+    pub message: String,
 }
 
 /// What a client receives when its login completes (PROTOCOL.md §6 steps 6-7).
@@ -163,6 +170,12 @@ pub struct Welcome {
     /// The users this user blocks.
     #[serde(default)]
     pub blocked: Vec<String>,
+    /// The user's own status, as kept at the CRS from an earlier login.
+    #[serde(default)]
+    pub status: Status,
+    /// The user's own personal message, likewise.
+    #[serde(default)]
+    pub message: String,
 }
 
 /// One directory search result.
@@ -201,6 +214,24 @@ pub enum EventKind {
         user: String,
         /// Where and with which key.
         presence: Presence,
+        /// Their status (`invisible`: shown offline, but reachable, to
+        /// a buddy they wrote to).
+        #[serde(default)]
+        status: Status,
+        /// Their personal message.
+        #[serde(default)]
+        message: String,
+    },
+    /// `user`, online and seen by the recipient, changed their status or
+    /// personal message.
+    Status {
+        /// Who.
+        user: String,
+        /// The new status (never `invisible`: that is an `offline`).
+        status: Status,
+        /// The new personal message.
+        #[serde(default)]
+        message: String,
     },
     /// `user` logged out or was lost.
     Offline {
@@ -215,6 +246,12 @@ pub enum EventKind {
         buddy: String,
         /// Set while the buddy is online.
         online: Option<Presence>,
+        /// The buddy's status while online.
+        #[serde(default)]
+        status: Status,
+        /// The buddy's personal message while online.
+        #[serde(default)]
+        message: String,
     },
     /// `buddy` is no longer the recipient's buddy.
     BuddyRemoved {
@@ -403,6 +440,23 @@ pub enum CrsRequest {
         /// Block (true) or unblock.
         on: bool,
     },
+    /// `user` sets their status and personal message (kept; pushed to
+    /// their buddies while they are online).
+    SetStatus {
+        /// Whose.
+        user: String,
+        /// The status and message.
+        info: StatusInfo,
+    },
+    /// `user`, online and invisible, is about to write to their buddy
+    /// `to`: `to` is told where `user` is (shown offline still), so that
+    /// `to`'s client takes the session and can answer.
+    Reveal {
+        /// Who writes.
+        user: String,
+        /// To whom.
+        to: String,
+    },
     /// `user` drops `buddy` (both directions).
     Remove {
         /// Who.
@@ -488,6 +542,13 @@ impl CrsRequest {
                 .with_header("User", user)
                 .with_header("Who", who)
                 .with_header("Block", if *on { "on" } else { "off" }),
+            SetStatus { user, info } => Message::request("STATUS")
+                .with_header("User", user)
+                .with_header("Content-Type", "application/json")
+                .with_body(json(info)),
+            Reveal { user, to } => Message::request("REVEAL")
+                .with_header("User", user)
+                .with_header("To", to),
             Events { ack } => Message::request("EVENTS").with_header("Ack", ack),
             ListUsers { after, limit } => {
                 let m = Message::request("LIST-USERS").with_header("Limit", limit);
@@ -563,6 +624,14 @@ impl CrsRequest {
                         "off" => false,
                         _ => return Err(ProtoError::Invalid("Block")),
                     },
+                },
+                "STATUS" => SetStatus {
+                    user: user()?,
+                    info: m.json::<StatusInfo>()?.checked()?,
+                },
+                "REVEAL" => Reveal {
+                    user: user()?,
+                    to: m.req("To")?.to_owned(),
                 },
                 "EVENTS" => Events {
                     ack: m.req_parse("Ack")?,
@@ -729,6 +798,8 @@ impl Request for CrsRequest {
             | Deny { .. }
             | Remove { .. }
             | Block { .. }
+            | SetStatus { .. }
+            | Reveal { .. }
             | DeleteUser { .. } => map(done_answer(m), |()| CrsReply::Done),
             Add { .. } => map(done_answer(m), |()| {
                 if m.code() == Some(code::STORED) {
@@ -793,6 +864,17 @@ mod tests {
             server_key: vec![3; 32],
         };
         round(CrsRequest::Heartbeat { load: 7 });
+        round(CrsRequest::SetStatus {
+            user: "joe".into(),
+            info: StatusInfo {
+                status: Status::Away,
+                message: "at lunch ☕".into(),
+            },
+        });
+        round(CrsRequest::Reveal {
+            user: "joe".into(),
+            to: "ann".into(),
+        });
         round(CrsRequest::GetVerifier {
             user: "joe".into(),
             source: "10.1.2.3".parse().unwrap(),

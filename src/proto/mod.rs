@@ -9,6 +9,7 @@ mod fields;
 pub mod ms;
 pub mod peer;
 pub mod reply;
+pub mod status;
 
 pub use fields::{b64_serde, Fields};
 pub use reply::{Answer, Refusal, Refused, Request};

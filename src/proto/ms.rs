@@ -3,6 +3,7 @@
 
 use super::crs::{json, json_reply, Contact, EventKind, Hit, Profile, Verifier, Welcome};
 use super::reply::{done_answer, json_answer};
+use super::status::StatusInfo;
 use super::{Answer, Fields, ProtoError, Refused, Request};
 use crate::crypto;
 use crate::wire::{code, Message};
@@ -62,6 +63,11 @@ pub enum MsRequest {
         /// Block or unblock.
         on: bool,
     },
+    /// Our status and personal message.
+    SetStatus(StatusInfo),
+    /// We are invisible and about to write to this buddy: let them take
+    /// our session (see `REVEAL` in PROTOCOL.md).
+    Reveal(String),
     /// Still here (also answers the MS's question whether we are alive).
     Ping,
 }
@@ -100,6 +106,10 @@ impl MsRequest {
             Block { who, on } => Message::request("BLOCK")
                 .with_header("Who", who)
                 .with_header("Block", if *on { "on" } else { "off" }),
+            SetStatus(info) => Message::request("STATUS")
+                .with_header("Content-Type", "application/json")
+                .with_body(json(info)),
+            Reveal(to) => Message::request("REVEAL").with_header("To", to),
             Ping => Message::request("PING"),
         }
     }
@@ -142,6 +152,8 @@ impl MsRequest {
                         _ => return Err(ProtoError::Invalid("Block")),
                     },
                 },
+                "STATUS" => SetStatus(m.json::<StatusInfo>()?.checked()?),
+                "REVEAL" => Reveal(m.req("To")?.to_owned()),
                 "PING" => Ping,
                 other => return Err(ProtoError::UnknownMethod(other.to_owned())),
             },
@@ -232,9 +244,15 @@ impl Request for MsRequest {
                 None => Challenge::from_message(m).map(|c| Ok(MsReply::Challenge(c))),
             },
             Login { .. } => map(json_answer(m), |w| MsReply::Welcome(Box::new(w))),
-            Logout | Passwd { .. } | SetProfile(_) | Deny(_) | Remove(_) | Block { .. } | Ping => {
-                map(done_answer(m), |()| MsReply::Done)
-            }
+            Logout
+            | Passwd { .. }
+            | SetProfile(_)
+            | Deny(_)
+            | Remove(_)
+            | Block { .. }
+            | SetStatus(_)
+            | Reveal(_)
+            | Ping => map(done_answer(m), |()| MsReply::Done),
             Add { .. } => map(done_answer(m), |()| {
                 if m.code() == Some(code::STORED) {
                     MsReply::Stored
@@ -297,6 +315,11 @@ mod tests {
             },
             MsRequest::Accept("joe".into()),
             MsRequest::Remove("bob".into()),
+            MsRequest::SetStatus(StatusInfo {
+                status: crate::proto::status::Status::Busy,
+                message: "in a meeting".into(),
+            }),
+            MsRequest::Reveal("bob".into()),
         ];
         for r in reqs {
             assert_eq!(MsRequest::from_message(&r.to_message()).unwrap(), r);

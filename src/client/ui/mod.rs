@@ -25,6 +25,7 @@ use super::account::AccountError;
 use super::events::Event;
 use super::{start, Client, ClientConfig};
 use crate::proto::crs::Profile;
+use crate::proto::status::Status;
 use crate::proto::Refusal;
 
 /// Where passwords come from when not typed at a prompt.
@@ -109,6 +110,10 @@ pub const HELP: &[(&str, &str)] = &[
     ),
     ("/unblock NAME", "stop blocking NAME"),
     ("/blocked", "list whom you block"),
+    (
+        "/status [available|away|busy|invisible [MESSAGE]]",
+        "show or set your status and personal message (the servers see both)",
+    ),
     ("/logout", "log out; buddies see you go offline"),
     ("/buddies", "list your buddies and who is online"),
     ("/search TEXT", "find people by name prefix or profile text"),
@@ -330,6 +335,39 @@ impl Commands {
         self.outcome("send", r.map_err(AccountError::Failed));
     }
 
+    /// `/status [STATUS [MESSAGE]]`: shows ours, or sets it.
+    fn status_command(&self, rest: &str) {
+        let c = &self.client;
+        if !c.is_logged_in() {
+            self.error("status", "not logged in; /login NAME first");
+            return;
+        }
+        if rest.is_empty() {
+            let now = c.status();
+            let text = if now.message.is_empty() {
+                format!("your status: {}", now.status)
+            } else {
+                format!("your status: {}: {}", now.status, now.message)
+            };
+            self.emit(Event::Notice { text });
+            return;
+        }
+        let (word, message) = rest.split_once(' ').unwrap_or((rest, ""));
+        let Some(status) = Status::parse(word) else {
+            self.usage("status", "/status available|away|busy|invisible [MESSAGE]");
+            return;
+        };
+        let message = message.trim();
+        let r = c.set_status(status, message).map(|()| {
+            Some(if message.is_empty() {
+                format!("status {status}")
+            } else {
+                format!("status {status}: {message}")
+            })
+        });
+        self.outcome("status", r);
+    }
+
     /// Runs one command line (one that needs no secret); a line without
     /// `/` is a message to `to`, or else to whoever we last talked with.
     /// The messages handed to the client.
@@ -345,6 +383,8 @@ impl Commands {
             }
         };
         let c = &self.client;
+        // Any line is input: the idle clock restarts and auto-away ends.
+        c.note_line();
         let not_logged_in = |command: &str| {
             self.error(command, "not logged in; /login NAME first");
         };
@@ -481,6 +521,7 @@ impl Commands {
                 };
                 self.outcome(&cmd[1..], c.block(&name, on).map(|()| None));
             }
+            "/status" => self.status_command(rest),
             "/blocked" => {
                 if c.is_logged_in() {
                     let list = c.blocked();

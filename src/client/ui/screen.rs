@@ -248,6 +248,8 @@ struct Screen {
     /// drawing never waits on the client's locks).
     ms: Option<String>,
     online: Vec<String>,
+    /// Our own status, shown beside our name unless `available`.
+    my_status: crate::proto::status::Status,
     palette: Palette,
     /// The last token of a typed message.
     next_token: u64,
@@ -466,6 +468,7 @@ impl Screen {
             me: None,
             ms: None,
             online: Vec::new(),
+            my_status: crate::proto::status::Status::Available,
             palette: Palette {
                 color: std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
             },
@@ -559,17 +562,23 @@ impl Screen {
     fn refresh(&mut self) {
         let client = &self.commands.client;
         self.ms = client.ms_addr();
+        // A buddy who is not available shows it: `bob(away)`.
         self.online = client
             .buddies()
             .into_iter()
             .filter(|b| b.online)
-            .map(|b| clean(&b.user))
+            .map(|b| match b.status.as_str() {
+                "available" => clean(&b.user),
+                other => format!("{}({})", clean(&b.user), clean(other)),
+            })
             .collect();
+        self.my_status = client.status().status;
     }
 
     fn on_note<B: Backend>(&mut self, n: Note, terminal: &mut Terminal<B>) {
         match n {
             Note::Term(TermEvent::Key(k)) => {
+                self.commands.client.note_input();
                 self.on_key(k, terminal);
                 self.typing_check(true);
             }
@@ -866,7 +875,7 @@ impl Screen {
                 let w = self.window_for(peer);
                 self.push_text(w, Kind::Info, &e.to_text());
             }
-            Event::Online { user } | Event::Offline { user } => {
+            Event::Online { user } | Event::Offline { user } | Event::Status { user, .. } => {
                 let text = e.to_text();
                 self.push_text(0, Kind::Presence, text.trim_start());
                 if let Some(w) = self
@@ -1406,10 +1415,16 @@ impl Screen {
         let bar = self.palette.bar();
         let mut spans = vec![Span::styled(format!("[{}] ", &stamp()[..5]), bar)];
         let who = match &self.me {
-            Some(me) => match &self.ms {
-                Some(ms) => format!("[{} @ {}] ", clean(me), clean(ms)),
-                None => format!("[{}] ", clean(me)),
-            },
+            Some(me) => {
+                let me = match self.my_status {
+                    crate::proto::status::Status::Available => clean(me),
+                    other => format!("{} ({other})", clean(me)),
+                };
+                match &self.ms {
+                    Some(ms) => format!("[{me} @ {}] ", clean(ms)),
+                    None => format!("[{me}] "),
+                }
+            }
             None => "[not logged in] ".into(),
         };
         spans.push(Span::styled(who, bar));

@@ -111,6 +111,20 @@ impl Store for MemStore {
         })
     }
 
+    fn set_status(
+        &self,
+        name: &str,
+        status: crate::proto::status::Status,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        let name = checked(name)?;
+        let mut users = self.users.lock();
+        let user = user_mut(&mut users, &name)?;
+        user.status = status;
+        user.status_message = message.to_owned();
+        Ok(())
+    }
+
     fn set_profile(&self, name: &str, profile: BTreeMap<String, String>) -> Result<(), StoreError> {
         let name = checked(name)?;
         let mut users = self.users.lock();

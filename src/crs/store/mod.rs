@@ -189,6 +189,12 @@ pub struct User {
     /// Canonical names of the users this user blocks.
     #[serde(default)]
     pub blocked: BTreeSet<String>,
+    /// The status the user last set (kept across logins).
+    #[serde(default)]
+    pub status: crate::proto::status::Status,
+    /// The personal message the user last set.
+    #[serde(default)]
+    pub status_message: String,
 }
 
 /// One result of [`Store::search`].
@@ -306,6 +312,15 @@ pub trait Store: Send + Sync {
     /// block outlives an account's deletion); whether that changed
     /// anything. `NoSuchUser` if `name` does not exist.
     fn set_blocked(&self, name: &str, who: &str, on: bool) -> Result<bool, StoreError>;
+
+    /// Sets the user's status and personal message; `NoSuchUser` if the
+    /// user does not exist.
+    fn set_status(
+        &self,
+        name: &str,
+        status: crate::proto::status::Status,
+        message: &str,
+    ) -> Result<(), StoreError>;
 }
 
 /// The search predicate shared by both implementations. `needle` must

@@ -413,7 +413,7 @@ pub struct PgStore {
 macro_rules! user_columns {
     () => {
         "name, salt, iterations, stored_key, server_key, profile, public_key, wrapped_key, \
-         created_unix"
+         created_unix, status, status_message"
     };
 }
 
@@ -425,6 +425,9 @@ fn user_from_row(row: &postgres::Row) -> Result<User, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("user {name:?}: profile: {e}")))?;
     let iterations: i64 = row.get(2);
     let created: i64 = row.get(8);
+    let status: String = row.get(9);
+    let status = crate::proto::status::Status::parse(&status)
+        .ok_or_else(|| StoreError::Corrupt(format!("user {name:?}: status")))?;
     Ok(User {
         verifier: Verifier {
             salt: row.get(1),
@@ -441,6 +444,8 @@ fn user_from_row(row: &postgres::Row) -> Result<User, StoreError> {
         contacts: BTreeSet::new(),
         requests: Vec::new(),
         blocked: BTreeSet::new(),
+        status,
+        status_message: row.get(10),
         name,
     })
 }
@@ -490,13 +495,13 @@ fn read_user(c: &mut PgConn<'_>, name: &str) -> Result<Option<User>, TxError> {
         return Ok(None);
     };
     let mut user = user_from_row(&row)?;
-    let contacts: Vec<String> = row.get(9);
+    let contacts: Vec<String> = row.get(11);
     user.contacts = contacts.into_iter().collect();
-    let senders: Vec<String> = row.get(10);
-    let signatures: Vec<Vec<u8>> = row.get(11);
-    let nonces: Vec<Vec<u8>> = row.get(12);
-    let created: Vec<i64> = row.get(13);
-    let blocked: Vec<String> = row.get(14);
+    let senders: Vec<String> = row.get(12);
+    let signatures: Vec<Vec<u8>> = row.get(13);
+    let nonces: Vec<Vec<u8>> = row.get(14);
+    let created: Vec<i64> = row.get(15);
+    let blocked: Vec<String> = row.get(16);
     user.blocked = blocked.into_iter().collect();
     if signatures.len() != senders.len()
         || nonces.len() != senders.len()
@@ -544,7 +549,7 @@ fn insert_user(tx: &mut PgConn<'_>, u: &User) -> Result<u64, TxError> {
         concat!(
             "INSERT INTO users (",
             user_columns!(),
-            ") VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) ON CONFLICT (name) DO NOTHING"
+            ") VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) ON CONFLICT (name) DO NOTHING"
         ),
         &[
             &u.name,
@@ -556,6 +561,8 @@ fn insert_user(tx: &mut PgConn<'_>, u: &User) -> Result<u64, TxError> {
             &u.public_key,
             &u.wrapped_private_key,
             &to_i64(u.created_unix, "created_unix")?,
+            &u.status.as_str(),
+            &u.status_message,
         ],
     )?)
 }
@@ -798,6 +805,25 @@ impl Store for PgStore {
                 )?
             };
             Ok(n == 1)
+        })
+    }
+
+    fn set_status(
+        &self,
+        name: &str,
+        status: crate::proto::status::Status,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        let name = checked(name)?;
+        self.pool.tx(|tx| {
+            let n = tx.execute(
+                "UPDATE users SET status = $2, status_message = $3 WHERE name = $1",
+                &[&name, &status.as_str(), &message],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NoSuchUser.into());
+            }
+            Ok(())
         })
     }
 

@@ -106,6 +106,12 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (owner, blocked)
     );
     "#,
+    // 5: each user's status and personal message, kept across logins.
+    r#"
+    ALTER TABLE users
+        ADD COLUMN status         text NOT NULL DEFAULT 'available',
+        ADD COLUMN status_message text NOT NULL DEFAULT '';
+    "#,
 ];
 
 /// The version this program writes.

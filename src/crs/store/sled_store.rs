@@ -391,6 +391,21 @@ impl Store for SledStore {
         })
     }
 
+    fn set_status(
+        &self,
+        name: &str,
+        status: crate::proto::status::Status,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        let name = checked(name)?;
+        self.write(|users, _| {
+            let mut user = tx_need_user(users, &name)?;
+            user.status = status;
+            user.status_message = message.to_owned();
+            tx_put_user(users, &user)
+        })
+    }
+
     fn set_profile(&self, name: &str, profile: BTreeMap<String, String>) -> Result<(), StoreError> {
         let name = checked(name)?;
         self.write(|users, _| {
