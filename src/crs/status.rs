@@ -109,7 +109,6 @@ impl Crs {
             );
         }
         drop(live);
-        self.events_ready.notify_all();
         Ok(CrsReply::Done)
     }
 
@@ -143,7 +142,6 @@ impl Crs {
             },
         );
         drop(live);
-        self.events_ready.notify_all();
         Ok(CrsReply::Done)
     }
 }
