@@ -6,9 +6,16 @@
 //!    without waiting, counted until every `Delivered` and every `Message`
 //!    event arrived);
 //! 2. round-trip time of one message (send, wait for its `Delivered`);
-//! 3. file-transfer throughput of a large random file, beside three
-//!    baselines measured in the same run: AES-256-GCM on one core, raw
+//! 3. file-transfer throughput of a large random file, beside the
+//!    full-work baseline measured in the same run (the same work with no
+//!    protocol: read in the transfer's chunk size, AES-256-GCM seal,
+//!    loopback TCP, open, SHA-256, write to a file in the same directory,
+//!    fsync), and three partial ones: AES-256-GCM on one core, raw
 //!    loopback TCP, and seal → TCP → open of 64 KiB records.
+//!
+//! Each measure is taken for a direct pair, a pair whose listeners cannot
+//! be reached (relayed by one MS) and such a pair on two MSs; the MSs'
+//! per-user relay rate limit is off, so that the relay's own speed shows.
 //!
 //! `cargo bench --bench chat`; `IMS_BENCH_QUICK=1` for small sizes (seconds).
 //! Full sizes need the `--bench` argument that `cargo bench` passes (run
@@ -111,20 +118,28 @@ fn main() {
     print_table(&rows);
 }
 
-/// 1. Messages per second, one way, one pair.
+/// Measure 1: messages per second, one way, one pair (direct, relayed
+/// by one MS, relayed across two).
 fn measure_messages(cluster: &Cluster, sizes: &Sizes, rows: &mut Vec<Row>) {
-    let rate = message_throughput(cluster, sizes.messages);
+    let rate = message_throughput(&cluster.direct, sizes.messages);
     rows.push(Row::new(
         format!("messages/s (one pair, {MSG_BYTES} B, n={})", sizes.messages),
         format!("{rate:.0}"),
         ">= 50000",
         rate >= 50_000.0,
     ));
+    for (what, pair) in [
+        ("  relayed, one MS", &cluster.relayed),
+        ("  relayed, two MSs", &cluster.relayed2),
+    ] {
+        let rate = message_throughput(pair, sizes.messages);
+        rows.push(Row::new(what, format!("{rate:.0}"), "", true));
+    }
 }
 
-/// 2. Round trips.
+/// Measure 2: round trips, direct and relayed.
 fn measure_rtt(cluster: &Cluster, sizes: &Sizes, rows: &mut Vec<Row>) {
-    let (p50, p99) = round_trips(cluster, sizes.round_trips);
+    let (p50, p99) = round_trips(&cluster.direct, sizes.round_trips);
     rows.push(Row::new(
         format!("RTT p50 ({MSG_BYTES} B, n={})", sizes.round_trips),
         format!("{:.1} us", p50.as_secs_f64() * 1e6),
@@ -137,20 +152,85 @@ fn measure_rtt(cluster: &Cluster, sizes: &Sizes, rows: &mut Vec<Row>) {
         "",
         true,
     ));
+    for (what, pair) in [
+        ("  relayed, one MS", &cluster.relayed),
+        ("  relayed, two MSs", &cluster.relayed2),
+    ] {
+        let (p50, p99) = round_trips(pair, sizes.round_trips);
+        rows.push(Row::new(
+            format!("{what}: RTT p50 / p99"),
+            format!(
+                "{:.1} / {:.1} us",
+                p50.as_secs_f64() * 1e6,
+                p99.as_secs_f64() * 1e6
+            ),
+            "",
+            true,
+        ));
+    }
 }
 
-/// 3. File transfer beside its baselines, measured in the same run.
+/// Measure 3: file transfer beside its baselines, measured in the same
+/// run (the full-work baseline, the same work with no protocol around
+/// it, before and after the transfers; and the older partial ones).
 fn measure_file(cluster: &Cluster, dir: &Path, sizes: &Sizes, rows: &mut Vec<Row>) {
     let aes = aes_throughput(sizes.baseline_bytes);
     let tcp = tcp_throughput(sizes.baseline_bytes);
     let sealed_before = sealed_tcp_throughput(sizes.baseline_bytes);
-    let file = file_transfer(cluster, dir, sizes.file_bytes);
+    let (work_before, work_cpu_before) = full_work_baseline(dir, sizes.file_bytes);
+    let (file, file_cpu) = file_transfer(&cluster.direct, dir, sizes.file_bytes);
+    let (relayed, _) = file_transfer(&cluster.relayed, dir, sizes.file_bytes);
+    let (relayed2, _) = file_transfer(&cluster.relayed2, dir, sizes.file_bytes);
+    let (work_after, work_cpu_after) = full_work_baseline(dir, sizes.file_bytes);
     let sealed_after = sealed_tcp_throughput(sizes.baseline_bytes);
     let baseline = (sealed_before + sealed_after) / 2.0;
-    let ratio = file / baseline;
+    let work = (work_before + work_after) / 2.0;
+    let work_cpu = match (work_cpu_before, work_cpu_after) {
+        (Some(a), Some(b)) => Some((a + b) / 2.0),
+        _ => None,
+    };
+    let ns = |v: Option<f64>| v.map_or("?".into(), |v| format!("{v:.2} ns/B"));
     rows.push(Row::new(
         format!("file transfer MB/s ({} MiB)", sizes.file_bytes >> 20),
-        format!("{file:.0}"),
+        format!("{file:.0} ({})", ns(file_cpu)),
+        "",
+        true,
+    ));
+    rows.push(Row::new(
+        "  full-work baseline MB/s (before/after; CPU)",
+        format!(
+            "{work:.0} ({work_before:.0}/{work_after:.0}; {})",
+            ns(work_cpu)
+        ),
+        "",
+        true,
+    ));
+    let ratio = file / work;
+    rows.push(Row::new(
+        "file / full-work baseline",
+        format!("{ratio:.2}"),
+        ">= 0.80",
+        ratio >= 0.80,
+    ));
+    if let (Some(f), Some(w)) = (file_cpu, work_cpu) {
+        let cpu_ratio = f / w;
+        rows.push(Row::new(
+            "file CPU per byte / baseline's",
+            format!("{cpu_ratio:.2}"),
+            "<= 1.25",
+            cpu_ratio <= 1.25,
+        ));
+    }
+    let relayed_ratio = relayed / work;
+    rows.push(Row::new(
+        "  relayed (one MS) MB/s, / baseline",
+        format!("{relayed:.0}, {relayed_ratio:.2}"),
+        ">= 0.40",
+        relayed_ratio >= 0.40,
+    ));
+    rows.push(Row::new(
+        "  relayed (two MSs) MB/s, / baseline",
+        format!("{relayed2:.0}, {:.2}", relayed2 / work),
         "",
         true,
     ));
@@ -172,12 +252,85 @@ fn measure_file(cluster: &Cluster, dir: &Path, sizes: &Sizes, rows: &mut Vec<Row
         "",
         true,
     ));
-    rows.push(Row::new(
-        "file / (seal+TCP+open)",
-        format!("{ratio:.2}"),
-        ">= 0.80",
-        ratio >= 0.80,
-    ));
+}
+
+/// The work a file transfer must do, with no protocol around it: read a
+/// file of `size` random bytes in chunks of the transfer's size, seal
+/// each with AES-256-GCM, send it over loopback TCP, open it, hash the
+/// plaintext with SHA-256, write it to a file in the same directory and
+/// fsync that at the end. (MB/s, CPU ns per byte).
+fn full_work_baseline(dir: &Path, size: u64) -> (f64, Option<f64>) {
+    let source = dir.join("baseline-in.bin");
+    let sink = dir.join("baseline-out.bin");
+    let sha = random_file(&source, size);
+    let (mut w, mut r) = loopback_pair();
+    let key = [5u8; 32];
+    let chunk = ims::client::files::CHUNK;
+    let cpu = cpu_time();
+    let started = Instant::now();
+    let reader_path = source.clone();
+    let writer = std::thread::spawn(move || {
+        let mut f = File::open(&reader_path).expect("open the baseline's file");
+        let mut buf = Vec::with_capacity(chunk + GCM_TAG_LEN);
+        let mut i = 0u64;
+        loop {
+            buf.resize(chunk, 0);
+            let mut n = 0;
+            while n < chunk {
+                let got = f.read(&mut buf[n..]).expect("read");
+                if got == 0 {
+                    break;
+                }
+                n += got;
+            }
+            if n == 0 {
+                return;
+            }
+            buf.truncate(n);
+            aes_gcm_seal_in_place(&key, &nonce(i), b"aad", &mut buf).expect("seal");
+            w.write_all(&(buf.len() as u32).to_be_bytes())
+                .expect("write");
+            w.write_all(&buf).expect("write");
+            i += 1;
+        }
+    });
+    let mut out = File::create(&sink).expect("create the baseline's output");
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; chunk + GCM_TAG_LEN];
+    let mut got = 0u64;
+    let mut i = 0u64;
+    while got < size {
+        let mut len = [0u8; 4];
+        r.read_exact(&mut len).expect("read");
+        let len = u32::from_be_bytes(len) as usize;
+        buf.resize(len, 0);
+        r.read_exact(&mut buf).expect("read");
+        aes_gcm_open_in_place(&key, &nonce(i), b"aad", &mut buf).expect("open");
+        hasher.update(&buf);
+        out.write_all(&buf).expect("write the output");
+        got += buf.len() as u64;
+        i += 1;
+    }
+    out.sync_all().expect("fsync");
+    let elapsed = started.elapsed();
+    writer.join().expect("writer");
+    let per_byte = cpu_ns(cpu, size);
+    assert_eq!(hex(&hasher.finish()), sha, "baseline's SHA-256");
+    std::fs::remove_file(&source).expect("remove");
+    std::fs::remove_file(&sink).expect("remove");
+    println!(
+        "full-work baseline: {} MiB in {:.2} s ({})",
+        size >> 20,
+        elapsed.as_secs_f64(),
+        per_byte.map_or("CPU unknown".into(), |v| format!("{v:.2} ns/B"))
+    );
+    (mb_per_s(size, elapsed), per_byte)
+}
+
+/// CPU nanoseconds per unit since `since`, for `count` units.
+fn cpu_ns(since: Option<Duration>, count: u64) -> Option<f64> {
+    let used = cpu_time()?.saturating_sub(since?);
+    Some(used.as_secs_f64() * 1e9 / count.max(1) as f64)
 }
 
 /// Where the temporary files go.
@@ -227,14 +380,32 @@ fn print_table(rows: &[Row]) {
     }
 }
 
-/// A CRS, an MS, and alice and bob logged in and buddies.
+/// Two users logged in and buddies: `a` talks to `b`.
+struct Pair {
+    a: client::Running,
+    a_events: Receiver<Event>,
+    a_name: &'static str,
+    b: client::Running,
+    b_events: Receiver<Event>,
+    b_name: &'static str,
+}
+
+impl Pair {
+    fn shutdown(self) {
+        self.a.shutdown();
+        self.b.shutdown();
+    }
+}
+
+/// A CRS and two MSs; alice and bob (direct), carol and dave (relayed by
+/// one MS: neither can be reached), erin and frank (relayed, on two MSs).
 struct Cluster {
     crs: crs::Running,
     ms: ms::Running,
-    alice: client::Running,
-    alice_events: Receiver<Event>,
-    bob: client::Running,
-    bob_events: Receiver<Event>,
+    ms2: ms::Running,
+    direct: Pair,
+    relayed: Pair,
+    relayed2: Pair,
 }
 
 impl Cluster {
@@ -251,19 +422,23 @@ impl Cluster {
         })
         .expect("CRS start");
         let crs_addr = crs.local_addr().to_string();
+        // The relay's own speed is measured, not its per-user limit.
         let ms = ms::start(ms::MsConfig {
             listen: "127.0.0.1:0".into(),
             crs: crs_addr.clone(),
-            ms_key_file: ms_key,
+            ms_key_file: ms_key.clone(),
             fake_iterations: KDF_ITERATIONS,
+            relay_rate: 0.0,
             ..ms::MsConfig::default()
         })
         .expect("MS start");
-        let client = |name: &str| {
+        let client = |name: &str, reachable: bool| {
             let (tx, rx) = unbounded();
             let config = ClientConfig {
                 crs: crs_addr.clone(),
                 listen: "127.0.0.1:0".into(),
+                // A port nothing listens on: buddies must relay.
+                advertise_port: (!reachable).then_some(1),
                 kdf_iterations: KDF_ITERATIONS,
                 insecure_kdf: true,
                 download_dir: dir.join(format!("{name}-downloads")),
@@ -274,54 +449,100 @@ impl Cluster {
             let running = client::start(config, tx).expect("client start");
             (running, rx)
         };
-        let (alice, alice_events) = client("alice");
-        let (bob, bob_events) = client("bob");
-        for (c, name) in [(&alice, "alice"), (&bob, "bob")] {
-            c.client
-                .register(name, "correct horse battery", Default::default())
-                .expect("register");
-            c.client
-                .login(name, "correct horse battery")
-                .expect("login");
-        }
-        alice.client.add("bob").expect("add");
-        wait_for(
-            &bob_events,
-            |e| matches!(e, Event::Request { from } if from == "alice"),
-        );
-        bob.client.accept("alice").expect("accept");
-        wait_for(
-            &alice_events,
-            |e| matches!(e, Event::BuddyAdded { user, .. } if user == "bob"),
-        );
-        wait_for(
-            &bob_events,
-            |e| matches!(e, Event::BuddyAdded { user, .. } if user == "alice"),
+        let pair = |a_name: &'static str, b_name: &'static str, reachable: bool| {
+            let (a, a_events) = client(a_name, reachable);
+            let (b, b_events) = client(b_name, reachable);
+            for (c, name) in [(&a, a_name), (&b, b_name)] {
+                c.client
+                    .register(name, "correct horse battery", Default::default())
+                    .expect("register");
+                c.client
+                    .login(name, "correct horse battery")
+                    .expect("login");
+            }
+            befriend(&a, &a_events, a_name, &b, &b_events, b_name);
+            Pair {
+                a,
+                a_events,
+                a_name,
+                b,
+                b_events,
+                b_name,
+            }
+        };
+        let direct = pair("alice", "bob", true);
+        let relayed = pair("carol", "dave", false);
+        // A second MS that takes one user: erin logs in there (it is the
+        // less loaded), frank then at the first.
+        let ms2 = ms::start(ms::MsConfig {
+            listen: "127.0.0.1:0".into(),
+            crs: crs_addr.clone(),
+            ms_key_file: ms_key,
+            fake_iterations: KDF_ITERATIONS,
+            capacity: 1,
+            relay_rate: 0.0,
+            ..ms::MsConfig::default()
+        })
+        .expect("second MS start");
+        let relayed2 = pair("erin", "frank", false);
+        assert_ne!(
+            relayed2.a.client.ms_addr(),
+            relayed2.b.client.ms_addr(),
+            "erin and frank on one MS"
         );
         println!(
-            "cluster up: CRS {}, MS {}, alice and bob buddies ({:.1} s)",
+            "cluster up: CRS {}, MSs {} and {}, three pairs ({:.1} s)",
             crs.local_addr(),
             ms.local_addr(),
+            ms2.local_addr(),
             started.elapsed().as_secs_f64()
         );
         Cluster {
             crs,
             ms,
-            alice,
-            alice_events,
-            bob,
-            bob_events,
+            ms2,
+            direct,
+            relayed,
+            relayed2,
         }
     }
 
     fn stop(self) {
-        self.alice.shutdown();
-        self.bob.shutdown();
-        self.ms.stopper().stop();
-        self.ms.join();
+        self.direct.shutdown();
+        self.relayed.shutdown();
+        self.relayed2.shutdown();
+        for ms in [self.ms, self.ms2] {
+            ms.stopper().stop();
+            ms.join();
+        }
         self.crs.stopper().stop();
         self.crs.join();
     }
+}
+
+/// `a` asks `b` to be buddies, `b` accepts; both see it.
+fn befriend(
+    a: &client::Running,
+    a_events: &Receiver<Event>,
+    a_name: &str,
+    b: &client::Running,
+    b_events: &Receiver<Event>,
+    b_name: &str,
+) {
+    a.client.add(b_name).expect("add");
+    wait_for(
+        b_events,
+        |e| matches!(e, Event::Request { from } if from == a_name),
+    );
+    b.client.accept(a_name).expect("accept");
+    wait_for(
+        a_events,
+        |e| matches!(e, Event::BuddyAdded { user, .. } if user == b_name),
+    );
+    wait_for(
+        b_events,
+        |e| matches!(e, Event::BuddyAdded { user, .. } if user == a_name),
+    );
 }
 
 /// Waits for the first event that `want` matches, dropping the others.
@@ -351,14 +572,14 @@ fn text(i: usize) -> String {
 
 /// Alice sends `n` messages without waiting; returns messages per second
 /// until every `Delivered` (alice) and `Message` (bob) event arrived.
-fn message_throughput(c: &Cluster, n: usize) -> f64 {
+fn message_throughput(p: &Pair, n: usize) -> f64 {
     // Warm up: opens the session (INIT) and the connections.
     for i in 0..100 {
-        c.alice.client.send_message("bob", &text(i)).expect("send");
+        p.a.client.send_message(p.b_name, &text(i)).expect("send");
     }
     for _ in 0..100 {
-        wait_for(&c.alice_events, |e| matches!(e, Event::Delivered { .. }));
-        wait_for(&c.bob_events, |e| matches!(e, Event::Message { .. }));
+        wait_for(&p.a_events, |e| matches!(e, Event::Delivered { .. }));
+        wait_for(&p.b_events, |e| matches!(e, Event::Message { .. }));
     }
     let texts: Vec<String> = (0..n).map(text).collect();
     let cpu = cpu_time();
@@ -367,7 +588,7 @@ fn message_throughput(c: &Cluster, n: usize) -> f64 {
     // delivery apart more cheaply than a hash set would.
     let mut ids = Vec::with_capacity(n);
     for t in &texts {
-        ids.push(c.alice.client.send_message("bob", t).expect("send"));
+        ids.push(p.a.client.send_message(p.b_name, t).expect("send"));
     }
     let sent = started.elapsed();
     let first = ids.iter().copied().min().unwrap_or(0);
@@ -382,7 +603,7 @@ fn message_throughput(c: &Cluster, n: usize) -> f64 {
     let mut delivered = 0;
     while delivered < n {
         if let Event::Delivered { id, .. } =
-            wait_for(&c.alice_events, |e| matches!(e, Event::Delivered { .. }))
+            wait_for(&p.a_events, |e| matches!(e, Event::Delivered { .. }))
         {
             let slot = id
                 .checked_sub(first)
@@ -397,7 +618,7 @@ fn message_throughput(c: &Cluster, n: usize) -> f64 {
     let mut received = 0;
     while received < n {
         if let Event::Message { text, .. } =
-            wait_for(&c.bob_events, |e| matches!(e, Event::Message { .. }))
+            wait_for(&p.b_events, |e| matches!(e, Event::Message { .. }))
         {
             assert_eq!(text.len(), MSG_BYTES);
             received += 1;
@@ -414,13 +635,13 @@ fn message_throughput(c: &Cluster, n: usize) -> f64 {
 }
 
 /// Send one, wait for its `Delivered`, `n` times; (p50, p99).
-fn round_trips(c: &Cluster, n: usize) -> (Duration, Duration) {
+fn round_trips(p: &Pair, n: usize) -> (Duration, Duration) {
     let t = text(0);
     let mut times = Vec::with_capacity(n);
     for i in 0..n + n / 10 {
         let started = Instant::now();
-        let id = c.alice.client.send_message("bob", &t).expect("send");
-        match wait_for(&c.alice_events, |e| matches!(e, Event::Delivered { .. })) {
+        let id = p.a.client.send_message(p.b_name, &t).expect("send");
+        match wait_for(&p.a_events, |e| matches!(e, Event::Delivered { .. })) {
             Event::Delivered { id: got, .. } => assert_eq!(got, id),
             _ => unreachable!(),
         }
@@ -428,7 +649,7 @@ fn round_trips(c: &Cluster, n: usize) -> (Duration, Duration) {
         if i >= n / 10 {
             times.push(started.elapsed());
         }
-        while c.bob_events.try_recv().is_ok() {}
+        while p.b_events.try_recv().is_ok() {}
     }
     times.sort();
     let pct = |p: f64| times[((times.len() as f64 * p) as usize).min(times.len() - 1)];
@@ -514,7 +735,7 @@ fn mb_per_s(bytes: u64, d: Duration) -> f64 {
 
 /// Alice sends a random file of `size` bytes to bob; MB/s from bob's
 /// acceptance to his `FileReceived`.
-fn file_transfer(c: &Cluster, dir: &Path, size: u64) -> f64 {
+fn file_transfer(p: &Pair, dir: &Path, size: u64) -> (f64, Option<f64>) {
     let source = dir.join("payload.bin");
     let made = Instant::now();
     let sha = random_file(&source, size);
@@ -524,8 +745,8 @@ fn file_transfer(c: &Cluster, dir: &Path, size: u64) -> f64 {
         made.elapsed().as_secs_f64()
     );
     let offered = Instant::now();
-    let id = c.alice.client.send_file("bob", &source).expect("offer");
-    match wait_for(&c.bob_events, |e| matches!(e, Event::FileOffer { .. })) {
+    let id = p.a.client.send_file(p.b_name, &source).expect("offer");
+    match wait_for(&p.b_events, |e| matches!(e, Event::FileOffer { .. })) {
         Event::FileOffer {
             id: got, size: s, ..
         } => {
@@ -536,11 +757,12 @@ fn file_transfer(c: &Cluster, dir: &Path, size: u64) -> f64 {
     let offer_time = offered.elapsed();
     let cpu = cpu_time();
     let started = Instant::now();
-    assert!(c.bob.client.accept_file("alice").expect("accept"));
-    let received = wait_for(&c.bob_events, |e| matches!(e, Event::FileReceived { .. }));
+    assert!(p.b.client.accept_file(p.a_name).expect("accept"));
+    let received = wait_for(&p.b_events, |e| matches!(e, Event::FileReceived { .. }));
     let elapsed = started.elapsed();
+    let per_byte = cpu_ns(cpu, size);
     let cpu = cpu_note(cpu, size, "B");
-    wait_for(&c.alice_events, |e| matches!(e, Event::FileSent { .. }));
+    wait_for(&p.a_events, |e| matches!(e, Event::FileSent { .. }));
     let Event::FileReceived {
         path,
         sha256,
@@ -561,7 +783,7 @@ fn file_transfer(c: &Cluster, dir: &Path, size: u64) -> f64 {
         offer_time.as_secs_f64(),
         elapsed.as_secs_f64()
     );
-    mb_per_s(size, elapsed)
+    (mb_per_s(size, elapsed), per_byte)
 }
 
 /// Incompressible plaintext for the baselines.

@@ -399,6 +399,17 @@ pub fn ms_settings() -> Vec<Setting<MsConfig>> {
         key("search_rate_per_sec", Kind::Rate, |c: &mut C, v| {
             c.search_rate = v.rate()
         }),
+        key(
+            "relay_rate_bytes_per_sec",
+            Kind::Int { max: 1 << 40 },
+            |c: &mut C, v| c.relay_rate = v.int::<u64>() as f64,
+        ),
+        key("probe_timeout_secs", Kind::Secs, |c: &mut C, v| {
+            c.probe_timeout = v.secs()
+        }),
+        key("relay_queue_bytes", Kind::Int { max: 1 << 40 }, |c: &mut C, v| {
+            c.relay_queue_bytes = v.int()
+        }),
     ]
     .into_iter()
     .chain(pool_settings(PoolFlags::Yes))
@@ -526,6 +537,14 @@ pub fn client_settings() -> Vec<Setting<ClientProgram>> {
         key("rekey_interval_secs", Kind::Secs, |c: &mut C, v| {
             c.client.rekey_interval = v.secs()
         }),
+        key("direct_connect_timeout_secs", Kind::Secs, |c: &mut C, v| {
+            c.client.direct_connect_timeout = v.secs()
+        })
+        .flag(
+            "direct-connect-timeout",
+            "SECS",
+            "seconds to try a buddy's listener before going through the relay (default 3)",
+        ),
     ]
     .into_iter()
     .chain(pool_settings(PoolFlags::No))

@@ -160,6 +160,7 @@ pub fn catch_up(counter: &Counter, last: &mut u64, new: u64) {
 pub struct PoolMetrics {
     source: Mutex<Option<StatsSource>>,
     held: Gauge,
+    parked: Gauge,
     queued: Gauge,
     accepted: Counter,
     busy: Counter,
@@ -173,6 +174,7 @@ impl PoolMetrics {
         let m = Arc::new(PoolMetrics {
             source: Mutex::new(None),
             held: Gauge::default(),
+            parked: Gauge::default(),
             queued: Gauge::default(),
             accepted: Counter::default(),
             busy: Counter::default(),
@@ -183,6 +185,11 @@ impl PoolMetrics {
             "connections_held",
             "Connections being served by a worker now",
             m.held.clone(),
+        );
+        registry.register(
+            "connections_parked",
+            "Connections owed a deferred reply (an idle long poll), waiting in the gate without a worker",
+            m.parked.clone(),
         );
         registry.register(
             "queue_depth",
@@ -219,6 +226,8 @@ impl PoolMetrics {
         };
         self.held
             .set(i64::try_from(stats.active).unwrap_or(i64::MAX));
+        self.parked
+            .set(i64::try_from(stats.parked).unwrap_or(i64::MAX));
         self.queued
             .set(i64::try_from(stats.queued).unwrap_or(i64::MAX));
         let mut last = self.last.lock();

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use ims::crs::live::{LiveState, LockError, MemLive, Wakeup};
 use ims::crs::live_pg::PgLive;
 use ims::crs::store::PgStore;
+use ims::prethread::Park;
 use ims::proto::crs::{EventKind, Presence};
 
 fn presence() -> Presence {
@@ -146,10 +147,43 @@ fn contract_memory() {
     check_contract(&MemLive::default());
 }
 
-fn pg_live(url: &str, instance: &str) -> (PgLive, Arc<Wakeup>) {
+/// In memory, queuing an event wakes the polls of its MS, and only those.
+#[test]
+fn memory_wakes_only_the_ms_with_events() {
     let wakeup = Arc::new(Wakeup::default());
-    let live = PgLive::start(url, instance.into(), wakeup.clone()).expect("live state");
+    let live = MemLive::waking(wakeup.clone());
+    let (a, _) = live.lock().enroll("m:1", 10, "i");
+    let (b, _) = live.lock().enroll("m:2", 10, "j");
+    live.lock().lock("zed", a, LONG).expect("lease");
+    live.lock().set_online("zed", a, presence());
+    let at_a = wakeup.parking().prepare(a, LONG);
+    let at_b = wakeup.parking().prepare(b, LONG);
+    live.lock()
+        .notify(["zed", "nobody"], &EventKind::Offline { user: "q".into() });
+    assert!(wakeup.parking().woken(&at_a), "zed's MS is woken");
+    assert!(!wakeup.parking().woken(&at_b), "the other MS sleeps on");
+    live.lock()
+        .notify_ms(b, vec!["x".into()], EventKind::Offline { user: "q".into() });
+    assert!(wakeup.parking().woken(&at_b), "notify_ms wakes its MS");
+    // A reaped MS's poll learns at once that it must enroll again.
+    let at_a = wakeup.parking().prepare(a, LONG);
+    assert!(!wakeup.parking().woken(&at_a));
+    live.lock().reap(Duration::ZERO);
+    assert!(wakeup.parking().woken(&at_a), "reaping wakes its MS");
+}
+
+fn pg_live(url: &str, instance: &str) -> (PgLive, Arc<Wakeup>) {
+    let (live, wakeup, _) = pg_live_watched(url, instance);
     (live, wakeup)
+}
+
+/// As [`pg_live`], with a park prepared before the listener starts: the
+/// listener wakes every poll once it has connected.
+fn pg_live_watched(url: &str, instance: &str) -> (PgLive, Arc<Wakeup>, Park) {
+    let wakeup = Arc::new(Wakeup::default());
+    let connected = wakeup.parking().prepare(0, LONG);
+    let live = PgLive::start(url, instance.into(), wakeup.clone()).expect("live state");
+    (live, wakeup, connected)
 }
 
 #[test]
@@ -167,7 +201,7 @@ fn two_postgres_instances_share_state_and_wake_each_other() {
     let server = pg::PgServer::start();
     PgStore::open(&server.url()).expect("schema");
     let (one, _) = pg_live(&server.url(), "dir");
-    let (two, woken) = pg_live(&server.url(), "dir");
+    let (two, woken, connected) = pg_live_watched(&server.url(), "dir");
     let (ms, _) = one.lock().enroll("m:1", 10, "i");
     assert_eq!(two.lock().enroll("m:1", 10, "i").0, ms, "the same MS");
     one.lock().lock("zed", ms, LONG).expect("lease");
@@ -175,26 +209,25 @@ fn two_postgres_instances_share_state_and_wake_each_other() {
     one.lock().set_online("zed", ms, presence());
     assert_eq!(two.lock().online("zed").map(|o| o.ms), Some(ms));
 
-    // Let the listener connect before looking for its wake-up.
+    // Let the listener connect (it wakes every poll when it does) before
+    // looking for its wake-up.
     let deadline = Instant::now() + LONG;
-    while woken.generation(ms) == 0 && Instant::now() < deadline {
+    while !woken.parking().woken(&connected) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let seen = woken.generation(ms);
-    let other = woken.generation(ms + 1000);
+    let mine = woken.parking().prepare(ms, LONG);
+    let other = woken.parking().prepare(ms + 1000, LONG);
     one.lock()
         .notify(["zed"], &EventKind::Offline { user: "q".into() });
-    woken.wait_past(ms, seen, LONG);
+    while !woken.parking().woken(&mine) && Instant::now() < deadline + LONG {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
-        woken.generation(ms) > seen,
+        woken.parking().woken(&mine),
         "NOTIFY woke the other instance"
     );
     // Only that MS's polls.
-    assert_eq!(
-        woken.generation(ms + 1000),
-        other,
-        "another MS's poll slept on"
-    );
+    assert!(!woken.parking().woken(&other), "another MS's poll slept on");
     let batch = two.lock().events(ms, 0).expect("enrolled");
     assert_eq!(batch.events.len(), 1);
 }

@@ -852,6 +852,61 @@ fn crs_service_enrollment_and_sealed_requests_as_connection_states() {
         let got = req.read_reply(&ch.open(&outer).unwrap()).unwrap();
         assert_eq!(got.map_err(|r| r.refusal), want);
     }
+    // An EVENTS poll with nothing queued is parked (the worker is free),
+    // keyed by the MS's id; at its deadline it is answered empty.
+    let poll = CrsRequest::Events { ack: 0 };
+    let parking = svc.parking().expect("the CRS parks its polls");
+    let Outcome::Park(park) = svc.handle(&mut conn, ch.seal(&poll.to_message()).unwrap()) else {
+        panic!("an idle poll is parked")
+    };
+    assert_eq!(park.key(), id);
+    std::thread::sleep(
+        park.until()
+            .saturating_duration_since(std::time::Instant::now()),
+    );
+    let (outer, closed) = reply(svc.resume(&mut conn, false));
+    assert!(!closed);
+    let Ok(Ok(CrsReply::Events(batch))) = poll.read_reply(&ch.open(&outer).unwrap()) else {
+        panic!("an empty batch at the deadline")
+    };
+    assert!(batch.events.is_empty());
+    // Parked again; an event queued for this MS wakes it, and resuming
+    // answers with the event.
+    let Outcome::Park(park) = svc.handle(&mut conn, ch.seal(&poll.to_message()).unwrap()) else {
+        panic!("an idle poll is parked")
+    };
+    for user in ["dora", "eve"] {
+        assert!(client(&crs, registration(&crs, user, Profile::new())).is_ok());
+    }
+    let at: SocketAddr = "127.0.0.1:7300".parse().unwrap();
+    let ms = Peer2::Ms(id);
+    assert!(crs
+        .call(
+            ms,
+            CrsRequest::Lock {
+                user: "dora".into()
+            }
+        )
+        .is_ok());
+    let online = CrsRequest::Online {
+        user: "dora".into(),
+        address: at,
+    };
+    assert!(crs.call(ms, online).is_ok());
+    assert!(!parking.woken(&park), "nothing for this MS yet");
+    assert!(crs.call(ms, signed_add("eve", "dora")).is_ok());
+    assert!(
+        parking.woken(&park),
+        "a request for dora wakes her MS's poll"
+    );
+    let (outer, closed) = reply(svc.resume(&mut conn, true));
+    assert!(!closed);
+    let Ok(Ok(CrsReply::Events(batch))) = poll.read_reply(&ch.open(&outer).unwrap()) else {
+        panic!("the events")
+    };
+    assert_eq!(batch.events.len(), 1, "{batch:?}");
+    assert_eq!(batch.events[0].recipients, ["dora"]);
+
     // A message that does not open ends the link.
     let mut forged = ch
         .seal(&CrsRequest::Heartbeat { load: 1 }.to_message())

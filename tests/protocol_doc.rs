@@ -402,6 +402,12 @@ fn the_constants_are_the_codes() {
         ("REKEY_INTERVAL_SECS", secs(client.rekey_interval)),
         ("EPOCH_GRACE_SECS", secs(ims::client::peer::EPOCH_GRACE)),
         ("DRAINED_HOLD_SECS", secs(ims::client::peer::DRAINED_HOLD)),
+        ("MAX_RELAY_DATA", ims::proto::relay::MAX_RELAY_DATA as u64),
+        ("RELAY_WINDOW", ims::proto::relay::RELAY_WINDOW),
+        (
+            "DIRECT_CONNECT_TIMEOUT_SECS",
+            secs(client.direct_connect_timeout),
+        ),
         ("OFFLINE_ID_LEN", crypto::offline::ID_LEN as u64),
         ("MAX_OFFLINE_BLOB", crypto::offline::MAX_BLOB as u64),
         ("MAIL_PAGE_ITEMS", ims::crs::mail::MAIL_PAGE_ITEMS as u64),

@@ -11,6 +11,7 @@
 
 use serde::Serialize;
 
+pub use super::relay::Via;
 use crate::proto::crs::{Hit, Profile};
 
 /// A buddy as listed by `/buddies`.
@@ -25,6 +26,9 @@ pub struct BuddyView {
     pub status: String,
     /// The buddy's personal message while online (may be empty).
     pub message: String,
+    /// How we reach them, once a connection was made this login.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<Via>,
 }
 
 /// Everything the client reports.
@@ -146,6 +150,9 @@ pub enum Event {
         to: String,
         /// Our id of the message.
         id: u64,
+        /// Whether it went straight to them or through the relay (an
+        /// offline message: `relay`, through the servers).
+        via: Via,
         /// It was an offline message, read at the recipient's login.
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         offline: bool,
@@ -210,6 +217,8 @@ pub enum Event {
         path: String,
         /// Hex SHA-256 (checked against the sender's).
         sha256: String,
+        /// Whether it came straight from them or through the relay.
+        via: Via,
     },
     /// A file we sent arrived and was checked.
     FileSent {
@@ -222,6 +231,8 @@ pub enum Event {
         /// Bytes the receiver already had from a transfer that broke off
         /// (not sent again).
         resumed: u64,
+        /// Whether it went straight to them or through the relay.
+        via: Via,
     },
     /// A transfer failed or was cancelled; no partial file is left, but
     /// for the data of one that broke off, kept (hidden) to resume.
@@ -315,6 +326,9 @@ impl Event {
                     } else if b.online {
                         s.push_str(" (online)");
                     }
+                    if b.via == Some(Via::Relay) {
+                        s.push_str(" through the relay");
+                    }
                     if b.online && !b.message.is_empty() {
                         s.push_str(&format!(": {}", c(&b.message)));
                     }
@@ -398,8 +412,17 @@ impl Event {
                 to,
                 id,
                 offline: true,
+                ..
             } => format!("  (delivered to {} when they came online, #{id})", c(to)),
-            Event::Delivered { to, id, .. } => format!("  (delivered to {}, #{id})", c(to)),
+            Event::Delivered {
+                to,
+                id,
+                via: Via::Direct,
+                ..
+            } => format!("  (delivered to {}, #{id})", c(to)),
+            Event::Delivered { to, id, .. } => {
+                format!("  (delivered to {} through the relay, #{id})", c(to))
+            }
             Event::Queued { to, id } => format!("  queued for {} (offline), #{id}", c(to)),
             Event::SendFailed { to, id, reason } => {
                 format!("! not delivered to {} (#{id}): {}", c(to), c(reason))
@@ -432,9 +455,23 @@ impl Event {
                     c(path)
                 )
             }
-            Event::FileSent { to, name, size, .. } => {
-                format!("sent '{}' ({}) to {}", c(name), human_size(*size), c(to))
-            }
+            Event::FileSent {
+                to,
+                name,
+                size,
+                via,
+                ..
+            } => format!(
+                "sent '{}' ({}) to {}{}",
+                c(name),
+                human_size(*size),
+                c(to),
+                if *via == Via::Relay {
+                    " through the relay"
+                } else {
+                    ""
+                }
+            ),
             Event::FileFailed {
                 peer, name, reason, ..
             } => format!(
@@ -642,6 +679,7 @@ mod tests {
                     online: true,
                     status: "busy".into(),
                     message: hostile.into(),
+                    via: None,
                 }],
             },
         ];
@@ -691,6 +729,7 @@ mod tests {
                     online: true,
                     status: "away".into(),
                     message: "at lunch".into(),
+                    via: None,
                 }]
             }
             .to_json(),

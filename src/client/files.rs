@@ -26,7 +26,7 @@ use crossbeam_channel::Sender;
 use log::{debug, warn};
 use parking_lot::Mutex;
 
-use super::events::Event;
+use super::events::{Event, Via};
 use super::peer::{PeerSession, PendingKind};
 use super::Client;
 use crate::crypto::{self, Sha256};
@@ -788,11 +788,12 @@ impl Client {
                 let result = client.stream_file(&t, offset);
                 client.files.outgoing.lock().remove(&(t.peer.clone(), t.id));
                 match result {
-                    Ok(()) => client.emit(Event::FileSent {
+                    Ok(via) => client.emit(Event::FileSent {
                         to: t.peer.clone(),
                         name: t.name.clone(),
                         size: t.size,
                         resumed: offset,
+                        via,
                     }),
                     // A cancel here was reported by `cancel_transfers`.
                     Err(_) if t.cancelled.load(Ordering::Relaxed) => {}
@@ -845,15 +846,14 @@ impl Client {
 
     /// The sending side of an accepted transfer, on its own connection,
     /// from `start` (the prefix the receiver kept) to the end.
-    fn stream_file(self: &Arc<Self>, t: &OutTransfer, start: u64) -> Result<(), String> {
+    fn stream_file(self: &Arc<Self>, t: &OutTransfer, start: u64) -> Result<Via, String> {
         let me = self.user().ok_or("logged out")?;
         let session = self.session_with(&t.peer)?;
         let (keys, epoch) = session.file_channel(t.id, &me, &t.peer, Role::Initiator);
         let (mut send, mut recv) = (keys.send, keys.recv);
         let chan = format!("file:{}", t.id);
         let timeout = self.config.timeout;
-        let stream = super::connect(&session.address.to_string(), timeout)
-            .map_err(|e| format!("{} does not answer: {e}", t.peer))?;
+        let (stream, via) = self.peer_connect(&t.peer, session.address)?;
         let mut reader = MessageReader::new(stream);
         let mut file = File::open(&t.path).map_err(|e| format!("{}: {e}", t.path.display()))?;
         file.seek(SeekFrom::Start(start))
@@ -926,7 +926,7 @@ impl Client {
         }
         let inner = recv.open(&reply).map_err(|e| broke(&e))?;
         match (PeerRequest::FileEnd { id: t.id }).read_reply(&inner) {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(_)) => Ok(via),
             Ok(Err(refused)) => Err(format!("{}: {refused}", t.peer)),
             Err(e) => Err(format!("{}: bad answer: {e}", t.peer)),
         }
@@ -1128,6 +1128,7 @@ impl Client {
                     size: t.size,
                     path: path.display().to_string(),
                     sha256: sha,
+                    via: self.relays.route_from(&t.peer),
                 });
                 Ok(())
             }

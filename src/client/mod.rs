@@ -9,6 +9,7 @@ pub mod handshake;
 pub mod history;
 pub mod offline;
 pub mod peer;
+pub mod relay;
 pub mod session;
 pub mod status;
 pub mod trust;
@@ -31,6 +32,7 @@ use crate::prethread::{self, Outcome, Peer, Server, Service};
 use crate::proto::crs::{EventKind, Hit, Profile};
 use crate::proto::ms::{read_event, MsReply, MsRequest, PUSH};
 use crate::proto::peer::{CONFIRM, INIT, PEER};
+use crate::proto::relay::RELAY;
 use crate::proto::status::{Status, StatusInfo};
 use crate::proto::{Refusal, Refused};
 use crate::wire::{Limits, Message};
@@ -98,10 +100,17 @@ pub struct ClientConfig {
     pub rekey_messages: u64,
     /// Re-key a conversation whose keys are this old (at its next message).
     pub rekey_interval: Duration,
+    /// How long to try a buddy's listener before going through the relay.
+    pub direct_connect_timeout: Duration,
     /// Set `away` after this long without input while `available`
     /// (zero: never).
     pub auto_away: Duration,
 }
+
+/// Default of [`ClientConfig::direct_connect_timeout`]: a listener that
+/// answers at all answers well within it; one behind a router that drops
+/// the attempt costs this once per buddy and login.
+pub const DEFAULT_DIRECT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The user's download directory: `$XDG_DOWNLOAD_DIR`, `~/Downloads`, or
 /// the current directory.
@@ -147,6 +156,7 @@ impl Default for ClientConfig {
             keepalive_interval: Duration::from_secs(5),
             rekey_messages: DEFAULT_REKEY_MESSAGES,
             rekey_interval: DEFAULT_REKEY_INTERVAL,
+            direct_connect_timeout: DEFAULT_DIRECT_CONNECT_TIMEOUT,
             auto_away: DEFAULT_AUTO_AWAY,
             pool: prethread::Config {
                 name: "client".into(),
@@ -204,6 +214,12 @@ pub struct Client {
     /// Pushes and ends of held connections, from their reader threads to
     /// the thread that applies them.
     from_ms: (Sender<FromMs>, Receiver<FromMs>),
+    /// Connections to buddies relayed through our MS, and how each buddy
+    /// is reached.
+    relays: relay::Relays,
+    /// Where our listener is bound (a relayed connection from a buddy
+    /// becomes a connection to it).
+    listener_addr: Mutex<Option<SocketAddr>>,
 }
 
 /// The held connection to our MS: requests and keepalives are written on
@@ -212,12 +228,17 @@ struct Held {
     id: u64,
     stream: Arc<TcpStream>,
     replies: Receiver<Message>,
+    /// Held while one message is written: requests and relay frames
+    /// from several threads never interleave.
+    writing: Arc<Mutex<()>>,
 }
 
 /// What a held connection's reader thread passes on.
 enum FromMs {
     /// A push (a `PUSH` message) on connection `id`.
     Push(u64, Message),
+    /// A relay frame (`RELAY`) on connection `id`.
+    Relay(u64, Message),
     /// Connection `id` closed or failed.
     Lost(u64),
 }
@@ -238,8 +259,9 @@ fn unexpected(reply: &MsReply) -> ClientError {
     ))
 }
 
-/// The buddy list of a session as shown to people.
-fn buddy_views(s: &Session) -> Vec<BuddyView> {
+/// The buddy list of a session as shown to people, with how each
+/// online buddy we talked to is reached.
+fn buddy_views(s: &Session, relays: &relay::Relays) -> Vec<BuddyView> {
     s.buddies
         .iter()
         .map(|(u, p)| {
@@ -249,6 +271,7 @@ fn buddy_views(s: &Session) -> Vec<BuddyView> {
                 online,
                 status,
                 message,
+                via: p.as_ref().and_then(|_| relays.known_route(u)),
             }
         })
         .collect()
@@ -285,6 +308,7 @@ pub fn start(config: ClientConfig, events: Sender<Event>) -> std::io::Result<Run
         .advertise_port
         .unwrap_or(listener.local_addr()?.port());
     let client = Arc::new(Client::new(config.clone(), listen_port, events));
+    *client.listener_addr.lock() = Some(listener.local_addr()?);
     let server = Server::from_listener(
         listener,
         config.pool.clone(),
@@ -395,6 +419,8 @@ impl Client {
             held: Mutex::new(None),
             held_seq: AtomicU64::new(1),
             from_ms: crossbeam_channel::unbounded(),
+            relays: relay::Relays::default(),
+            listener_addr: Mutex::new(None),
         }
     }
 
@@ -530,7 +556,7 @@ impl Client {
             .insert(user.clone(), session.kdf.clone());
         let history = history::History::open(&self.config.state_dir, &user, session.history_key);
         let requests: Vec<String> = session.requests.keys().cloned().collect();
-        let buddies = buddy_views(&session);
+        let buddies = buddy_views(&session, &self.relays);
         let kept = session.status.clone();
         *guard = State::LoggedIn(Box::new(session));
         self.idle_restart();
@@ -566,7 +592,7 @@ impl Client {
         self.state
             .lock()
             .session()
-            .map(buddy_views)
+            .map(|s| buddy_views(s, &self.relays))
             .unwrap_or_default()
     }
 
@@ -604,6 +630,7 @@ impl Client {
             id,
             stream,
             replies,
+            writing: Arc::default(),
         });
         let started = std::thread::Builder::new()
             .name("client-ms".into())
@@ -614,6 +641,11 @@ impl Client {
                     // push is told apart by its method.
                     Ok(Some(m)) if m.method() == Some(PUSH) => {
                         if to_client.send(FromMs::Push(id, m)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Some(m)) if m.method() == Some(RELAY) => {
+                        if to_client.send(FromMs::Relay(id, m)).is_err() {
                             return;
                         }
                     }
@@ -641,10 +673,11 @@ impl Client {
         if let Some(h) = self.held.lock().take() {
             let _ = h.stream.shutdown(std::net::Shutdown::Both);
         }
+        self.relays.clear();
     }
 
     /// Applies what a held connection's reader passed on.
-    fn on_ms_news(&self, news: FromMs) {
+    fn on_ms_news(self: &Arc<Self>, news: FromMs) {
         let current = self.held.lock().as_ref().map(|h| h.id);
         match news {
             FromMs::Push(id, m) if current == Some(id) => {
@@ -653,6 +686,7 @@ impl Client {
                     debug!("a push was refused: {:?}", answer.start);
                 }
             }
+            FromMs::Relay(id, m) if current == Some(id) => self.on_relay_frame(m),
             FromMs::Lost(id) if current == Some(id) => {
                 // The log has this; people get one line below.
                 warn!("the connection to the messaging server closed; the login ends");
@@ -685,20 +719,27 @@ impl Client {
             let s = guard.session_mut().ok_or(ClientError::NotLoggedIn)?;
             s.seal_request(req)?
         };
-        let (stream, replies) = {
+        let (stream, replies, writing) = {
             let held = self.held.lock();
             let h = held.as_ref().ok_or(ClientError::NotLoggedIn)?;
-            (Arc::clone(&h.stream), h.replies.clone())
+            (
+                Arc::clone(&h.stream),
+                h.replies.clone(),
+                Arc::clone(&h.writing),
+            )
         };
         // A reply that came after its caller gave up is not ours.
         while replies.try_recv().is_ok() {}
         let io = |e: crate::wire::io::IoError| ClientError::Io(crate::link::LinkError::Io(e));
-        crate::wire::io::write_message(
-            &mut &*stream,
-            &sealed,
-            Instant::now() + self.config.timeout,
-        )
-        .map_err(io)?;
+        {
+            let _one = writing.lock();
+            crate::wire::io::write_message(
+                &mut &*stream,
+                &sealed,
+                Instant::now() + self.config.timeout,
+            )
+            .map_err(io)?;
+        }
         let reply = match replies.recv_timeout(self.config.timeout) {
             Ok(reply) => reply,
             Err(RecvTimeoutError::Timeout) => return Err(io(crate::wire::io::IoError::Timeout)),
@@ -1091,8 +1132,10 @@ impl Client {
                 let old_info = s.buddy_status.insert(user.clone(), info.clone());
                 s.buddies.insert(user.clone(), Some(presence));
                 if !same_login {
-                    // A new login of theirs: any old session's keys are gone with it.
+                    // A new login of theirs: any old session's keys are gone
+                    // with it, and it may be reached another way.
                     self.peers.drop_session(&user);
+                    self.relays.forget(&user);
                 }
                 let news = (info.status != Status::Available || !info.message.is_empty())
                     .then(|| status_event(&user, &info));
@@ -1145,6 +1188,7 @@ impl Client {
                 s.buddies.insert(user.clone(), None);
                 s.buddy_status.remove(&user);
                 self.peers.drop_session(&user);
+                self.relays.forget(&user);
                 if !was_shown {
                     drop(guard);
                     self.changed.notify_all();

@@ -359,6 +359,8 @@ impl Client {
             "delivered" => Event::Delivered {
                 to,
                 id: number,
+                // Through the servers.
+                via: super::relay::Via::Relay,
                 offline: true,
             },
             other => Event::SendFailed {

@@ -601,8 +601,7 @@ impl Client {
             let (starting, init) =
                 Initiating::start(&me, to, now_unix(), &private).map_err(|e| e.to_string())?;
             let timeout = self.config.timeout;
-            let stream = super::connect(&address.to_string(), timeout)
-                .map_err(|e| format!("{to} does not answer: {e}"))?;
+            let (stream, _) = self.peer_connect(to, address)?;
             let mut reader = MessageReader::new(stream);
             write_message(
                 reader.get_mut(),
@@ -715,8 +714,7 @@ impl Client {
                 // Connected under the lock: two senders must not each open
                 // a connection, whose messages the buddy would then read
                 // in parallel and so out of order.
-                let stream = super::connect(&session.address.to_string(), timeout)
-                    .map_err(|e| format!("{to} does not answer: {e}"))?;
+                let (stream, _) = self.peer_connect(to, session.address)?;
                 self.attach_to(&session, &mut out, stream)?;
             }
             let epoch = out.epoch.clone();
@@ -999,6 +997,7 @@ impl Client {
             (PendingKind::Msg, Ok(())) => self.emit(Event::Delivered {
                 to: to.to_owned(),
                 id,
+                via: self.relays.route(to),
                 offline: false,
             }),
             (PendingKind::Msg, Err(reason)) => self.emit(Event::SendFailed {

@@ -18,10 +18,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use parking_lot::{Mutex, MutexGuard};
 
+use crate::prethread::Parking;
 use crate::proto::crs::{Event, EventBatch, EventKind, MsInfo, Presence};
 
 /// Most events kept for one MS that does not poll; past this the oldest
@@ -87,70 +89,37 @@ pub enum LockError {
     LoggedIn,
 }
 
-/// Wakes the `EVENTS` long polls: generation numbers bumped on every wake,
-/// so a poll that read its generation before looking at its queue cannot
-/// miss a wake that comes before it starts waiting. A wake is for every
-/// poll or for one MS's; a poll's generation is the sum of both.
+/// Wakes the `EVENTS` long polls. A poll with nothing to answer is parked
+/// in the server's gate (it holds no worker) on its MS's id, through
+/// [`Wakeup::parking`]; a wake is for every poll or for one MS's. A poll
+/// prepares its park before looking at its queue, so a wake that comes
+/// between the look and the park is not missed (see [`Parking`]).
 ///
-/// With the live state in this process, the handlers wake every poll after
-/// queuing events ([`Wakeup::notify_all`]). With it in PostgreSQL, wakes
-/// come from the database's notifications, each for one MS
-/// ([`Wakeup::notify_ms`]), so that an event does not make every MS's poll
-/// look at its queue: [`Wakeup::remote_only`] turns the handlers' wakes off.
+/// Wakes are for one MS each ([`Wakeup::notify_ms`]), so that an event
+/// does not make every MS's poll look at its queue: with the live state in
+/// this process, [`Live`] wakes an MS's polls as it queues an event for it
+/// ([`MemLive::waking`]); in PostgreSQL the wakes come from the database's
+/// notifications, sent at commit (see `live_pg`).
 #[derive(Debug, Default)]
 pub struct Wakeup {
-    /// Wakes for everyone, and per MS.
-    generations: Mutex<(u64, HashMap<u64, u64>)>,
-    changed: Condvar,
-    remote_only: std::sync::atomic::AtomicBool,
+    parking: Parking,
 }
 
 impl Wakeup {
-    /// Wakes every waiting poll (ignored once [`Wakeup::remote_only`]).
-    pub fn notify_all(&self) {
-        if !self.remote_only.load(std::sync::atomic::Ordering::Relaxed) {
-            self.notify_everyone();
-        }
-    }
-
     /// Wakes every waiting poll, always (to stop, or after a lost
     /// connection to the database).
     pub fn notify_everyone(&self) {
-        self.generations.lock().0 += 1;
-        self.changed.notify_all();
+        self.parking.wake_all();
     }
 
     /// Wakes the polls of MS `ms`.
     pub fn notify_ms(&self, ms: u64) {
-        *self.generations.lock().1.entry(ms).or_default() += 1;
-        self.changed.notify_all();
+        self.parking.wake(ms);
     }
 
-    /// From now on only [`Wakeup::notify_ms`] and
-    /// [`Wakeup::notify_everyone`] wake.
-    pub fn remote_only(&self) {
-        self.remote_only
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn of(g: &(u64, HashMap<u64, u64>), ms: u64) -> u64 {
-        g.0.wrapping_add(g.1.get(&ms).copied().unwrap_or(0))
-    }
-
-    /// MS `ms`'s current generation, read before looking for events.
-    pub fn generation(&self, ms: u64) -> u64 {
-        Wakeup::of(&self.generations.lock(), ms)
-    }
-
-    /// Waits until MS `ms`'s generation moves past `seen`, at most `timeout`.
-    pub fn wait_past(&self, ms: u64, seen: u64, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut g = self.generations.lock();
-        while Wakeup::of(&g, ms) == seen {
-            if self.changed.wait_until(&mut g, deadline).timed_out() {
-                return;
-            }
-        }
+    /// Where the polls park, keyed by MS id.
+    pub fn parking(&self) -> &Parking {
+        &self.parking
     }
 }
 
@@ -238,13 +207,28 @@ pub trait LiveState: Send + Sync {
 #[derive(Debug, Default)]
 pub struct MemLive(Mutex<Live>);
 
+impl MemLive {
+    /// Live state that wakes MS `ms`'s polls through `wakeup` whenever it
+    /// queues an event for `ms`.
+    pub fn waking(wakeup: Arc<Wakeup>) -> MemLive {
+        MemLive(Mutex::new(Live {
+            wakeup: Some(wakeup),
+            ..Live::default()
+        }))
+    }
+}
+
 impl LiveState for MemLive {
     fn lock(&self) -> Box<dyn LiveTx + '_> {
         Box::new(self.0.lock())
     }
 
+    /// Never: every change a poll waits for (an event queued for its MS,
+    /// its MS dropped) wakes that MS's polls at once, in this same process
+    /// (see [`MemLive::waking`]), so no wake can be lost; an idle poll
+    /// waits for its whole time.
     fn recheck(&self) -> Duration {
-        Duration::from_millis(100)
+        Duration::MAX
     }
 }
 
@@ -312,6 +296,8 @@ pub struct Live {
     /// Users online per MS, kept with `online` so that `LOCATE` need not
     /// count everyone online (logins in progress are few: those it counts).
     online_at: HashMap<u64, u32>,
+    /// Wakes an MS's event polls when an event is queued for it.
+    wakeup: Option<Arc<Wakeup>>,
     locks: HashMap<String, Lease>,
 }
 
@@ -332,6 +318,8 @@ impl Live {
             // still waiting, say) find their id gone and end.
             lost = self.drop_users_of(id);
             self.ms.remove(&id);
+            // Its waiting poll is told now, not at its deadline.
+            self.queued(id);
         }
         self.next_ms += 1;
         let id = self.next_ms;
@@ -369,6 +357,16 @@ impl Live {
     pub fn notify_ms(&mut self, ms: u64, recipients: Vec<String>, kind: EventKind) {
         if let Some(entry) = self.ms.get_mut(&ms) {
             entry.queue.push_back(Event { recipients, kind });
+            self.queued(ms);
+        }
+    }
+
+    /// Wakes MS `ms`'s polls: an event was queued for it, or it is no
+    /// longer enrolled. Under the lock, which a woken poll then waits for,
+    /// so it sees the change.
+    fn queued(&self, ms: u64) {
+        if let Some(wakeup) = &self.wakeup {
+            wakeup.notify_ms(ms);
         }
     }
 
@@ -502,6 +500,7 @@ impl Live {
                     recipients,
                     kind: kind.clone(),
                 });
+                self.queued(ms);
             }
         }
     }
@@ -532,6 +531,9 @@ impl Live {
         for id in dead {
             lost.extend(self.drop_users_of(id));
             self.ms.remove(&id);
+            // A poll it left waiting learns at once that it must enroll
+            // again (the MS may only have been cut off for a while).
+            self.queued(id);
         }
         lost
     }

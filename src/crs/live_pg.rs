@@ -62,8 +62,6 @@ impl PgLive {
     /// `LISTEN` thread, which wakes `wakeup`.
     pub fn start(url: &str, instance: String, wakeup: Arc<Wakeup>) -> Result<PgLive, String> {
         let pool = PgPool::new(url).map_err(|e| e.to_string())?;
-        // Wakes come from the database's notifications, one MS at a time.
-        wakeup.remote_only();
         let stopping = Arc::new(AtomicBool::new(false));
         let listen_pool = PgPool::new(url).map_err(|e| e.to_string())?;
         let stop = stopping.clone();

@@ -210,17 +210,12 @@ impl Crs {
                 |u| !matches!(self.store.get_user(u), Ok(Some(r)) if r.status == Status::Invisible),
             )
             .collect();
+        // The live state wakes the MSs' polls itself.
         let mut live = self.live.lock();
-        let mut told = false;
         for u in users {
             if live.online(&u).is_some() {
                 live.notify([u.as_str()], &EventKind::MailWaiting { user: u.clone() });
-                told = true;
             }
-        }
-        drop(live);
-        if told {
-            self.events_ready.notify_all();
         }
     }
 

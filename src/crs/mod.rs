@@ -88,7 +88,8 @@ impl Default for CrsConfig {
             free_login_attempts: guesses::FREE_ATTEMPTS,
             mail_limits: store::MailLimits::default(),
             mail_max_age: mail::DEFAULT_MAX_AGE,
-            // Kept links wait in the pool's gate, not on a worker, so the
+            // Kept links wait in the pool's gate, not on a worker (an MS's
+            // event poll too: parked until its events come), so the
             // workers are sized by CPU work like every other server's.
             pool: prethread::Config {
                 name: "crs".into(),
@@ -154,13 +155,14 @@ impl Crs {
         ms_key: Vec<u8>,
         identity: RsaPrivateKey,
     ) -> Crs {
+        let wakeup = Arc::new(Wakeup::default());
         Crs::with_live(
             config,
             store,
             ms_key,
             identity,
-            Box::new(MemLive::default()),
-            Arc::new(Wakeup::default()),
+            Box::new(MemLive::waking(wakeup.clone())),
+            wakeup,
         )
     }
 

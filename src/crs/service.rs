@@ -3,6 +3,13 @@
 //!
 //! A connection starts [`Conn::Fresh`]; only a proven MSkey turns it into
 //! [`Conn::Enrolled`], the only state whose requests touch accounts.
+//!
+//! An MS's `EVENTS` long poll that finds no events is parked in the pool's
+//! gate ([`Outcome::Park`]) on the MS's id: it holds no worker while it
+//! waits. Queuing an event for that MS (here, or in PostgreSQL at another
+//! instance, through `LISTEN/NOTIFY`) wakes it; a worker then answers it
+//! with the events. So any number of MSs can keep a poll open on a CRS
+//! with a handful of workers.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,7 +21,7 @@ use super::store::{self, StoreError};
 use super::Crs;
 use crate::crypto::{self, RsaPublicKey};
 use crate::link::{enrollment_keys, Channel, ENROLL_NONCE_LEN, MIN_ENROLL_NONCE_LEN};
-use crate::prethread::{Outcome, Peer, Service};
+use crate::prethread::{Outcome, Park, Parking, Peer, Service};
 use crate::proto::crs::{
     self as pc, BuddyRequest, ClientReply, ClientRequest, Contact, CrsReply, CrsRequest, EventKind,
     Hit, Presence, Profile, Registration, Status, StatusInfo, UserView, Verifier, Welcome,
@@ -36,6 +43,17 @@ pub enum Peer2 {
 pub struct Enrolled {
     who: Peer2,
     link: Channel,
+    /// The `EVENTS` poll owed an answer, while it is parked.
+    poll: Option<Poll>,
+}
+
+/// An `EVENTS` poll waiting for events.
+#[derive(Clone, Copy, Debug)]
+struct Poll {
+    ms: u64,
+    ack: u64,
+    /// When it is answered, with events or without.
+    deadline: Instant,
 }
 
 /// The state of one connection to the CRS.
@@ -105,21 +123,75 @@ impl Service for CrsService {
                         return Outcome::Close;
                     }
                 };
-                let reply = crs.sealed_request(link.who, &inner);
-                match link.link.seal(&reply) {
-                    Ok(sealed) => {
-                        *conn = Conn::Enrolled(link);
-                        Outcome::Reply(sealed)
-                    }
-                    Err(e) => {
-                        warn!("cannot seal a reply: {e}");
-                        Outcome::Close
+                if let (Peer2::Ms(ms), Some("EVENTS")) = (link.who, inner.method()) {
+                    if let Ok(CrsRequest::Events { ack }) = CrsRequest::from_message(&inner) {
+                        let poll = Poll {
+                            ms,
+                            ack,
+                            deadline: Instant::now() + crs.config.poll_timeout,
+                        };
+                        return answer_poll(crs, conn, link, poll, crs.heard_from(ms));
                     }
                 }
+                let reply = crs.sealed_request(link.who, &inner);
+                seal_reply(conn, link, &reply)
             }
             Conn::Dead => Outcome::Close,
         }
     }
+
+    fn resume(&self, conn: &mut Conn, _woken: bool) -> Outcome {
+        let crs = &self.0;
+        match std::mem::replace(conn, Conn::Dead) {
+            Conn::Enrolled(mut link) => match link.poll.take() {
+                // Woken or not, the queue is the truth: look again.
+                Some(poll) => answer_poll(crs, conn, link, poll, Ok(())),
+                None => Outcome::Close,
+            },
+            _ => Outcome::Close,
+        }
+    }
+
+    fn parking(&self) -> Option<Parking> {
+        Some(self.0.events_ready.parking().clone())
+    }
+}
+
+/// Seals `reply` on an enrolled link and keeps the link.
+fn seal_reply(conn: &mut Conn, mut link: Box<Enrolled>, reply: &Message) -> Outcome {
+    match link.link.seal(reply) {
+        Ok(sealed) => {
+            *conn = Conn::Enrolled(link);
+            Outcome::Reply(sealed)
+        }
+        Err(e) => {
+            warn!("cannot seal a reply: {e}");
+            Outcome::Close
+        }
+    }
+}
+
+/// Answers an `EVENTS` poll if it can be now (`started` refused it, there
+/// are events, or its time is up), else parks it until a wake-up.
+fn answer_poll(
+    crs: &Crs,
+    conn: &mut Conn,
+    mut link: Box<Enrolled>,
+    poll: Poll,
+    started: Answer<()>,
+) -> Outcome {
+    let answer = match started {
+        Err(refused) => Err(refused),
+        Ok(()) => match crs.poll_once(poll.ms, poll.ack, poll.deadline) {
+            Ok(answer) => answer,
+            Err(park) => {
+                link.poll = Some(poll);
+                *conn = Conn::Enrolled(link);
+                return Outcome::Park(park);
+            }
+        },
+    };
+    seal_reply(conn, link, &to_message(answer, CrsReply::to_message))
 }
 
 pub(super) fn refuse<T>(refusal: Refusal, reason: &str) -> Answer<T> {
@@ -342,6 +414,7 @@ impl Crs {
             Enrolled {
                 who,
                 link: Channel::new(keys, Vec::new()),
+                poll: None,
             },
             reply,
         ))
@@ -389,17 +462,27 @@ impl Crs {
         to_message(self.call(who, req), CrsReply::to_message)
     }
 
-    /// An inner request of an enrolled link, typed.
+    /// An inner request of an enrolled link, typed. An `EVENTS` poll is
+    /// answered at once here, with the events queued now (none or some);
+    /// only on a link does it wait for them.
     pub fn call(&self, who: Peer2, req: CrsRequest) -> Answer<CrsReply> {
         match who {
             Peer2::Ms(ms) => {
-                if !self.live.lock().touch(ms) {
-                    // Reaped while it was away: it must enroll again.
-                    return refuse(Refusal::NotEnrolled, "not enrolled");
-                }
+                self.heard_from(ms)?;
                 self.ms_request(ms, req)
             }
             Peer2::Admin => self.admin_request(req),
+        }
+    }
+
+    /// What every request of an MS starts with: it counts as a sign of
+    /// life, unless the MS was reaped while it was away.
+    fn heard_from(&self, ms: u64) -> Answer<()> {
+        if self.live.lock().touch(ms) {
+            Ok(())
+        } else {
+            // Reaped while it was away: it must enroll again.
+            refuse(Refusal::NotEnrolled, "not enrolled")
         }
     }
 
@@ -505,7 +588,22 @@ impl Crs {
             }
             SetStatus { user, info } => self.set_status(&user, info),
             Reveal { user, to } => self.reveal(&user, &to),
-            Events { ack } => self.poll_events(ms, ack),
+            // Answered at once: only a poll on a link waits (see `handle`).
+            Events { ack } => {
+                let batch = self.live.lock().events(ms, ack);
+                match batch {
+                    Some(batch) => Ok(CrsReply::Events(batch)),
+                    None => refuse(Refusal::NotEnrolled, "not enrolled"),
+                }
+            }
+            FindMs { user } => {
+                let mut live = self.live.lock();
+                let at = live.online(&store::canonical(&user)).map(|o| o.ms);
+                match at.and_then(|id| live.ms_list().into_iter().find(|m| m.id == id)) {
+                    Some(m) => Ok(CrsReply::MsAddress(m.address)),
+                    None => refuse(Refusal::NoSuchUser, "not online"),
+                }
+            }
             Key { user, who } => self.buddy_key(&store::canonical(&user), &store::canonical(&who)),
             Queue { user, blob } => self.queue_mail(&store::canonical(&user), blob),
             Mail { user, after } => self.mail_page(&store::canonical(&user), after),
@@ -568,7 +666,6 @@ impl Crs {
                             },
                         );
                         drop(live);
-                        self.events_ready.notify_all();
                         info!("operator deleted {name}");
                         Ok(CrsReply::Done)
                     }
@@ -649,7 +746,6 @@ impl Crs {
         if live.commit().is_err() {
             return refuse(Refusal::Unavailable, "live state unavailable");
         }
-        self.events_ready.notify_all();
         info!("{user} online at {address}");
         Ok(CrsReply::Welcome {
             welcome: Welcome {
@@ -709,7 +805,6 @@ impl Crs {
         };
         live.notify([who], &event);
         drop(live);
-        self.events_ready.notify_all();
         Ok(CrsReply::Done)
     }
 
@@ -742,7 +837,6 @@ impl Crs {
                 },
             );
             drop(live);
-            self.events_ready.notify_all();
             info!("{user} offline");
         }
     }
@@ -821,7 +915,6 @@ impl Crs {
                 }),
             );
             drop(live);
-            self.events_ready.notify_all();
             Ok(CrsReply::Done)
         } else {
             Ok(CrsReply::Stored)
@@ -875,7 +968,6 @@ impl Crs {
             },
         );
         drop(live);
-        self.events_ready.notify_all();
         // The new buddy, so the accepting client can talk at once, without
         // waiting for its own push.
         Ok(CrsReply::Contact(Contact {
@@ -895,7 +987,6 @@ impl Crs {
                         by: user.to_owned(),
                     },
                 );
-                self.events_ready.notify_all();
                 Ok(CrsReply::Done)
             }
             Ok(false) | Err(StoreError::InvalidName) => {
@@ -922,7 +1013,6 @@ impl Crs {
                     },
                 );
                 drop(live);
-                self.events_ready.notify_all();
                 Ok(CrsReply::Done)
             }
             Ok(false) => refuse(Refusal::NotABuddy, "not a buddy"),
@@ -930,32 +1020,25 @@ impl Crs {
         }
     }
 
-    /// The long poll: answers at once if events are queued, else waits for
-    /// some (or the poll timeout, an empty batch doubling as a heartbeat).
-    fn poll_events(&self, ms: u64, ack: u64) -> Answer<CrsReply> {
-        let deadline = Instant::now() + self.config.poll_timeout;
-        loop {
-            // Read before looking, so a wake in between is not missed.
-            let seen = self.events_ready.generation(ms);
-            // Bound first: the view must be closed (the lock let go)
-            // before waiting.
-            let batch = self.live.lock().events(ms, ack);
-            match batch {
-                None => return refuse(Refusal::NotEnrolled, "not enrolled"),
-                Some(batch)
-                    if !batch.events.is_empty()
-                        || Instant::now() >= deadline
-                        || self.stopping() =>
-                {
-                    return Ok(CrsReply::Events(batch));
-                }
-                Some(_) => {
-                    let wait = deadline
-                        .saturating_duration_since(Instant::now())
-                        .min(self.live.recheck());
-                    self.events_ready.wait_past(ms, seen, wait);
-                }
+    /// One look at MS `ms`'s events for a long poll due at `deadline`:
+    /// the answer if there are events, the MS is unknown or the time is up
+    /// (an empty batch doubling as a heartbeat); else the park to wait in
+    /// until MS `ms` is woken, or at most the live state's recheck time.
+    fn poll_once(&self, ms: u64, ack: u64, deadline: Instant) -> Result<Answer<CrsReply>, Park> {
+        let now = Instant::now();
+        let wait = deadline
+            .saturating_duration_since(now)
+            .min(self.live.recheck());
+        // Prepared before looking, so a wake in between is not missed.
+        let park = self.events_ready.parking().prepare(ms, wait);
+        // Bound first: the view is closed (the lock let go) at once.
+        let batch = self.live.lock().events(ms, ack);
+        match batch {
+            None => Ok(refuse(Refusal::NotEnrolled, "not enrolled")),
+            Some(batch) if !batch.events.is_empty() || now >= deadline || self.stopping() => {
+                Ok(Ok(CrsReply::Events(batch)))
             }
+            Some(_) => Err(park),
         }
     }
 
@@ -984,6 +1067,5 @@ impl Crs {
                 &EventKind::Offline { user: user.clone() },
             );
         }
-        self.events_ready.notify_all();
     }
 }

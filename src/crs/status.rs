@@ -109,7 +109,6 @@ impl Crs {
             );
         }
         drop(live);
-        self.events_ready.notify_all();
         if was_invisible
             && info.status != Status::Invisible
             && self.store.has_mail(&user).unwrap_or(true)
@@ -150,7 +149,6 @@ impl Crs {
             },
         );
         drop(live);
-        self.events_ready.notify_all();
         Ok(CrsReply::Done)
     }
 }

@@ -21,6 +21,7 @@ use crate::link::{login_keys, push_keys, Channel, LinkError};
 use crate::prethread::{Outbound, Outcome, Peer, Service};
 use crate::proto::crs::{CrsReply, CrsRequest, Verifier, Welcome, SEALED};
 use crate::proto::ms::{Challenge, MsReply, MsRequest};
+use crate::proto::relay::RELAY;
 use crate::proto::{self, Answer, ProtoError, Refusal, Refused};
 use crate::seal::Role;
 use crate::wire::Message;
@@ -56,6 +57,8 @@ pub enum ClientConn {
     Challenged(Box<Challenged>, Option<Outbound>),
     /// This connection carries the login: held until it closes.
     LoggedIn(Arc<OnlineUser>),
+    /// Another MS's relay link (PROTOCOL.md §7): its frames for our users.
+    Link(Box<super::mslink::Accepted>),
 }
 
 /// The MS as a [`Service`].
@@ -73,7 +76,7 @@ impl Service for MsService {
     }
 
     fn held(&self, conn: &ClientConn) -> bool {
-        matches!(conn, ClientConn::LoggedIn(_))
+        matches!(conn, ClientConn::LoggedIn(_) | ClientConn::Link(_))
     }
 
     fn close(&self, conn: ClientConn) {
@@ -89,6 +92,12 @@ impl Service for MsService {
                 // Only this login's requests ride its connection.
                 Some(SEALED) if request.header("Login") == Some(user.login.as_str()) => {
                     ms.sealed(&request)
+                }
+                // A relayed connection's bytes: not answered (PROTOCOL.md §7).
+                Some(RELAY) => {
+                    user.touch();
+                    ms.relay_from(user, request);
+                    Outcome::Silent
                 }
                 _ => Outcome::ReplyAndClose(
                     Refused::new(
@@ -114,8 +123,43 @@ impl Service for MsService {
                     Err(e) => Outcome::ReplyAndClose(e.reply()),
                 },
                 Some(SEALED) => ms.sealed(&request),
+                Some(super::mslink::HELLO) => match super::mslink::hello(&ms.ms_key, &request) {
+                    Ok((reply, state)) => {
+                        *conn = ClientConn::Link(Box::new(state));
+                        Outcome::Reply(reply)
+                    }
+                    Err(r) => Outcome::ReplyAndClose(r.to_message()),
+                },
                 Some(m) => Outcome::ReplyAndClose(ProtoError::UnknownMethod(m.to_owned()).reply()),
                 None => Outcome::Close,
+            },
+            ClientConn::Link(link) => match &mut **link {
+                super::mslink::Accepted::Open(opener) => {
+                    let frame = opener
+                        .open_owned(request)
+                        .map_err(|e| e.to_string())
+                        .and_then(|inner| {
+                            crate::proto::relay::Frame::from_message(inner)
+                                .map_err(|e| e.to_string())
+                        });
+                    match frame {
+                        Ok(f) => {
+                            ms.relay_from_link(f);
+                            Outcome::Silent
+                        }
+                        Err(e) => {
+                            warn!("a relay link sent a bad frame ({e}); closed");
+                            Outcome::Close
+                        }
+                    }
+                }
+                challenged => match super::mslink::prove(&ms.ms_key, challenged, &request) {
+                    Ok(opener) => {
+                        *challenged = super::mslink::Accepted::Open(Box::new(opener));
+                        Outcome::Reply(Message::ok())
+                    }
+                    Err(r) => Outcome::ReplyAndClose(r.to_message()),
+                },
             },
             ClientConn::Challenged(..) => {
                 let ClientConn::Challenged(c, out) =
@@ -250,7 +294,18 @@ impl Ms {
             self.unlock(&c.user);
             return Err(Refused::new(Refusal::Internal, "malformed verifier"));
         };
-        let address = SocketAddr::new(c.peer.ip(), listen_port);
+        let mut address = SocketAddr::new(c.peer.ip(), listen_port);
+        // Once per login (over a socket), whether buddies can reach the
+        // listener; port 0 tells them they cannot, so that they relay at
+        // once (PROTOCOL.md §6, step 8).
+        let probe = self.config.probe_timeout;
+        if held.is_some() && !probe.is_zero() && !super::relay::reachable(address, probe) {
+            info!(
+                "{}'s listener at {address} cannot be reached; buddies will relay",
+                c.user
+            );
+            address.set_port(0);
+        }
         // Steps 5, 7-9: the CRS records the address, releases the lock,
         // pushes the change and gives us the user's record.
         // Events for this user may come before the user is in our table.

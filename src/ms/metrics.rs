@@ -1,6 +1,6 @@
 //! The MS's metrics (see [`crate::metrics`]), all named `ims_ms_*`: users
-//! online here, logins and failed logins, pushes delivered and failed, and
-//! the worker pool. The counters live where they are counted (users,
+//! online here, logins and failed logins, pushes delivered and failed,
+//! relayed bytes and refused relay frames, and the worker pool. The counters live where they are counted (users,
 //! pusher); this registers them.
 
 use std::sync::Arc;
@@ -35,6 +35,16 @@ pub fn serve(addr: &str, ms: &Arc<Ms>, pool: StatsSource) -> std::io::Result<End
         "push_failures",
         "Pushes that failed or were dropped",
         ms.pusher.failed.clone(),
+    );
+    r.register(
+        "relayed_bytes",
+        "Connection bytes relayed between clients that cannot reach each other",
+        ms.relay.relayed.clone(),
+    );
+    r.register(
+        "relay_refused",
+        "Relay frames refused or dropped (not a buddy, not online, over a bound)",
+        ms.relay.refused.clone(),
     );
     let weak = Arc::downgrade(ms);
     let refresh = Box::new(move || {

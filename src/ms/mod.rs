@@ -5,7 +5,9 @@ pub mod limits;
 pub mod login;
 pub mod mail;
 pub mod metrics;
+pub mod mslink;
 pub mod push;
+pub mod relay;
 pub mod users;
 
 use std::fmt;
@@ -63,7 +65,20 @@ pub struct MsConfig {
     pub pool: prethread::Config,
     /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
     pub metrics: Option<String>,
+    /// Bytes a second one user may send through the relay (0: no limit).
+    pub relay_rate: f64,
+    /// How long the MS tries a new login's listener (to tell its buddies
+    /// whether to relay at once); zero: never tried.
+    pub probe_timeout: Duration,
+    /// Bytes of one user's relayed frames this MS holds at most.
+    pub relay_queue_bytes: u64,
 }
+
+/// Default of [`MsConfig::relay_rate`]: 64 MiB/s, a 100 MB file in under
+/// two seconds, while a few such users do not fill a gigabit link.
+pub const DEFAULT_RELAY_RATE: f64 = 64.0 * 1024.0 * 1024.0;
+/// Default of [`MsConfig::relay_queue_bytes`]: eight circuits' windows.
+pub const DEFAULT_RELAY_QUEUE_BYTES: u64 = 8 * crate::proto::relay::RELAY_WINDOW;
 
 impl Default for MsConfig {
     fn default() -> Self {
@@ -86,6 +101,9 @@ impl Default for MsConfig {
                 ..prethread::Config::default()
             },
             metrics: None,
+            relay_rate: DEFAULT_RELAY_RATE,
+            probe_timeout: Duration::from_secs(1),
+            relay_queue_bytes: DEFAULT_RELAY_QUEUE_BYTES,
         }
     }
 }
@@ -127,6 +145,8 @@ pub struct Ms {
     stopping: AtomicBool,
     login_limit: limits::Buckets<std::net::IpAddr>,
     search_limit: limits::Buckets<String>,
+    /// Connections of clients that cannot reach each other.
+    pub(crate) relay: relay::Relay,
     /// `STATUS` and `REVEAL` per user: each is a write at the CRS and
     /// pushes to every buddy.
     status_limit: limits::Buckets<String>,
@@ -155,6 +175,7 @@ impl Ms {
         Ok(Arc::new(Ms {
             login_limit: limits::Buckets::new(config.login_burst, config.login_rate),
             search_limit: limits::Buckets::new(10, config.search_rate),
+            relay: relay::Relay::new(config.relay_rate, config.relay_queue_bytes),
             status_limit: limits::Buckets::new(login::STATUS_BURST, login::STATUS_PER_SEC),
             config,
             ms_key,
@@ -481,6 +502,7 @@ pub fn start(config: MsConfig) -> Result<Running, MsError> {
     info!("enrolled with the CRS at {} as {advertise}", config.crs);
     let ms =
         Ms::new(config.clone(), ms_key, links.clone(), Some(links)).map_err(MsError::Listen)?;
+    *ms.relay.me.lock() = advertise.clone();
     let server = Server::from_listener(
         listener,
         config.pool.clone(),

@@ -15,10 +15,17 @@
 //! held (see [`Service::held`]). It scans for these every [`TICK`], which
 //! is also how precise they are.
 //!
+//! A connection whose handler parked it ([`Outcome::Park`]) waits here
+//! too, for a wake-up of its key or its deadline; then it goes to a worker
+//! to be resumed. Its timers do not run meanwhile, and bytes it receives
+//! are buffered, not handed on, until it has been answered.
+//!
+//! [`Outcome::Park`]: super::Outcome::Park
+//!
 //! Anything that may block or take time (a handler, `Service::close`, a
 //! `408` to a slow peer) runs on a worker: the gate only reads and parses.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
@@ -32,6 +39,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use super::outbound::Outbound;
+use super::park::{Mailbox, Park, Parking};
 use super::server::{refuse, Shared};
 use super::stats::Counters;
 use super::{Peer, Service};
@@ -74,6 +82,8 @@ pub(crate) struct Conn<S: Service> {
     pub first_byte: Option<Instant>,
     /// The peer has closed its sending half.
     pub eof: bool,
+    /// Set while the connection waits for a wake-up (a deferred reply).
+    pub park: Option<Park>,
     /// Counts the connection against the server's and its source's limits
     /// until it is dropped.
     pub _ticket: super::server::Ticket,
@@ -128,6 +138,9 @@ pub(crate) enum Job<S: Service> {
     /// End this connection: a last reply if `end` calls for one, then
     /// [`Service::close`].
     End(Box<Conn<S>>, End),
+    /// Resume this parked connection ([`Service::resume`]); `true` when
+    /// its key was woken, `false` when its deadline passed.
+    Resume(Box<Conn<S>>, bool),
 }
 
 /// What the acceptor and the workers tell the gate.
@@ -148,12 +161,20 @@ pub(crate) fn gate_loop<S: Service>(
     jobs: Sender<Job<S>>,
     shared: Arc<Shared<S>>,
 ) {
+    // Wake-ups of the connections the service parks come to this gate
+    // for as long as it runs.
+    let parking = shared.service.parking().map(|parking| {
+        let mailbox = parking.attach(Arc::clone(&shared.waker));
+        (parking, mailbox)
+    });
     let mut gate = Gate {
         conns: HashMap::new(),
+        parked: HashMap::new(),
         next_id: 1,
         out: 0,
         jobs,
         shared,
+        parking,
     };
     let mut events = Events::with_capacity(EVENTS);
     let mut last_scan = Instant::now();
@@ -176,14 +197,19 @@ pub(crate) fn gate_loop<S: Service>(
                 Back::Return(conn) => {
                     gate.out = gate.out.saturating_sub(1);
                     let id = conn.id;
-                    gate.conns.insert(id, conn);
-                    gate.shared.counters.held.fetch_add(1, Ordering::Relaxed);
-                    // Bytes may have come while the worker had it.
-                    gate.readable(id);
+                    let woken = gate.hold(conn);
+                    if woken {
+                        // Woken on its way here: answer at once.
+                        gate.resume(id, true);
+                    } else {
+                        // Bytes may have come while the worker had it.
+                        gate.readable(id);
+                    }
                 }
                 Back::Done => gate.out = gate.out.saturating_sub(1),
             }
         }
+        gate.wake_parked();
         if gate.shared.stopper.is_stopped() {
             if !stopping {
                 stopping = true;
@@ -205,9 +231,7 @@ pub(crate) fn gate_loop<S: Service>(
                 Ok(Back::New(stream, _ticket)) => refuse(stream, &gate.shared.shutting_down),
                 Ok(Back::Return(conn)) => {
                     gate.out = gate.out.saturating_sub(1);
-                    let id = conn.id;
-                    gate.conns.insert(id, conn);
-                    gate.shared.counters.held.fetch_add(1, Ordering::Relaxed);
+                    gate.hold(conn);
                 }
                 Ok(Back::Done) => gate.out = gate.out.saturating_sub(1),
                 Err(_) => {}
@@ -220,18 +244,94 @@ pub(crate) fn gate_loop<S: Service>(
         }
     }
     gate.shared.counters.held.store(0, Ordering::Relaxed);
+    gate.shared.counters.parked.store(0, Ordering::Relaxed);
+    if let Some((parking, mailbox)) = &gate.parking {
+        parking.detach(mailbox);
+    }
 }
 
 struct Gate<S: Service> {
+    /// Every connection held here, parked ones included.
     conns: HashMap<usize, Box<Conn<S>>>,
+    /// The parked connections by key.
+    parked: HashMap<u64, HashSet<usize>>,
     next_id: usize,
     /// Connections handed to workers and not yet back or done.
     out: usize,
     jobs: Sender<Job<S>>,
     shared: Arc<Shared<S>>,
+    /// The service's wake-ups and this gate's mailbox in them.
+    parking: Option<(Parking, Arc<Mailbox>)>,
 }
 
 impl<S: Service> Gate<S> {
+    /// Holds a connection back from a worker; parks it if its handler
+    /// asked to. Returns whether it is parked and was already woken.
+    fn hold(&mut self, conn: Box<Conn<S>>) -> bool {
+        let id = conn.id;
+        let woken = match &conn.park {
+            Some(park) => {
+                self.parked.entry(park.key()).or_default().insert(id);
+                self.shared.counters.parked.fetch_add(1, Ordering::Relaxed);
+                // A service that parks without wake-ups only has deadlines.
+                self.parking
+                    .as_ref()
+                    .is_some_and(|(parking, _)| parking.woken(park))
+            }
+            None => false,
+        };
+        self.conns.insert(id, conn);
+        self.shared.counters.held.fetch_add(1, Ordering::Relaxed);
+        woken
+    }
+
+    /// Takes a connection out of the gate (to a worker).
+    fn take(&mut self, id: usize) -> Option<Box<Conn<S>>> {
+        let mut conn = self.conns.remove(&id)?;
+        self.shared.counters.held.fetch_sub(1, Ordering::Relaxed);
+        if let Some(park) = conn.park.take() {
+            self.shared.counters.parked.fetch_sub(1, Ordering::Relaxed);
+            if let Some(ids) = self.parked.get_mut(&park.key()) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.parked.remove(&park.key());
+                }
+            }
+        }
+        Some(conn)
+    }
+
+    /// Hands a parked connection to a worker to be resumed.
+    fn resume(&mut self, id: usize, woken: bool) {
+        if let Some(conn) = self.take(id) {
+            // Not counted against the queue: it is the answer owed to a
+            // request already taken.
+            self.send(Job::Resume(conn, woken));
+        }
+    }
+
+    /// Resumes the parked connections whose keys were woken.
+    fn wake_parked(&mut self) {
+        let Some((_, mailbox)) = &self.parking else {
+            return;
+        };
+        let pending = mailbox.take();
+        let ids: Vec<usize> = if pending.everyone {
+            self.parked.values().flatten().copied().collect()
+        } else {
+            pending
+                .keys
+                .iter()
+                .filter_map(|key| self.parked.get(key))
+                .flatten()
+                .copied()
+                .collect()
+        };
+        for id in ids {
+            self.resume(id, true);
+        }
+    }
+
     /// Registers a new connection and opens its session.
     fn admit(&mut self, poll: &Poll, stream: TcpStream, ticket: super::server::Ticket) {
         let peer = match (stream.peer_addr(), stream.local_addr()) {
@@ -274,6 +374,7 @@ impl<S: Service> Gate<S> {
                 since: Instant::now(),
                 first_byte: None,
                 eof: false,
+                park: None,
                 _ticket: ticket,
             }),
         );
@@ -319,6 +420,13 @@ impl<S: Service> Gate<S> {
             self.end(id, End::Io(e));
             return;
         }
+        if conn.park.is_some() {
+            // Owed an answer first: whatever came waits in the buffer.
+            if conn.eof {
+                self.end(id, End::PeerClosed);
+            }
+            return;
+        }
         match next_message(&mut conn.buf, &limits) {
             Ok(Some(message)) => self.dispatch(id, message),
             Ok(None) if conn.eof => self.end(id, End::PeerClosed),
@@ -330,10 +438,9 @@ impl<S: Service> Gate<S> {
     /// Hands a whole message to the workers, or refuses it when too many
     /// are already waiting.
     fn dispatch(&mut self, id: usize, message: Message) {
-        let Some(conn) = self.conns.remove(&id) else {
+        let Some(conn) = self.take(id) else {
             return;
         };
-        self.shared.counters.held.fetch_sub(1, Ordering::Relaxed);
         let queue = self.shared.config.queue;
         if self.jobs.len() >= queue.max(1) && queue < usize::MAX {
             Counters::bump(&self.shared.counters.rejected_busy);
@@ -349,8 +456,7 @@ impl<S: Service> Gate<S> {
 
     /// Ends a held connection on a worker.
     fn end(&mut self, id: usize, end: End) {
-        if let Some(conn) = self.conns.remove(&id) {
-            self.shared.counters.held.fetch_sub(1, Ordering::Relaxed);
+        if let Some(conn) = self.take(id) {
             self.send(Job::End(conn, end));
         }
     }
@@ -364,12 +470,18 @@ impl<S: Service> Gate<S> {
         }
     }
 
-    /// Closes connections whose message or idle time is up.
+    /// Closes connections whose message or idle time is up, and resumes
+    /// parked ones whose deadline passed.
     fn scan(&mut self, now: Instant) {
         let config = &self.shared.config;
         let mut due = Vec::new();
+        let mut expired = Vec::new();
         for (id, conn) in &self.conns {
-            if let Some(first) = conn.first_byte {
+            if let Some(park) = &conn.park {
+                if now >= park.until() {
+                    expired.push(*id);
+                }
+            } else if let Some(first) = conn.first_byte {
                 if now.saturating_duration_since(first) >= config.message_deadline {
                     due.push((*id, true));
                 }
@@ -386,6 +498,9 @@ impl<S: Service> Gate<S> {
         for (id, late) in due {
             Counters::bump(&self.shared.counters.timed_out);
             self.end(id, if late { End::ReadTimeout } else { End::Idle });
+        }
+        for id in expired {
+            self.resume(id, false);
         }
     }
 }

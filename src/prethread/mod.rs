@@ -19,6 +19,11 @@
 //! [`Service::close`] on a worker when it ends (the peer closed, an error,
 //! a deadline, the server stopping).
 //!
+//! A handler with nothing to answer yet (a long poll) does not wait on its
+//! worker: it returns [`Outcome::Park`], the connection waits in the gate
+//! until a [`Parking`] wake-up or its deadline, and then a worker runs
+//! [`Service::resume`] to answer (see `park`).
+//!
 //! Handlers see only messages, so they can be tested without sockets: call
 //! `open` and `handle` directly.
 //!
@@ -45,6 +50,7 @@
 mod gate;
 mod limits;
 mod outbound;
+mod park;
 mod server;
 mod signals;
 mod stats;
@@ -58,6 +64,7 @@ use crate::wire::{Limits, Message};
 
 pub use limits::{raise_open_files_limit, FD_RESERVE, MAX_PER_SOURCE};
 pub use outbound::Outbound;
+pub use park::{Park, Parking, MAX_PARK};
 pub use server::{Server, Stopper};
 pub use signals::{stop_on_signals, SignalWatch};
 pub use stats::{Stats, StatsSource};
@@ -85,6 +92,13 @@ pub enum Outcome {
     Silent,
     /// Close the connection without a reply.
     Close,
+    /// Answer later: the connection waits in the gate, holding no worker,
+    /// until the park's key is woken through the service's [`Parking`]
+    /// or its deadline passes; then [`Service::resume`] runs on a worker.
+    /// Bytes the peer sends meanwhile wait in the connection's buffer
+    /// (replies stay in order); the peer closing ends it as usual. The
+    /// idle timeout and message deadline do not run while it is parked.
+    Park(Park),
     /// Escape hatch for links that need the raw socket: the closure runs on
     /// the worker thread with the stream (blocking, timeouts cleared) and
     /// the bytes already read past the request (a pipelined next message).
@@ -107,6 +121,7 @@ impl fmt::Debug for Outcome {
             Outcome::ReplyAndClose(m) => f.debug_tuple("ReplyAndClose").field(m).finish(),
             Outcome::Silent => f.write_str("Silent"),
             Outcome::Close => f.write_str("Close"),
+            Outcome::Park(p) => f.debug_tuple("Park").field(p).finish(),
             Outcome::Takeover(_) => f.write_str("Takeover(..)"),
         }
     }
@@ -136,6 +151,20 @@ pub trait Service: Send + Sync + 'static {
     /// The connection ended (cleanly, on an error, on a timeout or at
     /// shutdown), e.g. to log a user out.
     fn close(&self, _session: Self::Session) {}
+
+    /// A connection parked by [`Outcome::Park`] is back: its key was
+    /// woken (`woken`), or its deadline passed. Answer, park again, or
+    /// close. The default closes: a service that never parks is never
+    /// resumed.
+    fn resume(&self, _session: &mut Self::Session, _woken: bool) -> Outcome {
+        Outcome::Close
+    }
+
+    /// The wake-ups of the connections this service parks, if it parks
+    /// any: the server attaches its gate to them when it starts.
+    fn parking(&self) -> Option<Parking> {
+        None
+    }
 
     /// The limits for the next message of this session; `None` (the
     /// default) means [`Config::limits`]. A session that has agreed to a

@@ -103,8 +103,9 @@ pub(crate) struct Shared<S: Service> {
     pub rx: Receiver<Job<S>>,
     /// To the gate: new connections, connections to hold again, ends.
     pub back: Sender<Back<S>>,
-    /// Wakes the gate's poll when something is sent on `back`.
-    pub waker: Waker,
+    /// Wakes the gate's poll when something is sent on `back` (and, for
+    /// a service that parks connections, on a wake-up).
+    pub waker: Arc<Waker>,
     /// The gate's poller, to stop watching a connection that ends or is
     /// taken over.
     pub registry: Registry,
@@ -213,7 +214,7 @@ impl Server {
         let (tx, rx) = crossbeam_channel::unbounded();
         let (back, back_rx) = crossbeam_channel::unbounded();
         let poll = Poll::new()?;
-        let waker = Waker::new(poll.registry(), WAKER)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let registry = poll.registry().try_clone()?;
         let counters = Arc::new(Counters::default());
         let handles = Arc::new(Mutex::new(Vec::new()));

@@ -15,8 +15,13 @@ pub struct Stats {
     pub timed_out: u64,
     /// Connections being served by a worker right now.
     pub active: u64,
-    /// Connections waiting in the gate for their next message.
+    /// Connections waiting in the gate for their next message, or (the
+    /// parked ones) for a wake-up.
     pub held: u64,
+    /// Of `held`, connections parked by their handler until a wake-up
+    /// (a deferred reply, e.g. an idle long poll): owed an answer, yet
+    /// holding no worker.
+    pub parked: u64,
     /// Connections open: held, being served, or queued for a worker.
     pub open: u64,
     /// Worker threads that panicked (and were replaced).
@@ -47,6 +52,7 @@ pub(crate) struct Counters {
     pub timed_out: AtomicU64,
     pub active: AtomicUsize,
     pub held: AtomicUsize,
+    pub parked: AtomicUsize,
     pub open: AtomicUsize,
     /// Jobs sent by the gate and not yet taken by a worker.
     pub queued: AtomicUsize,
@@ -63,6 +69,7 @@ impl Counters {
             timed_out: self.timed_out.load(Relaxed),
             active: self.active.load(Relaxed) as u64,
             held: self.held.load(Relaxed) as u64,
+            parked: self.parked.load(Relaxed) as u64,
             open: self.open.load(Relaxed) as u64,
             panicked: self.panicked.load(Relaxed),
             queued: self.queued.load(Relaxed) as u64,

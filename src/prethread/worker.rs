@@ -1,6 +1,7 @@
 //! The worker threads: take a job from the gate, run it, take the next.
 //!
-//! A job is a whole message with its connection, or a connection to end.
+//! A job is a whole message with its connection, a parked connection to
+//! resume, or a connection to end.
 //! A worker never waits for a peer to send: it runs the handler, writes
 //! the reply under the write deadline, handles any whole messages that
 //! were pipelined behind it, and sends the connection back to the gate.
@@ -147,42 +148,70 @@ fn run_job<S: Service>(shared: &Shared<S>, index: usize, job: Job<S>) {
         shared,
         armed: true,
     };
-    match job {
-        Job::Request(conn, request) => {
-            let _active = ActiveGuard::new(shared, index, &conn.stream);
-            if let Some(mut conn) = converse(shared, conn, request) {
-                let now = Instant::now();
-                conn.since = now;
-                // The clock of a message runs from its first byte: bytes
-                // left over are the start of the next one, whose clock
-                // starts now (the worker kept it meanwhile); none, none.
-                conn.first_byte = (!conn.buf.is_empty()).then_some(now);
-                done.armed = false;
-                shared.send_back(Back::Return(conn));
-            }
+    let (conn, step) = match job {
+        Job::Request(conn, request) => (conn, Step::Request(request)),
+        Job::Resume(conn, woken) => (conn, Step::Resume(woken)),
+        Job::End(conn, end) => {
+            finish(shared, conn, end);
+            return;
         }
-        Job::End(conn, end) => finish(shared, conn, end),
+    };
+    let _active = ActiveGuard::new(shared, index, &conn.stream);
+    if let Some(mut conn) = converse(shared, conn, step) {
+        let now = Instant::now();
+        conn.since = now;
+        // The clock of a message runs from its first byte: bytes left
+        // over are the start of the next one, whose clock starts now (the
+        // worker kept it meanwhile); none, none.
+        conn.first_byte = (!conn.buf.is_empty()).then_some(now);
+        done.armed = false;
+        shared.send_back(Back::Return(conn));
     }
 }
 
-/// Handles `request` and any whole requests already buffered behind it.
-/// Returns the connection when it should go back to the gate, `None` when
-/// it has been ended here.
+/// What a worker is to do with a connection first.
+enum Step {
+    /// Handle this request.
+    Request(Message),
+    /// Resume the parked connection (woken, or its deadline passed).
+    Resume(bool),
+}
+
+/// Handles a request (or resumes a parked connection) and then any whole
+/// requests already buffered behind it. Returns the connection when it
+/// should go back to the gate (parked or not), `None` when it has been
+/// ended here.
 fn converse<S: Service>(
     shared: &Shared<S>,
     mut conn: Box<Conn<S>>,
-    mut request: Message,
+    mut step: Step,
 ) -> Option<Box<Conn<S>>> {
     let config = &shared.config;
     // Encoded replies held back while pipelined requests are buffered.
     let mut held: Vec<u8> = Vec::new();
     loop {
-        conn.requests += 1;
-        let (reply, close) = match shared.service.handle(&mut conn.session, request) {
+        let outcome = match step {
+            Step::Request(request) => {
+                conn.requests += 1;
+                shared.service.handle(&mut conn.session, request)
+            }
+            Step::Resume(woken) => shared.service.resume(&mut conn.session, woken),
+        };
+        let (reply, close) = match outcome {
             Outcome::Reply(reply) => (Some(reply), false),
             Outcome::ReplyAndClose(reply) => (Some(reply), true),
             Outcome::Silent => (None, false),
             Outcome::Close => (None, true),
+            Outcome::Park(park) => {
+                // The replies before it go now; its own comes on resume,
+                // and requests behind it wait in the buffer until then.
+                if let Err(end) = write_held(&conn.out, &mut held, shared) {
+                    finish(shared, conn, end);
+                    return None;
+                }
+                conn.park = Some(park);
+                return Some(conn);
+            }
             Outcome::Takeover(take) => {
                 if let Err(end) = write_held(&conn.out, &mut held, shared) {
                     finish(shared, conn, end);
@@ -255,7 +284,7 @@ fn converse<S: Service>(
                     finish(shared, conn, End::Stopped);
                     return None;
                 }
-                request = message;
+                step = Step::Request(message);
             }
             Ok(None) => return Some(conn),
             Err(e) => {

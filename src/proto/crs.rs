@@ -552,6 +552,11 @@ pub enum CrsRequest {
     },
     /// Operator: enrolled MSs.
     ListMs,
+    /// The MS where `user` is logged in (for the relay).
+    FindMs {
+        /// Who.
+        user: String,
+    },
 }
 
 impl CrsRequest {
@@ -638,6 +643,7 @@ impl CrsRequest {
             ShowUser { user } => Message::request("SHOW-USER").with_header("User", user),
             DeleteUser { user } => Message::request("DELETE-USER").with_header("User", user),
             ListMs => Message::request("LIST-MS"),
+            FindMs { user } => Message::request("FIND-MS").with_header("User", user),
         }
     }
 
@@ -737,6 +743,7 @@ impl CrsRequest {
                 "SHOW-USER" => ShowUser { user: user()? },
                 "DELETE-USER" => DeleteUser { user: user()? },
                 "LIST-MS" => ListMs,
+                "FIND-MS" => FindMs { user: user()? },
                 other => return Err(ProtoError::UnknownMethod(other.to_owned())),
             },
         )
@@ -844,6 +851,8 @@ pub enum CrsReply {
     User(Box<UserView>),
     /// `LIST-MS`.
     MsList(Vec<MsInfo>),
+    /// `FIND-MS`: the MS's address (where clients reach it).
+    MsAddress(String),
     /// `KEY`: a public key (DER).
     Key(Vec<u8>),
     /// `MAIL`: offline messages and receipts, in order (`Mail` and
@@ -867,6 +876,7 @@ impl CrsReply {
             CrsReply::Users(u) => json_reply(u),
             CrsReply::User(u) => json_reply(u),
             CrsReply::MsList(l) => json_reply(l),
+            CrsReply::MsAddress(a) => Message::ok().with_header("Ms", a),
             CrsReply::Key(der) => Message::ok()
                 .with_header("Content-Type", "application/octet-stream")
                 .with_body(der.clone()),
@@ -932,6 +942,10 @@ impl Request for CrsRequest {
             ListUsers { .. } => map(json_answer(m), CrsReply::Users),
             ShowUser { .. } => map(json_answer(m), |u| CrsReply::User(Box::new(u))),
             ListMs => map(json_answer(m), CrsReply::MsList),
+            FindMs { .. } => match Refused::from_message(m) {
+                Some(r) => Ok(Err(r)),
+                None => Ok(Ok(CrsReply::MsAddress(m.req("Ms")?.to_owned()))),
+            },
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod crs;
 mod fields;
 pub mod ms;
 pub mod peer;
+pub mod relay;
 pub mod reply;
 pub mod status;
 

@@ -1740,6 +1740,7 @@ mod tests {
             to: "bob".into(),
             id: 7,
             offline: false,
+            via: crate::client::events::Via::Direct,
         });
         s.on_sent(
             0,
@@ -1800,6 +1801,7 @@ mod tests {
             to: "bob".into(),
             id: 11,
             offline: false,
+            via: crate::client::events::Via::Direct,
         });
         s.on_sent(
             1,
@@ -1827,6 +1829,7 @@ mod tests {
             to: "bob".into(),
             id: 12,
             offline: false,
+            via: crate::client::events::Via::Direct,
         });
         let rows = render(&s, 60, 10);
         assert!(
