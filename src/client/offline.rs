@@ -317,6 +317,14 @@ impl Client {
             mailbox.pending.push(id);
             return;
         }
+        drop(guard);
+        // Everything before it printed first: only this message can fall
+        // in the gap between remembering and printing.
+        self.wait_shown();
+        let mut guard = self.mailbox.lock();
+        let Some(mailbox) = guard.as_mut() else {
+            return;
+        };
         if let Err(e) = mailbox.remember(&id, h.sent_at) {
             warn!("offline-seen: {e}");
             return;
@@ -348,6 +356,12 @@ impl Client {
         if mailbox.has(&key) {
             return;
         }
+        drop(guard);
+        self.wait_shown();
+        let mut guard = self.mailbox.lock();
+        let Some(mailbox) = guard.as_mut() else {
+            return;
+        };
         if let Err(e) = mailbox.remember(&key, now_unix()) {
             warn!("offline-seen: {e}");
             mailbox.pending.pop();
