@@ -197,6 +197,11 @@ pub struct Client {
     /// Serializes requests to the MS so their sequence numbers stay in order.
     calls: Mutex<()>,
     events: Sender<Event>,
+    /// Shows an event at once, in the caller's thread, when the interface
+    /// can (line modes): an offline message is printed right before its id
+    /// is remembered, with no thread hand-over in between (see
+    /// `offline.rs`).
+    show_now: Mutex<Option<ShowNow>>,
     peers: peer::Peers,
     files: files::Files,
     typing: typing::Typing,
@@ -409,6 +414,7 @@ impl Client {
             mailbox: Mutex::new(None),
             calls: Mutex::new(()),
             events,
+            show_now: Mutex::new(None),
             peers: peer::Peers::default(),
             files: files::Files::default(),
             typing: typing::Typing::default(),
@@ -455,6 +461,13 @@ impl Client {
             // The receiver goes away only when the interface is exiting.
             debug!("event dropped: the interface is gone");
         }
+    }
+
+    /// Lets the client show events at once through `show` (which prints
+    /// and flushes, or says `false`) where showing and remembering must
+    /// follow each other closely.
+    pub fn show_directly(&self, show: ShowNow) {
+        *self.show_now.lock() = Some(show);
     }
 
     /// The configuration.
@@ -1275,6 +1288,9 @@ fn status_event(user: &str, info: &StatusInfo) -> Event {
         message: info.message.clone(),
     }
 }
+
+/// Shows one event at once (printed and flushed); `false` if it could not.
+pub type ShowNow = Arc<dyn Fn(&Event) -> bool + Send + Sync>;
 
 /// One connection to the client's listener.
 enum PeerConn {

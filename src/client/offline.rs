@@ -7,15 +7,17 @@
 //! `"offline":true`, or `send-failed` with reason `expired`).
 //!
 //! The order that keeps a message from being lost or shown twice when
-//! anything is killed: (1) the id is remembered on disk (`STATE_DIR/USER/
-//! offline-seen`, written and synced), (2) the message is shown, (3) the
-//! interface has taken it, (4) it is acknowledged, and only the
-//! acknowledgement lets the CRS delete it. A kill before (1) leaves it at
-//! the CRS, to come again and be shown then; after (1) it comes again but
-//! is recognised and only acknowledged. The one gap is a kill between
-//! (1) and the interface printing it (a thread hand-over; on a busy
-//! machine up to a few milliseconds): then it is in the history
-//! (`/history`) but was not printed.
+//! anything is killed: (1) the message is shown and its id remembered on
+//! disk (`STATE_DIR/USER/offline-seen`, written and synced), (2) it is
+//! acknowledged, and only the acknowledgement lets the CRS delete it. A
+//! kill before (1) leaves it at the CRS, to come again and be shown then;
+//! after (1) it comes again but is recognised and only acknowledged.
+//! In the line modes the message is printed in the receiving thread and
+//! its id written right after, the seen-id file already open: only a kill
+//! landing between those two system calls can show it twice. The full
+//! screen draws on its own thread: there the id is written first and the
+//! message handed over, and a kill in that hand-over leaves it in the
+//! history (`/history`) but not drawn.
 
 use std::collections::HashMap;
 use std::fs;
@@ -119,8 +121,17 @@ impl Mailbox {
 
     /// Remembers `id` on disk before anything is shown.
     fn remember(&mut self, id: &str, at: u64) -> std::io::Result<()> {
+        self.remember_after(id, at, || {})
+    }
+
+    /// Remembers `id` on disk, calling `before` right before the write
+    /// (with the file already open): a kill -9 after the write loses
+    /// nothing of it, the page cache keeping it.
+    fn remember_after(&mut self, id: &str, at: u64, before: impl FnOnce()) -> std::io::Result<()> {
         let mut f = fs::OpenOptions::new().append(true).open(&self.path)?;
-        f.write_all(format!("{id} {at}\n").as_bytes())?;
+        let line = format!("{id} {at}\n");
+        before();
+        f.write_all(line.as_bytes())?;
         f.sync_data()?;
         self.seen.insert(id.to_owned(), at);
         Ok(())
@@ -318,30 +329,41 @@ impl Client {
             return;
         }
         drop(guard);
-        // Everything before it printed first: only this message can fall
-        // in the gap between remembering and printing.
+        // Everything before it printed first.
         self.wait_shown();
-        let mut guard = self.mailbox.lock();
-        let Some(mailbox) = guard.as_mut() else {
-            return;
-        };
-        if let Err(e) = mailbox.remember(&id, h.sent_at) {
-            warn!("offline-seen: {e}");
-            return;
-        }
-        mailbox.pending.push(id);
-        drop(guard);
-        self.set_last_peer(&h.from);
         let e = Event::Message {
-            from: h.from,
+            from: h.from.clone(),
             text,
             id: h.number,
             sent_at: Some(rfc3339(h.sent_at)),
             offline: true,
         };
-        // To the interface first, the history after: the gap between
-        // remembering and printing stays as short as it can be.
-        let _ = self.events.send(e.clone());
+        let show = self.show_now.lock().clone();
+        let mut guard = self.mailbox.lock();
+        let Some(mailbox) = guard.as_mut() else {
+            return;
+        };
+        let remembered = match &show {
+            // Line modes: printed in this thread, and the id written right
+            // after it with the file already open: a kill between the two
+            // (two system calls apart) can only show it once more, never
+            // lose it.
+            Some(show) => mailbox.remember_after(&id, h.sent_at, || {
+                show(&e);
+            }),
+            // The full screen takes it on its own thread: remembered first,
+            // so that a kill in the hand-over cannot show it twice.
+            None => mailbox.remember(&id, h.sent_at).map(|()| {
+                let _ = self.events.send(e.clone());
+            }),
+        };
+        if let Err(err) = remembered {
+            warn!("offline-seen: {err}");
+            return;
+        }
+        mailbox.pending.push(id);
+        drop(guard);
+        self.set_last_peer(&h.from);
         self.record(&e);
         self.wait_shown();
     }

@@ -204,7 +204,13 @@ pub fn run(config: ClientConfig, mode: Mode, login: Option<String>, passwords: P
     };
     let (code, printer) = match mode {
         Mode::Screen => screen::run(commands, rx, login, passwords),
-        Mode::Plain | Mode::Json => plain::run(commands, rx, mode == Mode::Json, login, passwords),
+        Mode::Plain | Mode::Json => {
+            let json = mode == Mode::Json;
+            running
+                .client
+                .show_directly(Arc::new(move |e: &Event| plain::print_one(e, json)));
+            plain::run(commands, rx, json, login, passwords)
+        }
     };
     running.shutdown();
     // Every sender is gone now, so the printer prints what is left and ends.

@@ -141,6 +141,13 @@ fn worth_a_line(steps: &mut Steps, e: &Event) -> bool {
 }
 
 /// Prints each event whole with its newline, flushing after each.
+/// Prints one event whole and flushes it; `false` if stdout is gone.
+pub(super) fn print_one(e: &Event, json: bool) -> bool {
+    let line = if json { e.to_json() } else { e.to_text() };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+}
+
 pub(super) fn print_events(rx: Receiver<Event>, json: bool) {
     let stdout = std::io::stdout();
     let mut steps = Steps::new();
