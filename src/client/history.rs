@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::crypto::{self, GCM_NONCE_LEN};
+use crate::keyfile::hex;
 
 /// What the first line seals.
 const MARKER: &[u8] = b"ims history v1";
@@ -76,10 +77,6 @@ fn encode(kind: char, with: &str, id: u64, time: u64, text: &str) -> Vec<u8> {
     format!("{kind}\t{with}\t{id}\t{time}\t{text}").into_bytes()
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn unhex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 {
         return None;
@@ -112,6 +109,9 @@ pub struct History {
     path: PathBuf,
     user: String,
     key: [u8; 32],
+    /// The file opened for appending, kept between records (a record per
+    /// message sent, received and settled); reopened after a rewrite.
+    appender: parking_lot::Mutex<Option<File>>,
 }
 
 impl History {
@@ -124,6 +124,7 @@ impl History {
             path,
             user: user.to_owned(),
             key,
+            appender: parking_lot::Mutex::new(None),
         };
         match File::open(&h.path) {
             Ok(f) => {
@@ -159,11 +160,23 @@ impl History {
 
     fn append(&self, record: &[u8]) -> Result<(), HistoryError> {
         let line = seal(&self.key, &self.user, record)? + "\n";
-        let mut f = OpenOptions::new()
-            .append(true)
-            .open(&self.path)
-            .map_err(HistoryError::Io)?;
-        f.write_all(line.as_bytes()).map_err(HistoryError::Io)
+        let mut appender = self.appender.lock();
+        if appender.is_none() {
+            let f = OpenOptions::new()
+                .append(true)
+                .open(&self.path)
+                .map_err(HistoryError::Io)?;
+            *appender = Some(f);
+        }
+        let written = match appender.as_mut() {
+            Some(f) => f.write_all(line.as_bytes()),
+            None => Ok(()),
+        };
+        if written.is_err() {
+            // Opened again next time (the file may have been replaced).
+            *appender = None;
+        }
+        written.map_err(HistoryError::Io)
     }
 
     /// A message we sent (before its outcome).
@@ -239,6 +252,8 @@ impl History {
     /// Re-seals everything under `key` (a new password).
     pub fn rekey(&mut self, key: [u8; 32]) -> Result<(), HistoryError> {
         let records = self.records()?;
+        // Appends go to the new file from now on.
+        *self.appender.lock() = None;
         self.write_all(&key, &records)?;
         self.key = key;
         Ok(())

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use super::account;
 use crate::crypto;
+use crate::keyfile::hex;
 
 /// Largest key book read back (bytes): about 1,000 buddies with a
 /// changed key each; a bigger file is not ours and is refused.
@@ -77,10 +78,6 @@ impl std::fmt::Display for TrustError {
 pub struct KeyBook {
     path: PathBuf,
     entries: BTreeMap<String, Entry>,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
