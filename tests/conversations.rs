@@ -312,23 +312,7 @@ fn the_wire_shows_no_plaintext_and_replays_and_forgeries_fail() {
     );
 
     // A forged INIT: alice's name, someone else's key.
-    let mallory = RsaPrivateKey::generate(1024).unwrap();
-    let nonce = crypto::random_array::<24>().to_vec();
-    let share = crypto::EphemeralKey::generate().unwrap().public().to_vec();
-    let time = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let forged = Init {
-        from: "alice".into(),
-        to: "bob".into(),
-        time,
-        nonce: nonce.clone(),
-        share: share.clone(),
-        signature: mallory
-            .sign_pss(&init_transcript("alice", "bob", time, &nonce, &share))
-            .unwrap(),
-    };
+    let forged = forged_init("alice", "bob");
     let reply =
         send_raw(bob_addr, &forged.to_message().encode()).expect("a reply to the forged INIT");
     assert_eq!(raw::code(&reply), 401, "forged INIT: {reply:?}");

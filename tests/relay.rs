@@ -13,8 +13,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ims::crypto::{self, RsaPrivateKey};
-use ims::proto::peer::{init_transcript, Init};
 use ims::proto::relay::{Frame, Op, RELAY};
 use ims::wire::io::{write_message, MessageReader};
 use ims::wire::{Limits, Message};
@@ -379,23 +377,7 @@ fn unreachable_clients_talk_through_the_relay_which_sees_no_plaintext_and_passes
     );
 
     // A forged connection in alice's name: an INIT signed by another key.
-    let mallory = RsaPrivateKey::generate(1024).unwrap();
-    let nonce = crypto::random_array::<24>().to_vec();
-    let share = crypto::EphemeralKey::generate().unwrap().public().to_vec();
-    let time = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let forged = Init {
-        from: "alice".into(),
-        to: "bob".into(),
-        time,
-        nonce: nonce.clone(),
-        share: share.clone(),
-        signature: mallory
-            .sign_pss(&init_transcript("alice", "bob", time, &nonce, &share))
-            .unwrap(),
-    };
+    let forged = forged_init("alice", "bob");
     let frame = |op: Op, data: Vec<u8>| {
         let mut f = Frame::new(990_001, true, op, data);
         f.from = Some("alice".into());

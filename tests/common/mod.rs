@@ -976,3 +976,29 @@ pub mod raw {
         m.code().unwrap_or(0)
     }
 }
+
+/// An INIT in `from`'s name to `to`, fresh and well formed but signed by
+/// a key that is not `from`'s: what a forger can send.
+pub fn forged_init(from: &str, to: &str) -> ims::proto::peer::Init {
+    use ims::crypto;
+    let mallory = crypto::RsaPrivateKey::generate(1024).unwrap();
+    let nonce = crypto::random_array::<24>().to_vec();
+    let share = crypto::EphemeralKey::generate().unwrap().public().to_vec();
+    let time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let signature = mallory
+        .sign_pss(&ims::proto::peer::init_transcript(
+            from, to, time, &nonce, &share,
+        ))
+        .unwrap();
+    ims::proto::peer::Init {
+        from: from.into(),
+        to: to.into(),
+        time,
+        nonce,
+        share,
+        signature,
+    }
+}
