@@ -260,16 +260,7 @@ fn the_wire_shows_no_plaintext_and_replays_and_forgeries_fail() {
 
     let file = c.env.path().join("plan.txt");
     let content = b"confidential file content 99281 ".repeat(20_000);
-    fs::write(&file, &content).unwrap();
-    alice.send(&format!("/send bob {}", file.display()));
-    bob.wait_event("file-offer", |e| e["from"] == "alice");
-    bob.send("/accept alice");
-    let got = bob.wait_for(
-        "file-received",
-        |e| e["event"] == "file-received",
-        Duration::from_secs(30),
-    );
-    assert_eq!(fs::read(field(&got, "path")).unwrap(), content);
+    send_and_receive(&alice, "alice", &bob, "bob", &file, &content);
 
     let up = tap.to_callee.lock().unwrap().clone();
     let down = tap.from_callee.lock().unwrap().clone();

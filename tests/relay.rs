@@ -276,17 +276,8 @@ fn unreachable_clients_talk_through_the_relay_which_sees_no_plaintext_and_passes
     // Files both ways: several relay frames each, checked end to end.
     let content = b"confidential file content 99281 ".repeat(40_000);
     let file = c.env.path().join("plan.txt");
-    fs::write(&file, &content).unwrap();
-    alice.send(&format!("/send bob {}", file.display()));
-    bob.wait_event("file-offer", |e| e["from"] == "alice");
-    bob.send("/accept alice");
-    let got = bob.wait_for(
-        "file-received",
-        |e| e["event"] == "file-received",
-        Duration::from_secs(60),
-    );
+    let got = send_and_receive(&alice, "alice", &bob, "bob", &file, &content);
     assert_eq!(got["via"], "relay", "{got}");
-    assert_eq!(fs::read(field(&got, "path")).unwrap(), content);
     let sent = alice.wait_for(
         "file-sent",
         |e| e["event"] == "file-sent",
@@ -295,17 +286,8 @@ fn unreachable_clients_talk_through_the_relay_which_sees_no_plaintext_and_passes
     assert_eq!(sent["via"], "relay", "{sent}");
     let back = c.env.path().join("reply.bin");
     let reply_content = b"second secret attachment 4410 ".repeat(5_000);
-    fs::write(&back, &reply_content).unwrap();
-    bob.send(&format!("/send alice {}", back.display()));
-    alice.wait_event("file-offer", |e| e["from"] == "bob");
-    alice.send("/accept bob");
-    let got = alice.wait_for(
-        "file-received",
-        |e| e["event"] == "file-received",
-        Duration::from_secs(60),
-    );
+    let got = send_and_receive(&bob, "bob", &alice, "alice", &back, &reply_content);
     assert_eq!(got["via"], "relay", "{got}");
-    assert_eq!(fs::read(field(&got, "path")).unwrap(), reply_content);
 
     // The relay carried all of it, and saw none of it.
     let seen = tap.seen();
@@ -511,17 +493,8 @@ fn unreachable_clients_on_two_mss_talk_through_both() {
 
     let content = b"two-server file content 31337 ".repeat(30_000);
     let file = c.env.path().join("cross.txt");
-    fs::write(&file, &content).unwrap();
-    alice.send(&format!("/send bob {}", file.display()));
-    bob.wait_event("file-offer", |e| e["from"] == "alice");
-    bob.send("/accept alice");
-    let got = bob.wait_for(
-        "file-received",
-        |e| e["event"] == "file-received",
-        Duration::from_secs(60),
-    );
+    let got = send_and_receive(&alice, "alice", &bob, "bob", &file, &content);
     assert_eq!(got["via"], "relay", "{got}");
-    assert_eq!(fs::read(field(&got, "path")).unwrap(), content);
     let sent = alice.wait_for(
         "file-sent",
         |e| e["event"] == "file-sent",

@@ -1002,3 +1002,27 @@ pub fn forged_init(from: &str, to: &str) -> ims::proto::peer::Init {
         signature,
     }
 }
+
+/// `from` offers the file at `path`, holding `content`, to `to` (named
+/// `to_name`), who accepts it; checks that the received file on disk holds
+/// `content` and gives the receiver's `file-received`.
+pub fn send_and_receive(
+    from: &Client,
+    from_name: &str,
+    to: &Client,
+    to_name: &str,
+    path: &Path,
+    content: &[u8],
+) -> Value {
+    fs::write(path, content).unwrap();
+    from.send(&format!("/send {to_name} {}", path.display()));
+    to.wait_event("file-offer", |e| e["from"] == from_name);
+    to.send(&format!("/accept {from_name}"));
+    let got = to.wait_for(
+        "file-received",
+        |e| e["event"] == "file-received",
+        std::time::Duration::from_secs(60),
+    );
+    assert_eq!(fs::read(field(&got, "path")).unwrap(), content);
+    got
+}
