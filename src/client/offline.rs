@@ -121,16 +121,24 @@ impl Mailbox {
 
     /// Remembers `id` on disk before anything is shown.
     fn remember(&mut self, id: &str, at: u64) -> std::io::Result<()> {
-        self.remember_after(id, at, || {})
+        self.remember_after(id, at, || true)
     }
 
     /// Remembers `id` on disk, calling `before` right before the write
     /// (with the file already open): a kill -9 after the write loses
-    /// nothing of it, the page cache keeping it.
-    fn remember_after(&mut self, id: &str, at: u64, before: impl FnOnce()) -> std::io::Result<()> {
+    /// nothing of it, the page cache keeping it. Nothing is written if
+    /// `before` says `false`.
+    fn remember_after(
+        &mut self,
+        id: &str,
+        at: u64,
+        before: impl FnOnce() -> bool,
+    ) -> std::io::Result<()> {
         let mut f = fs::OpenOptions::new().append(true).open(&self.path)?;
         let line = format!("{id} {at}\n");
-        before();
+        if !before() {
+            return Err(std::io::Error::other("not shown"));
+        }
         f.write_all(line.as_bytes())?;
         f.sync_data()?;
         self.seen.insert(id.to_owned(), at);
@@ -348,9 +356,9 @@ impl Client {
             // after it with the file already open: a kill between the two
             // (two system calls apart) can only show it once more, never
             // lose it.
-            Some(show) => mailbox.remember_after(&id, h.sent_at, || {
-                show(&e);
-            }),
+            // Not shown (the output is gone): not remembered, so it comes
+            // again at the next login.
+            Some(show) => mailbox.remember_after(&id, h.sent_at, || show(&e)),
             // The full screen takes it on its own thread: remembered first,
             // so that a kill in the hand-over cannot show it twice.
             None => mailbox.remember(&id, h.sent_at).map(|()| {
