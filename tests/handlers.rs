@@ -220,11 +220,12 @@ fn crs_client_requests() {
 fn crs_ms_requests() {
     let crs = new_crs(crs_config());
     let ms = Peer2::Ms(crs.enroll_ms("127.0.0.1:7101", 10, "one"));
-    for user in ["alice", "bob", "carol"] {
+    for user in ["alice", "bob", "carol", "dave"] {
         let p = profile(&[("name", &format!("{user} Smith"))]);
         assert!(client(&crs, registration(&crs, user, p)).is_ok());
     }
     let alice_at: SocketAddr = "10.0.0.1:7300".parse().unwrap();
+    let dave_at: SocketAddr = "10.0.0.4:7300".parse().unwrap();
     let src: IpAddr = "10.0.0.1".parse().unwrap();
     let big = profile(&[("bio", &"x".repeat(MAX_PROFILE_BYTES))]);
     let many: Profile = (0..=MAX_PROFILE_FIELDS)
@@ -270,12 +271,22 @@ fn crs_ms_requests() {
             },
             Err(Refusal::NoSuchUser),
         ),
+        // ONLINE takes the lock itself when the MS holds none.
         (
             CrsRequest::Online {
-                user: "alice".into(),
+                user: "dave".into(),
+                address: dave_at,
+            },
+            Ok(None),
+        ),
+        (
+            CrsRequest::Online {
+                user: "dave".into(),
                 address: alice_at,
             },
-            Err(Refusal::LockNotHeld),
+            Err(Refusal::AlreadyLoggedIn {
+                address: Some(dave_at),
+            }),
         ),
         (
             CrsRequest::Lock {
@@ -428,7 +439,7 @@ fn crs_ms_requests() {
     ) else {
         panic!("list")
     };
-    assert_eq!(users, ["alice", "bob", "carol"]);
+    assert_eq!(users, ["alice", "bob", "carol", "dave"]);
     let Ok(CrsReply::User(view)) = call(
         &crs,
         Peer2::Admin,

@@ -441,7 +441,6 @@ impl Live {
             .is_some_and(|l| l.ms == ms && l.expires > Instant::now())
     }
 
-    /// Marks `user` online at `ms` and releases the lease.
     /// Marks `user` online at `ms` and releases the lease; the login's number.
     pub fn set_online(&mut self, user: &str, ms: u64, presence: Presence) -> u64 {
         self.locks.remove(user);

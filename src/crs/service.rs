@@ -680,8 +680,32 @@ impl Crs {
 
     fn online(&self, ms: u64, user: &str, address: std::net::SocketAddr) -> Answer<CrsReply> {
         let lost_lock = || refuse(Refusal::LockNotHeld, "login lock not held (expired?)");
-        if !self.live.lock().holds_lock(user, ms) {
-            return lost_lock();
+        // A login's `ONLINE` takes the lock itself when its MS did not
+        // take it first with `LOCK`: one round trip instead of two. Of
+        // logins racing for one user, through any MSs, the first to get
+        // here wins and the others are refused as with `LOCK`.
+        {
+            let mut live = self.live.lock();
+            if !live.holds_lock(user, ms) {
+                match live.lock(user, ms, self.config.lock_lease) {
+                    Ok(()) => {
+                        if live.commit().is_err() {
+                            return refuse(Refusal::Unavailable, "live state unavailable");
+                        }
+                    }
+                    Err(LockError::LoggingIn) => {
+                        return refuse(Refusal::AlreadyLoggingIn, "already logging in")
+                    }
+                    Err(LockError::LoggedIn) => {
+                        return refuse(
+                            Refusal::AlreadyLoggedIn {
+                                address: live.address(user),
+                            },
+                            "already logged in",
+                        )
+                    }
+                }
+            }
         }
         let record = match self.store.get_user(user) {
             Ok(Some(u)) => u,

@@ -285,15 +285,18 @@ impl Ms {
             info!("login of {}: password failure", c.user);
             return Err(failure());
         };
-        // Step 3: the per-user lock at the CRS. A user online elsewhere is
-        // refused ("already logged in") for as long as the MS holding that
-        // login holds its connection: only that MS decides it has ended,
-        // from its own connection (its close, or its silence).
-        self.lock(&c.user)?;
         let Ok(server_key) = <&[u8; 32]>::try_from(verifier.server_key.as_slice()) else {
-            self.unlock(&c.user);
             return Err(Refused::new(Refusal::Internal, "malformed verifier"));
         };
+        // Events for this user may come before the user is in our table:
+        // they are held from here. A second login of the same user
+        // arriving here meanwhile is refused at once.
+        if !self.users.begin(&c.user) {
+            return Err(Refused::new(
+                Refusal::AlreadyLoggingIn,
+                "already logging in",
+            ));
+        }
         let mut address = SocketAddr::new(c.peer.ip(), listen_port);
         // Once per login (over a socket), whether buddies can reach the
         // listener; port 0 tells them they cannot, so that they relay at
@@ -306,10 +309,12 @@ impl Ms {
             );
             address.set_port(0);
         }
-        // Steps 5, 7-9: the CRS records the address, releases the lock,
-        // pushes the change and gives us the user's record.
-        // Events for this user may come before the user is in our table.
-        self.users.begin(&c.user);
+        // Steps 3, 5, 7-9, in one call: the CRS takes the per-user lock
+        // (a user online elsewhere is refused, "already logged in", for as
+        // long as the MS holding that login holds its connection: only
+        // that MS decides it has ended, from its own connection), records
+        // the address, releases the lock, pushes the change and gives us
+        // the user's record.
         let (welcome, number): (Welcome, u64) = match self.crs.call(&CrsRequest::Online {
             user: c.user.clone(),
             address,
@@ -321,7 +326,17 @@ impl Ms {
             }
             Err(e) => {
                 self.users.finish(&c.user, None);
-                self.unlock(&c.user);
+                // A lock the CRS took for us before it failed; none to
+                // release when it refused because the user is elsewhere.
+                if !matches!(
+                    &e,
+                    LinkError::Refused(r) if matches!(
+                        r.refusal,
+                        Refusal::AlreadyLoggedIn { .. } | Refusal::AlreadyLoggingIn
+                    )
+                ) {
+                    self.unlock(&c.user);
+                }
                 return match e {
                     LinkError::Refused(r) => Err(r),
                     e => unavailable(&format!("login of {}", c.user), &e),
@@ -396,17 +411,6 @@ impl Ms {
                 self.users.finish(&c.user, None);
                 Err(Refused::new(Refusal::Internal, "internal error"))
             }
-        }
-    }
-
-    /// Takes the login lock at the CRS; the CRS's refusal otherwise.
-    fn lock(&self, user: &str) -> Answer<()> {
-        match self.crs.call(&CrsRequest::Lock {
-            user: user.to_owned(),
-        }) {
-            Ok(_) => Ok(()),
-            Err(LinkError::Refused(r)) => Err(r),
-            Err(e) => unavailable(&format!("login of {user}"), &e),
         }
     }
 

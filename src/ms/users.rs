@@ -165,9 +165,18 @@ impl Users {
         by_login.insert(user.login.clone(), user);
     }
 
-    /// A login of `name` is about to go online at the CRS: hold its events.
-    pub fn begin(&self, name: &str) {
-        self.arriving.lock().insert(name.to_owned(), Vec::new());
+    /// A login of `name` is about to go online at the CRS: hold its
+    /// events. `false` (and nothing held) if another login of `name` is
+    /// already arriving here: the CRS would refuse one of the two anyway,
+    /// and each needs the events to itself.
+    pub fn begin(&self, name: &str) -> bool {
+        match self.arriving.lock().entry(name.to_owned()) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(Vec::new());
+                true
+            }
+        }
     }
 
     /// Holds `event` if `name`'s login is arriving; gives it back otherwise.
