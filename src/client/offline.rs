@@ -23,12 +23,12 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use log::warn;
+use log::{debug, warn};
 
 use super::account::ClientError;
-use super::events::Event;
+use super::events::{Event, Flush};
 use super::peer::now_unix;
 use super::trust::account_dir;
 use super::Client;
@@ -338,7 +338,9 @@ impl Client {
         }
         drop(guard);
         // Everything before it printed first.
-        self.wait_shown();
+        if !self.wait_shown() {
+            debug!("the interface is slow to take events; showing anyway");
+        }
         let e = Event::Message {
             from: h.from.clone(),
             text,
@@ -373,6 +375,7 @@ impl Client {
         drop(guard);
         self.set_last_peer(&h.from);
         self.record(&e);
+        // Taken before it is acknowledged.
         self.wait_shown();
     }
 
@@ -416,12 +419,22 @@ impl Client {
         self.wait_shown();
     }
 
-    /// Waits (briefly) until the interface has taken every event so far.
-    fn wait_shown(&self) {
-        let end = Instant::now() + SHOWN_WAIT;
-        while !self.events.is_empty() && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(1));
+    /// Waits (at most [`SHOWN_WAIT`]) until the interface has taken every
+    /// event so far: a flush goes behind them on the same channel, and
+    /// the interface answers it when it gets there. `false` if it did not
+    /// within the time.
+    fn wait_shown(&self) -> bool {
+        let (flush, answered) = Flush::new();
+        if self.events.send(Event::Flush(flush)).is_err() {
+            // No interface: nothing to wait for.
+            return true;
         }
+        // An answer, or the flush dropped (a disconnection): either way
+        // everything before it was taken.
+        !matches!(
+            answered.recv_timeout(SHOWN_WAIT),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout)
+        )
     }
 
     /// Sends the acknowledgements gathered; kept for the next try if the
@@ -462,5 +475,62 @@ mod tests {
         assert!(m.has("aa"));
         assert!(!m.has("bb"));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A client with no listener whose events go to the returned channel.
+    fn client() -> (Client, crossbeam_channel::Receiver<Event>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        (
+            Client::new(super::super::ClientConfig::default(), 0, tx),
+            rx,
+        )
+    }
+
+    #[test]
+    fn waiting_for_the_interface_ends_when_it_took_everything_before() {
+        let (c, rx) = client();
+        let taken = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let interface = {
+            let taken = taken.clone();
+            std::thread::spawn(move || {
+                for e in rx {
+                    match e {
+                        Event::Flush(f) => f.answer(),
+                        e => {
+                            // A slow interface: the wait must cover it.
+                            std::thread::sleep(Duration::from_millis(100));
+                            taken.lock().push(e);
+                        }
+                    }
+                }
+            })
+        };
+        for n in 0..3 {
+            c.emit(Event::Notice {
+                text: format!("n{n}"),
+            });
+        }
+        assert!(c.wait_shown(), "answered, not timed out");
+        assert_eq!(taken.lock().len(), 3, "all three taken before the answer");
+        drop(c);
+        interface.join().unwrap();
+    }
+
+    #[test]
+    fn a_dropped_flush_ends_the_wait_and_no_interface_none() {
+        let (c, rx) = client();
+        let interface = std::thread::spawn(move || for _ in rx {});
+        assert!(c.wait_shown(), "a consumer that drops the flush answers it");
+        drop(c);
+        interface.join().unwrap();
+        let (c, rx) = client();
+        drop(rx);
+        assert!(c.wait_shown(), "no interface: nothing to wait for");
+    }
+
+    #[test]
+    fn a_flush_is_never_shown() {
+        let (f, _answer) = Flush::new();
+        assert_eq!(Event::Flush(f).to_text(), "");
     }
 }

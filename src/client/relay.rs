@@ -14,14 +14,17 @@
 //! it once written.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use log::{debug, warn};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 
@@ -151,14 +154,21 @@ impl Relays {
     }
 }
 
+/// How long our own loopback connection may take to reach the
+/// listener's queue. It is there, or about to be, when `connect` returns
+/// (only the last packet of the handshake may still be on its way), so
+/// this bounds only a broken system.
+const LOOPBACK_WAIT: Duration = Duration::from_secs(5);
+
 /// A connected pair of loopback sockets: (the one handed out, ours).
 fn loopback_pair() -> std::io::Result<(TcpStream, TcpStream)> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let outer = TcpStream::connect(l.local_addr()?)?;
     let want = outer.local_addr()?;
-    // Only our own connection: another local process could race it.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + LOOPBACK_WAIT;
     l.set_nonblocking(true)?;
+    // Made only if our connection is not queued yet: woken by it.
+    let mut waiter: Option<(Poll, Events)> = None;
     loop {
         match l.accept() {
             Ok((inner, from)) if from == want => {
@@ -168,12 +178,33 @@ fn loopback_pair() -> std::io::Result<(TcpStream, TcpStream)> {
                 }
                 return Ok((outer, inner));
             }
+            // Only our own connection: another local process could race
+            // it. Its connection goes; ours is behind it in the queue.
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
-                    return Err(std::io::ErrorKind::TimedOut.into());
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(ErrorKind::TimedOut.into());
                 }
-                std::thread::sleep(Duration::from_millis(1));
+                if waiter.is_none() {
+                    let poll = Poll::new()?;
+                    // Registered after the queue was found empty: a
+                    // connection queued since is reported at once.
+                    poll.registry().register(
+                        &mut SourceFd(&l.as_raw_fd()),
+                        Token(0),
+                        Interest::READABLE,
+                    )?;
+                    waiter = Some((poll, Events::with_capacity(1)));
+                }
+                if let Some((poll, events)) = waiter.as_mut() {
+                    match poll.poll(events, Some(left)) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
             }
             Err(e) => return Err(e),
         }
@@ -451,4 +482,22 @@ fn pump_down(
         cl.relays.remove(&c.key);
     }
     c.end();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loopback_pair_is_connected_both_ways() {
+        let (mut outer, mut inner) = loopback_pair().unwrap();
+        assert_eq!(outer.peer_addr().unwrap(), inner.local_addr().unwrap());
+        outer.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        inner.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        inner.write_all(b"pong").unwrap();
+        outer.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"pong");
+    }
 }

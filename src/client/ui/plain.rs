@@ -143,6 +143,10 @@ fn worth_a_line(steps: &mut Steps, e: &Event) -> bool {
 /// Prints each event whole with its newline, flushing after each.
 /// Prints one event whole and flushes it; `false` if stdout is gone.
 pub(super) fn print_one(e: &Event, json: bool) -> bool {
+    if let Event::Flush(_) = e {
+        // Nothing to show; its sender waits on the channel, not here.
+        return true;
+    }
     let line = if json { e.to_json() } else { e.to_text() };
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
@@ -152,6 +156,11 @@ pub(super) fn print_events(rx: Receiver<Event>, json: bool) {
     let stdout = std::io::stdout();
     let mut steps = Steps::new();
     for e in rx {
+        if let Event::Flush(f) = e {
+            // Everything before it is printed.
+            f.answer();
+            continue;
+        }
         if !json && !worth_a_line(&mut steps, &e) {
             continue;
         }

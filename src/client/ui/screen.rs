@@ -802,6 +802,12 @@ impl Screen {
 
     fn on_event(&mut self, e: Event) {
         let active = self.active;
+        if let Event::Flush(f) = e {
+            // Everything before it is on the screen (drawn at the next
+            // refresh); nothing of its own to show.
+            f.answer();
+            return;
+        }
         match &e {
             Event::Typing { from, state } => {
                 if state == "on" {
@@ -934,6 +940,8 @@ impl Screen {
             | Event::Buddies { .. }
             | Event::SearchResults { .. }
             | Event::Profile { .. } => self.push_text(active, Kind::Info, &e.to_text()),
+            // Answered above.
+            Event::Flush(_) => {}
         }
     }
 
