@@ -214,28 +214,27 @@ impl Client {
 
     /// Seals `text` to `to` and files it at the CRS: `queued` follows at
     /// once, `delivered` (offline) when they have read it.
-    pub(super) fn send_offline(&self, to: &str, id: u64, text: &str) -> Result<u64, String> {
+    pub(super) fn send_offline(&self, to: &str, id: u64, text: &str) -> Result<u64, ClientError> {
         let (me, private) = {
             let guard = self.settled_session();
-            let s = guard.session().ok_or("not logged in; /login NAME first")?;
+            let s = guard.session().ok_or(ClientError::NotLoggedIn)?;
             if !s.buddies.contains_key(to) {
-                return Err(format!("{to} is not your buddy; /add {to} first"));
+                return Err(ClientError::NotABuddy(to.to_owned()));
             }
             (s.user.clone(), s.private_key.clone())
         };
-        let reason = |e: ClientError| match e {
-            ClientError::Refused(r) => r.reason,
-            e => e.to_string(),
-        };
-        let der = match self
-            .ms_call(&MsRequest::Key(to.to_owned()))
-            .map_err(reason)?
-        {
+        // A refusal of the servers shows as its reason alone.
+        let der = match self.ms_call(&MsRequest::Key(to.to_owned()))? {
             MsReply::Key(der) => der,
-            other => return Err(format!("unexpected answer: {other:?}")),
+            other => {
+                return Err(ClientError::UnexpectedReply(format!(
+                    "unexpected answer: {other:?}"
+                )))
+            }
         };
         self.key_is_trusted(&me, to, &der)?;
-        let key = RsaPublicKey::from_der(&der).map_err(|_| format!("{to}'s key is unusable"))?;
+        let key =
+            RsaPublicKey::from_der(&der).map_err(|_| ClientError::UnusableKey(to.to_owned()))?;
         let header = offline::Header {
             from: me,
             to: to.to_owned(),
@@ -243,9 +242,8 @@ impl Client {
             sent_at: now_unix(),
             number: id,
         };
-        let blob = offline::seal(&header, text.as_bytes(), &private, &key)
-            .map_err(|e| format!("cannot seal the message: {e}"))?;
-        self.ms_call(&MsRequest::Queue(blob)).map_err(reason)?;
+        let blob = offline::seal(&header, text.as_bytes(), &private, &key)?;
+        self.ms_call(&MsRequest::Queue(blob))?;
         self.emit(Event::Queued {
             to: to.to_owned(),
             id,
@@ -304,7 +302,7 @@ impl Client {
             return;
         }
         if let Err(e) = self.key_is_trusted(&me, &h.from, public_key) {
-            self.emit(refused(&h.from, &e));
+            self.emit(refused(&h.from, &e.to_string()));
             return;
         }
         let text = RsaPublicKey::from_der(public_key)

@@ -28,6 +28,7 @@ use mio::{Events, Interest, Poll, Token};
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 
+use super::account::ClientError;
 use super::Client;
 use crate::proto::relay::{Frame, Op, MAX_RELAY_DATA, RELAY_WINDOW};
 use crate::wire::Message;
@@ -219,7 +220,7 @@ impl Client {
         self: &Arc<Self>,
         to: &str,
         address: SocketAddr,
-    ) -> Result<(TcpStream, Via), String> {
+    ) -> Result<(TcpStream, Via), ClientError> {
         // Port 0: its MS found the listener unreachable at login.
         if self.relays.route(to) == Via::Direct && address.port() != 0 {
             let wait = self.config.direct_connect_timeout.min(self.config.timeout);
@@ -233,7 +234,10 @@ impl Client {
         }
         let s = self
             .open_circuit(to)
-            .map_err(|e| format!("{to} cannot be reached, not even through the relay: {e}"))?;
+            .map_err(|error| ClientError::Unreachable {
+                peer: to.to_owned(),
+                error,
+            })?;
         self.relays.routes.lock().insert(to.to_owned(), Via::Relay);
         Ok((s, Via::Relay))
     }
@@ -322,7 +326,9 @@ impl Client {
             (Op::Open, None) => {
                 let full = self.relays.circuits.lock().len() >= MAX_CIRCUITS;
                 let accepted = if full {
-                    Err(format!("{MAX_CIRCUITS} circuits open"))
+                    Err(ClientError::Local(std::io::Error::other(format!(
+                        "{MAX_CIRCUITS} circuits open"
+                    ))))
                 } else {
                     self.accept_circuit(key.clone())
                 };
@@ -370,9 +376,9 @@ impl Client {
 
     /// A buddy opens a circuit to us: it becomes a connection to our own
     /// listener, which treats it as any other (INIT and all).
-    fn accept_circuit(self: &Arc<Self>, key: Key) -> Result<(), String> {
+    fn accept_circuit(self: &Arc<Self>, key: Key) -> Result<(), ClientError> {
         if self.is_blocked(&key.peer) {
-            return Err("blocked".into());
+            return Err(ClientError::Blocked(key.peer));
         }
         let buddy = self
             .state
@@ -380,20 +386,21 @@ impl Client {
             .session()
             .is_some_and(|s| s.buddies.contains_key(&key.peer));
         if !buddy {
-            return Err("not a buddy".into());
+            return Err(ClientError::NotABuddy(key.peer));
         }
+        // A client always has its listener; a bare one (tests) has none.
         let mut at = self
             .listener_addr
             .lock()
-            .ok_or_else(|| "no listener".to_owned())?;
+            .ok_or_else(|| ClientError::Local(std::io::ErrorKind::NotConnected.into()))?;
         if at.ip().is_unspecified() {
             at.set_ip(match at {
                 SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
                 SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
             });
         }
-        let local = crate::link::connect_to(at, self.config.timeout).map_err(|e| e.to_string())?;
-        self.start_circuit(key, local).map_err(|e| e.to_string())
+        let local = crate::link::connect_to(at, self.config.timeout)?;
+        self.start_circuit(key, local).map_err(ClientError::Local)
     }
 
     /// Writes `m` whole on the held connection to our MS.

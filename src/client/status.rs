@@ -107,9 +107,7 @@ impl Client {
     /// auto-away).
     pub fn set_status(&self, status: Status, message: &str) -> Result<(), AccountError> {
         if message.len() > MAX_STATUS_MESSAGE_BYTES {
-            return Err(AccountError::Failed(format!(
-                "the personal message has at most {MAX_STATUS_MESSAGE_BYTES} bytes"
-            )));
+            return Err(AccountError::StatusTooLong);
         }
         {
             let mut a = self.away.state.lock();

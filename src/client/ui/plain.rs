@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::Receiver;
 
 use super::{needs_secret, prompt_twice, Commands, Passwords, Secret};
+use crate::client::account::ClientError;
 use crate::client::events::Event;
 
 /// Percent steps between progress lines in text mode: a line every 250 ms
@@ -59,11 +60,11 @@ pub fn run(
             }
             Some(Secret::Passwd) if interactive => {
                 let current = rpassword::prompt_password("current password: ")
-                    .map_err(|e| e.to_string())
+                    .map_err(ClientError::Local)
                     .and_then(|c| prompt_twice("new password: ", true).map(|n| (c, n)));
                 match current {
                     Ok((current, new)) => commands.passwd(&current, &new),
-                    Err(e) => commands.error("passwd", e),
+                    Err(e) => commands.error("passwd", e.to_string()),
                 }
             }
             Some(Secret::Passwd) => {
