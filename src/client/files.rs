@@ -26,7 +26,7 @@ use crossbeam_channel::Sender;
 use log::{debug, warn};
 use parking_lot::Mutex;
 
-use super::account::{ClientError, PeerStep};
+use super::error::{ClientError, PeerStep};
 use super::events::{Event, Via};
 use super::peer::{PeerSession, PendingKind};
 use super::Client;

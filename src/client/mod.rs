@@ -3,6 +3,7 @@
 //! [`ui`] puts a full-screen, a line-based or a JSON interface on top.
 
 pub mod account;
+pub mod error;
 pub mod events;
 pub mod files;
 pub mod handshake;
@@ -36,7 +37,8 @@ use crate::proto::relay::RELAY;
 use crate::proto::status::{Status, StatusInfo};
 use crate::proto::{Refusal, Refused};
 use crate::wire::{Limits, Message};
-use account::{AccountError, ClientError, NewAccount};
+use account::NewAccount;
+use error::ClientError;
 use events::{BuddyView, Event};
 use session::{request_is_genuine, Credentials, Session, State};
 
@@ -496,7 +498,7 @@ impl Client {
         user: &str,
         password: &str,
         profile: Profile,
-    ) -> Result<String, AccountError> {
+    ) -> Result<String, ClientError> {
         account::register(&NewAccount {
             crs: &self.config.crs,
             user,
@@ -511,7 +513,7 @@ impl Client {
     }
 
     /// Logs in; the login, the buddy list and waiting requests are emitted.
-    pub fn login(&self, user: &str, password: &str) -> Result<(), AccountError> {
+    pub fn login(&self, user: &str, password: &str) -> Result<(), ClientError> {
         {
             let mut state = self.state.lock();
             match &*state {
@@ -906,7 +908,7 @@ impl Client {
     }
 
     /// Directory search.
-    pub fn search(&self, text: &str) -> Result<Vec<Hit>, AccountError> {
+    pub fn search(&self, text: &str) -> Result<Vec<Hit>, ClientError> {
         match self.ms_call(&MsRequest::Search(text.to_owned()))? {
             MsReply::Hits(hits) => Ok(hits),
             other => Err(unexpected(&other)),
@@ -915,7 +917,7 @@ impl Client {
 
     /// Sends a signed buddy request; `true` if delivered now, `false` if
     /// stored until they log in.
-    pub fn add(&self, name: &str) -> Result<bool, AccountError> {
+    pub fn add(&self, name: &str) -> Result<bool, ClientError> {
         let name = account::normalize_name(name)?;
         let req = {
             let guard = self.state.lock();
@@ -955,7 +957,7 @@ impl Client {
     /// Blocks (`on`) or unblocks `name`, at the CRS (so it holds across
     /// logins): their requests are dropped there, we look offline to
     /// them, and our client refuses their messages, sessions and files.
-    pub fn block(self: &Arc<Self>, name: &str, on: bool) -> Result<(), AccountError> {
+    pub fn block(self: &Arc<Self>, name: &str, on: bool) -> Result<(), ClientError> {
         let name = account::normalize_name(name)?;
         self.ms_call(&MsRequest::Block {
             who: name.clone(),
@@ -977,7 +979,7 @@ impl Client {
     }
 
     /// Accepts `name`'s buddy request.
-    pub fn accept(&self, name: &str) -> Result<(), AccountError> {
+    pub fn accept(&self, name: &str) -> Result<(), ClientError> {
         let name = account::normalize_name(name)?;
         let contact = match self.ms_call(&MsRequest::Accept(name.clone()))? {
             MsReply::Contact(c) => Some(c),
@@ -996,7 +998,7 @@ impl Client {
     }
 
     /// Denies `name`'s buddy request.
-    pub fn deny(&self, name: &str) -> Result<(), AccountError> {
+    pub fn deny(&self, name: &str) -> Result<(), ClientError> {
         let name = account::normalize_name(name)?;
         self.ms_call(&MsRequest::Deny(name.clone()))?;
         if let Some(s) = self.state.lock().session_mut() {
@@ -1006,14 +1008,14 @@ impl Client {
     }
 
     /// Removes `name` from both buddy lists.
-    pub fn remove(&self, name: &str) -> Result<(), AccountError> {
+    pub fn remove(&self, name: &str) -> Result<(), ClientError> {
         let name = account::normalize_name(name)?;
         self.ms_call(&MsRequest::Remove(name))?;
         Ok(())
     }
 
     /// Sets (or with an empty value, clears) one profile field.
-    pub fn set_profile_field(&self, field: &str, value: &str) -> Result<Profile, AccountError> {
+    pub fn set_profile_field(&self, field: &str, value: &str) -> Result<Profile, ClientError> {
         let mut profile = self.profile().ok_or(ClientError::NotLoggedIn)?;
         if value.is_empty() {
             profile.remove(field);
@@ -1028,7 +1030,7 @@ impl Client {
     }
 
     /// Changes the password: a new verifier, our key re-wrapped.
-    pub fn passwd(&self, current: &str, new_password: &str) -> Result<(), AccountError> {
+    pub fn passwd(&self, current: &str, new_password: &str) -> Result<(), ClientError> {
         let current_check = self
             .state
             .lock()

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use log::{debug, warn};
 
-use super::account::ClientError;
+use super::error::ClientError;
 use super::events::{Event, Flush};
 use super::peer::now_unix;
 use super::trust::account_dir;

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use log::{debug, info, warn};
 use parking_lot::Mutex;
 
-use super::account::{ClientError, PeerStep};
+use super::error::{ClientError, PeerStep};
 use super::events::Event;
 use super::handshake::{
     self, EpochKeys, HandshakeError, Initiating, RekeyConfirmation, Rekeying, Tentative,

@@ -28,7 +28,7 @@ use mio::{Events, Interest, Poll, Token};
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 
-use super::account::ClientError;
+use super::error::ClientError;
 use super::Client;
 use crate::proto::relay::{Frame, Op, MAX_RELAY_DATA, RELAY_WINDOW};
 use crate::wire::Message;
@@ -326,9 +326,7 @@ impl Client {
             (Op::Open, None) => {
                 let full = self.relays.circuits.lock().len() >= MAX_CIRCUITS;
                 let accepted = if full {
-                    Err(ClientError::Local(std::io::Error::other(format!(
-                        "{MAX_CIRCUITS} circuits open"
-                    ))))
+                    Err(ClientError::CircuitsFull)
                 } else {
                     self.accept_circuit(key.clone())
                 };

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use log::debug;
 use parking_lot::Mutex;
 
-use super::account::ClientError;
+use super::error::ClientError;
 use super::events::Event;
 use super::peer::PendingKind;
 use super::Client;

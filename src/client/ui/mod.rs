@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{unbounded, Sender};
 
-use super::account::ClientError;
+use super::error::ClientError;
 use super::events::Event;
 use super::{start, Client, ClientConfig};
 use crate::proto::crs::Profile;

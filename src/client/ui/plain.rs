@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::Receiver;
 
 use super::{needs_secret, prompt_twice, Commands, Passwords, Secret};
-use crate::client::account::ClientError;
+use crate::client::error::ClientError;
 use crate::client::events::Event;
 
 /// Percent steps between progress lines in text mode: a line every 250 ms

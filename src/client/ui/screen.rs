@@ -44,7 +44,7 @@ use super::super::history::Entry as HistoryEntry;
 use super::history::History;
 use super::plain::print_events;
 use super::{command_words, needs_secret, Commands, Passwords, Secret, Sent};
-use crate::client::account::ClientError;
+use crate::client::error::ClientError;
 use crate::client::events::{action, clean, progress_text, Event};
 
 /// Lines a window keeps; older ones go (a day of busy chat).
