@@ -26,7 +26,7 @@
 //! by the two parties with both parties' fresh nonces as salt, so every
 //! session gets new keys and sequence numbers can safely restart at 0.
 
-use crate::crypto::{self, aes_gcm_open_in_place, aes_gcm_seal_in_place, hkdf_sha256_32};
+use crate::crypto::{self, hkdf_sha256_32, GcmKey};
 use crate::wire::{self, Headers, Limits, Message, Start};
 use std::fmt;
 use std::ops::Range;
@@ -182,12 +182,12 @@ impl SessionKeys {
         };
         SessionKeys {
             send: Sealer {
-                key: hkdf_sha256_32(secret, context, send.info()),
+                key: GcmKey::new(hkdf_sha256_32(secret, context, send.info())),
                 dir: send,
                 next: Some(0),
             },
             recv: Opener {
-                key: hkdf_sha256_32(secret, context, recv.info()),
+                key: GcmKey::new(hkdf_sha256_32(secret, context, recv.info())),
                 dir: recv,
                 highest: None,
                 seen: 0,
@@ -208,7 +208,7 @@ impl fmt::Debug for SessionKeys {
 /// The sending half: turns inner messages into sealed outer ones with
 /// sequence numbers 0, 1, 2, ...
 pub struct Sealer {
-    key: [u8; 32],
+    key: GcmKey,
     dir: Dir,
     /// The next sequence number; `None` once `u64::MAX` has been used.
     next: Option<u64>,
@@ -328,7 +328,8 @@ impl Sealer {
             &outer.headers,
             body.len() + crypto::GCM_TAG_LEN,
         );
-        aes_gcm_seal_in_place(&self.key, &self.dir.nonce(seq), &aad, &mut body)?;
+        self.key
+            .seal_in_place(&self.dir.nonce(seq), &aad, &mut body)?;
         // Advance only once the nonce has really been used; after
         // u64::MAX there is no next nonce, never a wrap to 0.
         self.next = seq.checked_add(1);
@@ -337,25 +338,7 @@ impl Sealer {
     }
 }
 
-/// Wipes a key when its holder drops (best effort without unsafe code:
-/// the write goes through `black_box`, so it is not optimised away), so
-/// that an erased session's keys do not linger in freed memory.
-fn wipe(key: &mut [u8; 32]) {
-    *key = [0u8; 32];
-    std::hint::black_box(key);
-}
-
-impl Drop for Sealer {
-    fn drop(&mut self) {
-        wipe(&mut self.key);
-    }
-}
-
-impl Drop for Opener {
-    fn drop(&mut self) {
-        wipe(&mut self.key);
-    }
-}
+// The keys wipe themselves when dropped (see `GcmKey`).
 
 impl fmt::Debug for Sealer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -368,7 +351,7 @@ impl fmt::Debug for Sealer {
 
 /// The receiving half: authenticates, decrypts and orders sealed messages.
 pub struct Opener {
-    key: [u8; 32],
+    key: GcmKey,
     /// The direction this party receives (the peer's sending direction).
     dir: Dir,
     /// The highest accepted sequence number.
@@ -435,7 +418,7 @@ impl Opener {
         mut body: Vec<u8>,
     ) -> Result<Inner, SealError> {
         let aad = aad(start, headers, body.len());
-        match aes_gcm_open_in_place(&self.key, &dir.nonce(seq), &aad, &mut body) {
+        match self.key.open_in_place(&dir.nonce(seq), &aad, &mut body) {
             Ok(()) => {}
             Err(crypto::Error::Decrypt) => return Err(SealError::Tampered),
             Err(e) => return Err(SealError::Crypto(e)),

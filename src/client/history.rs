@@ -109,9 +109,58 @@ pub struct History {
     path: PathBuf,
     user: String,
     key: [u8; 32],
-    /// The file opened for appending, kept between records (a record per
-    /// message sent, received and settled); reopened after a rewrite.
-    appender: parking_lot::Mutex<Option<File>>,
+    /// Seals and writes appended records (a record per message sent,
+    /// received and settled).
+    appender: parking_lot::Mutex<Appender>,
+}
+
+/// What appending keeps between records: the file opened for appending
+/// (reopened after a rewrite), the key's cipher context, and the nonce
+/// counter. A record's nonce is an 8-byte prefix drawn at random when the
+/// history opens (and again whenever the 4-byte counter runs out) and the
+/// counter: unique without a call to the CSPRNG per record, which cost
+/// as much as sealing the record. Two openings repeat a prefix with
+/// probability about n²/2⁶⁵ after n openings.
+struct Appender {
+    file: Option<File>,
+    key: crypto::GcmKey,
+    prefix: [u8; 8],
+    counter: u32,
+}
+
+impl Appender {
+    fn new(key: [u8; 32]) -> Appender {
+        Appender {
+            file: None,
+            key: crypto::GcmKey::new(key),
+            prefix: crypto::random_array(),
+            counter: 0,
+        }
+    }
+
+    /// The next record's nonce, never one used before under this key.
+    fn nonce(&mut self) -> [u8; GCM_NONCE_LEN] {
+        if self.counter == u32::MAX {
+            self.prefix = crypto::random_array();
+            self.counter = 0;
+        }
+        let mut nonce = [0u8; GCM_NONCE_LEN];
+        nonce[..8].copy_from_slice(&self.prefix);
+        nonce[8..].copy_from_slice(&self.counter.to_be_bytes());
+        self.counter = self.counter.saturating_add(1);
+        nonce
+    }
+
+    /// `record` sealed as one line of the file, newline included.
+    fn seal_line(&mut self, user: &str, record: &[u8]) -> Result<String, HistoryError> {
+        let nonce = self.nonce();
+        let mut buf = Vec::with_capacity(record.len() + crypto::GCM_TAG_LEN);
+        buf.extend_from_slice(record);
+        self.key
+            .seal_in_place(&nonce, user.as_bytes(), &mut buf)
+            .map_err(|_| HistoryError::Corrupt)?;
+        Ok(hex(&nonce) + &hex(&buf) + "\n")
+    }
 }
 
 impl History {
@@ -124,7 +173,7 @@ impl History {
             path,
             user: user.to_owned(),
             key,
-            appender: parking_lot::Mutex::new(None),
+            appender: parking_lot::Mutex::new(Appender::new(key)),
         };
         match File::open(&h.path) {
             Ok(f) => {
@@ -159,22 +208,22 @@ impl History {
     }
 
     fn append(&self, record: &[u8]) -> Result<(), HistoryError> {
-        let line = seal(&self.key, &self.user, record)? + "\n";
         let mut appender = self.appender.lock();
-        if appender.is_none() {
+        let line = appender.seal_line(&self.user, record)?;
+        if appender.file.is_none() {
             let f = OpenOptions::new()
                 .append(true)
                 .open(&self.path)
                 .map_err(HistoryError::Io)?;
-            *appender = Some(f);
+            appender.file = Some(f);
         }
-        let written = match appender.as_mut() {
+        let written = match appender.file.as_mut() {
             Some(f) => f.write_all(line.as_bytes()),
             None => Ok(()),
         };
         if written.is_err() {
             // Opened again next time (the file may have been replaced).
-            *appender = None;
+            appender.file = None;
         }
         written.map_err(HistoryError::Io)
     }
@@ -252,9 +301,12 @@ impl History {
     /// Re-seals everything under `key` (a new password).
     pub fn rekey(&mut self, key: [u8; 32]) -> Result<(), HistoryError> {
         let records = self.records()?;
-        // Appends go to the new file from now on.
-        *self.appender.lock() = None;
+        // Appends go to the new file, under the new key, from now on.
+        let mut appender = self.appender.lock();
+        appender.file = None;
         self.write_all(&key, &records)?;
+        *appender = Appender::new(key);
+        drop(appender);
         self.key = key;
         Ok(())
     }

@@ -4,8 +4,10 @@
 //! variants exist for file chunks (64 KiB to 1 MiB): they encrypt and
 //! decrypt inside the caller's buffer, so a chunk is never copied.
 
+use std::sync::OnceLock;
+
 use super::Error;
-use openssl::cipher::Cipher;
+use openssl::cipher::{Cipher, CipherRef};
 use openssl::cipher_ctx::CipherCtx;
 
 /// Key length of AES-256, in bytes.
@@ -14,6 +16,18 @@ pub const AES_KEY_LEN: usize = 32;
 pub const GCM_NONCE_LEN: usize = 12;
 /// GCM tag length: the full 128 bits, never truncated.
 pub const GCM_TAG_LEN: usize = 16;
+
+/// AES-256-GCM, fetched from the provider once. Naming the cipher by its
+/// legacy constant makes OpenSSL 3 fetch it again at every init (a
+/// lock, a name lookup and a parameter scan: about a third of the cost of
+/// sealing a 100-byte message); a fetched cipher skips that.
+fn aes_256_gcm() -> &'static CipherRef {
+    static FETCHED: OnceLock<Option<Cipher>> = OnceLock::new();
+    match FETCHED.get_or_init(|| Cipher::fetch(None, "AES-256-GCM", None).ok()) {
+        Some(cipher) => cipher,
+        None => Cipher::aes_256_gcm(),
+    }
+}
 
 /// Encrypts `pt` and returns `ciphertext || tag`.
 ///
@@ -43,7 +57,7 @@ pub fn aes_gcm_seal_in_place(
     let len = buf.len();
     let result = (|| {
         let mut ctx = CipherCtx::new()?;
-        ctx.encrypt_init(Some(Cipher::aes_256_gcm()), Some(key), Some(nonce))?;
+        ctx.encrypt_init(Some(aes_256_gcm()), Some(key), Some(nonce))?;
         if !aad.is_empty() {
             ctx.cipher_update(aad, None)?;
         }
@@ -65,6 +79,126 @@ pub fn aes_gcm_seal_in_place(
             buf.truncate(len);
             Err(e.into())
         }
+    }
+}
+
+/// One AES-256-GCM key kept for many messages (a link's direction, a
+/// history file). Its OpenSSL contexts, key schedule included, are made at
+/// the first use and kept: each later message only sets its nonce. For
+/// 100-byte messages that halves the cost of sealing and opening.
+///
+/// The caller guarantees, as for [`aes_gcm_seal`], that a nonce is never
+/// used twice with one key.
+pub struct GcmKey {
+    key: [u8; AES_KEY_LEN],
+    seal: Option<CipherCtx>,
+    open: Option<CipherCtx>,
+}
+
+impl GcmKey {
+    /// Keeps `key`; nothing is computed until it is used.
+    pub fn new(key: [u8; AES_KEY_LEN]) -> GcmKey {
+        GcmKey {
+            key,
+            seal: None,
+            open: None,
+        }
+    }
+
+    /// As [`aes_gcm_seal_in_place`] under this key.
+    pub fn seal_in_place(
+        &mut self,
+        nonce: &[u8; GCM_NONCE_LEN],
+        aad: &[u8],
+        buf: &mut Vec<u8>,
+    ) -> Result<(), Error> {
+        let len = buf.len();
+        let result = (|| {
+            let ctx = match &mut self.seal {
+                Some(ctx) => {
+                    ctx.encrypt_init(None, None, Some(nonce))?;
+                    ctx
+                }
+                slot @ None => {
+                    let mut ctx = CipherCtx::new()?;
+                    ctx.encrypt_init(Some(aes_256_gcm()), Some(&self.key), Some(nonce))?;
+                    slot.insert(ctx)
+                }
+            };
+            if !aad.is_empty() {
+                ctx.cipher_update(aad, None)?;
+            }
+            ctx.cipher_update_inplace(buf, len)?;
+            ctx.cipher_final(&mut [])?;
+            let mut tag = [0u8; GCM_TAG_LEN];
+            ctx.tag(&mut tag)?;
+            Ok::<_, openssl::error::ErrorStack>(tag)
+        })();
+        match result {
+            Ok(tag) => {
+                buf.extend_from_slice(&tag);
+                Ok(())
+            }
+            Err(e) => {
+                // A context that failed midway is not trusted again.
+                self.seal = None;
+                buf.truncate(len);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// As [`aes_gcm_open_in_place`] under this key: on any failure `buf`
+    /// is cleared.
+    pub fn open_in_place(
+        &mut self,
+        nonce: &[u8; GCM_NONCE_LEN],
+        aad: &[u8],
+        buf: &mut Vec<u8>,
+    ) -> Result<(), Error> {
+        let Some(ct_len) = buf.len().checked_sub(GCM_TAG_LEN) else {
+            buf.clear();
+            return Err(Error::Decrypt);
+        };
+        let mut tag = [0u8; GCM_TAG_LEN];
+        tag.copy_from_slice(&buf[ct_len..]);
+        buf.truncate(ct_len);
+        let result = (|| {
+            let ctx = match &mut self.open {
+                Some(ctx) => {
+                    ctx.decrypt_init(None, None, Some(nonce))?;
+                    ctx
+                }
+                slot @ None => {
+                    let mut ctx = CipherCtx::new()?;
+                    ctx.decrypt_init(Some(aes_256_gcm()), Some(&self.key), Some(nonce))?;
+                    slot.insert(ctx)
+                }
+            };
+            if !aad.is_empty() {
+                ctx.cipher_update(aad, None)?;
+            }
+            ctx.cipher_update_inplace(buf, ct_len)?;
+            ctx.set_tag(&tag)?;
+            ctx.cipher_final(&mut [])
+        })();
+        if result.is_err() {
+            // A forged message must not leave state behind for the next.
+            self.open = None;
+            buf.clear();
+            return Err(Error::Decrypt);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for GcmKey {
+    /// Wipes the key (best effort without unsafe code: the write goes
+    /// through `black_box`, so it is not optimised away); OpenSSL wipes
+    /// the contexts' key schedules when they are freed.
+    fn drop(&mut self) {
+        self.key = [0u8; AES_KEY_LEN];
+        std::hint::black_box(&mut self.key);
     }
 }
 
@@ -99,7 +233,7 @@ pub fn aes_gcm_open_in_place(
     buf.truncate(ct_len);
     let result = (|| {
         let mut ctx = CipherCtx::new()?;
-        ctx.decrypt_init(Some(Cipher::aes_256_gcm()), Some(key), Some(nonce))?;
+        ctx.decrypt_init(Some(aes_256_gcm()), Some(key), Some(nonce))?;
         if !aad.is_empty() {
             ctx.cipher_update(aad, None)?;
         }
@@ -182,6 +316,36 @@ mod tests {
             Err(Error::Decrypt)
         );
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn kept_key_matches_one_shot_and_survives_forgeries() {
+        let mut sealer = GcmKey::new(KEY);
+        let mut opener = GcmKey::new(KEY);
+        for i in 0..50u8 {
+            let nonce = [i; 12];
+            let pt: Vec<u8> = (0..usize::from(i) * 3).map(|j| j as u8).collect();
+            let mut buf = pt.clone();
+            sealer.seal_in_place(&nonce, b"aad", &mut buf).unwrap();
+            assert_eq!(buf, aes_gcm_seal(&KEY, &nonce, b"aad", &pt).unwrap());
+            if i % 3 == 0 {
+                // A forgery in between changes nothing for the next one.
+                let mut bad = buf.clone();
+                bad[0] ^= 1;
+                assert_eq!(
+                    opener.open_in_place(&nonce, b"aad", &mut bad),
+                    Err(Error::Decrypt)
+                );
+                assert!(bad.is_empty());
+                let mut wrong_aad = buf.clone();
+                assert_eq!(
+                    opener.open_in_place(&nonce, b"aaD", &mut wrong_aad),
+                    Err(Error::Decrypt)
+                );
+            }
+            opener.open_in_place(&nonce, b"aad", &mut buf).unwrap();
+            assert_eq!(buf, pt);
+        }
     }
 
     fn hex(b: &[u8]) -> String {

@@ -27,7 +27,7 @@ pub mod scram;
 mod x25519;
 
 pub use aead::{
-    aes_gcm_open, aes_gcm_open_in_place, aes_gcm_seal, aes_gcm_seal_in_place, AES_KEY_LEN,
+    aes_gcm_open, aes_gcm_open_in_place, aes_gcm_seal, aes_gcm_seal_in_place, GcmKey, AES_KEY_LEN,
     GCM_NONCE_LEN, GCM_TAG_LEN,
 };
 pub use error::Error;

@@ -38,6 +38,7 @@ use log::{debug, warn};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
+use super::inbuf::InBuf;
 use super::outbound::Outbound;
 use super::park::{Mailbox, Park, Parking};
 use super::server::{refuse, Shared};
@@ -71,7 +72,7 @@ pub(crate) struct Conn<S: Service> {
     pub out: Outbound,
     pub peer: Peer,
     /// Bytes read and not yet parsed into a message.
-    pub buf: Vec<u8>,
+    pub buf: InBuf,
     pub session: S::Session,
     /// Requests handled so far.
     pub requests: u64,
@@ -368,7 +369,7 @@ impl<S: Service> Gate<S> {
                 stream,
                 out,
                 peer,
-                buf: Vec::new(),
+                buf: InBuf::default(),
                 session,
                 requests: 0,
                 since: Instant::now(),
@@ -406,7 +407,7 @@ impl<S: Service> Gate<S> {
                     if conn.buf.is_empty() {
                         conn.first_byte = Some(Instant::now());
                     }
-                    conn.buf.extend_from_slice(&chunk[..n]);
+                    conn.buf.extend(&chunk[..n]);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -525,21 +526,16 @@ pub(crate) fn buffer_cap(limits: &Limits) -> usize {
 
 /// Takes one whole message off the front of `buf`, if there is one.
 pub(crate) fn next_message(
-    buf: &mut Vec<u8>,
+    buf: &mut InBuf,
     limits: &Limits,
 ) -> Result<Option<Message>, crate::wire::Error> {
     if buf.is_empty() {
         return Ok(None);
     }
-    match parse(buf, limits)? {
+    match parse(buf.unread(), limits)? {
         Status::Incomplete => Ok(None),
         Status::Complete { message, used } => {
-            if used >= buf.len() {
-                // Give the memory back: an idle connection holds none.
-                *buf = Vec::new();
-            } else {
-                buf.drain(..used);
-            }
+            buf.consume(used);
             Ok(Some(message))
         }
     }

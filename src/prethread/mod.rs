@@ -48,6 +48,7 @@
 //! ```
 
 mod gate;
+mod inbuf;
 mod limits;
 mod outbound;
 mod park;

@@ -226,7 +226,7 @@ fn converse<S: Service>(
                         return None;
                     }
                 };
-                let buffered = std::mem::take(&mut conn.buf);
+                let buffered = conn.buf.take();
                 let _ = stream.set_nonblocking(false);
                 let _ = stream.set_read_timeout(None);
                 let _ = stream.set_write_timeout(None);
