@@ -18,9 +18,10 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 
 use ims::crs::store::{
-    canonical, valid_username, BuddyRequest, MemStore, PgStore, SearchHit, SledStore, Store,
-    StoreError, User, Verifier,
+    canonical, valid_username, BuddyRequest, ContactView, MemStore, PgStore, SearchHit, SledStore,
+    Store, StoreError, User, Verifier,
 };
+use ims::proto::status::Status;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -190,7 +191,38 @@ fn apply(s: &dyn Store, op: u32, rng: &mut StdRng) -> String {
             let a = pick_name(rng);
             format!("{:?}", s.remove_buddies(&a, &pick_name(rng)))
         }
-        _ => format!("{:?}", s.contacts(&pick_name(rng))),
+        85..=89 => format!("{:?}", s.contacts(&pick_name(rng))),
+        90..=93 => {
+            let name = pick_name(rng);
+            format!(
+                "{:?}",
+                s.set_blocked(&name, &pick_name(rng).to_lowercase(), rng.gen_bool(0.7))
+            )
+        }
+        94..=96 => {
+            let status = [
+                Status::Available,
+                Status::Away,
+                Status::Busy,
+                Status::Invisible,
+            ][rng.gen_range(0..4)];
+            format!(
+                "{:?}",
+                s.set_status(
+                    &pick_name(rng),
+                    status,
+                    NEEDLES[rng.gen_range(0..NEEDLES.len())]
+                )
+            )
+        }
+        _ => {
+            // How some users show to one of them: what a login reads.
+            let viewer = pick_name(rng).to_lowercase();
+            let names: BTreeSet<String> = (0..rng.gen_range(0..6))
+                .map(|_| pick_name(rng).to_lowercase())
+                .collect();
+            format!("{:?}", s.contact_views(&viewer, &names))
+        }
     }
 }
 
@@ -202,7 +234,7 @@ fn check_model(store: &dyn Store, integrity: &dyn Fn() -> Result<(), StoreError>
     let mem = MemStore::new();
     let mut ops = StdRng::seed_from_u64(0x1_5eed);
     for i in 0..OPS {
-        let op = ops.gen_range(0..90);
+        let op = ops.gen_range(0..100);
         // Both stores see the same argument stream.
         let arg_seed: u64 = ops.gen();
         let want = apply(&mem, op, &mut StdRng::seed_from_u64(arg_seed));
@@ -221,6 +253,24 @@ fn check_model(store: &dyn Store, integrity: &dyn Fn() -> Result<(), StoreError>
     // The sequence must actually have exercised the interesting states.
     assert!(end.iter().any(|u| !u.contacts.is_empty()), "no buddies");
     assert!(end.iter().any(|u| !u.requests.is_empty()), "no requests");
+    assert!(end.iter().any(|u| !u.blocked.is_empty()), "no blocks");
+    assert!(
+        end.iter().any(|u| u.status != Status::Available),
+        "no status set"
+    );
+    // Every user's view of every other, read the cheap way, equals the
+    // one made from the whole records.
+    let all: BTreeSet<String> = end.iter().map(|u| u.name.clone()).collect();
+    for viewer in &end {
+        let want: BTreeMap<String, ContactView> = end
+            .iter()
+            .map(|u| (u.name.clone(), ContactView::of(u, &viewer.name)))
+            .collect();
+        assert_eq!(
+            store.contact_views(&viewer.name, &all).expect("views"),
+            want
+        );
+    }
 }
 
 #[test]

@@ -18,7 +18,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use super::live::{LiveState, LiveTx, LockError, Online};
-use super::store::{BuddyRequest, SearchHit, Store, StoreError, User, Verifier};
+use super::store::{BuddyRequest, ContactView, SearchHit, Store, StoreError, User, Verifier};
 use crate::metrics::PoolMetrics;
 use crate::proto::crs::{EventBatch, EventKind, MsInfo, Presence};
 
@@ -141,6 +141,13 @@ impl Store for TimedStore {
     }
     fn get_user(&self, name: &str) -> Result<Option<User>, StoreError> {
         self.time("get_user", || self.inner.get_user(name))
+    }
+    fn contact_views(
+        &self,
+        viewer: &str,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, ContactView>, StoreError> {
+        self.time("contact_views", || self.inner.contact_views(viewer, names))
     }
     fn delete_user(&self, name: &str) -> Result<bool, StoreError> {
         self.time("delete_user", || self.inner.delete_user(name))

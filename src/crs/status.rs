@@ -37,24 +37,28 @@ impl Crs {
         }
     }
 
-    /// How `user`'s contacts show to `user` (one record read each).
+    /// How `user`'s contacts show to `user` (a contact that cannot be read
+    /// shows with no status, as before).
     pub(super) fn contacts_view(&self, user: &str, contacts: &BTreeSet<String>) -> ContactsView {
         let mut view = ContactsView::default();
-        for c in contacts {
-            match self.store.get_user(c) {
-                Ok(Some(u)) if u.blocked.contains(user) || u.status == Status::Invisible => {
-                    view.hidden.insert(c.clone());
-                }
-                Ok(Some(u)) => {
-                    view.status.insert(
-                        c.clone(),
-                        StatusInfo {
-                            status: u.status,
-                            message: u.status_message,
-                        },
-                    );
-                }
-                _ => {}
+        let views = match self.store.contact_views(user, contacts) {
+            Ok(views) => views,
+            Err(e) => {
+                log::warn!("reading how {user}'s contacts show: {e}");
+                return view;
+            }
+        };
+        for (c, v) in views {
+            if v.blocks_viewer || v.status == Status::Invisible {
+                view.hidden.insert(c);
+            } else {
+                view.status.insert(
+                    c,
+                    StatusInfo {
+                        status: v.status,
+                        message: v.status_message,
+                    },
+                );
             }
         }
         view

@@ -24,7 +24,10 @@ use postgres::error::SqlState;
 use postgres::{Client, NoTls};
 
 use super::schema;
-use super::{checked, search_matches, BuddyRequest, SearchHit, Store, StoreError, User, Verifier};
+use super::{
+    checked, search_matches, BuddyRequest, ContactView, SearchHit, Store, StoreError, User,
+    Verifier,
+};
 
 /// Most connections one pool opens; a call finding them all busy waits for
 /// one (up to [`POOL_WAIT`]). Each CRS instance has two pools (store, live
@@ -721,6 +724,44 @@ impl Store for PgStore {
             Err(TxError::Store(e)) => Err(e),
             Err(TxError::Db(e)) => Err(pg_err(e)),
         }
+    }
+
+    fn contact_views(
+        &self,
+        viewer: &str,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, ContactView>, StoreError> {
+        let viewer = checked(viewer)?;
+        let names = names
+            .iter()
+            .map(|n| checked(n))
+            .collect::<Result<Vec<String>, StoreError>>()?;
+        let mut conn = self.pool.get()?;
+        // One statement for every buddy, not a whole record each.
+        let rows = conn
+            .query(
+                "SELECT u.name, u.status, u.status_message, \
+                 EXISTS(SELECT 1 FROM blocks b WHERE b.owner = u.name AND b.blocked = $2) \
+                 FROM users u WHERE u.name = ANY($1)",
+                &[&names, &viewer],
+            )
+            .map_err(pg_err)?;
+        let mut views = BTreeMap::new();
+        for row in rows {
+            let name: String = row.get(0);
+            let status: String = row.get(1);
+            let status = crate::proto::status::Status::parse(&status)
+                .ok_or_else(|| StoreError::Corrupt(format!("user {name:?}: status")))?;
+            views.insert(
+                name,
+                ContactView {
+                    status,
+                    status_message: row.get(2),
+                    blocks_viewer: row.get(3),
+                },
+            );
+        }
+        Ok(views)
     }
 
     fn delete_user(&self, name: &str) -> Result<bool, StoreError> {

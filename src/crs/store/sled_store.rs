@@ -30,7 +30,10 @@ use sled::transaction::{
 };
 use sled::Transactional;
 
-use super::{checked, search_matches, BuddyRequest, SearchHit, Store, StoreError, User, Verifier};
+use super::{
+    checked, search_matches, BuddyRequest, ContactView, SearchHit, Store, StoreError, User,
+    Verifier,
+};
 
 /// Durable store on sled; see the module documentation.
 #[derive(Debug)]
@@ -65,6 +68,20 @@ fn decode_user(key: &[u8], bytes: &[u8]) -> Result<User, StoreError> {
         )));
     }
     Ok(user)
+}
+
+/// The fields of a user record that [`Store::contact_views`] needs; the
+/// others (keys, profile, contacts) are skipped by the parser, not
+/// decoded.
+#[derive(serde::Deserialize)]
+struct ViewFields {
+    name: String,
+    #[serde(default)]
+    blocked: BTreeSet<String>,
+    #[serde(default)]
+    status: crate::proto::status::Status,
+    #[serde(default)]
+    status_message: String,
 }
 
 fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
@@ -290,6 +307,38 @@ impl SledStore {
 }
 
 impl Store for SledStore {
+    fn contact_views(
+        &self,
+        viewer: &str,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, ContactView>, StoreError> {
+        let viewer = checked(viewer)?;
+        let mut views = BTreeMap::new();
+        for name in names {
+            let name = checked(name)?;
+            let Some(v) = self.users.get(name.as_bytes()).map_err(backend)? else {
+                continue;
+            };
+            let f: ViewFields = serde_json::from_slice(&v)
+                .map_err(|e| StoreError::Corrupt(format!("user {name:?}: {e}")))?;
+            if f.name != name {
+                return Err(StoreError::Corrupt(format!(
+                    "user {name:?}: record names {:?}",
+                    f.name
+                )));
+            }
+            views.insert(
+                f.name,
+                ContactView {
+                    status: f.status,
+                    status_message: f.status_message,
+                    blocks_viewer: f.blocked.contains(&viewer),
+                },
+            );
+        }
+        Ok(views)
+    }
+
     fn create_user(&self, mut user: User) -> Result<(), StoreError> {
         let name = checked(&user.name)?;
         user.name = name.clone();
