@@ -2,112 +2,18 @@
 //! SCRAM keys and the wrap key from the password, making the key pair, and
 //! registering with the CRS (PROTOCOL.md §4).
 
-use std::fmt;
 use std::time::Duration;
 
+pub use super::error::{AccountError, ClientError, PeerStep};
+
 use crate::crypto::{self, scram, KdfParams, KdfPolicy, RsaPrivateKey, RsaPublicKey};
-use crate::link::{Conn, LinkError};
+use crate::link::Conn;
 use crate::proto::crs::{
     ClientReply, ClientRequest, Profile, Registration, Verifier, REGISTER_AAD,
 };
-use crate::proto::{Refusal, Refused};
 
 /// Fewest characters of a password.
 pub const MIN_PASSWORD_LEN: usize = 8;
-
-/// Why something the client was asked to do failed: one type for every
-/// operation, with variants a caller matches on.
-#[derive(Debug)]
-pub enum ClientError {
-    /// The password is too short.
-    WeakPassword,
-    /// The name is not 1-32 of `a-z 0-9 _ . -`.
-    InvalidName,
-    /// Not logged in.
-    NotLoggedIn,
-    /// Already logged in as this user.
-    AlreadyLoggedIn(String),
-    /// The server could not be reached, broke the connection, or sent
-    /// something that is not an answer.
-    Io(LinkError),
-    /// The server said no: act on the typed refusal, show its reason.
-    Refused(Refused),
-    /// A key operation failed (e.g. iterations below the policy).
-    Crypto(crypto::Error),
-    /// The CRS's key is not the one configured.
-    WrongCrsKey(String),
-    /// The login challenge asks for more PBKDF2 iterations than
-    /// [`crypto::PBKDF2_MAX_ITERATIONS`]: a hostile or broken server.
-    TooManyIterations(u32),
-    /// The MS failed to prove it holds our verifier: not our servers.
-    ServerUnproven,
-    /// The account's stored key pair does not match.
-    KeyMismatch,
-    /// Something else, in words (conversations and file transfers).
-    Failed(String),
-}
-
-/// The older name of [`ClientError`].
-pub type AccountError = ClientError;
-
-impl ClientError {
-    /// The typed refusal, if a server refused.
-    pub fn refusal(&self) -> Option<&Refusal> {
-        match self {
-            ClientError::Refused(r) => Some(&r.refusal),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for ClientError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ClientError::WeakPassword => write!(f, "password must have at least {MIN_PASSWORD_LEN} characters"),
-            ClientError::InvalidName => f.write_str("invalid name: use 1-32 of a-z 0-9 _ . -"),
-            ClientError::NotLoggedIn => f.write_str("not logged in; /login NAME first"),
-            ClientError::AlreadyLoggedIn(me) => write!(f, "already logged in as {me}; /logout first"),
-            ClientError::Io(e) => write!(f, "cannot reach the server: {e}"),
-            ClientError::Refused(r) => write!(f, "{r}"),
-            ClientError::Crypto(e) => write!(f, "{e}"),
-            ClientError::WrongCrsKey(fp) => write!(
-                f,
-                "the CRS's key fingerprint is {fp}, not the configured one: refusing to send credentials"
-            ),
-            ClientError::TooManyIterations(n) => write!(
-                f,
-                "the messaging server asks for {n} password iterations, more than the {} this client accepts: refusing to log in there",
-                crypto::PBKDF2_MAX_ITERATIONS
-            ),
-            ClientError::ServerUnproven => f.write_str("the messaging server failed to prove itself"),
-            ClientError::KeyMismatch => f.write_str("the stored key pair does not match"),
-            ClientError::Failed(why) => f.write_str(why),
-        }
-    }
-}
-
-impl std::error::Error for ClientError {}
-
-impl From<LinkError> for ClientError {
-    fn from(e: LinkError) -> Self {
-        match e {
-            LinkError::Refused(r) => ClientError::Refused(r),
-            e => ClientError::Io(e),
-        }
-    }
-}
-
-impl From<Refused> for ClientError {
-    fn from(r: Refused) -> Self {
-        ClientError::Refused(r)
-    }
-}
-
-impl From<crypto::Error> for ClientError {
-    fn from(e: crypto::Error) -> Self {
-        ClientError::Crypto(e)
-    }
-}
 
 /// What the password yields for one salt and iteration count.
 pub struct PasswordKeys {
@@ -191,7 +97,7 @@ pub fn register(a: &NewAccount<'_>) -> Result<String, AccountError> {
     }
     let der = match Conn::connect(a.crs, a.timeout)?.call(&ClientRequest::CrsKey)? {
         ClientReply::CrsKey { der, .. } => der,
-        _ => return Err(ClientError::Failed("the CRS sent no key".into())),
+        _ => return Err(ClientError::UnexpectedReply("the CRS sent no key".into())),
     };
     let crs_key = RsaPublicKey::from_der(&der)?;
     let fingerprint = crs_key.fingerprint();

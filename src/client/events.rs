@@ -9,6 +9,7 @@
 //! text and can neither clear the screen, retitle the terminal, move the
 //! cursor nor forge a line. JSON escapes the same characters as `\uXXXX`.
 
+use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 
 pub use super::relay::Via;
@@ -273,7 +274,42 @@ pub enum Event {
         /// What.
         text: String,
     },
+    /// Never shown: the client asks to learn when the interface has taken
+    /// every event sent before this one. The interface answers it (or
+    /// just drops it) when it reaches it; see [`Flush`].
+    #[serde(skip)]
+    Flush(Flush),
 }
+
+/// The answer to an [`Event::Flush`]: whoever takes the event from the
+/// channel has taken everything before it, and says so with
+/// [`Flush::answer`], or by dropping it (a consumer that shows nothing,
+/// or one that is going away, does not keep the client waiting).
+#[derive(Clone, Debug)]
+pub struct Flush(Sender<()>);
+
+impl Flush {
+    /// A flush to send, and where its answer arrives (a disconnection
+    /// counts as an answer: the flush was dropped).
+    pub(crate) fn new() -> (Flush, Receiver<()>) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        (Flush(tx), rx)
+    }
+
+    /// Says that every event before this one was taken.
+    pub fn answer(self) {
+        let _ = self.0.try_send(());
+    }
+}
+
+/// Flushes carry nothing to compare: any two are alike.
+impl PartialEq for Flush {
+    fn eq(&self, _: &Flush) -> bool {
+        true
+    }
+}
+
+impl Eq for Flush {}
 
 impl Event {
     /// The event as one JSON line (without the newline).
@@ -304,6 +340,8 @@ impl Event {
     pub fn to_text(&self) -> String {
         let c = clean;
         match self {
+            // Never shown (interfaces answer it instead).
+            Event::Flush(_) => String::new(),
             Event::Registered { user } => {
                 let user = c(user);
                 format!("registered {user}; log in with /login {user}")

@@ -26,13 +26,14 @@ use crossbeam_channel::Sender;
 use log::{debug, warn};
 use parking_lot::Mutex;
 
+use super::error::{ClientError, PeerStep};
 use super::events::{Event, Via};
 use super::peer::{PeerSession, PendingKind};
 use super::Client;
 use crate::crypto::{self, Sha256};
 use crate::keyfile::hex;
 use crate::proto::peer::{Ack, PeerRequest, PEER};
-use crate::proto::{Refusal, Request};
+use crate::proto::{Refusal, Refused, Request};
 use crate::seal::{Opener, Role, Sealer};
 use crate::wire::io::{write_message, MessageReader};
 use crate::wire::{code, Limits, Message};
@@ -503,13 +504,13 @@ pub struct Receiving {
 
 impl Client {
     /// Offers the file at `path` to `to`; the transfer starts when they accept.
-    pub fn send_file(self: &Arc<Self>, to: &str, path: &Path) -> Result<u64, String> {
+    pub fn send_file(self: &Arc<Self>, to: &str, path: &Path) -> Result<u64, ClientError> {
         let to = to.to_ascii_lowercase();
-        let meta = fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let meta = fs::metadata(path).map_err(|e| ClientError::reading(path, e))?;
         if !meta.is_file() {
-            return Err(format!("{} is not a file", path.display()));
+            return Err(ClientError::NotAFile(path.to_owned()));
         }
-        let mut file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut file = File::open(path).map_err(|e| ClientError::reading(path, e))?;
         let id = self.next_id();
         // Hashing a large file takes a while: say how far it got, as a
         // transfer in the "hash" direction.
@@ -521,7 +522,7 @@ impl Client {
             let n = match file.read(&mut buf) {
                 Ok(0) => break Ok(()),
                 Ok(n) => n,
-                Err(e) => break Err(format!("{}: {e}", path.display())),
+                Err(e) => break Err(ClientError::reading(path, e)),
             };
             hasher.update(&buf[..n]);
             hashed = hashed.saturating_add(n as u64);
@@ -566,21 +567,22 @@ impl Client {
         Ok(id)
     }
 
-    /// Accepts the oldest file offer from `peer`; `false` if there is none.
-    pub fn accept_file(self: &Arc<Self>, peer: &str) -> Result<bool, String> {
+    /// Accepts the oldest file offer from `peer`: `true` once the answer
+    /// went; [`ClientError::NoSuchOffer`] if there is none.
+    pub fn accept_file(self: &Arc<Self>, peer: &str) -> Result<bool, ClientError> {
         self.answer_file(peer, true)
     }
 
-    /// Denies the oldest file offer from `peer`; `false` if there is none.
-    pub fn deny_file(self: &Arc<Self>, peer: &str) -> Result<bool, String> {
+    /// Denies the oldest file offer from `peer`, as [`Client::accept_file`].
+    pub fn deny_file(self: &Arc<Self>, peer: &str) -> Result<bool, ClientError> {
         self.answer_file(peer, false)
     }
 
-    fn answer_file(self: &Arc<Self>, peer: &str, accept: bool) -> Result<bool, String> {
+    fn answer_file(self: &Arc<Self>, peer: &str, accept: bool) -> Result<bool, ClientError> {
         let peer = peer.to_ascii_lowercase();
         let answering = self.files.answering.lock();
         let Some(t) = self.files.take_offer(&peer) else {
-            return Ok(false);
+            return Err(ClientError::NoSuchOffer(peer));
         };
         let mut offset = 0;
         if accept {
@@ -744,7 +746,7 @@ impl Client {
                 if let Err(e) = client.accept_file(&from) {
                     client.emit(Event::Error {
                         command: "accept".into(),
-                        reason: e,
+                        reason: e.to_string(),
                     });
                 }
             });
@@ -797,11 +799,11 @@ impl Client {
                     }),
                     // A cancel here was reported by `cancel_transfers`.
                     Err(_) if t.cancelled.load(Ordering::Relaxed) => {}
-                    Err(reason) => client.emit(Event::FileFailed {
+                    Err(e) => client.emit(Event::FileFailed {
                         peer: t.peer.clone(),
                         id: t.id,
                         name: t.name.clone(),
-                        reason,
+                        reason: e.to_string(),
                     }),
                 }
             });
@@ -846,8 +848,8 @@ impl Client {
 
     /// The sending side of an accepted transfer, on its own connection,
     /// from `start` (the prefix the receiver kept) to the end.
-    fn stream_file(self: &Arc<Self>, t: &OutTransfer, start: u64) -> Result<Via, String> {
-        let me = self.user().ok_or("logged out")?;
+    fn stream_file(self: &Arc<Self>, t: &OutTransfer, start: u64) -> Result<Via, ClientError> {
+        let me = self.user().ok_or(ClientError::NotLoggedIn)?;
         let session = self.session_with(&t.peer)?;
         let (keys, epoch) = session.file_channel(t.id, &me, &t.peer, Role::Initiator);
         let (mut send, mut recv) = (keys.send, keys.recv);
@@ -855,9 +857,9 @@ impl Client {
         let timeout = self.config.timeout;
         let (stream, via) = self.peer_connect(&t.peer, session.address)?;
         let mut reader = MessageReader::new(stream);
-        let mut file = File::open(&t.path).map_err(|e| format!("{}: {e}", t.path.display()))?;
-        file.seek(SeekFrom::Start(start))
-            .map_err(|e| format!("{}: {e}", t.path.display()))?;
+        let unreadable = |e| ClientError::reading(&t.path, e);
+        let mut file = File::open(&t.path).map_err(unreadable)?;
+        file.seek(SeekFrom::Start(start)).map_err(unreadable)?;
         // One buffer for every chunk: the inner FILE-CHUNK is encoded into
         // it, the file read straight behind its head, then it is sealed in
         // place and written from there.
@@ -867,10 +869,10 @@ impl Client {
         if let Some(e) = progress.event(&t.peer, t.id, "send", offset, t.size, true) {
             self.emit(e);
         }
-        let broke = |e: &dyn std::fmt::Display| format!("the transfer broke off: {e}");
+        let broke = |e: &dyn std::fmt::Display| ClientError::BrokeOff(e.to_string());
         while offset < t.size {
             if t.cancelled.load(Ordering::Relaxed) {
-                return Err("cancelled".into());
+                return Err(ClientError::Cancelled);
             }
             let n = (t.size - offset).min(CHUNK as u64) as usize;
             let head = PeerRequest::FileChunk {
@@ -884,18 +886,16 @@ impl Client {
             let read = (&mut file)
                 .take(n as u64)
                 .read_to_end(&mut buf)
-                .map_err(|e| format!("{}: {e}", t.path.display()))?;
+                .map_err(unreadable)?;
             if read < n {
-                return Err(format!("{} shrank while being sent", t.path.display()));
+                return Err(ClientError::FileShrank(t.path.clone()));
             }
             buf.extend_from_slice(b"\r\n");
-            let sealed = send
-                .seal_encoded(
-                    PEER,
-                    &session.clear(&me, &epoch, &chan),
-                    std::mem::take(&mut buf),
-                )
-                .map_err(|e| e.to_string())?;
+            let sealed = send.seal_encoded(
+                PEER,
+                &session.clear(&me, &epoch, &chan),
+                std::mem::take(&mut buf),
+            )?;
             write_message(reader.get_mut(), &sealed, Instant::now() + timeout)
                 .map_err(|e| broke(&e))?;
             buf = sealed.body;
@@ -905,30 +905,38 @@ impl Client {
                 self.emit(e);
             }
         }
-        let end = send
-            .seal(
-                PEER,
-                &session.clear(&me, &epoch, &chan),
-                &PeerRequest::FileEnd { id: t.id }.to_message(),
-            )
-            .map_err(|e| e.to_string())?;
+        let end = send.seal(
+            PEER,
+            &session.clear(&me, &epoch, &chan),
+            &PeerRequest::FileEnd { id: t.id }.to_message(),
+        )?;
         write_message(reader.get_mut(), &end, Instant::now() + timeout).map_err(|e| broke(&e))?;
         let reply = reader
             .read_message(&Limits::DEFAULT, Instant::now() + timeout)
             .map_err(|e| broke(&e))?
             .ok_or_else(|| broke(&"closed"))?;
         if reply.method() != Some(PEER) {
-            return Err(format!(
-                "{} refused the file: {}",
-                t.peer,
-                reply.reason().unwrap_or("")
-            ));
+            // An unsealed refusal of the transfer's connection.
+            let refused = Refused::from_message(&reply)
+                .unwrap_or_else(|| Refused::new(Refusal::BadRequest, ""));
+            return Err(ClientError::PeerRefused {
+                peer: t.peer.clone(),
+                step: PeerStep::Transfer,
+                refused,
+            });
         }
         let inner = recv.open(&reply).map_err(|e| broke(&e))?;
         match (PeerRequest::FileEnd { id: t.id }).read_reply(&inner) {
             Ok(Ok(_)) => Ok(via),
-            Ok(Err(refused)) => Err(format!("{}: {refused}", t.peer)),
-            Err(e) => Err(format!("{}: bad answer: {e}", t.peer)),
+            Ok(Err(refused)) => Err(ClientError::PeerRefused {
+                peer: t.peer.clone(),
+                step: PeerStep::File,
+                refused,
+            }),
+            Err(error) => Err(ClientError::BadAnswer {
+                peer: t.peer.clone(),
+                error,
+            }),
         }
     }
 
@@ -1079,7 +1087,7 @@ impl Client {
                 };
                 let reply = match self.finish(r, file, hasher) {
                     Ok(()) => Ack::done(id),
-                    Err(reason) => Ack::refused(id, Refusal::BadRequest, reason),
+                    Err(e) => Ack::refused(id, Refusal::BadRequest, e.to_string()),
                 }
                 .to_message();
                 let clear = r.session.clear(&r.me, &r.epoch, "");
@@ -1099,20 +1107,20 @@ impl Client {
 
     /// Checks the whole file, all of it written to `file` and hashed by
     /// `hasher`, and moves it into place.
-    fn finish(&self, r: &mut Receiving, file: File, hasher: Sha256) -> Result<(), String> {
+    fn finish(&self, r: &mut Receiving, file: File, hasher: Sha256) -> Result<(), ClientError> {
         let t = r.transfer.clone();
         // The transfer stays listed (its resumption file taken) until the
         // file is in place: an offer of the same file accepted meanwhile
         // must not take this one's complete data for a prefix to resume.
         let sha = hex(&hasher.finish());
         if r.written != t.size {
-            return Err(self.abandon(r, "the file is shorter than offered"));
+            return Err(self.abandon_for(r, ClientError::FileShort));
         }
         if sha != t.sha256 {
-            return Err(self.abandon(r, "checksum mismatch"));
+            return Err(self.abandon_for(r, ClientError::ChecksumMismatch));
         }
         if let Err(e) = file.sync_all() {
-            return Err(self.abandon(r, &format!("cannot write the file: {e}")));
+            return Err(self.abandon_for(r, ClientError::CannotWrite(e)));
         }
         match place(&r.temp, &self.config.download_dir, &safe_name(&t.name)) {
             Ok(path) => {
@@ -1132,12 +1140,18 @@ impl Client {
                 });
                 Ok(())
             }
-            Err(e) => Err(self.abandon(r, &format!("cannot store the file: {e}"))),
+            Err(e) => Err(self.abandon_for(r, ClientError::CannotStore(e))),
         }
     }
 
-    /// Deletes the partial file and reports why; returns the reason.
-    fn abandon(&self, r: &mut Receiving, reason: &str) -> String {
+    /// As [`Client::abandon`], for an error that is then returned.
+    fn abandon_for(&self, r: &mut Receiving, e: ClientError) -> ClientError {
+        self.abandon(r, &e.to_string());
+        e
+    }
+
+    /// Deletes the partial file and reports why.
+    fn abandon(&self, r: &mut Receiving, reason: &str) {
         r.done = true;
         // Nothing may still be writing to the file being removed.
         if let Some(mut sink) = r.sink.take() {
@@ -1153,7 +1167,6 @@ impl Client {
             name: r.transfer.name.clone(),
             reason: reason.to_owned(),
         });
-        reason.to_owned()
     }
 
     /// A transfer's connection ended: unless it finished, nothing stays.

@@ -3,6 +3,7 @@
 //! [`ui`] puts a full-screen, a line-based or a JSON interface on top.
 
 pub mod account;
+pub mod error;
 pub mod events;
 pub mod files;
 pub mod handshake;
@@ -36,7 +37,8 @@ use crate::proto::relay::RELAY;
 use crate::proto::status::{Status, StatusInfo};
 use crate::proto::{Refusal, Refused};
 use crate::wire::{Limits, Message};
-use account::{AccountError, ClientError, NewAccount};
+use account::NewAccount;
+use error::ClientError;
 use events::{BuddyView, Event};
 use session::{request_is_genuine, Credentials, Session, State};
 
@@ -259,7 +261,7 @@ const HELD_READ_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 /// A reply that does not fit its request.
 fn unexpected(reply: &MsReply) -> ClientError {
-    ClientError::Failed(format!(
+    ClientError::UnexpectedReply(format!(
         "unexpected reply from the messaging server: {reply:?}"
     ))
 }
@@ -496,7 +498,7 @@ impl Client {
         user: &str,
         password: &str,
         profile: Profile,
-    ) -> Result<String, AccountError> {
+    ) -> Result<String, ClientError> {
         account::register(&NewAccount {
             crs: &self.config.crs,
             user,
@@ -511,12 +513,12 @@ impl Client {
     }
 
     /// Logs in; the login, the buddy list and waiting requests are emitted.
-    pub fn login(&self, user: &str, password: &str) -> Result<(), AccountError> {
+    pub fn login(&self, user: &str, password: &str) -> Result<(), ClientError> {
         {
             let mut state = self.state.lock();
             match &*state {
                 State::LoggedIn(s) => return Err(ClientError::AlreadyLoggedIn(s.user.clone())),
-                State::LoggingIn => return Err(ClientError::Failed("a login is under way".into())),
+                State::LoggingIn => return Err(ClientError::LoginUnderWay),
                 State::LoggedOut => *state = State::LoggingIn,
             }
         }
@@ -531,7 +533,7 @@ impl Client {
                         *keys = None;
                         *self.state.lock() = State::LoggedOut;
                         self.changed.notify_all();
-                        return Err(ClientError::Failed(e.to_string()));
+                        return Err(e.into());
                     }
                 }
             }
@@ -847,12 +849,8 @@ impl Client {
             return Err(ClientError::NotLoggedIn);
         }
         let guard = self.history.lock();
-        let h = guard
-            .as_ref()
-            .ok_or_else(|| ClientError::Failed("the history is not open in this login".into()))?;
-        let messages = h
-            .last(&name, n)
-            .map_err(|e| ClientError::Failed(e.to_string()))?;
+        let h = guard.as_ref().ok_or(ClientError::HistoryClosed)?;
+        let messages = h.last(&name, n)?;
         Ok(Event::History {
             with: name,
             messages,
@@ -868,32 +866,21 @@ impl Client {
             let guard = self.settled_session();
             let s = guard.session().ok_or(ClientError::NotLoggedIn)?;
             let presented = match s.buddies.get(&name) {
-                None => return Err(ClientError::Failed(format!("{name} is not your buddy"))),
+                None => return Err(ClientError::NotABuddy(name)),
                 Some(p) => p.as_ref().map(|p| p.public_key.clone()),
             };
             (s.user.clone(), s.public_key.to_der()?, presented)
         };
         let mut keys = self.keys.lock();
         let Some((_, book)) = keys.as_mut().filter(|(u, _)| *u == me) else {
-            return Err(ClientError::Failed(
-                "the remembered buddy keys are not open".into(),
-            ));
+            return Err(ClientError::KeysNotOpen);
         };
-        if accept {
-            let done = book
-                .accept(&name, presented.as_deref())
-                .map_err(|e| ClientError::Failed(e.to_string()))?;
-            if !done {
-                return Err(ClientError::Failed(format!(
-                    "no key of {name} seen yet; try again while {name} is online"
-                )));
-            }
+        if accept && !book.accept(&name, presented.as_deref())? {
+            return Err(ClientError::NoKeySeen(name));
         }
-        let (theirs, verified) = book.shown(&name, presented.as_deref()).ok_or_else(|| {
-            ClientError::Failed(format!(
-                "no key of {name} seen yet; try again while {name} is online"
-            ))
-        })?;
+        let Some((theirs, verified)) = book.shown(&name, presented.as_deref()) else {
+            return Err(ClientError::NoKeySeen(name));
+        };
         Ok(Event::SafetyNumber {
             number: trust::safety_number((&me, &mine), (&name, &theirs)),
             user: name,
@@ -921,7 +908,7 @@ impl Client {
     }
 
     /// Directory search.
-    pub fn search(&self, text: &str) -> Result<Vec<Hit>, AccountError> {
+    pub fn search(&self, text: &str) -> Result<Vec<Hit>, ClientError> {
         match self.ms_call(&MsRequest::Search(text.to_owned()))? {
             MsReply::Hits(hits) => Ok(hits),
             other => Err(unexpected(&other)),
@@ -930,7 +917,7 @@ impl Client {
 
     /// Sends a signed buddy request; `true` if delivered now, `false` if
     /// stored until they log in.
-    pub fn add(&self, name: &str) -> Result<bool, AccountError> {
+    pub fn add(&self, name: &str) -> Result<bool, ClientError> {
         let name = account::normalize_name(name)?;
         let req = {
             let guard = self.state.lock();
@@ -970,7 +957,7 @@ impl Client {
     /// Blocks (`on`) or unblocks `name`, at the CRS (so it holds across
     /// logins): their requests are dropped there, we look offline to
     /// them, and our client refuses their messages, sessions and files.
-    pub fn block(self: &Arc<Self>, name: &str, on: bool) -> Result<(), AccountError> {
+    pub fn block(self: &Arc<Self>, name: &str, on: bool) -> Result<(), ClientError> {
         let name = account::normalize_name(name)?;
         self.ms_call(&MsRequest::Block {
             who: name.clone(),
@@ -992,7 +979,7 @@ impl Client {
     }
 
     /// Accepts `name`'s buddy request.
-    pub fn accept(&self, name: &str) -> Result<(), AccountError> {
+    pub fn accept(&self, name: &str) -> Result<(), ClientError> {
         let name = account::normalize_name(name)?;
         let contact = match self.ms_call(&MsRequest::Accept(name.clone()))? {
             MsReply::Contact(c) => Some(c),
@@ -1011,7 +998,7 @@ impl Client {
     }
 
     /// Denies `name`'s buddy request.
-    pub fn deny(&self, name: &str) -> Result<(), AccountError> {
+    pub fn deny(&self, name: &str) -> Result<(), ClientError> {
         let name = account::normalize_name(name)?;
         self.ms_call(&MsRequest::Deny(name.clone()))?;
         if let Some(s) = self.state.lock().session_mut() {
@@ -1021,14 +1008,14 @@ impl Client {
     }
 
     /// Removes `name` from both buddy lists.
-    pub fn remove(&self, name: &str) -> Result<(), AccountError> {
+    pub fn remove(&self, name: &str) -> Result<(), ClientError> {
         let name = account::normalize_name(name)?;
         self.ms_call(&MsRequest::Remove(name))?;
         Ok(())
     }
 
     /// Sets (or with an empty value, clears) one profile field.
-    pub fn set_profile_field(&self, field: &str, value: &str) -> Result<Profile, AccountError> {
+    pub fn set_profile_field(&self, field: &str, value: &str) -> Result<Profile, ClientError> {
         let mut profile = self.profile().ok_or(ClientError::NotLoggedIn)?;
         if value.is_empty() {
             profile.remove(field);
@@ -1043,7 +1030,7 @@ impl Client {
     }
 
     /// Changes the password: a new verifier, our key re-wrapped.
-    pub fn passwd(&self, current: &str, new_password: &str) -> Result<(), AccountError> {
+    pub fn passwd(&self, current: &str, new_password: &str) -> Result<(), ClientError> {
         let current_check = self
             .state
             .lock()
@@ -1052,12 +1039,10 @@ impl Client {
             .ok_or(ClientError::NotLoggedIn)?;
         // A PBKDF2 derivation: outside the lock.
         if !session::is_password(&current_check, current, self.config.policy())? {
-            return Err(ClientError::Failed("the current password is wrong".into()));
+            return Err(ClientError::WrongPassword);
         }
         if current == new_password {
-            return Err(ClientError::Failed(
-                "the new password is the current one".into(),
-            ));
+            return Err(ClientError::SamePassword);
         }
         let (req, check, user) = {
             let guard = self.state.lock();
@@ -1376,5 +1361,136 @@ impl Service for Listener {
         if let PeerConn::Receiving(r) = conn {
             self.0.close_receiving(*r);
         }
+    }
+}
+
+/// What the client's unit tests share: a client with no listener and no
+/// servers, logged in by hand.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::proto::crs::Presence;
+
+    /// A client keeping its files under `dir`; its events.
+    pub fn client(dir: &std::path::Path, typing: bool) -> (Arc<Client>, Receiver<Event>) {
+        let config = ClientConfig {
+            state_dir: dir.join("state"),
+            download_dir: dir.join("downloads"),
+            typing_notifications: typing,
+            ..ClientConfig::default()
+        };
+        let (tx, rx) = crossbeam_channel::unbounded();
+        (Arc::new(Client::new(config, 0, tx)), rx)
+    }
+
+    /// Logs `c` in as `user` with these buddies (no server is asked).
+    pub fn log_in(c: &Client, user: &str, buddies: &[(&str, Option<Presence>)]) {
+        *c.state.lock() = State::LoggedIn(Box::new(session::session_for_test(user, buddies)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{client, log_in};
+    use super::*;
+    use std::io::ErrorKind;
+
+    #[test]
+    fn a_file_that_does_not_exist_or_is_no_file_is_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _events) = client(dir.path(), true);
+        let missing = dir.path().join("missing.txt");
+        match c.send_file("bob", &missing) {
+            Err(ClientError::NoSuchFile { path, error }) => {
+                assert_eq!(path, missing);
+                assert_eq!(error.kind(), ErrorKind::NotFound);
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = c.send_file("bob", &missing).unwrap_err();
+        assert_eq!(e.io_kind(), Some(ErrorKind::NotFound));
+        // The words people saw before: the path, then the system's.
+        assert!(
+            e.to_string()
+                .starts_with(&format!("{}: ", missing.display())),
+            "{e}"
+        );
+        match c.send_file("bob", dir.path()) {
+            Err(ClientError::NotAFile(p)) => assert_eq!(p, dir.path()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn answering_a_file_offer_that_is_not_there_is_no_such_offer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _events) = client(dir.path(), true);
+        log_in(&c, "ann", &[("bob", None)]);
+        match c.accept_file("Bob") {
+            Err(ClientError::NoSuchOffer(who)) => assert_eq!(who, "bob"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            c.deny_file("bob"),
+            Err(ClientError::NoSuchOffer(_))
+        ));
+    }
+
+    #[test]
+    fn typing_to_someone_it_cannot_go_to_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _events) = client(dir.path(), true);
+        assert!(matches!(
+            c.send_typing("bob", true),
+            Err(ClientError::NotLoggedIn)
+        ));
+        log_in(&c, "ann", &[("carol", None)]);
+        match c.send_typing("bob", true) {
+            Err(ClientError::NotABuddy(who)) => assert_eq!(who, "bob"),
+            other => panic!("{other:?}"),
+        }
+        match c.send_typing("carol", true) {
+            Err(ClientError::BuddyOffline(who)) => assert_eq!(who, "carol"),
+            other => panic!("{other:?}"),
+        }
+        let (off, _events) = client(dir.path(), false);
+        assert!(matches!(
+            off.send_typing("carol", true),
+            Err(ClientError::TypingOff)
+        ));
+    }
+
+    #[test]
+    fn a_message_that_cannot_go_says_why_with_its_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _events) = client(dir.path(), true);
+        log_in(&c, "ann", &[]);
+        let long = "x".repeat(peer::MAX_TEXT_BYTES + 1);
+        match c.send_message("bob", &long) {
+            Err((id, ClientError::MessageTooLong(n))) => {
+                assert!(id > 0);
+                assert_eq!(n, long.len());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            c.send_message("bob", "hi"),
+            Err((_, ClientError::NotABuddy(_)))
+        ));
+    }
+
+    #[test]
+    fn verifying_a_stranger_is_not_a_buddy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _events) = client(dir.path(), true);
+        assert!(matches!(
+            c.verify("bob", false),
+            Err(ClientError::NotLoggedIn)
+        ));
+        log_in(&c, "ann", &[]);
+        assert!(matches!(
+            c.verify("bob", false),
+            Err(ClientError::NotABuddy(_))
+        ));
     }
 }

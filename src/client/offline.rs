@@ -23,12 +23,12 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use log::warn;
+use log::{debug, warn};
 
-use super::account::ClientError;
-use super::events::Event;
+use super::error::ClientError;
+use super::events::{Event, Flush};
 use super::peer::now_unix;
 use super::trust::account_dir;
 use super::Client;
@@ -214,28 +214,27 @@ impl Client {
 
     /// Seals `text` to `to` and files it at the CRS: `queued` follows at
     /// once, `delivered` (offline) when they have read it.
-    pub(super) fn send_offline(&self, to: &str, id: u64, text: &str) -> Result<u64, String> {
+    pub(super) fn send_offline(&self, to: &str, id: u64, text: &str) -> Result<u64, ClientError> {
         let (me, private) = {
             let guard = self.settled_session();
-            let s = guard.session().ok_or("not logged in; /login NAME first")?;
+            let s = guard.session().ok_or(ClientError::NotLoggedIn)?;
             if !s.buddies.contains_key(to) {
-                return Err(format!("{to} is not your buddy; /add {to} first"));
+                return Err(ClientError::NotABuddy(to.to_owned()));
             }
             (s.user.clone(), s.private_key.clone())
         };
-        let reason = |e: ClientError| match e {
-            ClientError::Refused(r) => r.reason,
-            e => e.to_string(),
-        };
-        let der = match self
-            .ms_call(&MsRequest::Key(to.to_owned()))
-            .map_err(reason)?
-        {
+        // A refusal of the servers shows as its reason alone.
+        let der = match self.ms_call(&MsRequest::Key(to.to_owned()))? {
             MsReply::Key(der) => der,
-            other => return Err(format!("unexpected answer: {other:?}")),
+            other => {
+                return Err(ClientError::UnexpectedReply(format!(
+                    "unexpected answer: {other:?}"
+                )))
+            }
         };
         self.key_is_trusted(&me, to, &der)?;
-        let key = RsaPublicKey::from_der(&der).map_err(|_| format!("{to}'s key is unusable"))?;
+        let key =
+            RsaPublicKey::from_der(&der).map_err(|_| ClientError::UnusableKey(to.to_owned()))?;
         let header = offline::Header {
             from: me,
             to: to.to_owned(),
@@ -243,9 +242,8 @@ impl Client {
             sent_at: now_unix(),
             number: id,
         };
-        let blob = offline::seal(&header, text.as_bytes(), &private, &key)
-            .map_err(|e| format!("cannot seal the message: {e}"))?;
-        self.ms_call(&MsRequest::Queue(blob)).map_err(reason)?;
+        let blob = offline::seal(&header, text.as_bytes(), &private, &key)?;
+        self.ms_call(&MsRequest::Queue(blob))?;
         self.emit(Event::Queued {
             to: to.to_owned(),
             id,
@@ -304,7 +302,7 @@ impl Client {
             return;
         }
         if let Err(e) = self.key_is_trusted(&me, &h.from, public_key) {
-            self.emit(refused(&h.from, &e));
+            self.emit(refused(&h.from, &e.to_string()));
             return;
         }
         let text = RsaPublicKey::from_der(public_key)
@@ -338,7 +336,9 @@ impl Client {
         }
         drop(guard);
         // Everything before it printed first.
-        self.wait_shown();
+        if !self.wait_shown() {
+            debug!("the interface is slow to take events; showing anyway");
+        }
         let e = Event::Message {
             from: h.from.clone(),
             text,
@@ -373,6 +373,7 @@ impl Client {
         drop(guard);
         self.set_last_peer(&h.from);
         self.record(&e);
+        // Taken before it is acknowledged.
         self.wait_shown();
     }
 
@@ -416,12 +417,22 @@ impl Client {
         self.wait_shown();
     }
 
-    /// Waits (briefly) until the interface has taken every event so far.
-    fn wait_shown(&self) {
-        let end = Instant::now() + SHOWN_WAIT;
-        while !self.events.is_empty() && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(1));
+    /// Waits (at most [`SHOWN_WAIT`]) until the interface has taken every
+    /// event so far: a flush goes behind them on the same channel, and
+    /// the interface answers it when it gets there. `false` if it did not
+    /// within the time.
+    fn wait_shown(&self) -> bool {
+        let (flush, answered) = Flush::new();
+        if self.events.send(Event::Flush(flush)).is_err() {
+            // No interface: nothing to wait for.
+            return true;
         }
+        // An answer, or the flush dropped (a disconnection): either way
+        // everything before it was taken.
+        !matches!(
+            answered.recv_timeout(SHOWN_WAIT),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout)
+        )
     }
 
     /// Sends the acknowledgements gathered; kept for the next try if the
@@ -462,5 +473,62 @@ mod tests {
         assert!(m.has("aa"));
         assert!(!m.has("bb"));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A client with no listener whose events go to the returned channel.
+    fn client() -> (Client, crossbeam_channel::Receiver<Event>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        (
+            Client::new(super::super::ClientConfig::default(), 0, tx),
+            rx,
+        )
+    }
+
+    #[test]
+    fn waiting_for_the_interface_ends_when_it_took_everything_before() {
+        let (c, rx) = client();
+        let taken = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let interface = {
+            let taken = taken.clone();
+            std::thread::spawn(move || {
+                for e in rx {
+                    match e {
+                        Event::Flush(f) => f.answer(),
+                        e => {
+                            // A slow interface: the wait must cover it.
+                            std::thread::sleep(Duration::from_millis(100));
+                            taken.lock().push(e);
+                        }
+                    }
+                }
+            })
+        };
+        for n in 0..3 {
+            c.emit(Event::Notice {
+                text: format!("n{n}"),
+            });
+        }
+        assert!(c.wait_shown(), "answered, not timed out");
+        assert_eq!(taken.lock().len(), 3, "all three taken before the answer");
+        drop(c);
+        interface.join().unwrap();
+    }
+
+    #[test]
+    fn a_dropped_flush_ends_the_wait_and_no_interface_none() {
+        let (c, rx) = client();
+        let interface = std::thread::spawn(move || for _ in rx {});
+        assert!(c.wait_shown(), "a consumer that drops the flush answers it");
+        drop(c);
+        interface.join().unwrap();
+        let (c, rx) = client();
+        drop(rx);
+        assert!(c.wait_shown(), "no interface: nothing to wait for");
+    }
+
+    #[test]
+    fn a_flush_is_never_shown() {
+        let (f, _answer) = Flush::new();
+        assert_eq!(Event::Flush(f).to_text(), "");
     }
 }

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use log::{debug, info, warn};
 use parking_lot::Mutex;
 
+use super::error::{ClientError, PeerStep};
 use super::events::Event;
 use super::handshake::{
     self, EpochKeys, HandshakeError, Initiating, RekeyConfirmation, Rekeying, Tentative,
@@ -33,7 +34,7 @@ use super::trust::Check;
 use super::Client;
 use crate::crypto::{self, RsaPublicKey};
 use crate::proto::peer::{Ack, Confirm, Init, InitAck, PeerRequest, RekeyAck, PEER};
-use crate::proto::{Fields, Refusal};
+use crate::proto::{Fields, Refusal, Refused};
 use crate::seal::{Opener, Role, Sealer, SessionKeys};
 use crate::wire::io::{write_message, IoError, MessageReader};
 use crate::wire::{code, Limits, Message};
@@ -495,12 +496,12 @@ impl Client {
     fn peer_target(
         &self,
         to: &str,
-    ) -> Result<(String, crypto::RsaPrivateKey, SocketAddr, Vec<u8>), String> {
+    ) -> Result<(String, crypto::RsaPrivateKey, SocketAddr, Vec<u8>), ClientError> {
         let guard = self.settled_session();
-        let s = guard.session().ok_or("not logged in; /login NAME first")?;
+        let s = guard.session().ok_or(ClientError::NotLoggedIn)?;
         match s.buddies.get(to) {
-            None => Err(format!("{to} is not your buddy; /add {to} first")),
-            Some(None) => Err(format!("{to} is offline")),
+            None => Err(ClientError::NotABuddy(to.to_owned())),
+            Some(None) => Err(ClientError::BuddyOffline(to.to_owned())),
             Some(Some(p)) => {
                 self.key_is_trusted(&s.user, to, &p.public_key)?;
                 Ok((
@@ -516,10 +517,15 @@ impl Client {
     /// Whether `key`, handed out by the servers for `buddy`, is the one
     /// remembered (or seen for the first time); a changed key is reported
     /// once and refused until the user accepts it with `/verify`.
-    pub(super) fn key_is_trusted(&self, me: &str, buddy: &str, key: &[u8]) -> Result<(), String> {
+    pub(super) fn key_is_trusted(
+        &self,
+        me: &str,
+        buddy: &str,
+        key: &[u8],
+    ) -> Result<(), ClientError> {
         let mut keys = self.keys.lock();
         let Some((_, book)) = keys.as_mut().filter(|(u, _)| u == me) else {
-            return Err("the remembered buddy keys are not open".into());
+            return Err(ClientError::KeysNotOpen);
         };
         match book.check(buddy, key) {
             Ok(Check::Trusted) => Ok(()),
@@ -530,11 +536,9 @@ impl Client {
                         user: buddy.to_owned(),
                     });
                 }
-                Err(format!(
-                    "{buddy}'s key changed; compare the safety number (/verify {buddy}) and accept it with /verify {buddy} ok"
-                ))
+                Err(ClientError::KeyChanged(buddy.to_owned()))
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -544,7 +548,7 @@ impl Client {
         &self,
         who: &str,
         grace: Duration,
-    ) -> Result<(String, crypto::RsaPrivateKey, SocketAddr, Vec<u8>), String> {
+    ) -> Result<(String, crypto::RsaPrivateKey, SocketAddr, Vec<u8>), ClientError> {
         let end = Instant::now() + grace;
         let mut guard = self.state.lock();
         loop {
@@ -562,7 +566,10 @@ impl Client {
 
     /// The session with `to`, opening one (INIT, INIT-ACK, CONFIRM) if
     /// there is none.
-    pub(super) fn session_with(self: &Arc<Self>, to: &str) -> Result<Arc<PeerSession>, String> {
+    pub(super) fn session_with(
+        self: &Arc<Self>,
+        to: &str,
+    ) -> Result<Arc<PeerSession>, ClientError> {
         if let Some(s) = self.peers.get(to) {
             return Ok(s);
         }
@@ -597,9 +604,12 @@ impl Client {
         for attempt in 0..2 {
             let (me, private, address, public) = self.peer_target(to)?;
             let their_key = RsaPublicKey::from_der(&public)
-                .map_err(|_| format!("{to}'s public key is unusable"))?;
-            let (starting, init) =
-                Initiating::start(&me, to, now_unix(), &private).map_err(|e| e.to_string())?;
+                .map_err(|_| ClientError::UnusableKey(to.to_owned()))?;
+            let (starting, init) = Initiating::start(&me, to, now_unix(), &private)?;
+            let no_answer = |e| ClientError::NoAnswer {
+                peer: to.to_owned(),
+                error: Some(e),
+            };
             let timeout = self.config.timeout;
             let (stream, _) = self.peer_connect(to, address)?;
             let mut reader = MessageReader::new(stream);
@@ -608,11 +618,11 @@ impl Client {
                 &init.to_message(),
                 Instant::now() + timeout,
             )
-            .map_err(|e| format!("{to} does not answer: {e}"))?;
+            .map_err(no_answer)?;
             let reply = reader
                 .read_message(&Limits::DEFAULT, Instant::now() + timeout)
-                .map_err(|e| format!("no answer from {to}: {e}"))?
-                .ok_or_else(|| format!("{to} closed the connection"))?;
+                .map_err(no_answer)?
+                .ok_or_else(|| ClientError::PeerClosed(to.to_owned()))?;
             if reply.code() == Some(code::CONFLICT) {
                 // Both opened at once and theirs wins (PROTOCOL.md §7): use
                 // the session their INIT is opening with us.
@@ -622,27 +632,31 @@ impl Client {
                 if attempt == 0 {
                     continue;
                 }
-                return Err(format!(
-                    "{to} opened a session at the same time and did not finish it"
-                ));
+                return Err(ClientError::OpenRaced(to.to_owned()));
             }
             if reply.code() == Some(code::FORBIDDEN) {
                 // Not an online buddy of theirs, or blocked: they do not say which.
-                return Err("not delivered".into());
+                return Err(ClientError::NotDelivered);
             }
-            if !reply.is_success() {
-                return Err(format!(
-                    "{to} refused the session: {}",
-                    reply.reason().unwrap_or("")
-                ));
+            if let Some(refused) = Refused::from_message(&reply) {
+                return Err(ClientError::PeerRefused {
+                    peer: to.to_owned(),
+                    step: PeerStep::Session,
+                    refused,
+                });
             }
-            let ack = InitAck::from_message(&reply)
-                .map_err(|e| format!("bad INIT-ACK from {to}: {e}"))?;
+            let ack = InitAck::from_message(&reply).map_err(|error| ClientError::BadAnswer {
+                peer: to.to_owned(),
+                error,
+            })?;
             let (keys, confirm) = match starting.finish(&ack, &their_key) {
                 Ok(done) => done,
-                Err(e) => {
-                    warn!("INIT-ACK from {to} refused: {e}");
-                    return Err(format!("{to}'s answer was not signed by {to} ({e})"));
+                Err(error) => {
+                    warn!("INIT-ACK from {to} refused: {error}");
+                    return Err(ClientError::PeerUnproven {
+                        peer: to.to_owned(),
+                        error,
+                    });
                 }
             };
             let session = Arc::new(PeerSession::new(&me, to, address, keys));
@@ -661,18 +675,22 @@ impl Client {
                 .insert(to.to_owned(), Instant::now());
             let written = match out.stream.as_mut() {
                 Some(s) => write_message(s, &confirm.to_message(), Instant::now() + timeout)
-                    .map_err(|e| e.to_string()),
-                None => Err("connection lost".to_owned()),
+                    .map_err(no_answer),
+                None => Err(ClientError::NoAnswer {
+                    peer: to.to_owned(),
+                    error: None,
+                }),
             };
             drop(out);
             if let Err(e) = written {
                 self.peers.drop_session(to);
-                return Err(format!("{to} does not answer: {e}"));
+                return Err(e);
             }
             debug!("session {} with {to} open", session.id());
             return Ok(session);
         }
-        Err(format!("{to} keeps refusing the session"))
+        // Both attempts end above; this is for the compiler.
+        Err(ClientError::OpenRaced(to.to_owned()))
     }
 
     /// Makes `stream` the session's outgoing connection (the caller holds
@@ -683,8 +701,8 @@ impl Client {
         session: &Arc<PeerSession>,
         out: &mut Outgoing,
         stream: TcpStream,
-    ) -> Result<(), String> {
-        let reader = stream.try_clone().map_err(|e| e.to_string())?;
+    ) -> Result<(), ClientError> {
+        let reader = stream.try_clone().map_err(ClientError::Local)?;
         out.stream = Some(stream);
         let client = Arc::downgrade(self);
         let session = session.clone();
@@ -692,7 +710,7 @@ impl Client {
             .name(format!("acks-{}", session.peer))
             .spawn(move || read_acks(client, session, reader))
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(ClientError::Local)
     }
 
     /// Seals and writes one request on our channel to `to`; its
@@ -704,8 +722,8 @@ impl Client {
         req: &PeerRequest,
         id: u64,
         kind: PendingKind,
-    ) -> Result<(), String> {
-        let me = self.user().ok_or("not logged in; /login NAME first")?;
+    ) -> Result<(), ClientError> {
+        let me = self.user().ok_or(ClientError::NotLoggedIn)?;
         for attempt in 0..2 {
             let session = self.session_with(to)?;
             let timeout = self.config.timeout;
@@ -718,10 +736,9 @@ impl Client {
                 self.attach_to(&session, &mut out, stream)?;
             }
             let epoch = out.epoch.clone();
-            let sealed = out
-                .send
-                .seal(PEER, &session.clear(&me, &epoch, "msg"), &req.to_message())
-                .map_err(|e| e.to_string())?;
+            let sealed =
+                out.send
+                    .seal(PEER, &session.clear(&me, &epoch, "msg"), &req.to_message())?;
             self.peers.pending.lock().insert(
                 (to.to_owned(), id),
                 Pending {
@@ -750,12 +767,18 @@ impl Client {
                     self.peers.pending.lock().remove(&(to.to_owned(), id));
                     out.stream = None;
                     if attempt == 1 {
-                        return Err(format!("no answer from {to}: {e}"));
+                        return Err(ClientError::NoAnswer {
+                            peer: to.to_owned(),
+                            error: Some(e),
+                        });
                     }
                 }
             }
         }
-        Err(format!("no answer from {to}"))
+        Err(ClientError::NoAnswer {
+            peer: to.to_owned(),
+            error: None,
+        })
     }
 
     /// Sends REKEY on our channel (whose lock the caller holds). Messages
@@ -923,17 +946,11 @@ impl Client {
     /// Sends a text message: its id, and `delivered` or `send-failed`
     /// follows; or the id it was given and why it could not be sent (then
     /// no event follows).
-    pub fn send_message(self: &Arc<Self>, to: &str, text: &str) -> Result<u64, (u64, String)> {
+    pub fn send_message(self: &Arc<Self>, to: &str, text: &str) -> Result<u64, (u64, ClientError)> {
         // The id comes first so that a failure names the message it is about.
         let id = self.next_id();
         if text.len() > MAX_TEXT_BYTES {
-            return Err((
-                id,
-                format!(
-                    "message too long ({} bytes; at most {MAX_TEXT_BYTES})",
-                    text.len()
-                ),
-            ));
+            return Err((id, ClientError::MessageTooLong(text.len())));
         }
         let to = to.to_ascii_lowercase();
         self.record_sent(&to, id, text);
@@ -941,7 +958,7 @@ impl Client {
         // it sealed through the servers (PROTOCOL.md §7, "Offline messages").
         let offline = self.buddy_is_offline(&to);
         let sent = if offline {
-            Err(String::new())
+            Err(ClientError::BuddyOffline(to.clone()))
         } else {
             self.send_request(
                 &to,
@@ -954,7 +971,12 @@ impl Client {
             )
         };
         let sent = match sent {
-            Err(_) if offline || self.buddy_unreachable(&to) => {
+            // Not even the relay reaches them: through the servers too.
+            Err(e)
+                if offline
+                    || matches!(e, ClientError::Unreachable { .. })
+                    || self.buddy_unreachable(&to) =>
+            {
                 self.send_offline(&to, id, text).map(|_| ())
             }
             other => other,
@@ -987,12 +1009,13 @@ impl Client {
                 .collect()
         };
         for ((to, id), p) in expired {
-            self.settle(&to, id, p.kind, Err(format!("no answer from {to}")));
+            let late = ClientError::TimedOut(to.clone());
+            self.settle(&to, id, p.kind, Err(late));
         }
     }
 
     /// Reports the outcome of a request.
-    fn settle(&self, to: &str, id: u64, kind: PendingKind, outcome: Result<(), String>) {
+    fn settle(&self, to: &str, id: u64, kind: PendingKind, outcome: Result<(), ClientError>) {
         match (kind, outcome) {
             (PendingKind::Msg, Ok(())) => self.emit(Event::Delivered {
                 to: to.to_owned(),
@@ -1000,15 +1023,15 @@ impl Client {
                 via: self.relays.route(to),
                 offline: false,
             }),
-            (PendingKind::Msg, Err(reason)) => self.emit(Event::SendFailed {
+            (PendingKind::Msg, Err(e)) => self.emit(Event::SendFailed {
                 to: to.to_owned(),
                 id,
-                reason,
+                reason: e.to_string(),
             }),
             (PendingKind::Control(_), Ok(())) => {}
-            (PendingKind::Control(what), Err(reason)) => self.emit(Event::Error {
+            (PendingKind::Control(what), Err(e)) => self.emit(Event::Error {
                 command: what,
-                reason,
+                reason: e.to_string(),
             }),
         }
     }
@@ -1374,7 +1397,7 @@ fn read_acks(client: std::sync::Weak<Client>, session: Arc<PeerSession>, stream:
                 reply.reason().unwrap_or("")
             );
             client.peers.drop_session(&session.peer);
-            fail_all(&client, &session.peer, "the session ended; send again");
+            fail_all(&client, &session.peer, || ClientError::SessionEnded);
             return;
         }
         let opened = {
@@ -1432,7 +1455,11 @@ fn read_acks(client: std::sync::Weak<Client>, session: Arc<PeerSession>, stream:
         else {
             continue;
         };
-        let outcome = answer.map_err(|refused| refused.reason);
+        let outcome = answer.map_err(|refused| ClientError::PeerRefused {
+            peer: session.peer.clone(),
+            step: PeerStep::Request,
+            refused,
+        });
         client.settle(&session.peer, id, p.kind, outcome);
     }
     // The connection ended: requests still waiting on it will not be answered.
@@ -1450,16 +1477,15 @@ fn read_acks(client: std::sync::Weak<Client>, session: Arc<PeerSession>, stream:
         }
         drop(out);
         if ours {
-            fail_all(
-                &client,
-                &session.peer,
-                &format!("no answer from {}", session.peer),
-            );
+            fail_all(&client, &session.peer, || ClientError::NoAnswer {
+                peer: session.peer.clone(),
+                error: None,
+            });
         }
     }
 }
 
-fn fail_all(client: &Client, peer: &str, reason: &str) {
+fn fail_all(client: &Client, peer: &str, why: impl Fn() -> ClientError) {
     let lost: Vec<(u64, Pending)> = {
         let mut pending = client.peers.pending.lock();
         let keys: Vec<(String, u64)> = pending.keys().filter(|(p, _)| p == peer).cloned().collect();
@@ -1468,7 +1494,7 @@ fn fail_all(client: &Client, peer: &str, reason: &str) {
             .collect()
     };
     for (id, p) in lost {
-        client.settle(peer, id, p.kind, Err(reason.to_owned()));
+        client.settle(peer, id, p.kind, Err(why()));
     }
 }
 
@@ -1588,6 +1614,50 @@ mod tests {
         e.tidy();
         assert!(e.retired.is_empty());
         assert_eq!(e.current.id(), "e9");
+    }
+
+    #[test]
+    fn a_failed_message_shows_the_buddys_reason_or_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, events) = crate::client::testing::client(dir.path(), true);
+        let refused = ClientError::PeerRefused {
+            peer: "bob".into(),
+            step: PeerStep::Request,
+            refused: Refused::new(Refusal::NotABuddy, "not delivered"),
+        };
+        c.settle("bob", 7, PendingKind::Msg, Err(refused));
+        c.settle(
+            "bob",
+            8,
+            PendingKind::Msg,
+            Err(ClientError::TimedOut("bob".into())),
+        );
+        c.settle(
+            "bob",
+            9,
+            PendingKind::Control("send".into()),
+            Err(ClientError::SessionEnded),
+        );
+        let got: Vec<Event> = events.try_iter().collect();
+        assert_eq!(
+            got,
+            [
+                Event::SendFailed {
+                    to: "bob".into(),
+                    id: 7,
+                    reason: "not delivered".into()
+                },
+                Event::SendFailed {
+                    to: "bob".into(),
+                    id: 8,
+                    reason: "no answer from bob".into()
+                },
+                Event::Error {
+                    command: "send".into(),
+                    reason: "the session ended; send again".into()
+                },
+            ]
+        );
     }
 
     #[test]

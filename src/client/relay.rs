@@ -14,17 +14,21 @@
 //! it once written.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use log::{debug, warn};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 
+use super::error::ClientError;
 use super::Client;
 use crate::proto::relay::{Frame, Op, MAX_RELAY_DATA, RELAY_WINDOW};
 use crate::wire::Message;
@@ -151,14 +155,21 @@ impl Relays {
     }
 }
 
+/// How long our own loopback connection may take to reach the
+/// listener's queue. It is there, or about to be, when `connect` returns
+/// (only the last packet of the handshake may still be on its way), so
+/// this bounds only a broken system.
+const LOOPBACK_WAIT: Duration = Duration::from_secs(5);
+
 /// A connected pair of loopback sockets: (the one handed out, ours).
 fn loopback_pair() -> std::io::Result<(TcpStream, TcpStream)> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let outer = TcpStream::connect(l.local_addr()?)?;
     let want = outer.local_addr()?;
-    // Only our own connection: another local process could race it.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + LOOPBACK_WAIT;
     l.set_nonblocking(true)?;
+    // Made only if our connection is not queued yet: woken by it.
+    let mut waiter: Option<(Poll, Events)> = None;
     loop {
         match l.accept() {
             Ok((inner, from)) if from == want => {
@@ -168,12 +179,33 @@ fn loopback_pair() -> std::io::Result<(TcpStream, TcpStream)> {
                 }
                 return Ok((outer, inner));
             }
+            // Only our own connection: another local process could race
+            // it. Its connection goes; ours is behind it in the queue.
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
-                    return Err(std::io::ErrorKind::TimedOut.into());
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(ErrorKind::TimedOut.into());
                 }
-                std::thread::sleep(Duration::from_millis(1));
+                if waiter.is_none() {
+                    let poll = Poll::new()?;
+                    // Registered after the queue was found empty: a
+                    // connection queued since is reported at once.
+                    poll.registry().register(
+                        &mut SourceFd(&l.as_raw_fd()),
+                        Token(0),
+                        Interest::READABLE,
+                    )?;
+                    waiter = Some((poll, Events::with_capacity(1)));
+                }
+                if let Some((poll, events)) = waiter.as_mut() {
+                    match poll.poll(events, Some(left)) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
             }
             Err(e) => return Err(e),
         }
@@ -188,7 +220,7 @@ impl Client {
         self: &Arc<Self>,
         to: &str,
         address: SocketAddr,
-    ) -> Result<(TcpStream, Via), String> {
+    ) -> Result<(TcpStream, Via), ClientError> {
         // Port 0: its MS found the listener unreachable at login.
         if self.relays.route(to) == Via::Direct && address.port() != 0 {
             let wait = self.config.direct_connect_timeout.min(self.config.timeout);
@@ -202,7 +234,10 @@ impl Client {
         }
         let s = self
             .open_circuit(to)
-            .map_err(|e| format!("{to} cannot be reached, not even through the relay: {e}"))?;
+            .map_err(|error| ClientError::Unreachable {
+                peer: to.to_owned(),
+                error,
+            })?;
         self.relays.routes.lock().insert(to.to_owned(), Via::Relay);
         Ok((s, Via::Relay))
     }
@@ -291,7 +326,7 @@ impl Client {
             (Op::Open, None) => {
                 let full = self.relays.circuits.lock().len() >= MAX_CIRCUITS;
                 let accepted = if full {
-                    Err(format!("{MAX_CIRCUITS} circuits open"))
+                    Err(ClientError::CircuitsFull)
                 } else {
                     self.accept_circuit(key.clone())
                 };
@@ -339,9 +374,9 @@ impl Client {
 
     /// A buddy opens a circuit to us: it becomes a connection to our own
     /// listener, which treats it as any other (INIT and all).
-    fn accept_circuit(self: &Arc<Self>, key: Key) -> Result<(), String> {
+    fn accept_circuit(self: &Arc<Self>, key: Key) -> Result<(), ClientError> {
         if self.is_blocked(&key.peer) {
-            return Err("blocked".into());
+            return Err(ClientError::Blocked(key.peer));
         }
         let buddy = self
             .state
@@ -349,20 +384,21 @@ impl Client {
             .session()
             .is_some_and(|s| s.buddies.contains_key(&key.peer));
         if !buddy {
-            return Err("not a buddy".into());
+            return Err(ClientError::NotABuddy(key.peer));
         }
+        // A client always has its listener; a bare one (tests) has none.
         let mut at = self
             .listener_addr
             .lock()
-            .ok_or_else(|| "no listener".to_owned())?;
+            .ok_or_else(|| ClientError::Local(std::io::ErrorKind::NotConnected.into()))?;
         if at.ip().is_unspecified() {
             at.set_ip(match at {
                 SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
                 SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
             });
         }
-        let local = crate::link::connect_to(at, self.config.timeout).map_err(|e| e.to_string())?;
-        self.start_circuit(key, local).map_err(|e| e.to_string())
+        let local = crate::link::connect_to(at, self.config.timeout)?;
+        self.start_circuit(key, local).map_err(ClientError::Local)
     }
 
     /// Writes `m` whole on the held connection to our MS.
@@ -451,4 +487,22 @@ fn pump_down(
         cl.relays.remove(&c.key);
     }
     c.end();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loopback_pair_is_connected_both_ways() {
+        let (mut outer, mut inner) = loopback_pair().unwrap();
+        assert_eq!(outer.peer_addr().unwrap(), inner.local_addr().unwrap());
+        outer.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        inner.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        inner.write_all(b"pong").unwrap();
+        outer.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"pong");
+    }
 }

@@ -358,6 +358,39 @@ impl Session {
     }
 }
 
+/// A logged-in session with no server behind it, for the client's unit
+/// tests: `buddies` with their presence, nothing else.
+#[cfg(test)]
+pub(crate) fn session_for_test(user: &str, buddies: &[(&str, Option<Presence>)]) -> Session {
+    let private_key = RsaPrivateKey::generate(crypto::MIN_RSA_BITS).unwrap();
+    let public_key = private_key.public_key();
+    let keys = |role| login_keys(&[1; 32], &[2; 24], &[3; 24], role);
+    Session {
+        user: user.to_owned(),
+        ms: "127.0.0.1:9".into(),
+        login: "test".into(),
+        private_key,
+        public_key,
+        link: Channel::new(keys(Role::Initiator), Vec::new()),
+        push: push_keys(&[1; 32], &[2; 24], &[3; 24], Role::Initiator).recv,
+        buddies: buddies
+            .iter()
+            .map(|(u, p)| ((*u).to_owned(), p.clone()))
+            .collect(),
+        requests: BTreeMap::new(),
+        profile: Profile::new(),
+        blocked: Default::default(),
+        status: Default::default(),
+        buddy_status: BTreeMap::new(),
+        history_key: [0; 32],
+        kdf: KdfParams {
+            salt: vec![1; 16],
+            iterations: 1,
+        },
+        stored_key: [0; 32],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

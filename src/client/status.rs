@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 use parking_lot::Mutex;
 
-use super::account::AccountError;
+use super::error::ClientError;
 use super::events::Event;
 use super::Client;
 use crate::proto::ms::MsRequest;
@@ -105,11 +105,9 @@ impl Client {
 
     /// Sets our status and personal message (an explicit choice: it ends
     /// auto-away).
-    pub fn set_status(&self, status: Status, message: &str) -> Result<(), AccountError> {
+    pub fn set_status(&self, status: Status, message: &str) -> Result<(), ClientError> {
         if message.len() > MAX_STATUS_MESSAGE_BYTES {
-            return Err(AccountError::Failed(format!(
-                "the personal message has at most {MAX_STATUS_MESSAGE_BYTES} bytes"
-            )));
+            return Err(ClientError::StatusTooLong);
         }
         {
             let mut a = self.away.state.lock();
@@ -123,7 +121,7 @@ impl Client {
         })
     }
 
-    fn apply_status(&self, info: StatusInfo) -> Result<(), AccountError> {
+    fn apply_status(&self, info: StatusInfo) -> Result<(), ClientError> {
         self.ms_call(&MsRequest::SetStatus(info.clone()))?;
         if let Some(s) = self.state.lock().session_mut() {
             s.status = info;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use log::debug;
 use parking_lot::Mutex;
 
+use super::error::ClientError;
 use super::events::Event;
 use super::peer::PendingKind;
 use super::Client;
@@ -101,12 +102,12 @@ impl Typing {
 impl Client {
     /// Tells `to` that we started (`on`) or stopped typing to them.
     /// `Ok(false)`: nothing sent (no change, or over the rate).
-    pub fn send_typing(self: &Arc<Self>, to: &str, on: bool) -> Result<bool, String> {
+    pub fn send_typing(self: &Arc<Self>, to: &str, on: bool) -> Result<bool, ClientError> {
         if !self.config.typing_notifications {
-            return Err("typing notifications are off (typing_notifications)".into());
+            return Err(ClientError::TypingOff);
         }
         let to = to.to_ascii_lowercase();
-        self.user().ok_or("not logged in; /login NAME first")?;
+        self.user().ok_or(ClientError::NotLoggedIn)?;
         if !self.typing.due(&to, on) {
             return Ok(false);
         }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{unbounded, Sender};
 
-use super::account::AccountError;
+use super::error::ClientError;
 use super::events::Event;
 use super::{start, Client, ClientConfig};
 use crate::proto::crs::Profile;
@@ -38,12 +38,12 @@ pub struct Passwords {
 impl Passwords {
     /// The password given ahead of time: `--password-file`, then
     /// `IMS_PASSWORD`; `None` if neither is set.
-    pub fn preset(&self) -> Option<Result<String, String>> {
+    pub fn preset(&self) -> Option<Result<String, ClientError>> {
         if let Some(path) = &self.file {
             return Some(
                 std::fs::read_to_string(path)
                     .map(|text| text.lines().next().unwrap_or("").to_owned())
-                    .map_err(|e| format!("{}: {e}", path.display())),
+                    .map_err(|e| ClientError::reading(path, e)),
             );
         }
         std::env::var("IMS_PASSWORD").ok().map(Ok)
@@ -51,24 +51,24 @@ impl Passwords {
 
     /// The password: [`Passwords::preset`], then a no-echo prompt on a
     /// terminal (twice with `confirm`).
-    pub fn get(&self, prompt: &str, confirm: bool) -> Result<String, String> {
+    pub fn get(&self, prompt: &str, confirm: bool) -> Result<String, ClientError> {
         if let Some(p) = self.preset() {
             return p;
         }
         if !std::io::stdin().is_terminal() {
-            return Err("no password: use --password-file FILE or IMS_PASSWORD".into());
+            return Err(ClientError::NoPassword);
         }
         prompt_twice(prompt, confirm)
     }
 }
 
 /// A no-echo prompt on the terminal, twice with `confirm`.
-fn prompt_twice(prompt: &str, confirm: bool) -> Result<String, String> {
-    let first = rpassword::prompt_password(prompt).map_err(|e| e.to_string())?;
+fn prompt_twice(prompt: &str, confirm: bool) -> Result<String, ClientError> {
+    let first = rpassword::prompt_password(prompt).map_err(ClientError::Local)?;
     if confirm {
-        let again = rpassword::prompt_password("again: ").map_err(|e| e.to_string())?;
+        let again = rpassword::prompt_password("again: ").map_err(ClientError::Local)?;
         if again != first {
-            return Err("the passwords differ".into());
+            return Err(ClientError::PasswordsDiffer);
         }
     }
     Ok(first)
@@ -270,7 +270,7 @@ impl Commands {
         });
     }
 
-    fn outcome(&self, command: &str, r: Result<Option<String>, AccountError>) {
+    fn outcome(&self, command: &str, r: Result<Option<String>, ClientError>) {
         match r {
             Ok(detail) => self.emit(Event::Ok {
                 command: command.into(),
@@ -287,11 +287,11 @@ impl Commands {
     /// Logs in; whether it worked. A wrong name and a wrong password look
     /// the same (the servers do not say which, so that names cannot be
     /// probed), and the message says so.
-    pub fn login(&self, user: &str, password: Result<String, String>) -> bool {
+    pub fn login(&self, user: &str, password: Result<String, ClientError>) -> bool {
         let password = match password {
             Ok(p) => p,
             Err(e) => {
-                self.error("login", e);
+                self.error("login", e.to_string());
                 return false;
             }
         };
@@ -323,7 +323,11 @@ impl Commands {
                     id,
                     text: text.to_owned(),
                 }),
-                Err((id, reason)) => self.emit(Event::SendFailed { to, id, reason }),
+                Err((id, e)) => self.emit(Event::SendFailed {
+                    to,
+                    id,
+                    reason: e.to_string(),
+                }),
             }
         }
         sent
@@ -338,7 +342,7 @@ impl Commands {
                 path.display()
             ))
         });
-        self.outcome("send", r.map_err(AccountError::Failed));
+        self.outcome("send", r);
     }
 
     /// `/status [STATUS [MESSAGE]]`: shows ours, or sets it.
@@ -448,7 +452,7 @@ impl Commands {
                     let r = c
                         .accept_file(&name)
                         .map(|_| Some(format!("receiving the file from {name}")));
-                    self.outcome("accept", r.map_err(AccountError::Failed));
+                    self.outcome("accept", r);
                 } else {
                     let r = c
                         .accept(&name)
@@ -464,7 +468,7 @@ impl Commands {
                     let r = c
                         .deny_file(&name)
                         .map(|_| Some(format!("declined the file from {name}")));
-                    self.outcome("deny", r.map_err(AccountError::Failed));
+                    self.outcome("deny", r);
                 } else {
                     let r = c
                         .deny(&name)
@@ -518,7 +522,7 @@ impl Commands {
                 let r = c.send_typing(name, on).map(|sent| {
                     (!sent).then(|| "not sent: no change, or too many at once".to_owned())
                 });
-                self.outcome("typing", r.map_err(AccountError::Failed));
+                self.outcome("typing", r);
             }
             "/block" | "/unblock" => {
                 let on = cmd == "/block";

@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::Receiver;
 
 use super::{needs_secret, prompt_twice, Commands, Passwords, Secret};
+use crate::client::error::ClientError;
 use crate::client::events::Event;
 
 /// Percent steps between progress lines in text mode: a line every 250 ms
@@ -59,11 +60,11 @@ pub fn run(
             }
             Some(Secret::Passwd) if interactive => {
                 let current = rpassword::prompt_password("current password: ")
-                    .map_err(|e| e.to_string())
+                    .map_err(ClientError::Local)
                     .and_then(|c| prompt_twice("new password: ", true).map(|n| (c, n)));
                 match current {
                     Ok((current, new)) => commands.passwd(&current, &new),
-                    Err(e) => commands.error("passwd", e),
+                    Err(e) => commands.error("passwd", e.to_string()),
                 }
             }
             Some(Secret::Passwd) => {
@@ -143,6 +144,10 @@ fn worth_a_line(steps: &mut Steps, e: &Event) -> bool {
 /// Prints each event whole with its newline, flushing after each.
 /// Prints one event whole and flushes it; `false` if stdout is gone.
 pub(super) fn print_one(e: &Event, json: bool) -> bool {
+    if let Event::Flush(_) = e {
+        // Nothing to show; its sender waits on the channel, not here.
+        return true;
+    }
     let line = if json { e.to_json() } else { e.to_text() };
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
@@ -152,6 +157,11 @@ pub(super) fn print_events(rx: Receiver<Event>, json: bool) {
     let stdout = std::io::stdout();
     let mut steps = Steps::new();
     for e in rx {
+        if let Event::Flush(f) = e {
+            // Everything before it is printed.
+            f.answer();
+            continue;
+        }
         if !json && !worth_a_line(&mut steps, &e) {
             continue;
         }

@@ -44,6 +44,7 @@ use super::super::history::Entry as HistoryEntry;
 use super::history::History;
 use super::plain::print_events;
 use super::{command_words, needs_secret, Commands, Passwords, Secret, Sent};
+use crate::client::error::ClientError;
 use crate::client::events::{action, clean, progress_text, Event};
 
 /// Lines a window keeps; older ones go (a day of busy chat).
@@ -76,7 +77,7 @@ enum Job {
     /// show it already (0: none).
     Line(String, Option<String>, u64),
     /// `/login NAME` with its password.
-    Login(String, Result<String, String>),
+    Login(String, Result<String, ClientError>),
     /// `/passwd` with the current and the new password.
     Passwd(String, String),
     /// Tell a buddy we started (true) or stopped typing to them.
@@ -802,6 +803,12 @@ impl Screen {
 
     fn on_event(&mut self, e: Event) {
         let active = self.active;
+        if let Event::Flush(f) = e {
+            // Everything before it is on the screen (drawn at the next
+            // refresh); nothing of its own to show.
+            f.answer();
+            return;
+        }
         match &e {
             Event::Typing { from, state } => {
                 if state == "on" {
@@ -934,6 +941,8 @@ impl Screen {
             | Event::Buddies { .. }
             | Event::SearchResults { .. }
             | Event::Profile { .. } => self.push_text(active, Kind::Info, &e.to_text()),
+            // Answered above.
+            Event::Flush(_) => {}
         }
     }
 
