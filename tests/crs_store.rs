@@ -152,7 +152,8 @@ fn apply(s: &dyn Store, op: u32, rng: &mut StdRng) -> String {
             }
             format!("{:?}", s.create_user(u))
         }
-        15..=19 => format!("{:?}", s.get_user(&pick_name(rng))),
+        15..=17 => format!("{:?}", s.get_user(&pick_name(rng))),
+        18..=19 => format!("{:?}", s.get_verifier(&pick_name(rng))),
         20..=24 => format!("{:?}", s.delete_user(&pick_name(rng))),
         25..=27 => {
             let after = if rng.gen_bool(0.5) {

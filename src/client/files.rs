@@ -567,18 +567,18 @@ impl Client {
         Ok(id)
     }
 
-    /// Accepts the oldest file offer from `peer`: `true` once the answer
-    /// went; [`ClientError::NoSuchOffer`] if there is none.
-    pub fn accept_file(self: &Arc<Self>, peer: &str) -> Result<bool, ClientError> {
+    /// Accepts the oldest file offer from `peer` (the answer went when
+    /// this returns); [`ClientError::NoSuchOffer`] if there is none.
+    pub fn accept_file(self: &Arc<Self>, peer: &str) -> Result<(), ClientError> {
         self.answer_file(peer, true)
     }
 
     /// Denies the oldest file offer from `peer`, as [`Client::accept_file`].
-    pub fn deny_file(self: &Arc<Self>, peer: &str) -> Result<bool, ClientError> {
+    pub fn deny_file(self: &Arc<Self>, peer: &str) -> Result<(), ClientError> {
         self.answer_file(peer, false)
     }
 
-    fn answer_file(self: &Arc<Self>, peer: &str, accept: bool) -> Result<bool, ClientError> {
+    fn answer_file(self: &Arc<Self>, peer: &str, accept: bool) -> Result<(), ClientError> {
         let peer = peer.to_ascii_lowercase();
         let answering = self.files.answering.lock();
         let Some(t) = self.files.take_offer(&peer) else {
@@ -607,7 +607,7 @@ impl Client {
         )?;
         // FILE-ANSWER's acknowledgement carries the transfer id, not ours.
         self.peers.pending.lock().remove(&(peer, id));
-        Ok(true)
+        Ok(())
     }
 
     /// Where an accepted transfer's data goes: its resumption file, and

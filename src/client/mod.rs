@@ -190,6 +190,9 @@ pub struct Client {
     state: Mutex<State>,
     /// Each user's salt and iteration count at their last login here.
     known_kdf: Mutex<std::collections::HashMap<String, crypto::KdfParams>>,
+    /// The MS of the last login through this client: the next login goes
+    /// there first (see [`Credentials::last_ms`]).
+    last_ms: Mutex<Option<String>>,
     /// The logged-in (or last) user's remembered buddy keys.
     keys: Mutex<Option<(String, trust::KeyBook)>>,
     /// The logged-in user's history, if it opened.
@@ -411,6 +414,7 @@ impl Client {
             listen_port,
             state: Mutex::new(State::LoggedOut),
             known_kdf: Mutex::new(std::collections::HashMap::new()),
+            last_ms: Mutex::new(None),
             keys: Mutex::new(None),
             history: Mutex::new(None),
             mailbox: Mutex::new(None),
@@ -542,6 +546,7 @@ impl Client {
         let known = account::normalize_name(user)
             .ok()
             .and_then(|u| self.known_kdf.lock().get(&u).cloned());
+        let last_ms = self.last_ms.lock().clone();
         let result = Session::login_held(&Credentials {
             crs: &self.config.crs,
             user,
@@ -552,6 +557,7 @@ impl Client {
             usual_iterations: self.config.kdf_iterations,
             known: known.as_ref(),
             notice: &notice,
+            last_ms: last_ms.as_deref(),
         });
         let mut guard = self.state.lock();
         let session = match result.and_then(|(s, conn)| {
@@ -569,6 +575,7 @@ impl Client {
         self.known_kdf
             .lock()
             .insert(user.clone(), session.kdf.clone());
+        *self.last_ms.lock() = Some(session.ms.clone());
         let history = history::History::open(&self.config.state_dir, &user, session.history_key);
         let requests: Vec<String> = session.requests.keys().cloned().collect();
         let buddies = buddy_views(&session, &self.relays);

@@ -16,6 +16,11 @@ use crate::wire::Message;
 /// Bytes of our login nonce.
 const NONCE_LEN: usize = 24;
 
+/// How long the MS of the last login may take to answer `LOGIN-HELLO`
+/// before the client asks the CRS for another: a host that went away
+/// costs this much, not a whole exchange timeout.
+const REMEMBERED_MS_WAIT: Duration = Duration::from_secs(3);
+
 /// A logged-in user: exists only after the MS proved itself and our
 /// private key unwrapped.
 pub struct Session {
@@ -140,6 +145,10 @@ pub struct Credentials<'a> {
     pub known: Option<&'a KdfParams>,
     /// Tells the user something (before a long derivation).
     pub notice: &'a dyn Fn(String),
+    /// The MS of this client's last login, if any: tried first, so that a
+    /// login again (a reconnection, another user) costs no connection to
+    /// the CRS. `LOCATE` when it cannot be reached or will not log us in.
+    pub last_ms: Option<&'a str>,
 }
 
 /// Checks a buddy request's signature: `from` signed (from, to, nonce).
@@ -170,19 +179,36 @@ impl Session {
     /// go on it, and its close ends the login.
     pub fn login_held(c: &Credentials<'_>) -> Result<(Session, Conn), ClientError> {
         let user = account::normalize_name(c.user)?;
-        let ms = match Conn::connect(c.crs, c.timeout)?.call(&ClientRequest::Locate)? {
-            ClientReply::Ms(ms) => ms,
-            _ => return Err(LinkError::Proto(ProtoError::Missing("Ms")).into()),
-        };
-        let mut conn = Conn::connect(&ms, c.timeout)?;
-
         let client_nonce = crypto::random_array::<NONCE_LEN>().to_vec();
         let hello = MsRequest::LoginHello {
             user: user.clone(),
             client_nonce: client_nonce.clone(),
         };
-        let MsReply::Challenge(challenge) = conn.call(&hello)? else {
-            return Err(LinkError::Proto(ProtoError::NotAReply).into());
+        let at = |ms: &str, timeout: Duration| -> Result<_, ClientError> {
+            let mut conn = Conn::connect(ms, timeout)?;
+            let MsReply::Challenge(challenge) = conn.call(&hello)? else {
+                return Err(LinkError::Proto(ProtoError::NotAReply).into());
+            };
+            Ok((conn, challenge))
+        };
+        let remembered = match c.last_ms {
+            // Whatever went wrong there (gone, busy, no longer enrolled),
+            // the CRS knows where to go instead.
+            Some(ms) => at(ms, c.timeout.min(REMEMBERED_MS_WAIT))
+                .ok()
+                .map(|x| (ms.to_owned(), x)),
+            None => None,
+        };
+        let (ms, (mut conn, challenge)) = match remembered {
+            Some(found) => found,
+            None => {
+                let ms = match Conn::connect(c.crs, c.timeout)?.call(&ClientRequest::Locate)? {
+                    ClientReply::Ms(ms) => ms,
+                    _ => return Err(LinkError::Proto(ProtoError::Missing("Ms")).into()),
+                };
+                let found = at(&ms, c.timeout)?;
+                (ms, found)
+            }
         };
         // The challenge is not authenticated: its count bounds our CPU.
         if challenge.iterations > crypto::PBKDF2_MAX_ITERATIONS {
@@ -448,6 +474,7 @@ mod tests {
             usual_iterations: 10,
             known: known.as_ref(),
             notice: &notice,
+            last_ms: None,
         });
         (r, notices.into_inner().unwrap())
     }

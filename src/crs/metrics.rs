@@ -142,6 +142,9 @@ impl Store for TimedStore {
     fn get_user(&self, name: &str) -> Result<Option<User>, StoreError> {
         self.time("get_user", || self.inner.get_user(name))
     }
+    fn get_verifier(&self, name: &str) -> Result<Option<Verifier>, StoreError> {
+        self.time("get_verifier", || self.inner.get_verifier(name))
+    }
     fn contact_views(
         &self,
         viewer: &str,

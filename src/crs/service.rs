@@ -502,8 +502,8 @@ impl Crs {
                         &format!("too many wrong passwords; try again in {secs} s"),
                     );
                 }
-                match self.store.get_user(&user) {
-                    Ok(Some(u)) => Ok(CrsReply::Verifier(u.verifier.into())),
+                match self.store.get_verifier(&user) {
+                    Ok(Some(v)) => Ok(CrsReply::Verifier(v.into())),
                     Ok(None) => refuse(Refusal::NoSuchUser, "no such user"),
                     Err(e) => Err(user_err(e)),
                 }

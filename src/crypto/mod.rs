@@ -60,6 +60,19 @@ pub fn b64_encode(data: &[u8]) -> String {
     openssl::base64::encode_block(data)
 }
 
+/// The 6-bit value of a character of the standard base64 alphabet (0 for
+/// any other; callers check the alphabet first).
+fn b64_value(c: u8) -> u8 {
+    match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => 0,
+    }
+}
+
 /// Decodes standard padded base64. Anything else (whitespace, a wrong
 /// length, a foreign character, misplaced `=`) is
 /// [`Error::InvalidInput`]: OpenSSL's decoder is lenient about whitespace,
@@ -81,13 +94,21 @@ pub fn b64_decode(text: &str) -> Result<Vec<u8>, Error> {
     {
         return Err(BAD);
     }
-    let out = openssl::base64::decode_block(text).map_err(|_| BAD)?;
-    // EVP_DecodeBlock ignores the last group's stray bits; requiring the
-    // canonical encoding makes every byte string have one spelling.
-    if b64_encode(&out) != text {
-        return Err(BAD);
+    // EVP_DecodeBlock ignores the last group's stray bits; requiring them
+    // to be zero (the canonical encoding) makes every byte string have one
+    // spelling. With one `=` the last character carries 2 stray bits, with
+    // two, 4.
+    let stray_mask = match pad {
+        1 => 0b11,
+        2 => 0b1111,
+        _ => 0,
+    };
+    if let Some(&last) = body.last() {
+        if b64_value(last) & stray_mask != 0 {
+            return Err(BAD);
+        }
     }
-    Ok(out)
+    openssl::base64::decode_block(text).map_err(|_| BAD)
 }
 
 #[cfg(test)]
@@ -126,5 +147,34 @@ mod tests {
             );
         }
         assert_eq!(b64_decode("").unwrap(), b"");
+    }
+
+    #[test]
+    fn base64_has_one_spelling_per_byte_string() {
+        // Every change of the last character before the padding decodes
+        // to the same bytes in OpenSSL (stray bits) or to other bytes;
+        // only the canonical spelling is accepted for these bytes.
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        for len in 0..40usize {
+            let data: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+            let text = b64_encode(&data);
+            assert_eq!(b64_decode(&text).unwrap(), data);
+            let pad = text.bytes().rev().take_while(|&b| b == b'=').count();
+            let Some(at) = text.len().checked_sub(pad + 1) else {
+                continue;
+            };
+            for &c in ALPHABET {
+                let mut other = text.clone().into_bytes();
+                other[at] = c;
+                let other = String::from_utf8(other).unwrap();
+                if other == text {
+                    continue;
+                }
+                if let Ok(decoded) = b64_decode(&other) {
+                    assert_ne!(decoded, data, "{other:?} also spells {text:?}");
+                    assert_eq!(b64_encode(&decoded), other, "{other:?} is not canonical");
+                }
+            }
+        }
     }
 }

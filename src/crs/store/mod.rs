@@ -285,6 +285,12 @@ pub trait Store: Send + Sync + MailStore {
     /// The user's record, or `None` if not registered.
     fn get_user(&self, name: &str) -> Result<Option<User>, StoreError>;
 
+    /// The user's password verifier alone, or `None` if not registered
+    /// (every login asks for it; backends skip the rest of the record).
+    fn get_verifier(&self, name: &str) -> Result<Option<Verifier>, StoreError> {
+        Ok(self.get_user(name)?.map(|u| u.verifier))
+    }
+
     /// How each registered user of `names` shows to `viewer`
     /// (unregistered ones are left out; `InvalidName` for any invalid
     /// name). A login asks this for every

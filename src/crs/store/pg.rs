@@ -726,6 +726,28 @@ impl Store for PgStore {
         }
     }
 
+    fn get_verifier(&self, name: &str) -> Result<Option<Verifier>, StoreError> {
+        let name = checked(name)?;
+        let mut conn = self.pool.get()?;
+        let Some(row) = conn
+            .query_opt(
+                "SELECT salt, iterations, stored_key, server_key FROM users WHERE name = $1",
+                &[&name],
+            )
+            .map_err(pg_err)?
+        else {
+            return Ok(None);
+        };
+        let iterations: i64 = row.get(1);
+        Ok(Some(Verifier {
+            salt: row.get(0),
+            iterations: u32::try_from(iterations)
+                .map_err(|_| StoreError::Corrupt(format!("user {name:?}: iterations")))?,
+            stored_key: row.get(2),
+            server_key: row.get(3),
+        }))
+    }
+
     fn contact_views(
         &self,
         viewer: &str,

@@ -84,6 +84,13 @@ struct ViewFields {
     status_message: String,
 }
 
+/// The fields of a user record that [`Store::get_verifier`] needs.
+#[derive(serde::Deserialize)]
+struct VerifierFields {
+    name: String,
+    verifier: Verifier,
+}
+
 fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     // Cannot fail for these plain types; mapped rather than unwrapped anyway.
     serde_json::to_vec(value).map_err(|e| StoreError::Backend(format!("encode: {e}")))
@@ -307,6 +314,22 @@ impl SledStore {
 }
 
 impl Store for SledStore {
+    fn get_verifier(&self, name: &str) -> Result<Option<Verifier>, StoreError> {
+        let name = checked(name)?;
+        let Some(v) = self.users.get(name.as_bytes()).map_err(backend)? else {
+            return Ok(None);
+        };
+        let f: VerifierFields = serde_json::from_slice(&v)
+            .map_err(|e| StoreError::Corrupt(format!("user {name:?}: {e}")))?;
+        if f.name != name {
+            return Err(StoreError::Corrupt(format!(
+                "user {name:?}: record names {:?}",
+                f.name
+            )));
+        }
+        Ok(Some(f.verifier))
+    }
+
     fn contact_views(
         &self,
         viewer: &str,
