@@ -908,7 +908,9 @@ fn main() {
     let ms: Vec<Proc> = (0..2)
         .map(|n| {
             let mut cmd = Command::new(&ms_bin);
-            // Every simulated client comes from 127.0.0.1: no per-source limit.
+            // Every simulated client comes from 127.0.0.1: no login rate
+            // limit and no per-source connection limit (real logins come
+            // from many addresses; here thousands share one).
             cmd.args([
                 "--listen",
                 "127.0.0.1:0",
@@ -924,11 +926,14 @@ fn main() {
             if let Some(w) = &ms_workers {
                 cmd.args(["--workers", w]);
             }
-            if let Ok(n) = std::env::var("IMS_BENCH_PUSH_THREADS") {
-                let conf = dir.path().join(format!("ms{n}.toml"));
-                fs::write(&conf, format!("push_threads = {n}\n")).expect("ms config");
-                cmd.arg("-c").arg(conf);
+            let mut conf = String::new();
+            if let Ok(threads) = std::env::var("IMS_BENCH_PUSH_THREADS") {
+                conf.push_str(&format!("push_threads = {threads}\n"));
             }
+            conf.push_str(&format!("[pool]\nmax_per_source = {}\n", USERS * 2));
+            let path = dir.path().join(format!("ms{n}.toml"));
+            fs::write(&path, conf).expect("ms config");
+            cmd.arg("-c").arg(path);
             spawn(cmd, dir.path().join(format!("ms{n}.log")))
         })
         .collect();

@@ -443,7 +443,12 @@ impl<S: Service> Gate<S> {
             return;
         };
         let queue = self.shared.config.queue;
-        if self.jobs.len() >= queue.max(1) && queue < usize::MAX {
+        let waiting = self
+            .shared
+            .counters
+            .requests_waiting
+            .load(Ordering::Relaxed);
+        if waiting >= queue.max(1) && queue < usize::MAX {
             Counters::bump(&self.shared.counters.rejected_busy);
             // Answered here, at once: a worker may not be free for long.
             conn.out.detach();
@@ -465,9 +470,23 @@ impl<S: Service> Gate<S> {
     fn send(&mut self, job: Job<S>) {
         // The workers' receiver lives as long as the server: never fails
         // before the gate itself is gone.
+        let request = !matches!(job, Job::End(..));
+        if request {
+            // Counted before the send: the worker's decrement cannot come
+            // first.
+            self.shared
+                .counters
+                .requests_waiting
+                .fetch_add(1, Ordering::Relaxed);
+        }
         if self.jobs.send(job).is_ok() {
             self.out += 1;
             self.shared.counters.queued.fetch_add(1, Ordering::Relaxed);
+        } else if request {
+            self.shared
+                .counters
+                .requests_waiting
+                .fetch_sub(1, Ordering::Relaxed);
         }
     }
 

@@ -56,6 +56,11 @@ pub(crate) struct Counters {
     pub open: AtomicUsize,
     /// Jobs sent by the gate and not yet taken by a worker.
     pub queued: AtomicUsize,
+    /// Of those, requests (and resumptions) waiting for a worker: what the
+    /// queue limit bounds. Ends of connections are not counted: a burst of
+    /// them (many clients gone at once) must not make the server refuse
+    /// new requests while they are handled.
+    pub requests_waiting: AtomicUsize,
     pub panicked: AtomicU64,
 }
 

@@ -96,6 +96,12 @@ fn worker_main<S: Service>(shared: Arc<Shared<S>>, index: usize) {
     };
     while let Ok(job) = shared.rx.recv() {
         shared.counters.queued.fetch_sub(1, Ordering::Relaxed);
+        if !matches!(job, Job::End(..)) {
+            shared
+                .counters
+                .requests_waiting
+                .fetch_sub(1, Ordering::Relaxed);
+        }
         run_job(&shared, index, job);
     }
     drop(sentinel);
