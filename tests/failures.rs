@@ -109,13 +109,21 @@ fn a_killed_ms_takes_its_users_offline_and_they_log_in_elsewhere() {
         "buddies saw users of a killed MS offline after {:?}",
         t.elapsed()
     );
-    drop(bob);
+    // The same client logs in again: it tries the MS of its last login
+    // first (dead now), then asks the CRS for another.
+    bob.wait_for(
+        "bob logged out",
+        |e| e["event"] == "logged-out",
+        Duration::from_secs(30),
+    );
     let t = Instant::now();
-    let bob = c.login("bob", PW);
+    bob.send("/login bob");
+    bob.wait_event("logged-in", |e| e["user"] == "bob");
     println!(
         "a user of a killed MS logged in again after {:?}",
         t.elapsed()
     );
+    assert!(c.ms[alices].log_text().contains("bob logged in"));
     alice.wait_event("online", |e| e["user"] == "bob");
     bob.send("/msg alice back via the other MS");
     alice.wait_event("message", |e| e["text"] == "back via the other MS");

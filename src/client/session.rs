@@ -445,6 +445,80 @@ mod tests {
         addr
     }
 
+    /// Logs in with `last_ms` remembered; which servers were asked:
+    /// (`LOCATE`s at the CRS, `LOGIN-HELLO`s at the MS it names, at the
+    /// remembered one).
+    fn login_remembering(last_ms: Option<&str>) -> (usize, usize, usize) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let count = |n: &Arc<AtomicUsize>, m: &Message| {
+            if m.method() == Some("LOGIN-HELLO") || m.method() == Some("LOCATE") {
+                n.fetch_add(1, Ordering::SeqCst);
+            }
+        };
+        let challenge = || {
+            Challenge {
+                salt: vec![1; 16],
+                iterations: 1,
+                server_nonce: vec![2; 24],
+            }
+            .to_message()
+        };
+        let (at_crs, at_located) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let n = at_located.clone();
+        let located = serve(move |m| {
+            count(&n, m);
+            challenge()
+        });
+        let n = at_crs.clone();
+        let crs = serve(move |m| {
+            count(&n, m);
+            ClientReply::Ms(located.clone()).to_message()
+        });
+        let at_remembered = Arc::new(AtomicUsize::new(0));
+        let n = at_remembered.clone();
+        let remembered = serve(move |m| {
+            count(&n, m);
+            challenge()
+        });
+        let last_ms = last_ms.map(|m| {
+            if m == "alive" {
+                remembered.clone()
+            } else {
+                m.to_owned()
+            }
+        });
+        // The fake MSs answer LOGIN with a challenge: the login fails
+        // after the hello, which is all this looks at.
+        let _ = Session::login(&Credentials {
+            crs: &crs,
+            user: "joe",
+            password: "correct horse",
+            policy: KdfPolicy::Insecure,
+            listen_port: 7300,
+            timeout: Duration::from_secs(5),
+            usual_iterations: 10,
+            known: None,
+            notice: &|_| {},
+            last_ms: last_ms.as_deref(),
+        });
+        let get = |n: &Arc<AtomicUsize>| n.load(Ordering::SeqCst);
+        (get(&at_crs), get(&at_located), get(&at_remembered))
+    }
+
+    #[test]
+    fn a_login_goes_to_the_last_ms_first_and_locates_only_without_it() {
+        // Nothing remembered: LOCATE, then the MS it names.
+        assert_eq!(login_remembering(None), (1, 1, 0));
+        // The last MS answers: the CRS is not asked.
+        assert_eq!(login_remembering(Some("alive")), (0, 0, 1));
+        // The last MS is gone: LOCATE after all.
+        let gone = TcpListener::bind("127.0.0.1:0").unwrap();
+        let gone_at = gone.local_addr().unwrap().to_string();
+        drop(gone);
+        assert_eq!(login_remembering(Some(&gone_at)), (1, 1, 0));
+    }
+
     fn login_against(iterations: u32) -> (Result<Session, ClientError>, Vec<String>) {
         login_knowing(iterations, None)
     }
