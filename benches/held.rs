@@ -175,7 +175,8 @@ fn sockstat_tcp() -> String {
 
 /// What a simulated client keeps.
 struct Held {
-    stream: TcpStream,
+    /// Shared with the poller (one descriptor per user, not two).
+    stream: Arc<TcpStream>,
     login: String,
     send: Sealer,
 }
@@ -291,7 +292,7 @@ fn login(
     world: &World,
     ms: SocketAddr,
     i: usize,
-    to_poller: &crossbeam_channel::Sender<(TcpStream, Vec<u8>)>,
+    to_poller: &crossbeam_channel::Sender<(Arc<TcpStream>, Vec<u8>)>,
     wake: &mio::Waker,
 ) -> Result<(), String> {
     let user = name(i);
@@ -332,9 +333,9 @@ fn login(
     }
     let login_id = reply.req("Login").map_err(|e| e.to_string())?.to_owned();
     let (stream, rest) = conn.into_parts();
-    let clone = stream.try_clone().map_err(|e| e.to_string())?;
+    let stream = Arc::new(stream);
     *world.held[i].lock() = Some(Held {
-        stream: clone,
+        stream: stream.clone(),
         login: login_id,
         send: link.send,
     });
@@ -349,10 +350,10 @@ fn login(
 fn poller(
     world: Arc<World>,
     mut poll: mio::Poll,
-    new: crossbeam_channel::Receiver<(TcpStream, Vec<u8>)>,
+    new: crossbeam_channel::Receiver<(Arc<TcpStream>, Vec<u8>)>,
     stop: Arc<AtomicBool>,
 ) {
-    let mut conns: HashMap<usize, (TcpStream, Vec<u8>)> = HashMap::new();
+    let mut conns: HashMap<usize, (Arc<TcpStream>, Vec<u8>)> = HashMap::new();
     let mut next = 1usize;
     let mut events = mio::Events::with_capacity(4096);
     let mut chunk = vec![0u8; 64 * 1024];
@@ -387,7 +388,7 @@ fn poller(
             };
             let mut closed = false;
             loop {
-                match stream.read(&mut chunk) {
+                match (&**stream).read(&mut chunk) {
                     Ok(0) => {
                         closed = true;
                         break;
@@ -453,9 +454,9 @@ fn main() {
     }
     let limit = ims::prethread::raise_open_files_limit();
     let mut users = knob("IMS_BENCH_HELD_USERS", USERS as u64) as usize;
-    // This process holds two descriptors per user (the poller reads one,
-    // the keepalive writer uses its clone); the MS, one.
-    let most = (limit.saturating_sub(SPARE_FDS) / 2) as usize;
+    // This process and the MS each hold one descriptor per user (the
+    // poller and the keepalive writer share it).
+    let most = limit.saturating_sub(SPARE_FDS) as usize;
     if users > most {
         eprintln!(
             "held bench: the open-files limit is {limit}: {users} users cut to {most} \
@@ -592,7 +593,8 @@ fn main() {
                 ) else {
                     continue;
                 };
-                if write_message(&mut h.stream, &m, Instant::now() + TIMEOUT).is_ok() {
+                let mut stream: &TcpStream = &h.stream;
+                if write_message(&mut stream, &m, Instant::now() + TIMEOUT).is_ok() {
                     pings += 1;
                 }
             }
