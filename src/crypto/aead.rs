@@ -89,7 +89,7 @@ thread_local! {
     /// message (an allocation, and a provider look-up under a lock) cost
     /// more than sealing a short one. Per thread, not per key, so that a
     /// server holding 100,000 links keeps two contexts per worker, not
-    /// one per link direction.
+    /// one per link direction. Between uses they hold a zero key.
     static SEAL_CTX: RefCell<Option<CipherCtx>> = const { RefCell::new(None) };
     static OPEN_CTX: RefCell<Option<CipherCtx>> = const { RefCell::new(None) };
 }
@@ -105,6 +105,7 @@ fn with_ctx<T>(
         // Re-entry cannot happen (`f` does no sealing), but if it did, a
         // fresh context serves it rather than a panic.
         let Ok(mut guard) = cell.try_borrow_mut() else {
+            // Freed (and wiped) when it goes out of scope.
             let mut ctx = new_ctx(slot)?;
             return f(&mut ctx);
         };
@@ -113,11 +114,29 @@ fn with_ctx<T>(
             None => guard.insert(new_ctx(slot)?),
         };
         let result = f(ctx);
-        if result.is_err() {
+        // The context keeps the key schedule of the key it last used: a
+        // zero key replaces it at once, so that a key its holder has
+        // erased (a conversation's old epoch) does not live on here. A
+        // context that failed, or cannot be re-keyed, is freed instead
+        // (OpenSSL wipes it).
+        if result.is_err() || forget_key(slot, ctx).is_err() {
             *guard = None;
         }
         result
     })
+}
+
+/// Re-keys `ctx` with an all-zero key, wiping the last real one's schedule.
+fn forget_key(
+    slot: &'static std::thread::LocalKey<RefCell<Option<CipherCtx>>>,
+    ctx: &mut CipherCtx,
+) -> Result<(), ErrorStack> {
+    const ZERO: [u8; AES_KEY_LEN] = [0; AES_KEY_LEN];
+    if std::ptr::eq(slot, &SEAL_CTX) {
+        ctx.encrypt_init(None, Some(&ZERO), None)
+    } else {
+        ctx.decrypt_init(None, Some(&ZERO), None)
+    }
 }
 
 /// A context with AES-256-GCM set for the direction `slot` serves.
