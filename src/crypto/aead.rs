@@ -4,8 +4,9 @@
 //! variants exist for file chunks (64 KiB to 1 MiB): they encrypt and
 //! decrypt inside the caller's buffer, so a chunk is never copied.
 
-use std::cell::RefCell;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock, Weak};
+
+use parking_lot::Mutex;
 
 use super::Error;
 use openssl::cipher::{Cipher, CipherRef};
@@ -56,8 +57,19 @@ pub fn aes_gcm_seal_in_place(
     aad: &[u8],
     buf: &mut Vec<u8>,
 ) -> Result<(), Error> {
+    seal_in_place(key, true, nonce, aad, buf)
+}
+
+/// [`aes_gcm_seal_in_place`]; `forget`: wipe the thread's context after.
+fn seal_in_place(
+    key: &[u8; AES_KEY_LEN],
+    forget: bool,
+    nonce: &[u8; GCM_NONCE_LEN],
+    aad: &[u8],
+    buf: &mut Vec<u8>,
+) -> Result<(), Error> {
     let len = buf.len();
-    let result = with_ctx(&SEAL_CTX, |ctx| {
+    let result = with_ctx(&SEAL_CTX, true, forget, |ctx| {
         ctx.encrypt_init(None, Some(key), Some(nonce))?;
         if !aad.is_empty() {
             ctx.cipher_update(aad, None)?;
@@ -83,43 +95,81 @@ pub fn aes_gcm_seal_in_place(
     }
 }
 
+/// One thread's context for one direction, shared with [`CONTEXTS`] so
+/// that [`forget_all`] can reach it.
+type Slot = Arc<Mutex<Option<CipherCtx>>>;
+/// What [`CONTEXTS`] keeps of a [`Slot`]: it, weakly, and whether it seals.
+type Registered = (Weak<Mutex<Option<CipherCtx>>>, bool);
+
 thread_local! {
     /// Each thread's contexts for sealing and for opening, made at its
     /// first use and then only re-keyed: making a context for every
     /// message (an allocation, and a provider look-up under a lock) cost
     /// more than sealing a short one. Per thread, not per key, so that a
     /// server holding 100,000 links keeps two contexts per worker, not
-    /// one per link direction. Between uses they hold a zero key.
-    static SEAL_CTX: RefCell<Option<CipherCtx>> = const { RefCell::new(None) };
-    static OPEN_CTX: RefCell<Option<CipherCtx>> = const { RefCell::new(None) };
+    /// one per link direction.
+    static SEAL_CTX: Slot = register(true);
+    static OPEN_CTX: Slot = register(false);
+}
+
+/// Every thread's contexts (and whether each seals), so that no key
+/// schedule outlives the key it came from: see [`forget_all`].
+static CONTEXTS: Mutex<Vec<Registered>> = Mutex::new(Vec::new());
+
+fn register(seals: bool) -> Slot {
+    let slot = Slot::default();
+    let mut all = CONTEXTS.lock();
+    // Threads that ended left their entries behind.
+    all.retain(|(weak, _)| weak.strong_count() > 0);
+    all.push((Arc::downgrade(&slot), seals));
+    slot
+}
+
+/// Replaces the key schedule every thread's contexts hold with a zero
+/// key's. A context keeps the schedule of the key it last used; when a key
+/// that its holder erases (a conversation's old epoch, a link's key) is
+/// dropped, this makes sure no copy of it lives on in a context. A context
+/// that cannot be re-keyed is freed (OpenSSL wipes it).
+fn forget_all() {
+    let slots: Vec<(Slot, bool)> = CONTEXTS
+        .lock()
+        .iter()
+        .filter_map(|(weak, seals)| weak.upgrade().map(|s| (s, *seals)))
+        .collect();
+    for (slot, seals) in slots {
+        let mut guard = slot.lock();
+        if let Some(ctx) = guard.as_mut() {
+            if forget_key(ctx, seals).is_err() {
+                *guard = None;
+            }
+        }
+    }
 }
 
 /// Runs `f` on this thread's context in `slot` (made on first use with the
 /// cipher set, no key). A context that failed midway is dropped, not used
-/// again.
+/// again. `forget`: re-key it with zeros right after (a key used once, whose
+/// holder will not call [`forget_all`]).
 fn with_ctx<T>(
-    slot: &'static std::thread::LocalKey<RefCell<Option<CipherCtx>>>,
+    slot: &'static std::thread::LocalKey<Slot>,
+    seals: bool,
+    forget: bool,
     f: impl FnOnce(&mut CipherCtx) -> Result<T, ErrorStack>,
 ) -> Result<T, ErrorStack> {
-    slot.with(|cell| {
-        // Re-entry cannot happen (`f` does no sealing), but if it did, a
-        // fresh context serves it rather than a panic.
-        let Ok(mut guard) = cell.try_borrow_mut() else {
-            // Freed (and wiped) when it goes out of scope.
-            let mut ctx = new_ctx(slot)?;
+    slot.with(|shared| {
+        // Busy only while another thread wipes it (or on a re-entry, which
+        // `f` does not make): a context of the moment serves then, freed
+        // and wiped when it goes out of scope.
+        let Some(mut guard) = shared.try_lock() else {
+            let mut ctx = new_ctx(seals)?;
             return f(&mut ctx);
         };
         let ctx = match guard.as_mut() {
             Some(ctx) => ctx,
-            None => guard.insert(new_ctx(slot)?),
+            None => guard.insert(new_ctx(seals)?),
         };
         let result = f(ctx);
-        // The context keeps the key schedule of the key it last used: a
-        // zero key replaces it at once, so that a key its holder has
-        // erased (a conversation's old epoch) does not live on here. A
-        // context that failed, or cannot be re-keyed, is freed instead
-        // (OpenSSL wipes it).
-        if result.is_err() || forget_key(slot, ctx).is_err() {
+        if result.is_err() || (forget && forget_key(ctx, seals).is_err()) {
             *guard = None;
         }
         result
@@ -127,24 +177,19 @@ fn with_ctx<T>(
 }
 
 /// Re-keys `ctx` with an all-zero key, wiping the last real one's schedule.
-fn forget_key(
-    slot: &'static std::thread::LocalKey<RefCell<Option<CipherCtx>>>,
-    ctx: &mut CipherCtx,
-) -> Result<(), ErrorStack> {
+fn forget_key(ctx: &mut CipherCtx, seals: bool) -> Result<(), ErrorStack> {
     const ZERO: [u8; AES_KEY_LEN] = [0; AES_KEY_LEN];
-    if std::ptr::eq(slot, &SEAL_CTX) {
+    if seals {
         ctx.encrypt_init(None, Some(&ZERO), None)
     } else {
         ctx.decrypt_init(None, Some(&ZERO), None)
     }
 }
 
-/// A context with AES-256-GCM set for the direction `slot` serves.
-fn new_ctx(
-    slot: &'static std::thread::LocalKey<RefCell<Option<CipherCtx>>>,
-) -> Result<CipherCtx, ErrorStack> {
+/// A context with AES-256-GCM set, for sealing or for opening.
+fn new_ctx(seals: bool) -> Result<CipherCtx, ErrorStack> {
     let mut ctx = CipherCtx::new()?;
-    if std::ptr::eq(slot, &SEAL_CTX) {
+    if seals {
         ctx.encrypt_init(Some(aes_256_gcm()), None, None)?;
     } else {
         ctx.decrypt_init(Some(aes_256_gcm()), None, None)?;
@@ -153,7 +198,8 @@ fn new_ctx(
 }
 
 /// One AES-256-GCM key kept for many messages (a link's direction, a
-/// history file), wiped when dropped.
+/// history file), wiped when dropped, and with it every copy of its
+/// schedule in the threads' contexts.
 ///
 /// The caller guarantees, as for [`aes_gcm_seal`], that a nonce is never
 /// used twice with one key.
@@ -174,7 +220,7 @@ impl GcmKey {
         aad: &[u8],
         buf: &mut Vec<u8>,
     ) -> Result<(), Error> {
-        aes_gcm_seal_in_place(&self.key, nonce, aad, buf)
+        seal_in_place(&self.key, false, nonce, aad, buf)
     }
 
     /// As [`aes_gcm_open_in_place`] under this key: on any failure `buf`
@@ -185,16 +231,18 @@ impl GcmKey {
         aad: &[u8],
         buf: &mut Vec<u8>,
     ) -> Result<(), Error> {
-        aes_gcm_open_in_place(&self.key, nonce, aad, buf)
+        open_in_place(&self.key, false, nonce, aad, buf)
     }
 }
 
 impl Drop for GcmKey {
     /// Wipes the key (best effort without unsafe code: the write goes
-    /// through `black_box`, so it is not optimised away).
+    /// through `black_box`, so it is not optimised away) and the copies of
+    /// its schedule the threads' contexts may hold.
     fn drop(&mut self) {
         self.key = [0u8; AES_KEY_LEN];
         std::hint::black_box(&mut self.key);
+        forget_all();
     }
 }
 
@@ -220,6 +268,17 @@ pub fn aes_gcm_open_in_place(
     aad: &[u8],
     buf: &mut Vec<u8>,
 ) -> Result<(), Error> {
+    open_in_place(key, true, nonce, aad, buf)
+}
+
+/// [`aes_gcm_open_in_place`]; `forget`: wipe the thread's context after.
+fn open_in_place(
+    key: &[u8; AES_KEY_LEN],
+    forget: bool,
+    nonce: &[u8; GCM_NONCE_LEN],
+    aad: &[u8],
+    buf: &mut Vec<u8>,
+) -> Result<(), Error> {
     let Some(ct_len) = buf.len().checked_sub(GCM_TAG_LEN) else {
         buf.clear();
         return Err(Error::Decrypt);
@@ -227,7 +286,7 @@ pub fn aes_gcm_open_in_place(
     let mut tag = [0u8; GCM_TAG_LEN];
     tag.copy_from_slice(&buf[ct_len..]);
     buf.truncate(ct_len);
-    let result = with_ctx(&OPEN_CTX, |ctx| {
+    let result = with_ctx(&OPEN_CTX, false, forget, |ctx| {
         ctx.decrypt_init(None, Some(key), Some(nonce))?;
         if !aad.is_empty() {
             ctx.cipher_update(aad, None)?;
