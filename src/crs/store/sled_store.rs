@@ -56,18 +56,35 @@ fn abort<T>(e: StoreError) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(e))
 }
 
-/// Decodes a `users` record, checking it belongs under `key`.
-fn decode_user(key: &[u8], bytes: &[u8]) -> Result<User, StoreError> {
+/// A `users` record, whole or some of its fields: it names its user.
+trait UserRecord: serde::de::DeserializeOwned {
+    fn name(&self) -> &str;
+}
+
+impl UserRecord for User {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Decodes a `users` record (or the fields `T` takes of it), checking it
+/// belongs under `key`.
+fn decode_record<T: UserRecord>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
     let shown = String::from_utf8_lossy(key);
-    let user: User = serde_json::from_slice(bytes)
+    let record: T = serde_json::from_slice(bytes)
         .map_err(|e| StoreError::Corrupt(format!("user {shown:?}: {e}")))?;
-    if user.name.as_bytes() != key {
+    if record.name().as_bytes() != key {
         return Err(StoreError::Corrupt(format!(
             "user {shown:?}: record names {:?}",
-            user.name
+            record.name()
         )));
     }
-    Ok(user)
+    Ok(record)
+}
+
+/// Decodes a whole `users` record, checking it belongs under `key`.
+fn decode_user(key: &[u8], bytes: &[u8]) -> Result<User, StoreError> {
+    decode_record(key, bytes)
 }
 
 /// The fields of a user record that [`Store::contact_views`] needs; the
@@ -89,6 +106,18 @@ struct ViewFields {
 struct VerifierFields {
     name: String,
     verifier: Verifier,
+}
+
+impl UserRecord for ViewFields {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl UserRecord for VerifierFields {
+    fn name(&self) -> &str {
+        &self.name
+    }
 }
 
 fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
@@ -319,14 +348,7 @@ impl Store for SledStore {
         let Some(v) = self.users.get(name.as_bytes()).map_err(backend)? else {
             return Ok(None);
         };
-        let f: VerifierFields = serde_json::from_slice(&v)
-            .map_err(|e| StoreError::Corrupt(format!("user {name:?}: {e}")))?;
-        if f.name != name {
-            return Err(StoreError::Corrupt(format!(
-                "user {name:?}: record names {:?}",
-                f.name
-            )));
-        }
+        let f: VerifierFields = decode_record(name.as_bytes(), &v)?;
         Ok(Some(f.verifier))
     }
 
@@ -342,14 +364,7 @@ impl Store for SledStore {
             let Some(v) = self.users.get(name.as_bytes()).map_err(backend)? else {
                 continue;
             };
-            let f: ViewFields = serde_json::from_slice(&v)
-                .map_err(|e| StoreError::Corrupt(format!("user {name:?}: {e}")))?;
-            if f.name != name {
-                return Err(StoreError::Corrupt(format!(
-                    "user {name:?}: record names {:?}",
-                    f.name
-                )));
-            }
+            let f: ViewFields = decode_record(name.as_bytes(), &v)?;
             views.insert(
                 f.name,
                 ContactView {
