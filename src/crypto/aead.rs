@@ -4,6 +4,7 @@
 //! variants exist for file chunks (64 KiB to 1 MiB): they encrypt and
 //! decrypt inside the caller's buffer, so a chunk is never copied.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::Mutex;
@@ -57,20 +58,23 @@ pub fn aes_gcm_seal_in_place(
     aad: &[u8],
     buf: &mut Vec<u8>,
 ) -> Result<(), Error> {
-    seal_in_place(key, true, nonce, aad, buf)
+    seal_in_place(key, ONE_SHOT, nonce, aad, buf)
 }
 
-/// [`aes_gcm_seal_in_place`]; `forget`: wipe the thread's context after.
+/// [`aes_gcm_seal_in_place`] under the key numbered `id` ([`ONE_SHOT`]:
+/// wipe the thread's context after).
 fn seal_in_place(
     key: &[u8; AES_KEY_LEN],
-    forget: bool,
+    id: u64,
     nonce: &[u8; GCM_NONCE_LEN],
     aad: &[u8],
     buf: &mut Vec<u8>,
 ) -> Result<(), Error> {
     let len = buf.len();
-    let result = with_ctx(&SEAL_CTX, true, forget, |ctx| {
-        ctx.encrypt_init(None, Some(key), Some(nonce))?;
+    let result = with_ctx(&SEAL_CTX, true, id, |ctx, loaded| {
+        // A context that holds this key's schedule already only takes
+        // the nonce: no key expansion, no GHASH table per message.
+        ctx.encrypt_init(None, (!loaded).then_some(key), Some(nonce))?;
         if !aad.is_empty() {
             ctx.cipher_update(aad, None)?;
         }
@@ -95,11 +99,26 @@ fn seal_in_place(
     }
 }
 
-/// One thread's context for one direction, shared with [`CONTEXTS`] so
-/// that [`forget_all`] can reach it.
-type Slot = Arc<Mutex<Option<CipherCtx>>>;
+/// The number of a key used once ([`aes_gcm_seal`] and the like): the
+/// context is wiped right after, since no [`GcmKey`] drop will do it.
+const ONE_SHOT: u64 = 0;
+
+/// Numbers of [`GcmKey`]s, so that a context knows whose schedule it
+/// holds. Never reused (a u64 does not wrap in practice).
+static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
+
+/// One thread's context for one direction, and the number of the key
+/// whose schedule it holds ([`ONE_SHOT`]: none, or the zero key's).
+struct Kept {
+    ctx: CipherCtx,
+    key: u64,
+}
+
+/// A thread's [`Kept`] context, shared with [`CONTEXTS`] so that
+/// [`forget`] can reach it.
+type Slot = Arc<Mutex<Option<Kept>>>;
 /// What [`CONTEXTS`] keeps of a [`Slot`]: it, weakly, and whether it seals.
-type Registered = (Weak<Mutex<Option<CipherCtx>>>, bool);
+type Registered = (Weak<Mutex<Option<Kept>>>, bool);
 
 thread_local! {
     /// Each thread's contexts for sealing and for opening, made at its
@@ -113,7 +132,7 @@ thread_local! {
 }
 
 /// Every thread's contexts (and whether each seals), so that no key
-/// schedule outlives the key it came from: see [`forget_all`].
+/// schedule outlives the key it came from: see [`forget`].
 static CONTEXTS: Mutex<Vec<Registered>> = Mutex::new(Vec::new());
 
 fn register(seals: bool) -> Slot {
@@ -125,12 +144,13 @@ fn register(seals: bool) -> Slot {
     slot
 }
 
-/// Replaces the key schedule every thread's contexts hold with a zero
-/// key's. A context keeps the schedule of the key it last used; when a key
-/// that its holder erases (a conversation's old epoch, a link's key) is
-/// dropped, this makes sure no copy of it lives on in a context. A context
-/// that cannot be re-keyed is freed (OpenSSL wipes it).
-fn forget_all() {
+/// Replaces the schedule of key `id` wherever a thread's context still
+/// holds it with a zero key's. A context keeps the schedule of the key it
+/// last used; when a key that its holder erases (a conversation's old
+/// epoch, a link's key) is dropped, this makes sure no copy of it lives on
+/// in a context. A context that cannot be re-keyed is freed (OpenSSL
+/// wipes it).
+fn forget(id: u64) {
     let slots: Vec<(Slot, bool)> = CONTEXTS
         .lock()
         .iter()
@@ -138,8 +158,10 @@ fn forget_all() {
         .collect();
     for (slot, seals) in slots {
         let mut guard = slot.lock();
-        if let Some(ctx) = guard.as_mut() {
-            if forget_key(ctx, seals).is_err() {
+        if let Some(kept) = guard.as_mut().filter(|k| k.key == id) {
+            if forget_key(&mut kept.ctx, seals).is_ok() {
+                kept.key = ONE_SHOT;
+            } else {
                 *guard = None;
             }
         }
@@ -147,14 +169,14 @@ fn forget_all() {
 }
 
 /// Runs `f` on this thread's context in `slot` (made on first use with the
-/// cipher set, no key). A context that failed midway is dropped, not used
-/// again. `forget`: re-key it with zeros right after (a key used once, whose
-/// holder will not call [`forget_all`]).
+/// cipher set, no key), telling it whether the context holds key `id`'s
+/// schedule already. A context that failed midway is dropped, not used
+/// again. A [`ONE_SHOT`] key is wiped from the context right after.
 fn with_ctx<T>(
     slot: &'static std::thread::LocalKey<Slot>,
     seals: bool,
-    forget: bool,
-    f: impl FnOnce(&mut CipherCtx) -> Result<T, ErrorStack>,
+    id: u64,
+    f: impl FnOnce(&mut CipherCtx, bool) -> Result<T, ErrorStack>,
 ) -> Result<T, ErrorStack> {
     slot.with(|shared| {
         // Busy only while another thread wipes it (or on a re-entry, which
@@ -162,14 +184,19 @@ fn with_ctx<T>(
         // and wiped when it goes out of scope.
         let Some(mut guard) = shared.try_lock() else {
             let mut ctx = new_ctx(seals)?;
-            return f(&mut ctx);
+            return f(&mut ctx, false);
         };
-        let ctx = match guard.as_mut() {
-            Some(ctx) => ctx,
-            None => guard.insert(new_ctx(seals)?),
+        let kept = match guard.as_mut() {
+            Some(kept) => kept,
+            None => guard.insert(Kept {
+                ctx: new_ctx(seals)?,
+                key: ONE_SHOT,
+            }),
         };
-        let result = f(ctx);
-        if result.is_err() || (forget && forget_key(ctx, seals).is_err()) {
+        let loaded = id != ONE_SHOT && kept.key == id;
+        let result = f(&mut kept.ctx, loaded);
+        kept.key = id;
+        if result.is_err() || (id == ONE_SHOT && forget_key(&mut kept.ctx, seals).is_err()) {
             *guard = None;
         }
         result
@@ -205,12 +232,17 @@ fn new_ctx(seals: bool) -> Result<CipherCtx, ErrorStack> {
 /// used twice with one key.
 pub struct GcmKey {
     key: [u8; AES_KEY_LEN],
+    /// Its number among the keys of this process (see [`with_ctx`]).
+    id: u64,
 }
 
 impl GcmKey {
     /// Keeps `key`.
     pub fn new(key: [u8; AES_KEY_LEN]) -> GcmKey {
-        GcmKey { key }
+        GcmKey {
+            key,
+            id: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
+        }
     }
 
     /// As [`aes_gcm_seal_in_place`] under this key.
@@ -220,7 +252,7 @@ impl GcmKey {
         aad: &[u8],
         buf: &mut Vec<u8>,
     ) -> Result<(), Error> {
-        seal_in_place(&self.key, false, nonce, aad, buf)
+        seal_in_place(&self.key, self.id, nonce, aad, buf)
     }
 
     /// As [`aes_gcm_open_in_place`] under this key: on any failure `buf`
@@ -231,7 +263,7 @@ impl GcmKey {
         aad: &[u8],
         buf: &mut Vec<u8>,
     ) -> Result<(), Error> {
-        open_in_place(&self.key, false, nonce, aad, buf)
+        open_in_place(&self.key, self.id, nonce, aad, buf)
     }
 }
 
@@ -242,7 +274,7 @@ impl Drop for GcmKey {
     fn drop(&mut self) {
         self.key = [0u8; AES_KEY_LEN];
         std::hint::black_box(&mut self.key);
-        forget_all();
+        forget(self.id);
     }
 }
 
@@ -268,13 +300,14 @@ pub fn aes_gcm_open_in_place(
     aad: &[u8],
     buf: &mut Vec<u8>,
 ) -> Result<(), Error> {
-    open_in_place(key, true, nonce, aad, buf)
+    open_in_place(key, ONE_SHOT, nonce, aad, buf)
 }
 
-/// [`aes_gcm_open_in_place`]; `forget`: wipe the thread's context after.
+/// [`aes_gcm_open_in_place`] under the key numbered `id` ([`ONE_SHOT`]:
+/// wipe the thread's context after).
 fn open_in_place(
     key: &[u8; AES_KEY_LEN],
-    forget: bool,
+    id: u64,
     nonce: &[u8; GCM_NONCE_LEN],
     aad: &[u8],
     buf: &mut Vec<u8>,
@@ -286,8 +319,8 @@ fn open_in_place(
     let mut tag = [0u8; GCM_TAG_LEN];
     tag.copy_from_slice(&buf[ct_len..]);
     buf.truncate(ct_len);
-    let result = with_ctx(&OPEN_CTX, false, forget, |ctx| {
-        ctx.decrypt_init(None, Some(key), Some(nonce))?;
+    let result = with_ctx(&OPEN_CTX, false, id, |ctx, loaded| {
+        ctx.decrypt_init(None, (!loaded).then_some(key), Some(nonce))?;
         if !aad.is_empty() {
             ctx.cipher_update(aad, None)?;
         }
@@ -400,6 +433,63 @@ mod tests {
             opener.open_in_place(&nonce, b"aad", &mut buf).unwrap();
             assert_eq!(buf, pt);
         }
+    }
+
+    /// How many threads' contexts hold key `id`'s schedule.
+    fn holders(id: u64) -> usize {
+        CONTEXTS
+            .lock()
+            .iter()
+            .filter_map(|(weak, _)| weak.upgrade())
+            .filter(|slot| slot.lock().as_ref().is_some_and(|k| k.key == id))
+            .count()
+    }
+
+    #[test]
+    fn kept_keys_interleaved_on_one_thread_and_wiped_when_dropped() {
+        let other = [8u8; 32];
+        let mut a = GcmKey::new(KEY);
+        let mut b = GcmKey::new(other);
+        let (a_id, b_id) = (a.id, b.id);
+        for i in 0..20u8 {
+            let nonce = [i; 12];
+            // Same key twice in a row (schedule kept), then a switch, and
+            // a one-shot use in between that must not disturb either.
+            for which in [0, 0, 1] {
+                let (key, raw) = if which == 0 {
+                    (&mut a, KEY)
+                } else {
+                    (&mut b, other)
+                };
+                let mut buf = vec![i; usize::from(i)];
+                key.seal_in_place(&nonce, b"x", &mut buf).unwrap();
+                assert_eq!(
+                    buf,
+                    aes_gcm_seal(&raw, &nonce, b"x", &[i; 20][..usize::from(i)]).unwrap()
+                );
+                key.open_in_place(&nonce, b"x", &mut buf).unwrap();
+                assert_eq!(buf, vec![i; usize::from(i)]);
+            }
+        }
+        // This thread's contexts last held b's schedule (sealing and
+        // opening); a's was replaced.
+        b.seal_in_place(&[99; 12], b"", &mut Vec::new()).unwrap();
+        let mut probe = Vec::new();
+        b.seal_in_place(&[98; 12], b"", &mut probe).unwrap();
+        assert_eq!(probe, aes_gcm_seal(&other, &[98; 12], b"", b"").unwrap());
+        b.seal_in_place(&[97; 12], b"", &mut probe).unwrap();
+        probe.truncate(0);
+        b.seal_in_place(&[98; 12], b"", &mut probe).unwrap();
+        b.open_in_place(&[98; 12], b"", &mut probe).unwrap();
+        assert_eq!(holders(b_id), 2);
+        assert_eq!(holders(a_id), 0);
+        drop(b);
+        assert_eq!(
+            holders(b_id),
+            0,
+            "a dropped key's schedule stayed in a context"
+        );
+        drop(a);
     }
 
     fn hex(b: &[u8]) -> String {

@@ -1,11 +1,6 @@
 //! SHA-256, HMAC-SHA256, HKDF-SHA256 and constant-time comparison.
 
 use super::Error;
-use openssl::hash::MessageDigest;
-use openssl::md::Md;
-use openssl::pkey::{Id, PKey};
-use openssl::pkey_ctx::PkeyCtx;
-use openssl::sign::Signer;
 
 /// SHA-256 of `data`.
 pub fn sha256(data: &[u8]) -> [u8; 32] {
@@ -39,28 +34,63 @@ impl std::fmt::Debug for Sha256 {
     }
 }
 
-/// HMAC-SHA256 of `data` under `key` (any length, empty included).
-///
-/// # Panics
-/// Only if OpenSSL itself fails (allocation failure); HMAC-SHA256 over
-/// in-memory bytes has no other way to fail.
-pub fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
-    try_hmac_sha256(key, data).expect("OpenSSL HMAC-SHA256 failed")
+/// SHA-256's block size: HMAC pads its key to it.
+const BLOCK: usize = 64;
+
+/// HMAC-SHA256 (RFC 2104) as a running computation, built on OpenSSL's
+/// SHA-256 without the EVP layer: OpenSSL 3 fetches a provider, builds an
+/// `EVP_PKEY` and scans parameters for every HMAC made through it, which
+/// cost about ten times the hashing for the short inputs of a login or a
+/// key derivation (seen in the login bench's profile).
+struct Hmac {
+    inner: openssl::sha::Sha256,
+    outer: openssl::sha::Sha256,
 }
 
-fn try_hmac_sha256(key: &[u8], data: &[u8]) -> Result<[u8; 32], Error> {
-    // OpenSSL 3 refuses a zero-length MAC key. HMAC zero-pads keys to the
-    // block size (RFC 2104), so the one-byte key 0x00 is the same key.
-    let key = if key.is_empty() { &[0u8][..] } else { key };
-    let pkey = PKey::hmac(key)?;
-    let mut signer = Signer::new(MessageDigest::sha256(), &pkey)?;
-    signer.update(data)?;
-    let mut out = [0u8; 32];
-    let n = signer.sign(&mut out)?;
-    if n != out.len() {
-        return Err(Error::OpenSsl("short HMAC output".into()));
+impl Hmac {
+    fn new(key: &[u8]) -> Hmac {
+        // A key longer than a block is hashed first; shorter ones are
+        // zero-padded (the empty key included).
+        let mut block = [0u8; BLOCK];
+        if key.len() > BLOCK {
+            block[..32].copy_from_slice(&sha256(key));
+        } else {
+            block[..key.len()].copy_from_slice(key);
+        }
+        let mut pad = [0u8; BLOCK];
+        let mut inner = openssl::sha::Sha256::new();
+        for (p, k) in pad.iter_mut().zip(&block) {
+            *p = k ^ 0x36;
+        }
+        inner.update(&pad);
+        let mut outer = openssl::sha::Sha256::new();
+        for (p, k) in pad.iter_mut().zip(&block) {
+            *p = k ^ 0x5c;
+        }
+        outer.update(&pad);
+        // Best effort without unsafe code (as for the crate's other keys).
+        block = [0u8; BLOCK];
+        pad = [0u8; BLOCK];
+        std::hint::black_box((&mut block, &mut pad));
+        Hmac { inner, outer }
     }
-    Ok(out)
+
+    fn update(&mut self, data: &[u8]) {
+        self.inner.update(data);
+    }
+
+    fn finish(self) -> [u8; 32] {
+        let Hmac { inner, mut outer } = self;
+        outer.update(&inner.finish());
+        outer.finish()
+    }
+}
+
+/// HMAC-SHA256 of `data` under `key` (any length, empty included).
+pub fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut mac = Hmac::new(key);
+    mac.update(data);
+    mac.finish()
 }
 
 /// HKDF-SHA256 (RFC 5869, extract then expand) filling `out`. An empty
@@ -73,22 +103,24 @@ pub fn hkdf_sha256(ikm: &[u8], salt: &[u8], info: &[u8], out: &mut [u8]) -> Resu
             "HKDF-SHA256 output must be 1..=8160 bytes",
         ));
     }
-    let mut ctx = PkeyCtx::new_id(Id::HKDF)?;
-    ctx.derive_init()?;
-    ctx.set_hkdf_md(Md::sha256())?;
-    ctx.set_hkdf_key(ikm)?;
-    // Not setting the salt gives RFC 5869's default (HashLen zero bytes),
-    // which is what an empty salt means; OpenSSL refuses a zero-length set.
-    if !salt.is_empty() {
-        ctx.set_hkdf_salt(salt)?;
+    // HMAC zero-pads its key, so the empty salt and the RFC's 32 zero
+    // bytes are the same key.
+    let mut prk = hmac_sha256(salt, ikm);
+    let mut block = [0u8; 32];
+    for (i, chunk) in out.chunks_mut(32).enumerate() {
+        let mut mac = Hmac::new(&prk);
+        if i > 0 {
+            mac.update(&block);
+        }
+        mac.update(info);
+        // At most 255 blocks (checked above), counted from 1.
+        mac.update(&[u8::try_from(i + 1).unwrap_or(u8::MAX)]);
+        block = mac.finish();
+        chunk.copy_from_slice(&block[..chunk.len()]);
     }
-    if !info.is_empty() {
-        ctx.add_hkdf_info(info)?;
-    }
-    let n = ctx.derive(Some(out))?;
-    if n != out.len() {
-        return Err(Error::OpenSsl("short HKDF output".into()));
-    }
+    prk = [0u8; 32];
+    block = [0u8; 32];
+    std::hint::black_box((&mut prk, &mut block));
     Ok(())
 }
 
@@ -158,6 +190,63 @@ mod tests {
             "b613679a0814d9ec772f95d778c35fc5ff1697c493715653c6c712144292c5ad"
         );
         assert_eq!(hmac_sha256(b"", b"x"), hmac_sha256(&[0u8; 64], b"x"));
+    }
+
+    #[test]
+    fn hmac_rfc4231_long_keys() {
+        // Cases 6 and 7: a 131-byte key, hashed before use.
+        let key = [0xaa; 131];
+        assert_eq!(
+            hex(&hmac_sha256(
+                &key,
+                b"Test Using Larger Than Block-Size Key - Hash Key First"
+            )),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+        assert_eq!(
+            hex(&hmac_sha256(
+                &key,
+                b"This is a test using a larger than block-size key and a larger than \
+                  block-size data. The key needs to be hashed before being used by the \
+                  HMAC algorithm."
+            )),
+            "9b09ffa71b942fcb27635fbcd5b0e944bfdc63644f0713938a7f51535c3a35e2"
+        );
+    }
+
+    #[test]
+    fn hmac_and_hkdf_match_openssl_evp_for_all_short_lengths() {
+        use openssl::hash::MessageDigest;
+        use openssl::md::Md;
+        use openssl::pkey::{Id, PKey};
+        use openssl::pkey_ctx::PkeyCtx;
+        use openssl::sign::Signer;
+        for key_len in (1..=140).step_by(3) {
+            let key: Vec<u8> = (0..key_len).map(|i| (i * 7 + 1) as u8).collect();
+            for data_len in [0usize, 1, 55, 56, 63, 64, 65, 119, 120, 200] {
+                let data: Vec<u8> = (0..data_len).map(|i| (i * 13) as u8).collect();
+                let pkey = PKey::hmac(&key).unwrap();
+                let mut signer = Signer::new(MessageDigest::sha256(), &pkey).unwrap();
+                signer.update(&data).unwrap();
+                assert_eq!(
+                    hmac_sha256(&key, &data).to_vec(),
+                    signer.sign_to_vec().unwrap()
+                );
+            }
+            for out_len in [1usize, 31, 32, 33, 64, 100] {
+                let mut ctx = PkeyCtx::new_id(Id::HKDF).unwrap();
+                ctx.derive_init().unwrap();
+                ctx.set_hkdf_md(Md::sha256()).unwrap();
+                ctx.set_hkdf_key(&key[..key_len.min(40)]).unwrap();
+                ctx.set_hkdf_salt(&key).unwrap();
+                ctx.add_hkdf_info(b"some info").unwrap();
+                let mut want = vec![0u8; out_len];
+                ctx.derive(Some(&mut want)).unwrap();
+                let mut got = vec![0u8; out_len];
+                hkdf_sha256(&key[..key_len.min(40)], &key, b"some info", &mut got).unwrap();
+                assert_eq!(got, want, "key {key_len} out {out_len}");
+            }
+        }
     }
 
     #[test]

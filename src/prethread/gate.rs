@@ -83,6 +83,10 @@ pub(crate) struct Conn<S: Service> {
     pub first_byte: Option<Instant>,
     /// The peer has closed its sending half.
     pub eof: bool,
+    /// The last read found the socket empty (it stopped at `WouldBlock`,
+    /// not at the buffer's cap): nothing is left to read until a new
+    /// readiness event.
+    pub drained: bool,
     /// Set while the connection waits for a wake-up (a deferred reply).
     pub park: Option<Park>,
     /// Counts the connection against the server's and its source's limits
@@ -150,8 +154,8 @@ pub(crate) enum Back<S: Service> {
     New(TcpStream, super::server::Ticket),
     /// A connection whose reply is written; hold it until its next message.
     Return(Box<Conn<S>>),
-    /// A connection handed to a worker has ended there.
-    Done,
+    /// The connection with this id, handed to a worker, has ended there.
+    Done(usize),
 }
 
 /// The gate thread's loop; returns once the server is stopped and no
@@ -170,6 +174,7 @@ pub(crate) fn gate_loop<S: Service>(
     });
     let mut gate = Gate {
         conns: HashMap::new(),
+        stirred: HashSet::new(),
         parked: HashMap::new(),
         next_id: 1,
         out: 0,
@@ -198,16 +203,28 @@ pub(crate) fn gate_loop<S: Service>(
                 Back::Return(conn) => {
                     gate.out = gate.out.saturating_sub(1);
                     let id = conn.id;
+                    // Read again only if something may be there: bytes
+                    // came while the worker had it (their edge was seen
+                    // here), the last read stopped at the buffer's cap,
+                    // it has unparsed bytes, or its peer closed (a read
+                    // that finds nothing is a system call for nothing, on
+                    // every request).
+                    let look = gate.stirred.remove(&id)
+                        || !conn.drained
+                        || !conn.buf.is_empty()
+                        || conn.eof;
                     let woken = gate.hold(conn);
                     if woken {
                         // Woken on its way here: answer at once.
                         gate.resume(id, true);
-                    } else {
-                        // Bytes may have come while the worker had it.
+                    } else if look {
                         gate.readable(id);
                     }
                 }
-                Back::Done => gate.out = gate.out.saturating_sub(1),
+                Back::Done(id) => {
+                    gate.out = gate.out.saturating_sub(1);
+                    gate.stirred.remove(&id);
+                }
             }
         }
         gate.wake_parked();
@@ -234,7 +251,10 @@ pub(crate) fn gate_loop<S: Service>(
                     gate.out = gate.out.saturating_sub(1);
                     gate.hold(conn);
                 }
-                Ok(Back::Done) => gate.out = gate.out.saturating_sub(1),
+                Ok(Back::Done(id)) => {
+                    gate.out = gate.out.saturating_sub(1);
+                    gate.stirred.remove(&id);
+                }
                 Err(_) => {}
             }
             continue;
@@ -254,6 +274,9 @@ pub(crate) fn gate_loop<S: Service>(
 struct Gate<S: Service> {
     /// Every connection held here, parked ones included.
     conns: HashMap<usize, Box<Conn<S>>>,
+    /// Connections with a worker whose socket became readable meanwhile:
+    /// read when they come back (edge triggered: no second event).
+    stirred: HashSet<usize>,
     /// The parked connections by key.
     parked: HashMap<u64, HashSet<usize>>,
     next_id: usize,
@@ -375,6 +398,7 @@ impl<S: Service> Gate<S> {
                 since: Instant::now(),
                 first_byte: None,
                 eof: false,
+                drained: false,
                 park: None,
                 _ticket: ticket,
             }),
@@ -388,7 +412,10 @@ impl<S: Service> Gate<S> {
     /// message is whole, the peer closed, or it broke a rule.
     fn readable(&mut self, id: usize) {
         let Some(conn) = self.conns.get_mut(&id) else {
-            // With a worker, or closed: the worker's return reads again.
+            // With a worker (read when it comes back), or closed.
+            if self.out > 0 {
+                self.stirred.insert(id);
+            }
             return;
         };
         let limits = self
@@ -399,6 +426,7 @@ impl<S: Service> Gate<S> {
         let cap = buffer_cap(&limits);
         let mut chunk = [0u8; READ_CHUNK];
         let mut failed = None;
+        conn.drained = false;
         while conn.buf.len() < cap && !conn.eof {
             let want = (cap - conn.buf.len()).min(READ_CHUNK);
             match (&*conn.stream).read(&mut chunk[..want]) {
@@ -409,7 +437,10 @@ impl<S: Service> Gate<S> {
                     }
                     conn.buf.extend(&chunk[..n]);
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    conn.drained = true;
+                    break;
+                }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
                     failed = Some(e);
@@ -493,6 +524,10 @@ impl<S: Service> Gate<S> {
     /// Closes connections whose message or idle time is up, and resumes
     /// parked ones whose deadline passed.
     fn scan(&mut self, now: Instant) {
+        if self.out == 0 {
+            // Late events of connections that ended with a worker.
+            self.stirred.clear();
+        }
         let config = &self.shared.config;
         let mut due = Vec::new();
         let mut expired = Vec::new();

@@ -116,9 +116,10 @@ pub(crate) struct Shared<S: Service> {
     /// Every worker thread ever spawned and not yet joined, replacements
     /// included; [`Server::join`] empties it.
     pub handles: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    /// Per worker, a clone of the socket it is serving, so that the
-    /// acceptor can shut it down when the grace period is over.
-    pub slots: Vec<Mutex<Option<TcpStream>>>,
+    /// Per worker, the socket it is serving (shared, not duplicated: a
+    /// `dup` and a `close` per request would cost two system calls), so
+    /// that the acceptor can shut it down when the grace period is over.
+    pub slots: Vec<Mutex<Option<Arc<TcpStream>>>>,
     /// Worker threads alive; the acceptor waits for 0 after a stop.
     pub live_workers: AtomicUsize,
     /// The encoded `503` sent to connections refused by a worker after stop.

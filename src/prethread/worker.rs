@@ -115,11 +115,9 @@ struct ActiveGuard<'a, S: Service> {
 }
 
 impl<'a, S: Service> ActiveGuard<'a, S> {
-    fn new(shared: &'a Shared<S>, index: usize, stream: &TcpStream) -> Self {
+    fn new(shared: &'a Shared<S>, index: usize, stream: &Arc<TcpStream>) -> Self {
         shared.counters.active.fetch_add(1, Ordering::Relaxed);
-        // Without a clone the grace period cannot be enforced on this
-        // connection, but it is still bounded by its deadlines.
-        *shared.slots[index].lock() = stream.try_clone().ok();
+        *shared.slots[index].lock() = Some(Arc::clone(stream));
         ActiveGuard { shared, index }
     }
 }
@@ -136,13 +134,15 @@ impl<S: Service> Drop for ActiveGuard<'_, S> {
 /// that the gate's count of connections out stays right and a stop ends.
 struct DoneGuard<'a, S: Service> {
     shared: &'a Shared<S>,
+    /// The connection's id in the gate.
+    id: usize,
     armed: bool,
 }
 
 impl<S: Service> Drop for DoneGuard<'_, S> {
     fn drop(&mut self) {
         if self.armed {
-            self.shared.send_back(Back::Done);
+            self.shared.send_back(Back::Done(self.id));
         }
     }
 }
@@ -150,8 +150,12 @@ impl<S: Service> Drop for DoneGuard<'_, S> {
 /// Runs one job: a request (and any whole requests pipelined behind it),
 /// or the end of a connection.
 fn run_job<S: Service>(shared: &Shared<S>, index: usize, job: Job<S>) {
+    let id = match &job {
+        Job::Request(conn, _) | Job::Resume(conn, _) | Job::End(conn, _) => conn.id,
+    };
     let mut done = DoneGuard {
         shared,
+        id,
         armed: true,
     };
     let (conn, step) = match job {
