@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::crypto;
-use crate::proto::crs::{CrsReply, CrsRequest, SEALED};
+use crate::proto::crs::{CrsReply, CrsRequest, OnlineForward, WelcomeForward, SEALED};
 use crate::proto::{self, Fields, ProtoError, Refused, Request};
 use crate::seal::{Opener, Role, SealError, Sealer, SessionKeys};
 use crate::wire::io::{write_message, IoError, MessageReader};
@@ -432,6 +432,18 @@ impl Link {
 pub trait CrsCalls: Send + Sync {
     /// One request to the CRS and its typed reply.
     fn call(&self, req: &CrsRequest) -> Result<CrsReply, LinkError>;
+
+    /// `ONLINE`, its welcome kept as the CRS wrote it for the MS to
+    /// forward, and the login's number.
+    fn online(&self, req: &OnlineForward) -> Result<(WelcomeForward, u64), LinkError> {
+        match self.call(&CrsRequest::Online {
+            user: req.user.clone(),
+            address: req.address,
+        })? {
+            CrsReply::Welcome { welcome, login } => Ok((WelcomeForward::of(&welcome), login)),
+            _ => Err(LinkError::Proto(ProtoError::NotAReply)),
+        }
+    }
 }
 
 /// Idle enrolled links, reused so that a login costs no handshake.
@@ -521,10 +533,20 @@ impl LinkPool {
 }
 
 impl CrsCalls for LinkPool {
+    fn call(&self, req: &CrsRequest) -> Result<CrsReply, LinkError> {
+        self.call_any(req)
+    }
+
+    fn online(&self, req: &OnlineForward) -> Result<(WelcomeForward, u64), LinkError> {
+        self.call_any(req)
+    }
+}
+
+impl LinkPool {
     /// One request on an idle link or a new one. A reused link that fails
     /// is retried once on a fresh link: the CRS may have closed it. A
     /// link that answered (even with a refusal) goes back to the pool.
-    fn call(&self, req: &CrsRequest) -> Result<CrsReply, LinkError> {
+    fn call_any<R: Request>(&self, req: &R) -> Result<R::Reply, LinkError> {
         let reused = self.idle.lock().pop();
         let (mut link, fresh) = match reused {
             Some(l) => (l, false),

@@ -19,7 +19,7 @@ use crate::crypto::{self, scram};
 use crate::keyfile::hex;
 use crate::link::{login_keys, push_keys, Channel, LinkError};
 use crate::prethread::{Outbound, Outcome, Peer, Service};
-use crate::proto::crs::{CrsReply, CrsRequest, Verifier, Welcome, SEALED};
+use crate::proto::crs::{CrsReply, CrsRequest, OnlineForward, Verifier, SEALED};
 use crate::proto::ms::{Challenge, MsReply, MsRequest};
 use crate::proto::relay::RELAY;
 use crate::proto::{self, Answer, ProtoError, Refusal, Refused};
@@ -315,15 +315,11 @@ impl Ms {
         // that MS decides it has ended, from its own connection), records
         // the address, releases the lock, pushes the change and gives us
         // the user's record.
-        let (welcome, number): (Welcome, u64) = match self.crs.call(&CrsRequest::Online {
+        let (welcome, number) = match self.crs.online(&OnlineForward {
             user: c.user.clone(),
             address,
         }) {
-            Ok(CrsReply::Welcome { welcome, login }) => (welcome, login),
-            Ok(_) => {
-                self.users.finish(&c.user, None);
-                return Err(ProtoError::NotAReply.into());
-            }
+            Ok(answer) => answer,
             Err(e) => {
                 self.users.finish(&c.user, None);
                 // A lock the CRS took for us before it failed; none to
@@ -361,13 +357,7 @@ impl Ms {
             name: c.user.clone(),
             login: login.clone(),
             address,
-            contacts: Mutex::new(
-                welcome
-                    .contacts
-                    .iter()
-                    .map(|c| c.user.clone())
-                    .collect::<Names>(),
-            ),
+            contacts: Mutex::new(welcome.contacts.iter().cloned().collect::<Names>()),
             link: Mutex::new(Channel::new(keys, vec![("Login", login.clone())])),
             push: Mutex::new(push.send),
             held,
@@ -376,7 +366,8 @@ impl Ms {
             ended: Default::default(),
         });
         let mail = welcome.mail;
-        let inner = MsReply::Welcome(Box::new(welcome)).to_message();
+        // The CRS's welcome as it wrote it (`MsReply::Welcome` to the client).
+        let inner = welcome.to_message();
         let sealed = user.link.lock().seal_with(
             &[("Server-Signature", &crypto::b64_encode(&signature))],
             &inner,

@@ -3,6 +3,7 @@
 //! in order. A push is one sealed `PUSH` written on the client's held
 //! login connection (PROTOCOL.md §6); the client does not answer it, the
 //! connection's delivery order and its keepalives are the acknowledgement.
+//! Pushes already queued together for one client leave in one write.
 //! The MS never connects to a client.
 
 use std::collections::hash_map::DefaultHasher;
@@ -49,32 +50,21 @@ impl Pusher {
                 std::thread::Builder::new()
                     .name(format!("ms-push{i}"))
                     .spawn(move || {
-                        for (user, event) in rx {
-                            // Logged out while this waited: nobody listens for it.
-                            if user.has_ended() {
-                                debug!("dropped a push to {}, who logged out", user.name);
-                                continue;
-                            }
-                            let result = push_one(&user, &event);
-                            if result.is_ok() {
-                                ok.inc();
-                            }
-                            if let Err(e) = result {
-                                bad.inc();
-                                // A client that just closed its connection
-                                // is the usual case: its close ends the login.
-                                if e.gone {
-                                    debug!("push to {}: {}; its login ends", user.name, e.why);
-                                } else {
-                                    warn!(
-                                        "push to {} failed: {}; ending its login",
-                                        user.name, e.why
-                                    );
+                        let mut batch = Vec::new();
+                        while let Ok(first) = rx.recv() {
+                            // Whatever else is already queued goes out with
+                            // it: a user's pushes in one write (a burst of
+                            // presence when many buddies log in at once),
+                            // never waiting for more to come.
+                            batch.push(first);
+                            while batch.len() < BATCH {
+                                match rx.try_recv() {
+                                    Ok(job) => batch.push(job),
+                                    Err(_) => break,
                                 }
-                                // A held connection that cannot take a push
-                                // within the write deadline is not trusted
-                                // with later ones: its close ends the login.
-                                user.drop_connection();
+                            }
+                            for (user, events) in by_user(&mut batch) {
+                                deliver(&user, &events, &ok, &bad);
                             }
                         }
                     })?,
@@ -114,6 +104,67 @@ impl Pusher {
     }
 }
 
+/// Most queued pushes a pusher takes at once.
+const BATCH: usize = 256;
+
+/// Takes the jobs out of `batch` grouped by user, users in the order of
+/// their first push and each user's pushes in their order.
+fn by_user(batch: &mut Vec<Job>) -> Vec<(Arc<OnlineUser>, Vec<EventKind>)> {
+    let mut groups: Vec<(Arc<OnlineUser>, Vec<EventKind>)> = Vec::new();
+    // By the login's address: one entry per login, not per name.
+    let mut index: std::collections::HashMap<*const OnlineUser, usize> = Default::default();
+    for (user, event) in batch.drain(..) {
+        match index
+            .get(&Arc::as_ptr(&user))
+            .and_then(|&i| groups.get_mut(i))
+        {
+            Some((_, events)) => events.push(event),
+            None => {
+                index.insert(Arc::as_ptr(&user), groups.len());
+                groups.push((user, vec![event]));
+            }
+        }
+    }
+    groups
+}
+
+/// Writes `events` to `user`'s client in one write, or ends its login.
+fn deliver(
+    user: &OnlineUser,
+    events: &[EventKind],
+    ok: &prometheus_client::metrics::counter::Counter,
+    bad: &prometheus_client::metrics::counter::Counter,
+) {
+    // Logged out while this waited: nobody listens for it.
+    if user.has_ended() {
+        debug!(
+            "dropped {} pushes to {}, who logged out",
+            events.len(),
+            user.name
+        );
+        return;
+    }
+    match push_many(user, events) {
+        Ok(()) => {
+            ok.inc_by(events.len() as u64);
+        }
+        Err(e) => {
+            bad.inc_by(events.len() as u64);
+            // A client that just closed its connection is the usual case:
+            // its close ends the login.
+            if e.gone {
+                debug!("push to {}: {}; its login ends", user.name, e.why);
+            } else {
+                warn!("push to {} failed: {}; ending its login", user.name, e.why);
+            }
+            // A held connection that cannot take a push within the write
+            // deadline is not trusted with later ones: its close ends the
+            // login.
+            user.drop_connection();
+        }
+    }
+}
+
 /// Why a push was not written.
 struct PushFailed {
     /// The client has gone (its connection closed or reset).
@@ -121,17 +172,22 @@ struct PushFailed {
     why: String,
 }
 
-fn push_one(user: &OnlineUser, event: &EventKind) -> Result<(), PushFailed> {
+fn push_many(user: &OnlineUser, events: &[EventKind]) -> Result<(), PushFailed> {
     let failed = |gone: bool, why: String| PushFailed { gone, why };
     let Some(out) = &user.held else {
         return Err(failed(false, "no held connection".into()));
     };
-    let sealed = user
-        .push
-        .lock()
-        .seal(PUSH, &[("User", &user.name)], &event_message(event))
-        .map_err(|e| failed(false, e.to_string()))?;
-    out.send(&sealed).map_err(|e| {
+    let mut sealed = Vec::with_capacity(events.len());
+    {
+        let mut push = user.push.lock();
+        for event in events {
+            sealed.push(
+                push.seal(PUSH, &[("User", &user.name)], &event_message(event))
+                    .map_err(|e| failed(false, e.to_string()))?,
+            );
+        }
+    }
+    out.send_all(&sealed).map_err(|e| {
         use std::io::ErrorKind::{BrokenPipe, ConnectionReset, NotConnected};
         failed(
             matches!(e.kind(), BrokenPipe | ConnectionReset | NotConnected),

@@ -29,7 +29,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,11 +87,35 @@ pub(crate) struct Conn<S: Service> {
     /// not at the buffer's cap): nothing is left to read until a new
     /// readiness event.
     pub drained: bool,
+    /// What the gate and the worker tell each other while the connection
+    /// is with a worker ([`STIRRED`], [`RETURNED`]); see [`Conn::comes_back`].
+    pub away: Arc<AtomicU8>,
     /// Set while the connection waits for a wake-up (a deferred reply).
     pub park: Option<Park>,
     /// Counts the connection against the server's and its source's limits
     /// until it is dropped.
     pub _ticket: super::server::Ticket,
+}
+
+/// Set in [`Conn::away`] by the gate: the socket became readable while a
+/// worker had the connection (edge triggered: there will be no second
+/// event for those bytes).
+pub(crate) const STIRRED: u8 = 1;
+/// Set in [`Conn::away`] by the worker once the connection is on its way
+/// back to the gate.
+pub(crate) const RETURNED: u8 = 2;
+
+impl<S: Service> Conn<S> {
+    /// Whether the gate must look at this connection as soon as it is back
+    /// (so the worker wakes it): it is parked, has unparsed bytes, its last
+    /// read stopped at the buffer's cap, or its peer closed. Otherwise it
+    /// can wait in the gate's queue until the gate next wakes, which it
+    /// does for the connection's next bytes anyway: the gate's wake-up for
+    /// every reply written was a system call and a context switch per
+    /// request for nothing.
+    pub(crate) fn comes_back(&self) -> bool {
+        self.park.is_some() || !self.drained || !self.buf.is_empty() || self.eof
+    }
 }
 
 /// Why a connection ended, for the debug log and for what to send last.
@@ -174,7 +198,7 @@ pub(crate) fn gate_loop<S: Service>(
     });
     let mut gate = Gate {
         conns: HashMap::new(),
-        stirred: HashSet::new(),
+        away: HashMap::new(),
         parked: HashMap::new(),
         next_id: 1,
         out: 0,
@@ -203,16 +227,14 @@ pub(crate) fn gate_loop<S: Service>(
                 Back::Return(conn) => {
                     gate.out = gate.out.saturating_sub(1);
                     let id = conn.id;
+                    gate.away.remove(&id);
                     // Read again only if something may be there: bytes
                     // came while the worker had it (their edge was seen
-                    // here), the last read stopped at the buffer's cap,
-                    // it has unparsed bytes, or its peer closed (a read
-                    // that finds nothing is a system call for nothing, on
-                    // every request).
-                    let look = gate.stirred.remove(&id)
-                        || !conn.drained
-                        || !conn.buf.is_empty()
-                        || conn.eof;
+                    // here), or one of [`Conn::comes_back`]'s reasons (a
+                    // read that finds nothing is a system call for
+                    // nothing, on every request).
+                    let look =
+                        conn.away.swap(0, Ordering::AcqRel) & STIRRED != 0 || conn.comes_back();
                     let woken = gate.hold(conn);
                     if woken {
                         // Woken on its way here: answer at once.
@@ -223,7 +245,7 @@ pub(crate) fn gate_loop<S: Service>(
                 }
                 Back::Done(id) => {
                     gate.out = gate.out.saturating_sub(1);
-                    gate.stirred.remove(&id);
+                    gate.away.remove(&id);
                 }
             }
         }
@@ -249,11 +271,12 @@ pub(crate) fn gate_loop<S: Service>(
                 Ok(Back::New(stream, _ticket)) => refuse(stream, &gate.shared.shutting_down),
                 Ok(Back::Return(conn)) => {
                     gate.out = gate.out.saturating_sub(1);
+                    gate.away.remove(&conn.id);
                     gate.hold(conn);
                 }
                 Ok(Back::Done(id)) => {
                     gate.out = gate.out.saturating_sub(1);
-                    gate.stirred.remove(&id);
+                    gate.away.remove(&id);
                 }
                 Err(_) => {}
             }
@@ -274,9 +297,9 @@ pub(crate) fn gate_loop<S: Service>(
 struct Gate<S: Service> {
     /// Every connection held here, parked ones included.
     conns: HashMap<usize, Box<Conn<S>>>,
-    /// Connections with a worker whose socket became readable meanwhile:
-    /// read when they come back (edge triggered: no second event).
-    stirred: HashSet<usize>,
+    /// The connections with a worker, and what the gate and the worker
+    /// tell each other meanwhile (see [`STIRRED`]).
+    away: HashMap<usize, Arc<AtomicU8>>,
     /// The parked connections by key.
     parked: HashMap<u64, HashSet<usize>>,
     next_id: usize,
@@ -312,6 +335,8 @@ impl<S: Service> Gate<S> {
     /// Takes a connection out of the gate (to a worker).
     fn take(&mut self, id: usize) -> Option<Box<Conn<S>>> {
         let mut conn = self.conns.remove(&id)?;
+        conn.away.store(0, Ordering::Release);
+        self.away.insert(id, Arc::clone(&conn.away));
         self.shared.counters.held.fetch_sub(1, Ordering::Relaxed);
         if let Some(park) = conn.park.take() {
             self.shared.counters.parked.fetch_sub(1, Ordering::Relaxed);
@@ -399,6 +424,7 @@ impl<S: Service> Gate<S> {
                 first_byte: None,
                 eof: false,
                 drained: false,
+                away: Arc::default(),
                 park: None,
                 _ticket: ticket,
             }),
@@ -412,9 +438,11 @@ impl<S: Service> Gate<S> {
     /// message is whole, the peer closed, or it broke a rule.
     fn readable(&mut self, id: usize) {
         let Some(conn) = self.conns.get_mut(&id) else {
-            // With a worker (read when it comes back), or closed.
-            if self.out > 0 {
-                self.stirred.insert(id);
+            // With a worker: read when it comes back. If the worker has
+            // already sent it back quietly, it is in the queue this loop
+            // drains next; if not, the worker sees the mark and wakes us.
+            if let Some(away) = self.away.get(&id) {
+                away.fetch_or(STIRRED, Ordering::AcqRel);
             }
             return;
         };
@@ -524,10 +552,6 @@ impl<S: Service> Gate<S> {
     /// Closes connections whose message or idle time is up, and resumes
     /// parked ones whose deadline passed.
     fn scan(&mut self, now: Instant) {
-        if self.out == 0 {
-            // Late events of connections that ended with a worker.
-            self.stirred.clear();
-        }
         let config = &self.shared.config;
         let mut due = Vec::new();
         let mut expired = Vec::new();

@@ -56,6 +56,22 @@ impl Outbound {
         self.write_all(&message.encode())
     }
 
+    /// Writes `messages` whole and in order, in one write when the socket
+    /// takes them, within the write deadline.
+    pub fn send_all(&self, messages: &[Message]) -> io::Result<()> {
+        match messages {
+            [] => Ok(()),
+            [one] => self.send(one),
+            many => {
+                let mut bytes = Vec::new();
+                for m in many {
+                    m.encode_into(&mut bytes);
+                }
+                self.write_all(&bytes)
+            }
+        }
+    }
+
     /// Writes `bytes` whole within the write deadline.
     pub(crate) fn write_all(&self, bytes: &[u8]) -> io::Result<()> {
         let guard = self.inner.stream.lock();

@@ -132,9 +132,20 @@ impl<S: Service> Shared<S> {
     /// Sends to the gate and wakes it.
     pub fn send_back(&self, msg: Back<S>) {
         if self.back.send(msg).is_ok() {
-            if let Err(e) = self.waker.wake() {
-                warn!("{}: cannot wake the gate: {e}", self.config.name);
-            }
+            self.wake_gate();
+        }
+    }
+
+    /// Sends to the gate without waking it: it takes the message when it
+    /// next wakes (see [`super::gate::Conn::comes_back`]).
+    pub fn send_back_quietly(&self, msg: Back<S>) {
+        let _ = self.back.send(msg);
+    }
+
+    /// Wakes the gate.
+    pub fn wake_gate(&self) {
+        if let Err(e) = self.waker.wake() {
+            warn!("{}: cannot wake the gate: {e}", self.config.name);
         }
     }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
 
-use super::gate::{next_message, refuse_on, Back, Conn, End, Job};
+use super::gate::{next_message, refuse_on, Back, Conn, End, Job, RETURNED, STIRRED};
 use super::outbound::Outbound;
 use super::server::Shared;
 use super::stats::Counters;
@@ -142,7 +142,9 @@ struct DoneGuard<'a, S: Service> {
 impl<S: Service> Drop for DoneGuard<'_, S> {
     fn drop(&mut self) {
         if self.armed {
-            self.shared.send_back(Back::Done(self.id));
+            // Nothing for the gate to do at once: it counts it when it
+            // next wakes (while stopping, it waits on the queue itself).
+            self.shared.send_back_quietly(Back::Done(self.id));
         }
     }
 }
@@ -175,7 +177,15 @@ fn run_job<S: Service>(shared: &Shared<S>, index: usize, job: Job<S>) {
         // worker kept it meanwhile); none, none.
         conn.first_byte = (!conn.buf.is_empty()).then_some(now);
         done.armed = false;
-        shared.send_back(Back::Return(conn));
+        let away = Arc::clone(&conn.away);
+        let urgent = conn.comes_back();
+        shared.send_back_quietly(Back::Return(conn));
+        // Marked after the send: a gate that sees the mark finds the
+        // connection in its queue. A gate that marked it stirred first
+        // may be asleep already, so it is woken.
+        if away.fetch_or(RETURNED, Ordering::AcqRel) & STIRRED != 0 || urgent {
+            shared.wake_gate();
+        }
     }
 }
 

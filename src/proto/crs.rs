@@ -182,6 +182,95 @@ pub struct Welcome {
     pub mail: bool,
 }
 
+/// A welcome as the MS forwards it to the client: the CRS's JSON as the
+/// CRS wrote it, and the two things the MS itself acts on read out of it
+/// (who the contacts are, whether mail waits). Reading only those skips
+/// decoding the keys and the rest of every contact on each login, and
+/// writing the client's copy again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WelcomeForward {
+    /// The contacts' names.
+    pub contacts: Vec<String>,
+    /// See [`Welcome::mail`].
+    pub mail: bool,
+    /// The whole welcome, JSON.
+    pub body: Vec<u8>,
+}
+
+impl WelcomeForward {
+    /// From a typed welcome (a CRS in the same process).
+    pub fn of(welcome: &Welcome) -> WelcomeForward {
+        WelcomeForward {
+            contacts: welcome.contacts.iter().map(|c| c.user.clone()).collect(),
+            mail: welcome.mail,
+            body: json(welcome),
+        }
+    }
+
+    /// From the CRS's reply body; a body that is not a welcome is refused
+    /// here, as the typed reading would.
+    pub fn read(m: &Message) -> Result<WelcomeForward, ProtoError> {
+        #[derive(Deserialize)]
+        struct Named {
+            user: String,
+        }
+        #[derive(Deserialize)]
+        struct Head {
+            contacts: Vec<Named>,
+            #[serde(default)]
+            mail: bool,
+            // Present in every welcome: checked so that a body that is
+            // not one is refused, not forwarded.
+            #[allow(dead_code)]
+            user: String,
+        }
+        let head: Head = m.json()?;
+        Ok(WelcomeForward {
+            contacts: head.contacts.into_iter().map(|c| c.user).collect(),
+            mail: head.mail,
+            body: m.body.clone(),
+        })
+    }
+
+    /// The reply that carries it to the client: the same message as
+    /// [`json_reply`] of the typed welcome.
+    pub fn to_message(&self) -> Message {
+        Message::ok()
+            .with_header("Content-Type", "application/json")
+            .with_body(self.body.clone())
+    }
+}
+
+/// `ONLINE` (see [`CrsRequest::Online`]) as the MS asks it: the same
+/// request, its welcome read as a [`WelcomeForward`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OnlineForward {
+    /// The user logging in.
+    pub user: String,
+    /// Where the user's listener is (port 0: not reachable).
+    pub address: SocketAddr,
+}
+
+impl Request for OnlineForward {
+    /// The welcome and the login's number.
+    type Reply = (WelcomeForward, u64);
+
+    fn to_message(&self) -> Message {
+        CrsRequest::Online {
+            user: self.user.clone(),
+            address: self.address,
+        }
+        .to_message()
+    }
+
+    fn read_reply(&self, m: &Message) -> Result<Answer<Self::Reply>, ProtoError> {
+        match Refused::from_message(m) {
+            Some(r) => Ok(Err(r)),
+            None => Ok(Ok((WelcomeForward::read(m)?, m.req_parse("Login-Number")?))),
+        }
+    }
+}
+
 /// One directory search result.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hit {
@@ -1053,5 +1142,72 @@ mod tests {
             CrsRequest::from_message(&m),
             Err(ProtoError::Invalid("Load"))
         );
+    }
+
+    #[test]
+    fn a_forwarded_welcome_is_the_typed_one_byte_for_byte() {
+        let welcome = Welcome {
+            user: "alice".into(),
+            public_key: vec![1, 2, 3],
+            wrapped_key: vec![4; 40],
+            contacts: vec![
+                Contact {
+                    user: "bob".into(),
+                    online: Some(Presence {
+                        address: "10.0.0.2:7000".parse().unwrap(),
+                        public_key: vec![9; 20],
+                    }),
+                    status: Status::Away,
+                    message: "out \"to\" lunch".into(),
+                },
+                Contact {
+                    user: "carol".into(),
+                    online: None,
+                    status: Status::default(),
+                    message: String::new(),
+                },
+            ],
+            requests: vec![],
+            profile: Profile::new(),
+            blocked: vec!["mallory".into()],
+            status: Status::default(),
+            message: "hi".into(),
+            mail: true,
+        };
+        let reply = CrsReply::Welcome {
+            welcome: welcome.clone(),
+            login: 7,
+        }
+        .to_message();
+        let req = OnlineForward {
+            user: "alice".into(),
+            address: "10.0.0.1:7000".parse().unwrap(),
+        };
+        let (fwd, login) = req.read_reply(&reply).unwrap().unwrap();
+        assert_eq!(login, 7);
+        assert_eq!(fwd.contacts, ["bob", "carol"]);
+        assert!(fwd.mail);
+        assert_eq!(fwd, WelcomeForward::of(&welcome));
+        assert_eq!(fwd.to_message(), json_reply(&welcome));
+        // The client reads the typed welcome back from it.
+        let back: Welcome = fwd.to_message().json().unwrap();
+        assert_eq!(back, welcome);
+        // Same request on the wire as the typed one.
+        assert_eq!(
+            req.to_message(),
+            CrsRequest::Online {
+                user: "alice".into(),
+                address: "10.0.0.1:7000".parse().unwrap(),
+            }
+            .to_message()
+        );
+        // Not a welcome, or a refusal.
+        let junk = Message::ok()
+            .with_header("Content-Type", "application/json")
+            .with_header("Login-Number", 1)
+            .with_body(b"{\"contacts\":[]}".to_vec());
+        assert!(req.read_reply(&junk).is_err());
+        let refused = Refused::new(crate::proto::Refusal::NoSuchUser, "no such user").to_message();
+        assert!(matches!(req.read_reply(&refused), Ok(Err(_))));
     }
 }
