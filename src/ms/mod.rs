@@ -201,6 +201,8 @@ impl Ms {
     /// Applies one event from the CRS and pushes it to the local recipients
     /// who must hear it.
     pub(crate) fn apply(self: &Arc<Self>, event: crate::proto::crs::Event) {
+        // Encoded once, at its first recipient here, for all of them.
+        let mut encoded: Option<Arc<crate::wire::Message>> = None;
         for name in &event.recipients {
             let Some(user) = self.users.by_name(name) else {
                 // A login still arriving gets it when it is in.
@@ -247,7 +249,10 @@ impl Ms {
                 }
             };
             if relevant {
-                self.pusher.push(user, event.kind.clone());
+                let message = encoded
+                    .get_or_insert_with(|| Arc::new(crate::proto::ms::event_message(&event.kind)))
+                    .clone();
+                self.pusher.push_encoded(user, message);
             }
         }
     }

@@ -17,12 +17,15 @@ use log::{debug, warn};
 use super::users::OnlineUser;
 use crate::proto::crs::EventKind;
 use crate::proto::ms::{event_message, PUSH};
+use crate::wire::Message;
 
 /// Pushes waiting per pusher thread; past this a push is dropped with a
 /// warning rather than letting one slow client grow memory without bound.
 pub const PUSH_QUEUE: usize = 10_000;
 
-type Job = (Arc<OnlineUser>, EventKind);
+/// A user and the event for them, encoded once for all its recipients
+/// (an `online` event carries the user's key, and goes to every buddy).
+type Job = (Arc<OnlineUser>, Arc<Message>);
 
 /// The pusher threads.
 pub struct Pusher {
@@ -80,6 +83,12 @@ impl Pusher {
 
     /// Queues `event` for `user`'s client.
     pub fn push(&self, user: Arc<OnlineUser>, event: EventKind) {
+        self.push_encoded(user, Arc::new(event_message(&event)));
+    }
+
+    /// Queues an event already encoded ([`event_message`]) for `user`'s
+    /// client: one encoding shared by all its recipients.
+    pub fn push_encoded(&self, user: Arc<OnlineUser>, event: Arc<Message>) {
         let mut h = DefaultHasher::new();
         user.name.hash(&mut h);
         let lane = &self.lanes[(h.finish() % self.lanes.len() as u64) as usize];
@@ -109,8 +118,8 @@ const BATCH: usize = 256;
 
 /// Takes the jobs out of `batch` grouped by user, users in the order of
 /// their first push and each user's pushes in their order.
-fn by_user(batch: &mut Vec<Job>) -> Vec<(Arc<OnlineUser>, Vec<EventKind>)> {
-    let mut groups: Vec<(Arc<OnlineUser>, Vec<EventKind>)> = Vec::new();
+fn by_user(batch: &mut Vec<Job>) -> Vec<(Arc<OnlineUser>, Vec<Arc<Message>>)> {
+    let mut groups: Vec<(Arc<OnlineUser>, Vec<Arc<Message>>)> = Vec::new();
     // By the login's address: one entry per login, not per name.
     let mut index: std::collections::HashMap<*const OnlineUser, usize> = Default::default();
     for (user, event) in batch.drain(..) {
@@ -131,7 +140,7 @@ fn by_user(batch: &mut Vec<Job>) -> Vec<(Arc<OnlineUser>, Vec<EventKind>)> {
 /// Writes `events` to `user`'s client in one write, or ends its login.
 fn deliver(
     user: &OnlineUser,
-    events: &[EventKind],
+    events: &[Arc<Message>],
     ok: &prometheus_client::metrics::counter::Counter,
     bad: &prometheus_client::metrics::counter::Counter,
 ) {
@@ -172,7 +181,7 @@ struct PushFailed {
     why: String,
 }
 
-fn push_many(user: &OnlineUser, events: &[EventKind]) -> Result<(), PushFailed> {
+fn push_many(user: &OnlineUser, events: &[Arc<Message>]) -> Result<(), PushFailed> {
     let failed = |gone: bool, why: String| PushFailed { gone, why };
     let Some(out) = &user.held else {
         return Err(failed(false, "no held connection".into()));
@@ -182,7 +191,7 @@ fn push_many(user: &OnlineUser, events: &[EventKind]) -> Result<(), PushFailed> 
         let mut push = user.push.lock();
         for event in events {
             sealed.push(
-                push.seal(PUSH, &[("User", &user.name)], &event_message(event))
+                push.seal(PUSH, &[("User", &user.name)], event)
                     .map_err(|e| failed(false, e.to_string()))?,
             );
         }
