@@ -7,6 +7,10 @@
 //! `IMS_STORE_CRASH_DIR` (sled) or `IMS_STORE_CRASH_PG` (a database URL)
 //! set, the otherwise empty test `crash_writer_child` runs the writer loop.
 //! The PostgreSQL tests start their own server (see `pg/mod.rs`).
+//!
+//! The sled store is also tested behind its read cache (`CachedStore`, as
+//! the CRS uses it): the same model, semantics, reopen and kill tests, plus
+//! reads after every write and readers racing writers.
 
 mod pg;
 
@@ -18,8 +22,8 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 
 use ims::crs::store::{
-    canonical, valid_username, BuddyRequest, ContactView, MemStore, PgStore, SearchHit, SledStore,
-    Store, StoreError, User, Verifier,
+    canonical, valid_username, BuddyRequest, CachedStore, ContactView, MemStore, PgStore,
+    SearchHit, SledStore, Store, StoreError, User, Verifier,
 };
 use ims::proto::status::Status;
 use rand::rngs::StdRng;
@@ -231,6 +235,34 @@ fn apply(s: &dyn Store, op: u32, rng: &mut StdRng) -> String {
 /// sequence of operations, and ends in exactly the model's state.
 /// `integrity` is the store's own full check.
 fn check_model(store: &dyn Store, integrity: &dyn Fn() -> Result<(), StoreError>) {
+    check_model_probing(store, integrity, false)
+}
+
+/// Everything a cache keeps of every name of the pool (and what the
+/// store says of how each shows to each), rendered as text.
+fn probe_all(s: &dyn Store) -> String {
+    let all: BTreeSet<String> = NAMES.iter().map(|n| n.to_string()).collect();
+    let mut out = String::new();
+    for n in NAMES {
+        out += &format!(
+            "{n}: {:?} {:?} {:?} {:?}\n",
+            s.get_verifier(n),
+            s.contacts(n),
+            s.contact_views(n, &all),
+            s.get_user(n),
+        );
+    }
+    out
+}
+
+/// [`check_model`]; with `probe`, every name is read after every
+/// operation, so that a cache holds everything when the next write comes
+/// and must drop what that write changes.
+fn check_model_probing(
+    store: &dyn Store,
+    integrity: &dyn Fn() -> Result<(), StoreError>,
+    probe: bool,
+) {
     const OPS: usize = 4000;
     let mem = MemStore::new();
     let mut ops = StdRng::seed_from_u64(0x1_5eed);
@@ -241,6 +273,9 @@ fn check_model(store: &dyn Store, integrity: &dyn Fn() -> Result<(), StoreError>
         let want = apply(&mem, op, &mut StdRng::seed_from_u64(arg_seed));
         let got = apply(store, op, &mut StdRng::seed_from_u64(arg_seed));
         assert_eq!(got, want, "op #{i} (kind {op}) diverged");
+        if probe {
+            assert_eq!(probe_all(store), probe_all(&mem), "reads after op #{i}");
+        }
         if i % 500 == 499 {
             assert_eq!(snapshot(store), snapshot(&mem), "state after op #{i}");
             check_consistent(&mem);
@@ -279,6 +314,26 @@ fn model_sled_matches_memory() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sled = SledStore::open(dir.path()).expect("open");
     check_model(&sled, &|| sled.check_integrity());
+}
+
+#[test]
+fn model_cached_sled_matches_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cached = CachedStore::new(SledStore::open(dir.path()).expect("open"));
+    check_model_probing(&cached, &|| cached.inner().check_integrity(), true);
+    // The reads filled it.
+    assert!(cached.cached().0 > 0 && cached.cached().1 > 0, "{cached:?}");
+}
+
+/// The same with room for about one user per shard, so that entries are
+/// evicted all the time.
+#[test]
+fn model_cached_sled_evicting_matches_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cached = CachedStore::with_capacity(SledStore::open(dir.path()).expect("open"), 1, 1);
+    check_model_probing(&cached, &|| cached.inner().check_integrity(), true);
+    let (users, records) = cached.cached();
+    assert!(users <= 12 && records <= 12, "{cached:?}");
 }
 
 #[test]
@@ -460,6 +515,14 @@ fn semantics_sled() {
 }
 
 #[test]
+fn semantics_cached_sled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = CachedStore::new(SledStore::open(dir.path()).expect("open"));
+    check_semantics(&s);
+    s.inner().check_integrity().expect("integrity");
+}
+
+#[test]
 fn semantics_postgres() {
     let server = pg::PgServer::start();
     let s = PgStore::open(&server.url()).expect("open");
@@ -510,6 +573,15 @@ fn reopen_keeps_everything() {
 }
 
 #[test]
+fn reopen_keeps_everything_cached() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    check_reopen(
+        &|| Box::new(CachedStore::new(SledStore::open(dir.path()).expect("open"))),
+        &|| SledStore::open(dir.path()).expect("open").check_integrity(),
+    );
+}
+
+#[test]
 fn reopen_keeps_everything_postgres() {
     let server = pg::PgServer::start();
     let url = server.url();
@@ -521,6 +593,8 @@ fn reopen_keeps_everything_postgres() {
 const CRASH_DIR_ENV: &str = "IMS_STORE_CRASH_DIR";
 const CRASH_PG_ENV: &str = "IMS_STORE_CRASH_PG";
 const CRASH_CYCLE_ENV: &str = "IMS_STORE_CRASH_CYCLE";
+/// Set (to anything) for the writer child to write through the cache.
+const CRASH_CACHED_ENV: &str = "IMS_STORE_CRASH_CACHED";
 
 /// Not a test on its own: the writer child of `kill_and_reopen`, active only
 /// when the parent sets `IMS_STORE_CRASH_DIR` or `IMS_STORE_CRASH_PG`.
@@ -529,7 +603,12 @@ const CRASH_CYCLE_ENV: &str = "IMS_STORE_CRASH_CYCLE";
 #[test]
 fn crash_writer_child() {
     let s: Box<dyn Store> = if let Some(dir) = std::env::var_os(CRASH_DIR_ENV) {
-        Box::new(SledStore::open(Path::new(&dir)).expect("child open"))
+        let sled = SledStore::open(Path::new(&dir)).expect("child open");
+        if std::env::var_os(CRASH_CACHED_ENV).is_some() {
+            Box::new(CachedStore::new(sled))
+        } else {
+            Box::new(sled)
+        }
     } else if let Ok(url) = std::env::var(CRASH_PG_ENV) {
         Box::new(PgStore::open(&url).expect("child open"))
     } else {
@@ -561,11 +640,32 @@ fn crash_writer_child() {
 #[test]
 fn kill_and_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
-    check_kill_and_reopen((CRASH_DIR_ENV, dir.path().as_os_str().to_owned()), &|| {
-        let s = SledStore::open(dir.path()).expect("reopen after kill");
-        s.check_integrity().expect("integrity after kill");
-        Box::new(s)
-    });
+    check_kill_and_reopen(
+        &[(CRASH_DIR_ENV, dir.path().as_os_str().to_owned())],
+        &|| {
+            let s = SledStore::open(dir.path()).expect("reopen after kill");
+            s.check_integrity().expect("integrity after kill");
+            Box::new(s)
+        },
+    );
+}
+
+/// The same with the writer, and the reader after the kill, behind the
+/// cache.
+#[test]
+fn kill_and_reopen_cached() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    check_kill_and_reopen(
+        &[
+            (CRASH_DIR_ENV, dir.path().as_os_str().to_owned()),
+            (CRASH_CACHED_ENV, "1".into()),
+        ],
+        &|| {
+            let s = SledStore::open(dir.path()).expect("reopen after kill");
+            s.check_integrity().expect("integrity after kill");
+            Box::new(CachedStore::new(s))
+        },
+    );
 }
 
 /// The same against PostgreSQL: the client killed mid-write.
@@ -573,14 +673,14 @@ fn kill_and_reopen() {
 fn kill_and_reopen_postgres() {
     let server = pg::PgServer::start();
     let url = server.url();
-    check_kill_and_reopen((CRASH_PG_ENV, url.clone().into()), &|| {
+    check_kill_and_reopen(&[(CRASH_PG_ENV, url.clone().into())], &|| {
         let s = PgStore::open(&url).expect("reopen after kill");
         s.check_integrity().expect("integrity after kill");
         Box::new(s)
     });
 }
 
-fn check_kill_and_reopen(env: (&str, std::ffi::OsString), reopen: &dyn Fn() -> Box<dyn Store>) {
+fn check_kill_and_reopen(env: &[(&str, std::ffi::OsString)], reopen: &dyn Fn() -> Box<dyn Store>) {
     let exe = std::env::current_exe().expect("current_exe");
     let mut rng = StdRng::seed_from_u64(0xdead);
     let mut acked_users: Vec<String> = Vec::new();
@@ -594,7 +694,7 @@ fn check_kill_and_reopen(env: (&str, std::ffi::OsString), reopen: &dyn Fn() -> B
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env(env.0, &env.1)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env(CRASH_CYCLE_ENV, cycle.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -729,6 +829,23 @@ fn concurrent_create_postgres() {
 }
 
 #[test]
+fn concurrent_create_cached_sled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    check_create_race(Arc::new(CachedStore::new(
+        SledStore::open(dir.path()).expect("open"),
+    )));
+}
+
+#[test]
+fn concurrent_buddies_cached_sled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Arc::new(CachedStore::new(SledStore::open(dir.path()).expect("open")));
+    check_buddy_race(s.clone(), 200);
+    s.inner().check_integrity().expect("integrity");
+    check_cache_agrees(&s, &["u0", "u1", "u2", "u3", "u4"]);
+}
+
+#[test]
 fn concurrent_buddies_postgres() {
     let server = pg::PgServer::start();
     let s = Arc::new(PgStore::open(&server.url()).expect("open"));
@@ -829,6 +946,14 @@ fn errors_memory() {
 fn errors_sled() {
     let dir = tempfile::tempdir().expect("tempdir");
     check_errors(&SledStore::open(dir.path()).expect("open"));
+}
+
+#[test]
+fn errors_cached_sled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    check_errors(&CachedStore::new(
+        SledStore::open(dir.path()).expect("open"),
+    ));
 }
 
 #[test]
@@ -973,4 +1098,478 @@ fn corrupt_and_backend_errors() {
 
     let std_err: &dyn std::error::Error = &StoreError::Corrupt("x".into());
     assert!(std_err.to_string().contains("corrupt"));
+}
+
+/// Every read through the cache equals the same read of the store behind
+/// it, for every user of `names` (twice: the second time from the cache).
+fn check_cache_agrees(s: &CachedStore<SledStore>, names: &[&str]) {
+    let all: BTreeSet<String> = names.iter().map(|n| n.to_string()).collect();
+    let raw = s.inner();
+    for round in 0..2 {
+        for n in names {
+            assert_eq!(s.get_verifier(n), raw.get_verifier(n), "{n} (#{round})");
+            assert_eq!(s.contacts(n), raw.contacts(n), "{n} (#{round})");
+            assert_eq!(
+                s.contact_views(n, &all),
+                raw.contact_views(n, &all),
+                "{n} (#{round})"
+            );
+            assert_eq!(s.status_fields(&all), raw.status_fields(&all), "#{round}");
+            assert_eq!(s.get_user(n), raw.get_user(n), "{n} (#{round})");
+        }
+    }
+}
+
+/// A read that was cached, then a write that changes it: the next read
+/// sees the write, for every kind of write and every read a cache
+/// answers. Run on the model too, so the expectations are the store's.
+fn check_reads_follow_writes(s: &dyn Store) {
+    let set =
+        |names: &[&str]| -> BTreeSet<String> { names.iter().map(|n| n.to_string()).collect() };
+    let all = set(&["ann", "bob", "cy", "dee"]);
+    for (i, n) in ["ann", "bob", "cy", "dee"].iter().enumerate() {
+        s.create_user(user(n, i as u8)).expect("create");
+    }
+    let view = |viewer: &str, of: &str| {
+        s.contact_views(viewer, &all)
+            .expect("views")
+            .remove(of)
+            .expect("registered")
+    };
+    // Status and message.
+    assert_eq!(view("bob", "ann").status, Status::Available);
+    s.set_status("ann", Status::Busy, "busy!").expect("status");
+    let v = view("bob", "ann");
+    assert_eq!(
+        (v.status, v.status_message.as_str()),
+        (Status::Busy, "busy!")
+    );
+    s.set_status("ANN", Status::Away, "").expect("status");
+    let v = view("bob", "ann");
+    assert_eq!((v.status, v.status_message.as_str()), (Status::Away, ""));
+    assert_eq!(
+        s.get_user("ann").expect("get").expect("ann").status,
+        Status::Away
+    );
+    s.set_status("ann", Status::Invisible, "x").expect("status");
+    assert_eq!(
+        s.get_user("ann").expect("get").expect("ann").status,
+        Status::Invisible
+    );
+    assert_eq!(view("cy", "ann").status, Status::Invisible);
+
+    // Blocking, seen by the blocked viewer only.
+    assert!(!view("bob", "ann").blocks_viewer);
+    s.set_blocked("ann", "bob", true).expect("block");
+    assert!(view("bob", "ann").blocks_viewer);
+    assert!(!view("cy", "ann").blocks_viewer);
+    assert!(s
+        .get_user("ann")
+        .expect("get")
+        .expect("ann")
+        .blocked
+        .contains("bob"));
+    s.set_blocked("ann", "bob", false).expect("unblock");
+    assert!(!view("bob", "ann").blocks_viewer);
+    assert!(s
+        .get_user("ann")
+        .expect("get")
+        .expect("ann")
+        .blocked
+        .is_empty());
+
+    // Contacts: made, removed, and removed by a deletion.
+    assert!(s.contacts("ann").expect("c").is_empty());
+    assert!(s.contacts("bob").expect("c").is_empty());
+    s.make_buddies("ann", "bob").expect("buddies");
+    assert_eq!(s.contacts("ann").expect("c"), set(&["bob"]));
+    assert_eq!(s.contacts("bob").expect("c"), set(&["ann"]));
+    s.make_buddies("cy", "ann").expect("buddies");
+    assert_eq!(s.contacts("ann").expect("c"), set(&["bob", "cy"]));
+    assert_eq!(
+        s.get_user("cy").expect("get").expect("cy").contacts,
+        set(&["ann"])
+    );
+    assert_eq!(s.remove_buddies("bob", "ann"), Ok(true));
+    assert_eq!(s.contacts("ann").expect("c"), set(&["cy"]));
+    assert!(s.contacts("bob").expect("c").is_empty());
+    assert_eq!(
+        s.get_user("ann").expect("get").expect("ann").contacts,
+        set(&["cy"])
+    );
+    assert_eq!(
+        s.get_user("bob").expect("get").expect("bob").contacts,
+        set(&[])
+    );
+    assert_eq!(s.delete_user("cy"), Ok(true));
+    assert!(s.contacts("ann").expect("c").is_empty());
+    assert!(s
+        .get_user("ann")
+        .expect("get")
+        .expect("ann")
+        .contacts
+        .is_empty());
+    assert_eq!(s.contacts("cy"), Err(StoreError::NoSuchUser));
+    assert_eq!(s.get_verifier("cy"), Ok(None));
+    assert_eq!(s.get_user("cy"), Ok(None));
+    assert!(!s
+        .contact_views("ann", &all)
+        .expect("views")
+        .contains_key("cy"));
+
+    // A name registered again is the new user.
+    s.create_user(user("cy", 77)).expect("recreate");
+    assert_eq!(s.get_verifier("cy"), Ok(Some(verifier(77))));
+    assert_eq!(s.get_user("cy").expect("get"), Some(user("cy", 77)));
+    assert_eq!(view("ann", "cy"), ContactView::default());
+
+    // Credentials.
+    assert_eq!(s.get_verifier("dee"), Ok(Some(verifier(3))));
+    s.set_credentials("dee", verifier(9), vec![9; 4])
+        .expect("cred");
+    assert_eq!(s.get_verifier("dee"), Ok(Some(verifier(9))));
+    let dee = s.get_user("dee").expect("get").expect("dee");
+    assert_eq!(
+        (dee.verifier, dee.wrapped_private_key),
+        (verifier(9), vec![9; 4])
+    );
+
+    // Profile and requests, in the whole record.
+    let profile = BTreeMap::from([("email".to_string(), "d@e.e".to_string())]);
+    s.set_profile("dee", profile.clone()).expect("profile");
+    assert_eq!(
+        s.get_user("dee").expect("get").expect("dee").profile,
+        profile
+    );
+    s.add_request("dee", request("bob", 1)).expect("req");
+    assert_eq!(
+        s.get_user("dee").expect("get").expect("dee").requests,
+        vec![request("bob", 1)]
+    );
+    s.add_request("dee", request("ann", 2)).expect("req");
+    assert_eq!(s.remove_request("dee", "bob"), Ok(true));
+    assert_eq!(
+        s.get_user("dee").expect("get").expect("dee").requests,
+        vec![request("ann", 2)]
+    );
+    assert_eq!(s.take_requests("dee"), Ok(vec![request("ann", 2)]));
+    assert!(s
+        .get_user("dee")
+        .expect("get")
+        .expect("dee")
+        .requests
+        .is_empty());
+    // Deleting a sender withdraws its request from the recipient's record.
+    s.add_request("dee", request("bob", 3)).expect("req");
+    assert_eq!(
+        s.get_user("dee").expect("get").expect("dee").requests.len(),
+        1
+    );
+    assert_eq!(s.delete_user("bob"), Ok(true));
+    assert!(s
+        .get_user("dee")
+        .expect("get")
+        .expect("dee")
+        .requests
+        .is_empty());
+    // Making buddies drops the request between them.
+    s.add_request("dee", request("ann", 4)).expect("req");
+    assert_eq!(
+        s.get_user("dee").expect("get").expect("dee").requests.len(),
+        1
+    );
+    s.make_buddies("ann", "dee").expect("buddies");
+    let dee = s.get_user("dee").expect("get").expect("dee");
+    assert!(dee.requests.is_empty());
+    assert_eq!(dee.contacts, set(&["ann"]));
+}
+
+#[test]
+fn reads_follow_writes_memory() {
+    check_reads_follow_writes(&MemStore::new());
+}
+
+#[test]
+fn reads_follow_writes_cached_sled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = CachedStore::new(SledStore::open(dir.path()).expect("open"));
+    check_reads_follow_writes(&s);
+    check_cache_agrees(&s, &["ann", "bob", "cy", "dee"]);
+}
+
+/// Readers racing writers through the cache: once the writers stop, every
+/// read through the cache equals the store's own. Several rounds, each
+/// ending in that check, so a stale value cached by a reader that read
+/// before a write has many chances to be caught.
+#[test]
+fn cache_readers_race_writers() {
+    const USERS: &[&str] = &["w0", "w1", "w2", "w3", "w4", "w5"];
+    const ROUNDS: usize = 8;
+    const WRITES: usize = 40;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Arc::new(CachedStore::new(SledStore::open(dir.path()).expect("open")));
+    for (i, n) in USERS.iter().enumerate() {
+        s.create_user(user(n, i as u8)).expect("create");
+    }
+    let all: BTreeSet<String> = USERS.iter().map(|n| n.to_string()).collect();
+    for round in 0..ROUNDS {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..3u64)
+            .map(|t| {
+                let (s, stop, all) = (s.clone(), stop.clone(), all.clone());
+                thread::spawn(move || {
+                    let mut rng = StdRng::seed_from_u64(100 * round as u64 + t);
+                    let mut reads = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let n = USERS[rng.gen_range(0..USERS.len())];
+                        match rng.gen_range(0..4) {
+                            0 => drop(s.contact_views(n, &all).expect("views")),
+                            1 => drop(s.contacts(n).expect("contacts")),
+                            2 => drop(s.get_verifier(n).expect("verifier")),
+                            _ => drop(s.get_user(n).expect("user")),
+                        }
+                        reads += 1;
+                    }
+                    reads
+                })
+            })
+            .collect();
+        let writers: Vec<_> = (0..2u64)
+            .map(|t| {
+                let s = s.clone();
+                thread::spawn(move || {
+                    let mut rng = StdRng::seed_from_u64(1000 * round as u64 + t);
+                    for _ in 0..WRITES {
+                        let a = USERS[rng.gen_range(0..USERS.len())];
+                        let b = USERS[rng.gen_range(0..USERS.len())];
+                        let seed: u8 = rng.gen();
+                        // SameUser for a == b is expected and harmless.
+                        let _ = match rng.gen_range(0..6) {
+                            0 => s.set_status(a, Status::Busy, &format!("m{seed}")),
+                            1 => s.set_status(a, Status::Available, ""),
+                            2 => s.set_blocked(a, b, rng.gen()).map(drop),
+                            3 => s.make_buddies(a, b),
+                            4 => s.remove_buddies(a, b).map(drop),
+                            _ => s.set_credentials(a, verifier(seed), vec![seed]),
+                        };
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().expect("writer");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let reads: u64 = readers.into_iter().map(|r| r.join().expect("reader")).sum();
+        assert!(reads > 0, "the readers read");
+        check_cache_agrees(&s, USERS);
+    }
+    s.inner().check_integrity().expect("integrity");
+}
+
+/// A store that can hold one read, after it has read, until told to go:
+/// to put a whole write between a cache's miss and its insert.
+#[derive(Default)]
+struct PausingStore {
+    inner: MemStore,
+    gate: parking_lot::Mutex<Option<Gate>>,
+}
+
+struct Gate {
+    reached: std::sync::mpsc::Sender<()>,
+    go: std::sync::mpsc::Receiver<()>,
+}
+
+impl PausingStore {
+    /// Holds the next read (its value already read) until `go` is sent;
+    /// `reached` is sent when it is held.
+    fn arm(&self) -> (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
+        let (reached_tx, reached_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel();
+        *self.gate.lock() = Some(Gate {
+            reached: reached_tx,
+            go: go_rx,
+        });
+        (reached_rx, go_tx)
+    }
+
+    fn read<T>(&self, value: T) -> T {
+        let gate = self.gate.lock().take();
+        if let Some(gate) = gate {
+            gate.reached.send(()).expect("reached");
+            gate.go.recv().expect("go");
+        }
+        value
+    }
+}
+
+impl ims::crs::store::MailStore for PausingStore {
+    fn queue_mail(
+        &self,
+        mail: ims::crs::store::StoredMail,
+        limits: &ims::crs::store::MailLimits,
+    ) -> Result<ims::crs::store::Queued, StoreError> {
+        self.inner.queue_mail(mail, limits)
+    }
+    fn has_mail(&self, user: &str) -> Result<bool, StoreError> {
+        self.inner.has_mail(user)
+    }
+    fn mail_for(
+        &self,
+        user: &str,
+        after: u64,
+        max_items: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<ims::crs::store::MailEntry>, StoreError> {
+        self.inner.mail_for(user, after, max_items, max_bytes)
+    }
+    fn ack_mail(&self, user: &str, ids: &[String]) -> Result<BTreeSet<String>, StoreError> {
+        self.inner.ack_mail(user, ids)
+    }
+    fn expire_mail(&self, before: u64) -> Result<BTreeSet<String>, StoreError> {
+        self.inner.expire_mail(before)
+    }
+}
+
+impl Store for PausingStore {
+    fn create_user(&self, user: User) -> Result<(), StoreError> {
+        self.inner.create_user(user)
+    }
+    fn get_user(&self, name: &str) -> Result<Option<User>, StoreError> {
+        self.read(self.inner.get_user(name))
+    }
+    fn get_verifier(&self, name: &str) -> Result<Option<Verifier>, StoreError> {
+        self.read(self.inner.get_verifier(name))
+    }
+    fn contact_views(
+        &self,
+        viewer: &str,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, ContactView>, StoreError> {
+        self.read(self.inner.contact_views(viewer, names))
+    }
+    fn status_fields(
+        &self,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, ims::crs::store::StatusFields>, StoreError> {
+        self.read(self.inner.status_fields(names))
+    }
+    fn delete_user(&self, name: &str) -> Result<bool, StoreError> {
+        self.inner.delete_user(name)
+    }
+    fn list_users(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.inner.list_users(after, limit)
+    }
+    fn user_count(&self) -> Result<u64, StoreError> {
+        self.inner.user_count()
+    }
+    fn set_credentials(
+        &self,
+        name: &str,
+        verifier: Verifier,
+        wrapped_private_key: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .set_credentials(name, verifier, wrapped_private_key)
+    }
+    fn set_profile(&self, name: &str, profile: BTreeMap<String, String>) -> Result<(), StoreError> {
+        self.inner.set_profile(name, profile)
+    }
+    fn search(&self, text: &str, limit: usize) -> Result<Vec<SearchHit>, StoreError> {
+        self.inner.search(text, limit)
+    }
+    fn add_request(&self, to: &str, req: BuddyRequest) -> Result<(), StoreError> {
+        self.inner.add_request(to, req)
+    }
+    fn take_requests(&self, name: &str) -> Result<Vec<BuddyRequest>, StoreError> {
+        self.inner.take_requests(name)
+    }
+    fn remove_request(&self, to: &str, from: &str) -> Result<bool, StoreError> {
+        self.inner.remove_request(to, from)
+    }
+    fn make_buddies(&self, a: &str, b: &str) -> Result<(), StoreError> {
+        self.inner.make_buddies(a, b)
+    }
+    fn remove_buddies(&self, a: &str, b: &str) -> Result<bool, StoreError> {
+        self.inner.remove_buddies(a, b)
+    }
+    fn contacts(&self, name: &str) -> Result<BTreeSet<String>, StoreError> {
+        self.read(self.inner.contacts(name))
+    }
+    fn set_blocked(&self, name: &str, who: &str, on: bool) -> Result<bool, StoreError> {
+        self.inner.set_blocked(name, who, on)
+    }
+    fn set_status(&self, name: &str, status: Status, message: &str) -> Result<(), StoreError> {
+        self.inner.set_status(name, status, message)
+    }
+}
+
+/// A read that missed the cache and read the store before a write, but
+/// comes to cache its value only after the write returned, must not cache
+/// it: the next read sees the write. For each read the cache answers and
+/// a write that changes it.
+#[test]
+fn cache_drops_a_read_older_than_a_write() {
+    type Read = fn(&dyn Store) -> String;
+    type Write = fn(&dyn Store);
+    let cases: Vec<(&str, Read, Write)> = vec![
+        (
+            "status",
+            |s| {
+                format!(
+                    "{:?}",
+                    s.contact_views("bob", &BTreeSet::from(["ann".into()]))
+                )
+            },
+            |s| s.set_status("ann", Status::Busy, "later").expect("status"),
+        ),
+        (
+            "blocked",
+            |s| {
+                format!(
+                    "{:?}",
+                    s.contact_views("bob", &BTreeSet::from(["ann".into()]))
+                )
+            },
+            |s| assert_eq!(s.set_blocked("ann", "bob", true), Ok(true)),
+        ),
+        (
+            "contacts",
+            |s| format!("{:?}", s.contacts("ann")),
+            |s| s.make_buddies("bob", "ann").expect("buddies"),
+        ),
+        (
+            "verifier",
+            |s| format!("{:?}", s.get_verifier("ann")),
+            |s| {
+                s.set_credentials("ann", verifier(50), vec![50])
+                    .expect("cred")
+            },
+        ),
+        (
+            "record",
+            |s| format!("{:?}", s.get_user("ann")),
+            |s| s.add_request("ann", request("bob", 5)).expect("request"),
+        ),
+    ];
+    for (what, read, write) in cases {
+        let s = Arc::new(CachedStore::new(PausingStore::default()));
+        s.create_user(user("ann", 1)).expect("create");
+        s.create_user(user("bob", 2)).expect("create");
+        let (reached, go) = s.inner().arm();
+        let reader = {
+            let s = s.clone();
+            thread::spawn(move || read(&*s))
+        };
+        reached
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the read is held");
+        write(&*s);
+        go.send(()).expect("go");
+        let old = reader.join().expect("reader");
+        let new = read(&*s);
+        assert_ne!(old, new, "{what}: the write changed nothing");
+        assert_eq!(new, read(s.inner()), "{what}: stale after the write");
+        assert_eq!(read(&*s), new, "{what}: and from the cache");
+    }
 }

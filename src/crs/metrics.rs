@@ -18,7 +18,9 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use super::live::{LiveState, LiveTx, LockError, Online};
-use super::store::{BuddyRequest, ContactView, SearchHit, Store, StoreError, User, Verifier};
+use super::store::{
+    BuddyRequest, ContactView, SearchHit, StatusFields, Store, StoreError, User, Verifier,
+};
 use crate::metrics::PoolMetrics;
 use crate::proto::crs::{EventBatch, EventKind, MsInfo, Presence};
 
@@ -151,6 +153,12 @@ impl Store for TimedStore {
         names: &BTreeSet<String>,
     ) -> Result<BTreeMap<String, ContactView>, StoreError> {
         self.time("contact_views", || self.inner.contact_views(viewer, names))
+    }
+    fn status_fields(
+        &self,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, StatusFields>, StoreError> {
+        self.time("status_fields", || self.inner.status_fields(names))
     }
     fn delete_user(&self, name: &str) -> Result<bool, StoreError> {
         self.time("delete_user", || self.inner.delete_user(name))

@@ -25,6 +25,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+mod cache;
 pub mod mail;
 mod mail_pg;
 mod mail_sled;
@@ -33,6 +34,7 @@ mod pg;
 pub mod schema;
 mod sled_store;
 
+pub use cache::{CachedStore, MAX_CACHED_RECORDS, MAX_CACHED_USERS};
 pub use mail::{MailEntry, MailLimits, MailStore, Outcome, Queued, Receipt, StoredMail};
 pub use memory::MemStore;
 pub use pg::{describe, PgConn, PgPool, PgStore, TxError};
@@ -225,6 +227,40 @@ impl ContactView {
     }
 }
 
+/// The fields of a user's record that decide how the user shows to each
+/// buddy ([`ContactView`]), whoever the buddy is: what
+/// [`Store::status_fields`] reads, and what a cache keeps to answer
+/// [`Store::contact_views`] for any viewer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StatusFields {
+    /// The status the user last set.
+    pub status: crate::proto::status::Status,
+    /// The personal message the user last set.
+    pub status_message: String,
+    /// Canonical names of the users this user blocks.
+    pub blocked: BTreeSet<String>,
+}
+
+impl StatusFields {
+    /// The fields of `user`'s record.
+    pub fn of(user: &User) -> StatusFields {
+        StatusFields {
+            status: user.status,
+            status_message: user.status_message.clone(),
+            blocked: user.blocked.clone(),
+        }
+    }
+
+    /// How the user shows to `viewer` (canonical).
+    pub fn view_by(&self, viewer: &str) -> ContactView {
+        ContactView {
+            status: self.status,
+            status_message: self.status_message.clone(),
+            blocks_viewer: self.blocked.contains(viewer),
+        }
+    }
+}
+
 /// One result of [`Store::search`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SearchHit {
@@ -309,6 +345,23 @@ pub trait Store: Send + Sync + MailStore {
             }
         }
         Ok(views)
+    }
+
+    /// The [`StatusFields`] of each registered user of `names`
+    /// (unregistered ones are left out; `InvalidName` for any invalid
+    /// name). Backends read only these fields, as for
+    /// [`Store::contact_views`].
+    fn status_fields(
+        &self,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, StatusFields>, StoreError> {
+        let mut fields = BTreeMap::new();
+        for name in names {
+            if let Some(u) = self.get_user(name)? {
+                fields.insert(u.name.clone(), StatusFields::of(&u));
+            }
+        }
+        Ok(fields)
     }
 
     /// Deletes a user, removing the name from every buddy's contacts and every

@@ -31,8 +31,8 @@ use sled::transaction::{
 use sled::Transactional;
 
 use super::{
-    checked, search_matches, BuddyRequest, ContactView, SearchHit, Store, StoreError, User,
-    Verifier,
+    checked, search_matches, BuddyRequest, ContactView, SearchHit, StatusFields, Store, StoreError,
+    User, Verifier,
 };
 
 /// Durable store on sled; see the module documentation.
@@ -333,6 +333,23 @@ impl SledStore {
         Ok(count)
     }
 
+    /// Decodes the [`ViewFields`] of each registered user of `names` (in
+    /// name order), skipping the rest of each record.
+    fn read_status_fields(
+        &self,
+        names: &BTreeSet<String>,
+        mut each: impl FnMut(ViewFields),
+    ) -> Result<(), StoreError> {
+        for name in names {
+            let name = checked(name)?;
+            let Some(v) = self.users.get(name.as_bytes()).map_err(backend)? else {
+                continue;
+            };
+            each(decode_record(name.as_bytes(), &v)?);
+        }
+        Ok(())
+    }
+
     /// Reads one user outside a transaction.
     fn read_user(&self, name: &str) -> Result<Option<User>, StoreError> {
         match self.users.get(name.as_bytes()).map_err(backend)? {
@@ -359,22 +376,31 @@ impl Store for SledStore {
     ) -> Result<BTreeMap<String, ContactView>, StoreError> {
         let viewer = checked(viewer)?;
         let mut views = BTreeMap::new();
-        for name in names {
-            let name = checked(name)?;
-            let Some(v) = self.users.get(name.as_bytes()).map_err(backend)? else {
-                continue;
+        self.read_status_fields(names, |f| {
+            let view = ContactView {
+                status: f.status,
+                status_message: f.status_message,
+                blocks_viewer: f.blocked.contains(&viewer),
             };
-            let f: ViewFields = decode_record(name.as_bytes(), &v)?;
-            views.insert(
-                f.name,
-                ContactView {
-                    status: f.status,
-                    status_message: f.status_message,
-                    blocks_viewer: f.blocked.contains(&viewer),
-                },
-            );
-        }
+            views.insert(f.name, view);
+        })?;
         Ok(views)
+    }
+
+    fn status_fields(
+        &self,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, StatusFields>, StoreError> {
+        let mut fields = BTreeMap::new();
+        self.read_status_fields(names, |f| {
+            let status = StatusFields {
+                status: f.status,
+                status_message: f.status_message,
+                blocked: f.blocked,
+            };
+            fields.insert(f.name, status);
+        })?;
+        Ok(fields)
     }
 
     fn create_user(&self, mut user: User) -> Result<(), StoreError> {
