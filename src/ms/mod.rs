@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use log::{debug, info, warn};
+use log::{info, warn};
 
 use crate::crypto;
 use crate::keyfile;
@@ -204,15 +204,11 @@ impl Ms {
         // Encoded once, at its first recipient here, for all of them.
         let mut encoded: Option<Arc<crate::wire::Message>> = None;
         for name in &event.recipients {
-            let Some(user) = self.users.by_name(name) else {
-                // A login still arriving gets it when it is in.
-                let one = crate::proto::crs::Event {
-                    recipients: vec![name.clone()],
-                    kind: event.kind.clone(),
-                };
-                if self.users.hold(name, one).is_some() {
-                    debug!("event for {name}, who is not here");
-                }
+            // A login still arriving gets it when it is in.
+            let Some(user) = self.users.find_or_hold(name, || crate::proto::crs::Event {
+                recipients: vec![name.clone()],
+                kind: event.kind.clone(),
+            }) else {
                 continue;
             };
             let relevant = {

@@ -179,19 +179,29 @@ impl Users {
         }
     }
 
-    /// Holds `event` if `name`'s login is arriving; gives it back otherwise.
-    pub fn hold(
+    /// `name`'s login here, to tell it `event`; or, while that login is
+    /// arriving, `None` with the event held for it (see [`Users::finish`]);
+    /// or `None` when `name` is not here at all (nobody to tell). One
+    /// decision under the arriving logins' lock, so a login that finishes
+    /// meanwhile is found, not missed: its held events were handed over,
+    /// and a check of the table then a hold would drop the event.
+    pub fn find_or_hold(
         &self,
         name: &str,
-        event: crate::proto::crs::Event,
-    ) -> Option<crate::proto::crs::Event> {
-        match self.arriving.lock().get_mut(name) {
-            Some(held) => {
-                held.push(event);
-                None
-            }
-            None => Some(event),
+        event: impl FnOnce() -> crate::proto::crs::Event,
+    ) -> Option<Arc<OnlineUser>> {
+        // The common case without the arriving logins' lock.
+        if let Some(user) = self.by_name(name) {
+            return Some(user);
         }
+        let mut arriving = self.arriving.lock();
+        if let Some(held) = arriving.get_mut(name) {
+            held.push(event());
+            return None;
+        }
+        // `finish` inserts under the same lock: here it has, or has not
+        // begun.
+        self.by_name(name)
     }
 
     /// Adds `user` (or, with `None`, abandons the arriving login) and
@@ -264,7 +274,52 @@ impl Users {
 
 #[cfg(test)]
 mod tests {
-    use super::Names;
+    use super::*;
+    use crate::proto::crs::{Event, EventKind};
+    use crate::seal::{Role, SessionKeys};
+
+    fn user(name: &str) -> Arc<OnlineUser> {
+        let keys = SessionKeys::derive(&[7; 32], b"test", Role::Responder);
+        let push = SessionKeys::derive(&[8; 32], b"test", Role::Responder);
+        Arc::new(OnlineUser {
+            name: name.into(),
+            login: format!("{name}-login"),
+            address: "127.0.0.1:1".parse().unwrap(),
+            held: None,
+            contacts: Mutex::new(Names::default()),
+            link: Mutex::new(Channel::new(keys, Vec::new())),
+            push: Mutex::new(push.send),
+            last_seen: AtomicU64::new(0),
+            number: AtomicU64::new(1),
+            ended: AtomicBool::new(false),
+        })
+    }
+
+    fn event(n: u8) -> Event {
+        Event {
+            recipients: vec!["bob".into()],
+            kind: EventKind::Offline {
+                user: format!("u{n}"),
+            },
+        }
+    }
+
+    #[test]
+    fn an_event_is_held_for_an_arriving_login_and_found_once_it_is_in() {
+        let users = Users::default();
+        // Not here at all: nobody to tell, nothing held.
+        assert!(users.find_or_hold("bob", || event(0)).is_none());
+        assert!(users.begin("bob"));
+        assert!(users.find_or_hold("bob", || event(1)).is_none());
+        assert!(users.find_or_hold("bob", || event(2)).is_none());
+        let bob = user("bob");
+        let held = users.finish("bob", Some(bob.clone()));
+        assert_eq!(held, vec![event(1), event(2)]);
+        // In the table now: found, nothing more held.
+        let found = users.find_or_hold("bob", || panic!("held for a login that is in"));
+        assert!(found.is_some_and(|u| Arc::ptr_eq(&u, &bob)));
+        assert!(users.finish("bob", None).is_empty());
+    }
 
     #[test]
     fn names_behave_as_a_set() {
