@@ -50,9 +50,10 @@
 //! instances on one PostgreSQL database, each MS on its own instance). The
 //! PostgreSQL variants start a server of their own (initdb into a temporary
 //! directory, as the tests do). CPU time per login of each process (CRS
-//! instances, PostgreSQL with its backends, MSs) is reported for the
-//! throughput rounds: on a shared machine it tells how the parts would
-//! scale each on its own machine.
+//! instances, PostgreSQL with its backends, MSs, and this process: the
+//! simulated clients) is reported for the throughput rounds and for the
+//! login path alone: on a shared machine it tells how the parts would
+//! scale each on its own machine, and what presence costs each.
 //!
 //! A quick run that only checks that the bench works:
 //! `IMS_BENCH_ROUNDS=1 IMS_BENCH_ROUND_USERS=200 IMS_BENCH_SOLO_ROUNDS=1
@@ -976,6 +977,20 @@ fn main() {
     let solo: Vec<usize> = (0..USERS / (BUDDIES / 2 + 1))
         .map(|k| k * (BUDDIES / 2 + 1))
         .collect();
+    // The CPU each process spends: CRS instances, PostgreSQL, MSs, and
+    // this process (the simulated clients).
+    let cpu = || -> [f64; 4] {
+        [
+            crs_all.iter().map(|p| cpu_secs(p.pid(), false)).sum(),
+            pg_server
+                .as_ref()
+                .and_then(|s| s.pid())
+                .map_or(0.0, pg_cpu_secs),
+            ms.iter().map(|p| cpu_secs(p.pid(), false)).sum(),
+            cpu_secs(std::process::id(), false),
+        ]
+    };
+    let solo_cpu_before = cpu();
     let mut solo_rates = Vec::new();
     for _ in 0..solo_rounds {
         let (took, errors) = run_parallel(&solo, clients, |i| world.login(i).map(|_| ()));
@@ -985,21 +1000,12 @@ fn main() {
         report_errors("solo logout", &errors);
     }
     settle(&world, Duration::from_millis(300), Duration::from_secs(20));
+    let solo_cpu_after = cpu();
     world.arrivals.lock().clear();
     let rss_before = rss(&ms);
 
     // Throughput rounds (also presence under full load), with the CPU each
     // process spends on them.
-    let cpu = || -> (f64, f64, f64) {
-        (
-            crs_all.iter().map(|p| cpu_secs(p.pid(), false)).sum(),
-            pg_server
-                .as_ref()
-                .and_then(|s| s.pid())
-                .map_or(0.0, pg_cpu_secs),
-            ms.iter().map(|p| cpu_secs(p.pid(), false)).sum(),
-        )
-    };
     let cpu_before = cpu();
     let round_users: Vec<usize> = (0..round_n).collect();
     let mut rates = Vec::new();
@@ -1047,7 +1053,6 @@ fn main() {
     let cpu_after = cpu();
     // Logins and logouts both ran; per login, its logout included.
     let round_logins = (round_n * rounds) as f64;
-    let per_login = |a: f64, b: f64| format!("{:.0}", (b - a) * 1e6 / round_logins);
     let online_users = round_n as f64;
     let ms_bytes_per_user = (rss_after.saturating_sub(rss_before) * 1024) as f64 / online_users;
 
@@ -1188,13 +1193,32 @@ fn main() {
     for (why, n) in world.push_failures.lock().iter() {
         row(&format!("  {why}"), format!("{n}"), "");
     }
+    // Per login, its logout included: the CRS instances, PostgreSQL, the
+    // MSs and the simulated clients.
+    let cpu_row = |before: [f64; 4], after: [f64; 4], logins: f64| {
+        let each: Vec<String> = before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| format!("{:.0}", (a - b) * 1e6 / logins.max(1.0)))
+            .collect();
+        each.join(" / ")
+    };
     row(
-        "CPU per login+logout, CRS / PostgreSQL / MSs (us)",
-        format!(
-            "{} / {} / {}",
-            per_login(cpu_before.0, cpu_after.0),
-            per_login(cpu_before.1, cpu_after.1),
-            per_login(cpu_before.2, cpu_after.2)
+        "CPU per login+logout, CRS / PostgreSQL / MSs / clients (us)",
+        "".into(),
+        "",
+    );
+    row(
+        "  with presence (the throughput rounds)",
+        cpu_row(cpu_before, cpu_after, round_logins),
+        "",
+    );
+    row(
+        "  login path alone",
+        cpu_row(
+            solo_cpu_before,
+            solo_cpu_after,
+            (solo.len() * solo_rounds) as f64,
         ),
         "",
     );
