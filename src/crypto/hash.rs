@@ -41,7 +41,10 @@ const BLOCK: usize = 64;
 /// SHA-256 without the EVP layer: OpenSSL 3 fetches a provider, builds an
 /// `EVP_PKEY` and scans parameters for every HMAC made through it, which
 /// cost about ten times the hashing for the short inputs of a login or a
-/// key derivation (seen in the login bench's profile).
+/// key derivation (seen in the login bench's profile). Its two hash
+/// states are as secret as the key; they live only for one call, and, as
+/// for the crate's other keys, are not wiped (OpenSSL's low-level context
+/// has no wipe of its own, and this crate has no unsafe code).
 struct Hmac {
     inner: openssl::sha::Sha256,
     outer: openssl::sha::Sha256,
