@@ -377,6 +377,38 @@ impl<S> CachedStore<S> {
 }
 
 impl<S: Store> CachedStore<S> {
+    /// One of a user's small fields (`field` of its entry): from the cache
+    /// (the entry, or a cached whole record through `of_record`), else
+    /// from the backend through `read`, and then kept (unless a write came
+    /// meanwhile: see [`CachedStore::fill`]).
+    fn small_field<T: Clone>(
+        &self,
+        name: &str,
+        field: fn(&mut Small) -> &mut Option<T>,
+        of_record: fn(&User) -> T,
+        read: impl FnOnce(&str) -> Result<Option<T>, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        let hit = self.probe(name, |s, tick| {
+            if let Some(v) = s.small.get(name, tick).and_then(|e| field(e).clone()) {
+                return Some(v);
+            }
+            s.records.get(name, tick).map(|u| of_record(u))
+        });
+        let ticket = match hit {
+            Ok(v) => return Ok(Some(v)),
+            Err(ticket) => ticket,
+        };
+        let value = read(name)?;
+        if let Some(v) = &value {
+            self.fill(ticket, |s, tick| {
+                if let Some(e) = s.small.entry(name, tick) {
+                    *field(e) = Some(v.clone());
+                }
+            });
+        }
+        Ok(value)
+    }
+
     /// The status fields of the registered users of `names`, each made
     /// into what the caller wants by `make`, from the cache or else read
     /// at once from the backend.
@@ -451,26 +483,12 @@ impl<S: Store> Store for CachedStore<S> {
     }
 
     fn get_verifier(&self, name: &str) -> Result<Option<Verifier>, StoreError> {
-        let name = checked(name)?;
-        let hit = self.probe(&name, |s, tick| {
-            if let Some(v) = s.small.get(&name, tick).and_then(|e| e.verifier.clone()) {
-                return Some(v);
-            }
-            s.records.get(&name, tick).map(|u| u.verifier.clone())
-        });
-        let ticket = match hit {
-            Ok(v) => return Ok(Some(v)),
-            Err(ticket) => ticket,
-        };
-        let verifier = self.inner.get_verifier(&name)?;
-        if let Some(v) = &verifier {
-            self.fill(ticket, |s, tick| {
-                if let Some(e) = s.small.entry(&name, tick) {
-                    e.verifier = Some(v.clone());
-                }
-            });
-        }
-        Ok(verifier)
+        self.small_field(
+            &checked(name)?,
+            |e| &mut e.verifier,
+            |u| u.verifier.clone(),
+            |n| self.inner.get_verifier(n),
+        )
     }
 
     fn contact_views(
@@ -553,24 +571,14 @@ impl<S: Store> Store for CachedStore<S> {
     }
 
     fn contacts(&self, name: &str) -> Result<BTreeSet<String>, StoreError> {
-        let name = checked(name)?;
-        let hit = self.probe(&name, |s, tick| {
-            if let Some(c) = s.small.get(&name, tick).and_then(|e| e.contacts.clone()) {
-                return Some(c);
-            }
-            s.records.get(&name, tick).map(|u| u.contacts.clone())
-        });
-        let ticket = match hit {
-            Ok(c) => return Ok(c),
-            Err(ticket) => ticket,
-        };
-        let contacts = self.inner.contacts(&name)?;
-        self.fill(ticket, |s, tick| {
-            if let Some(e) = s.small.entry(&name, tick) {
-                e.contacts = Some(contacts.clone());
-            }
-        });
-        Ok(contacts)
+        // The backend answers every valid name, so there is always one.
+        let contacts = self.small_field(
+            &checked(name)?,
+            |e| &mut e.contacts,
+            |u| u.contacts.clone(),
+            |n| self.inner.contacts(n).map(Some),
+        )?;
+        Ok(contacts.unwrap_or_default())
     }
 
     fn set_blocked(&self, name: &str, who: &str, on: bool) -> Result<bool, StoreError> {
