@@ -681,7 +681,14 @@ fn hold_loop(
                         closed = true;
                         break;
                     }
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    Ok(n) => {
+                        buf.extend_from_slice(&chunk[..n]);
+                        // Short: the socket is empty; a later arrival
+                        // raises a new event (as a client's reader would).
+                        if n < chunk.len() {
+                            break;
+                        }
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(_) => {

@@ -8,6 +8,11 @@ use ims::cli::{self, Parsed};
 use ims::config;
 use ims::crs::{self, CrsConfig};
 
+/// Threads here allocate and free each other's buffers (the gate reads,
+/// a worker replies and drops): see `Cargo.toml` on why mimalloc.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "Usage:
   ims-crs genkey FILE                       write a new random MSkey to FILE (mode 0600)
   ims-crs [options]                         run the CRS

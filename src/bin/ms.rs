@@ -8,6 +8,11 @@ use ims::cli::{self, Parsed};
 use ims::config;
 use ims::ms::{self, MsConfig};
 
+/// Threads here allocate and free each other's buffers (the gate reads,
+/// a worker replies and drops): see `Cargo.toml` on why mimalloc.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "Usage: ims-ms [options]";
 
 fn main() -> ExitCode {

@@ -481,6 +481,42 @@ mod tests {
         server.join();
     }
 
+    /// A request and the sender's close, arriving together, take one
+    /// readiness event: the gate must not take its short read for "nothing
+    /// more to come", or the close waits for the idle timeout.
+    #[test]
+    fn a_request_sent_with_the_close_is_answered_and_the_close_seen() {
+        let config = Config {
+            name: "halfclose".into(),
+            workers: 1,
+            idle_timeout: Duration::from_secs(600),
+            ..Config::default()
+        };
+        let server = Server::bind("127.0.0.1:0", config, Arc::new(Echo)).unwrap();
+        for round in 0..20 {
+            let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+            let mut reader = MessageReader::new(stream.try_clone().unwrap());
+            // First a request of its own, so that the connection already
+            // waits in the gate (a new one is read whole when admitted).
+            let first = Message::request("ECHO").with_header("N", "first").encode();
+            stream.write_all(&first).unwrap();
+            assert_eq!(read_n(&mut reader).as_deref(), Some("first"));
+            // Back in the gate once its reply is out; give it that moment.
+            std::thread::sleep(Duration::from_millis(20));
+            let request = Message::request("ECHO").with_header("N", round).encode();
+            stream.write_all(&request).unwrap();
+            stream.shutdown(std::net::Shutdown::Write).unwrap();
+            assert_eq!(
+                read_n(&mut reader).as_deref(),
+                Some(round.to_string().as_str())
+            );
+            // Closed by the server long before the idle timeout.
+            assert_eq!(read_n(&mut reader), None, "round {round}: not closed");
+        }
+        server.stopper().stop();
+        server.join();
+    }
+
     #[test]
     fn replies_before_a_malformed_request_come_first() {
         let server = server();
