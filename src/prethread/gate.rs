@@ -84,8 +84,8 @@ pub(crate) struct Conn<S: Service> {
     /// The peer has closed its sending half.
     pub eof: bool,
     /// The last read found the socket empty (it stopped at `WouldBlock`,
-    /// not at the buffer's cap): nothing is left to read until a new
-    /// readiness event.
+    /// or at a read shorter than asked; not at the buffer's cap): nothing
+    /// is left to read until a new readiness event.
     pub drained: bool,
     /// What the gate and the worker tell each other while the connection
     /// is with a worker ([`STIRRED`], [`RETURNED`]); see [`Conn::comes_back`].
@@ -221,8 +221,8 @@ pub(crate) fn gate_loop<S: Service>(
                 // A short read may be trusted to have emptied the socket
                 // unless the peer's close or an error came with this event
                 // (there will be no later event for those).
-                let settled = !event.is_read_closed() && !event.is_error();
-                gate.read_ready(event.token().0, settled);
+                let short_ends = !event.is_read_closed() && !event.is_error();
+                gate.read_ready(event.token().0, short_ends);
             }
         }
         while let Ok(msg) = back.try_recv() {
