@@ -1130,6 +1130,8 @@ fn check_reads_follow_writes(s: &dyn Store) {
     for (i, n) in ["ann", "bob", "cy", "dee"].iter().enumerate() {
         s.create_user(user(n, i as u8)).expect("create");
     }
+    // A registered user's whole record.
+    let record = |name: &str| s.get_user(name).expect("get").expect("registered");
     let view = |viewer: &str, of: &str| {
         s.contact_views(viewer, &all)
             .expect("views")
@@ -1147,15 +1149,9 @@ fn check_reads_follow_writes(s: &dyn Store) {
     s.set_status("ANN", Status::Away, "").expect("status");
     let v = view("bob", "ann");
     assert_eq!((v.status, v.status_message.as_str()), (Status::Away, ""));
-    assert_eq!(
-        s.get_user("ann").expect("get").expect("ann").status,
-        Status::Away
-    );
+    assert_eq!(record("ann").status, Status::Away);
     s.set_status("ann", Status::Invisible, "x").expect("status");
-    assert_eq!(
-        s.get_user("ann").expect("get").expect("ann").status,
-        Status::Invisible
-    );
+    assert_eq!(record("ann").status, Status::Invisible);
     assert_eq!(view("cy", "ann").status, Status::Invisible);
 
     // Blocking, seen by the blocked viewer only.
@@ -1163,20 +1159,10 @@ fn check_reads_follow_writes(s: &dyn Store) {
     s.set_blocked("ann", "bob", true).expect("block");
     assert!(view("bob", "ann").blocks_viewer);
     assert!(!view("cy", "ann").blocks_viewer);
-    assert!(s
-        .get_user("ann")
-        .expect("get")
-        .expect("ann")
-        .blocked
-        .contains("bob"));
+    assert!(record("ann").blocked.contains("bob"));
     s.set_blocked("ann", "bob", false).expect("unblock");
     assert!(!view("bob", "ann").blocks_viewer);
-    assert!(s
-        .get_user("ann")
-        .expect("get")
-        .expect("ann")
-        .blocked
-        .is_empty());
+    assert!(record("ann").blocked.is_empty());
 
     // Contacts: made, removed, and removed by a deletion.
     assert!(s.contacts("ann").expect("c").is_empty());
@@ -1186,29 +1172,15 @@ fn check_reads_follow_writes(s: &dyn Store) {
     assert_eq!(s.contacts("bob").expect("c"), set(&["ann"]));
     s.make_buddies("cy", "ann").expect("buddies");
     assert_eq!(s.contacts("ann").expect("c"), set(&["bob", "cy"]));
-    assert_eq!(
-        s.get_user("cy").expect("get").expect("cy").contacts,
-        set(&["ann"])
-    );
+    assert_eq!(record("cy").contacts, set(&["ann"]));
     assert_eq!(s.remove_buddies("bob", "ann"), Ok(true));
     assert_eq!(s.contacts("ann").expect("c"), set(&["cy"]));
     assert!(s.contacts("bob").expect("c").is_empty());
-    assert_eq!(
-        s.get_user("ann").expect("get").expect("ann").contacts,
-        set(&["cy"])
-    );
-    assert_eq!(
-        s.get_user("bob").expect("get").expect("bob").contacts,
-        set(&[])
-    );
+    assert_eq!(record("ann").contacts, set(&["cy"]));
+    assert_eq!(record("bob").contacts, set(&[]));
     assert_eq!(s.delete_user("cy"), Ok(true));
     assert!(s.contacts("ann").expect("c").is_empty());
-    assert!(s
-        .get_user("ann")
-        .expect("get")
-        .expect("ann")
-        .contacts
-        .is_empty());
+    assert!(record("ann").contacts.is_empty());
     assert_eq!(s.contacts("cy"), Err(StoreError::NoSuchUser));
     assert_eq!(s.get_verifier("cy"), Ok(None));
     assert_eq!(s.get_user("cy"), Ok(None));
@@ -1228,7 +1200,7 @@ fn check_reads_follow_writes(s: &dyn Store) {
     s.set_credentials("dee", verifier(9), vec![9; 4])
         .expect("cred");
     assert_eq!(s.get_verifier("dee"), Ok(Some(verifier(9))));
-    let dee = s.get_user("dee").expect("get").expect("dee");
+    let dee = record("dee");
     assert_eq!(
         (dee.verifier, dee.wrapped_private_key),
         (verifier(9), vec![9; 4])
@@ -1237,49 +1209,24 @@ fn check_reads_follow_writes(s: &dyn Store) {
     // Profile and requests, in the whole record.
     let profile = BTreeMap::from([("email".to_string(), "d@e.e".to_string())]);
     s.set_profile("dee", profile.clone()).expect("profile");
-    assert_eq!(
-        s.get_user("dee").expect("get").expect("dee").profile,
-        profile
-    );
+    assert_eq!(record("dee").profile, profile);
     s.add_request("dee", request("bob", 1)).expect("req");
-    assert_eq!(
-        s.get_user("dee").expect("get").expect("dee").requests,
-        vec![request("bob", 1)]
-    );
+    assert_eq!(record("dee").requests, vec![request("bob", 1)]);
     s.add_request("dee", request("ann", 2)).expect("req");
     assert_eq!(s.remove_request("dee", "bob"), Ok(true));
-    assert_eq!(
-        s.get_user("dee").expect("get").expect("dee").requests,
-        vec![request("ann", 2)]
-    );
+    assert_eq!(record("dee").requests, vec![request("ann", 2)]);
     assert_eq!(s.take_requests("dee"), Ok(vec![request("ann", 2)]));
-    assert!(s
-        .get_user("dee")
-        .expect("get")
-        .expect("dee")
-        .requests
-        .is_empty());
+    assert!(record("dee").requests.is_empty());
     // Deleting a sender withdraws its request from the recipient's record.
     s.add_request("dee", request("bob", 3)).expect("req");
-    assert_eq!(
-        s.get_user("dee").expect("get").expect("dee").requests.len(),
-        1
-    );
+    assert_eq!(record("dee").requests.len(), 1);
     assert_eq!(s.delete_user("bob"), Ok(true));
-    assert!(s
-        .get_user("dee")
-        .expect("get")
-        .expect("dee")
-        .requests
-        .is_empty());
+    assert!(record("dee").requests.is_empty());
     // Making buddies drops the request between them.
     s.add_request("dee", request("ann", 4)).expect("req");
-    assert_eq!(
-        s.get_user("dee").expect("get").expect("dee").requests.len(),
-        1
-    );
+    assert_eq!(record("dee").requests.len(), 1);
     s.make_buddies("ann", "dee").expect("buddies");
-    let dee = s.get_user("dee").expect("get").expect("dee");
+    let dee = record("dee");
     assert!(dee.requests.is_empty());
     assert_eq!(dee.contacts, set(&["ann"]));
 }
